@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Make the small models, images and expected outputs that inferd's tests and
+examples use, and write what Python's onnxruntime answers for them.
+
+Run once when the fixtures must change; commit what it writes (all small):
+
+    python3 -m venv /tmp/fx && /tmp/fx/bin/pip install onnx==1.23.2 numpy==2.4.6 \
+        onnxruntime==1.31.1 pillow==13.0.0
+    /tmp/fx/bin/python scripts/make_fixtures.py
+
+Everything is seeded, so a second run writes the same bytes.
+"""
+import hashlib
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+FIXTURES = ROOT / "tests" / "fixtures"
+EXAMPLES = ROOT / "examples"
+OPSET = 13
+RNG = np.random.default_rng(20261123)
+
+
+def save(model, path):
+    model.ir_version = 8
+    model.opset_import[0].version = OPSET
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def color_classifier(path):
+    """Scores red/green/blue by the mean of each channel: known by construction."""
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["means"], axes=[2, 3], keepdims=0),
+        helper.make_node("Mul", ["means", "gain"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "color",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+        [init("gain", np.array(10.0, dtype=np.float32))],
+    )
+    return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
+
+
+def tiny_cnn(path):
+    """A small convolutional classifier with seeded random weights (32x32 RGB, 10 classes)."""
+    w1 = RNG.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    b1 = RNG.normal(0, 0.1, (8,)).astype(np.float32)
+    w2 = RNG.normal(0, 0.2, (16, 8, 3, 3)).astype(np.float32)
+    b2 = RNG.normal(0, 0.1, (16,)).astype(np.float32)
+    w3 = RNG.normal(0, 0.3, (16, 10)).astype(np.float32)
+    b3 = RNG.normal(0, 0.1, (10,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tinycnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [init(n, a) for n, a in [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", w3), ("b3", b3)]],
+    )
+    return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
+
+
+def mlp(path, hidden):
+    """x[N,16] -> Gemm -> Relu -> Gemm -> y[N,4]: a raw-tensor model in two sizes."""
+    w1 = RNG.normal(0, 0.4, (16, hidden)).astype(np.float32)
+    b1 = RNG.normal(0, 0.1, (hidden,)).astype(np.float32)
+    w2 = RNG.normal(0, 0.4, (hidden, 4)).astype(np.float32)
+    b2 = RNG.normal(0, 0.1, (4,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Gemm", ["hr", "w2", "b2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"mlp{hidden}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [init(n, a) for n, a in [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)]],
+    )
+    return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
+
+
+def mixed(path):
+    """Two inputs of different types, two outputs: sum = a + float(b), best = argmax(a)."""
+    nodes = [
+        helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["a", "bf"], ["sum"]),
+        helper.make_node("ArgMax", ["a"], ["best"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("best", TensorProto.INT64, ["N"]),
+        ],
+    )
+    return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
+
+
+def tensor_json(array):
+    dtype = {"float32": "f32", "int64": "i64"}[str(array.dtype)]
+    return {"shape": list(array.shape), "dtype": dtype, "data": array.flatten().tolist()}
+
+
+def run_reference(model_path, feeds):
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def write_jpeg(path, rgb, size):
+    Image.new("RGB", size, rgb).save(path, "JPEG", quality=90)
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(path, side):
+    """A valid PNG whose header declares side x side pixels with one tiny IDAT."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
+
+
+def main():
+    shas = {
+        "color": color_classifier(MODELS / "color" / "color.onnx"),
+        "tinycnn": tiny_cnn(MODELS / "tinycnn" / "tinycnn.onnx"),
+        "mlp-large": mlp(MODELS / "mlp" / "mlp-64.onnx", 64),
+        "mlp-small": mlp(MODELS / "mlp" / "mlp-8.onnx", 8),
+        "mixed": mixed(MODELS / "mixed" / "mixed.onnx"),
+    }
+    (MODELS / "color" / "labels.txt").write_text("red\ngreen\nblue\n")
+    (MODELS / "tinycnn" / "labels.txt").write_text("".join(f"class{i}\n" for i in range(10)))
+
+    EXAMPLES.mkdir(exist_ok=True)
+    write_jpeg(EXAMPLES / "red.jpg", (230, 20, 25), (97, 61))
+    write_jpeg(EXAMPLES / "green.jpg", (15, 210, 30), (64, 64))
+    write_jpeg(EXAMPLES / "blue.jpg", (20, 30, 220), (40, 120))
+
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    # A 32x32 lossless image: the image pipeline needs no resize, so Rust and
+    # Python see the very same tensor.
+    pattern = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pattern, "RGB").save(FIXTURES / "pattern32.png")
+    pattern_tensor = (pattern.astype(np.float32) / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array(
+        [0.229, 0.224, 0.225], np.float32
+    )
+    pattern_tensor = pattern_tensor.transpose(2, 0, 1)[None].astype(np.float32)
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(jpeg, "JPEG", quality=90)
+    (FIXTURES / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (FIXTURES / "empty.jpg").write_bytes(b"")
+    bomb_png(FIXTURES / "bomb.png", 100000)
+    (FIXTURES / "not-an-image.jpg").write_bytes(b"this is plain text, not a JPEG\n")
+
+    x = RNG.normal(0, 1, (3, 16)).astype(np.float32)
+    a = RNG.normal(0, 1, (2, 4)).astype(np.float32)
+    b = RNG.integers(-5, 5, (2, 4), dtype=np.int64)
+    tiny_in = RNG.normal(0, 1, (1, 3, 32, 32)).astype(np.float32)
+    cases = [
+        ("mlp", "large", MODELS / "mlp" / "mlp-64.onnx", {"x": x}),
+        ("mlp", "small", MODELS / "mlp" / "mlp-8.onnx", {"x": x}),
+        ("mixed", "default", MODELS / "mixed" / "mixed.onnx", {"a": a, "b": b}),
+        ("tinycnn", "fp32", MODELS / "tinycnn" / "tinycnn.onnx", {"input": tiny_in}),
+    ]
+    expected = {"onnxruntime": ort.__version__, "tensor_cases": [], "image_cases": []}
+    for model, variant, path, feeds in cases:
+        outputs = run_reference(path, feeds)
+        expected["tensor_cases"].append(
+            {
+                "model": model,
+                "variant": variant,
+                "inputs": {k: tensor_json(v) for k, v in feeds.items()},
+                "outputs": {k: tensor_json(v) for k, v in outputs.items()},
+            }
+        )
+    logits = run_reference(MODELS / "tinycnn" / "tinycnn.onnx", {"input": pattern_tensor})["logits"][0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")[:3]
+    expected["image_cases"].append(
+        {
+            "model": "tinycnn",
+            "image": "pattern32.png",
+            "top": [{"index": int(i), "label": f"class{i}", "score": float(probs[i])} for i in order],
+        }
+    )
+    (FIXTURES / "expected.json").write_text(json.dumps(expected, separators=(",", ":")) + "\n")
+    for name, sha in shas.items():
+        print(f"{name}: {sha}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Fetch what inferd needs at run time from the package registries, pinned and
+# checked, into git-ignored folders of this checkout:
+#   runtime/onnxruntime/   ONNX Runtime's shared library, from the PyPI wheel
+#
+# Usage: scripts/setup.sh [--arch x86_64|aarch64]
+# Safe to run again: what is already there and checks out is kept.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ARCH=$(uname -m)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --arch) ARCH=$2; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+done
+
+ORT_VERSION=1.31.1
+case "$ARCH" in
+  x86_64|amd64)
+    ARCH=x86_64
+    ORT_PLATFORM=manylinux_2_28_x86_64
+    ORT_SHA256=5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f ;;
+  aarch64|arm64)
+    ARCH=aarch64
+    ORT_PLATFORM=manylinux_2_28_aarch64
+    ORT_SHA256=da05378364c44d4407e463982d2bf8d5e4cfea873283757e48beeb41df97b7f3 ;;
+  *) echo "setup.sh: no ONNX Runtime wheel is pinned for '$ARCH'" >&2; exit 2 ;;
+esac
+ORT_WHEEL=onnxruntime-${ORT_VERSION}-cp311-cp311-${ORT_PLATFORM}.whl
+
+log() { printf 'setup: %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- system packages (Debian/Ubuntu) ---------------------------------------
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+command -v cc >/dev/null || need_apt+=(gcc)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} with apt-get"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+  echo "setup.sh: cargo is missing; install Rust 1.92 or newer with rustup (https://rustup.rs)" >&2
+  exit 1
+fi
+
+# --- ONNX Runtime from the PyPI wheel --------------------------------------
+CACHE="$ROOT/.cache/wheels"
+DEST="$ROOT/runtime/onnxruntime/$ARCH"
+LIB="libonnxruntime.so.$ORT_VERSION"
+mkdir -p "$CACHE" "$DEST"
+
+if [ ! -f "$CACHE/$ORT_WHEEL" ] || ! echo "$ORT_SHA256  $CACHE/$ORT_WHEEL" | sha256sum -c --quiet - 2>/dev/null; then
+  log "downloading onnxruntime==$ORT_VERSION ($ORT_PLATFORM) from PyPI"
+  rm -f "$CACHE/$ORT_WHEEL"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: \
+    --platform "$ORT_PLATFORM" --python-version 3.11 --implementation cp \
+    -d "$CACHE" "onnxruntime==$ORT_VERSION"
+fi
+echo "$ORT_SHA256  $CACHE/$ORT_WHEEL" | sha256sum -c --quiet - || {
+  echo "setup.sh: sha256 of $ORT_WHEEL does not match the pinned value" >&2; exit 1; }
+
+if [ ! -f "$DEST/$LIB" ]; then
+  log "unpacking $LIB into ${DEST#"$ROOT"/}"
+  python3 - "$CACHE/$ORT_WHEEL" "$DEST" <<'PY'
+import sys, zipfile, pathlib
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        base = name.rsplit("/", 1)[-1]
+        if name.startswith("onnxruntime/capi/") and base.startswith("libonnxruntime"):
+            (dest / base).write_bytes(z.read(name))
+PY
+fi
+ln -sf "$LIB" "$DEST/libonnxruntime.so"
+log "ONNX Runtime $ORT_VERSION ready: ${DEST#"$ROOT"/}/$LIB"

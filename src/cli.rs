@@ -1,0 +1,260 @@
+//! The `inferd` command line: `check`, `models`, `infer`, `serve`. Each
+//! command returns its exit code; errors go to stderr in plain words.
+
+use crate::backend::{self, BackendChoice};
+use crate::config::Config;
+use crate::engine::{Engine, LoadOptions};
+use crate::error::{ErrorKind, InferError};
+use crate::job::{JobInput, JobOptions, JobOutput, JobResult};
+use crate::pipeline::Task;
+use crate::registry::Registry;
+use crate::tensor::{Tensor, TensorJson};
+use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Exit codes, stable for scripts.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const CONFIG: i32 = 2;
+    pub const REGISTRY: i32 = 3;
+    pub const BAD_INPUT: i32 = 4;
+    pub const UNKNOWN_MODEL: i32 = 5;
+    pub const UNAVAILABLE: i32 = 6;
+    pub const BACKEND: i32 = 7;
+}
+
+/// The exit code for a job error of `kind`.
+pub fn exit_code(kind: ErrorKind) -> i32 {
+    match kind {
+        ErrorKind::BadInput => exit::BAD_INPUT,
+        ErrorKind::UnknownModel => exit::UNKNOWN_MODEL,
+        ErrorKind::ModelUnavailable => exit::UNAVAILABLE,
+        ErrorKind::Backend | ErrorKind::Timeout | ErrorKind::Overloaded => exit::BACKEND,
+        ErrorKind::Internal => exit::FAILURE,
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "inferd", version, about = "Inference daemon for edge boxes: ONNX models over MQTT and a local socket")]
+pub struct Cli {
+    /// Configuration file (default /etc/inferd/config.toml, if present).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// models.json to use instead of the configured one.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub models: Option<PathBuf>,
+    /// Log progress (info level) for one-shot commands; `serve` logs at the configured level.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate models.json: structure, files, sha256, and each spec against its ONNX file.
+    Check {
+        /// Print the problems as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List registered models with the variant and engine each would use, and why.
+    Models {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a model on files in this process (images, or JSON tensors for raw models).
+    Infer {
+        /// The model's name in models.json.
+        #[arg(long, short)]
+        model: String,
+        /// Engine to use instead of the model's choice.
+        #[arg(long, value_enum)]
+        backend: Option<BackendChoice>,
+        /// Variant to use instead of the best one.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Classes to return (classification).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Print one JSON object per file.
+        #[arg(long)]
+        json: bool,
+        /// Input files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run the daemon until SIGINT or SIGTERM.
+    Serve,
+}
+
+/// The registry named by `--models` or the configuration.
+pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
+    let path = cli.models.clone().unwrap_or_else(|| config.registry_path());
+    Registry::load(&path).map_err(|e| {
+        eprintln!("inferd: {e}");
+        exit::REGISTRY
+    })
+}
+
+/// `inferd check`.
+pub fn check(registry: &Registry, json: bool) -> i32 {
+    let problems = registry.check();
+    if json {
+        println!("{}", serde_json::json!({"file": registry.file, "ok": problems.is_empty(), "problems": problems}));
+    } else if problems.is_empty() {
+        let variants: usize = registry.models.iter().map(|m| m.variants.len()).sum();
+        println!("{}: OK ({} models, {variants} variants checked)", registry.file.display(), registry.models.len());
+    } else {
+        eprintln!("{}: {} problem(s)", registry.file.display(), problems.len());
+        for p in &problems {
+            eprintln!("  {p}");
+        }
+    }
+    if problems.is_empty() { exit::OK } else { exit::REGISTRY }
+}
+
+/// `inferd models`.
+pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
+    let ort = backend::ort::status(&config.runtime);
+    let rows: Vec<serde_json::Value> = engine
+        .registry()
+        .models
+        .iter()
+        .map(|m| match engine.plan(&m.name, &LoadOptions::default()) {
+            Ok(plan) => serde_json::json!({
+                "name": m.name, "task": m.task, "variants": m.variants.iter().map(|v| &v.name).collect::<Vec<_>>(),
+                "variant": plan.variant, "variant_reason": plan.variant_reason,
+                "backend": plan.backend.backend, "backend_reason": plan.backend.reason,
+                "providers": plan.providers, "loaded": false,
+            }),
+            Err(e) => serde_json::json!({"name": m.name, "task": m.task, "error": e}),
+        })
+        .collect();
+    if json {
+        let runtime = match &ort {
+            Ok(desc) => serde_json::json!({"available": true, "onnxruntime": desc}),
+            Err(why) => serde_json::json!({"available": false, "reason": why}),
+        };
+        println!("{}", serde_json::json!({"runtime": runtime, "models": rows}));
+        return exit::OK;
+    }
+    match &ort {
+        Ok(desc) => println!("runtime: {desc}"),
+        Err(why) => println!("runtime: ONNX Runtime is NOT available, models with backend auto run on tract\n  ({why})"),
+    }
+    println!("{:<16} {:<22} {:<10} {:<7} WHY", "MODEL", "TASK", "VARIANT", "BACKEND");
+    for r in &rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        if let Some(err) = r.get("error") {
+            println!("{:<16} {:<22} {:<10} {:<7} {}", s("name"), s("task"), "-", "-", err["message"].as_str().unwrap_or(""));
+        } else {
+            let why = format!("{}; {}", s("variant_reason"), s("backend_reason"));
+            println!("{:<16} {:<22} {:<10} {:<7} {why}", s("name"), s("task"), s("variant"), s("backend"));
+        }
+    }
+    exit::OK
+}
+
+/// Largest input file `inferd infer` reads.
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// `inferd infer`: runs each file; a bad file is reported and the others still run.
+pub fn infer(
+    engine: &Engine,
+    model: &str,
+    options: LoadOptions,
+    job: JobOptions,
+    json: bool,
+    files: &[PathBuf],
+) -> i32 {
+    let mut loaded = match engine.load(model, &options) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("inferd: cannot load model '{model}': {}", e.message);
+            return exit_code(e.kind);
+        }
+    };
+    let task = loaded.plan.task;
+    let mut code = exit::OK;
+    for file in files {
+        let outcome = read_input(file, task).and_then(|input| loaded.infer(input, &job));
+        match outcome {
+            Ok(out) if json => {
+                let mut v = serde_json::to_value(&out).unwrap_or_default();
+                v["file"] = serde_json::Value::String(file.display().to_string());
+                println!("{v}");
+            }
+            Ok(out) => println!("{}: {}", file.display(), summary(&out)),
+            Err(e) => {
+                if json {
+                    println!("{}", serde_json::json!({"file": file, "error": e}));
+                }
+                eprintln!("inferd: {}: {}: {}", file.display(), e.kind, e.message);
+                code = exit_code(e.kind);
+            }
+        }
+    }
+    code
+}
+
+fn read_input(file: &Path, task: Task) -> Result<JobInput, InferError> {
+    let f = std::fs::File::open(file).map_err(|e| InferError::bad_input(format!("cannot open: {e}")))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| InferError::bad_input(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(InferError::bad_input(format!("file is over {} MiB", MAX_FILE_BYTES >> 20)));
+    }
+    match task {
+        Task::Raw => tensors_from_json(&bytes, usize::MAX),
+        Task::ImageClassification => Ok(JobInput::Image(bytes)),
+    }
+}
+
+/// Parses `{"inputs": {"name": {"shape", "dtype", "data"}}}` into tensors.
+pub fn tensors_from_json(bytes: &[u8], max_elements: usize) -> Result<JobInput, InferError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        inputs: BTreeMap<String, TensorJson>,
+    }
+    let body: Body = serde_json::from_slice(bytes)
+        .map_err(|e| InferError::bad_input(format!("expected JSON {{\"inputs\": {{name: {{shape, dtype, data}}}}}}: {e}")))?;
+    let tensors = body
+        .inputs
+        .into_iter()
+        .map(|(name, t)| {
+            Tensor::from_json(&t, max_elements)
+                .map(|tensor| (name.clone(), tensor))
+                .map_err(|e| InferError::bad_input(format!("input '{name}': {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(JobInput::Tensors(tensors))
+}
+
+fn summary(out: &JobOutput) -> String {
+    let body = match &out.result {
+        JobResult::Classification { classes } => classes
+            .iter()
+            .map(|c| format!("{} {:.4}", c.label.clone().unwrap_or_else(|| format!("#{}", c.index)), c.score))
+            .collect::<Vec<_>>()
+            .join(", "),
+        JobResult::Tensors { outputs } => outputs
+            .iter()
+            .map(|(name, t)| format!("{name} {} {:?}", t.dtype, t.shape))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    format!(
+        "{body}  [{} {} on {}/{}, {:.2} ms]",
+        out.model,
+        out.variant,
+        out.backend,
+        out.provider,
+        out.timings.pre_ms + out.timings.infer_ms + out.timings.post_ms
+    )
+}

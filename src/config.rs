@@ -1,0 +1,204 @@
+//! Daemon configuration: built-in defaults, then a TOML file
+//! (`/etc/inferd/config.toml` or `--config PATH`), then `INFERD_*` environment
+//! variables (`INFERD_RUNTIME__ONNXRUNTIME=/opt/ort/libonnxruntime.so`).
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The file read when no `--config` is given (a missing one is not an error).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/inferd/config.toml";
+/// The registry used when `models` is unset and `./models.json` does not exist.
+pub const DEFAULT_REGISTRY_PATH: &str = "/etc/inferd/models.json";
+
+/// Everything the daemon and the CLI read from configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Path of models.json; default `./models.json` if present, else `/etc/inferd/models.json`.
+    pub models: Option<PathBuf>,
+    pub runtime: RuntimeConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+/// How inference engines are found and set up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Path of ONNX Runtime's shared library; tried before `ORT_DYLIB_PATH`,
+    /// the folder `scripts/setup.sh` fills, and the system's library paths.
+    pub onnxruntime: Option<PathBuf>,
+    /// Execution providers tried in order for models that name none.
+    pub providers: Vec<String>,
+    /// Threads ONNX Runtime uses inside one operator; 0 lets ONNX Runtime choose.
+    pub intra_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { onnxruntime: None, providers: vec!["cpu".into()], intra_threads: 0 }
+    }
+}
+
+/// Hard limits on what one request may make the daemon do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest encoded image accepted, in bytes.
+    pub max_image_bytes: usize,
+    /// Largest decoded image, in pixels (width × height); checked from the header, before decoding.
+    pub max_image_pixels: u64,
+    /// Largest image side, in pixels.
+    pub max_image_side: u32,
+    /// Most elements in one client-supplied tensor.
+    pub max_tensor_elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_image_bytes: 16 << 20,
+            max_image_pixels: 40_000_000,
+            max_image_side: 16_384,
+            max_tensor_elements: 16 << 20,
+        }
+    }
+}
+
+/// Logging: plain lines on stderr (no colour unless a terminal).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `inferd=debug,ort=warn`...
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info,ort=warn".into() }
+    }
+}
+
+/// Why configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads defaults → `explicit` file (must exist) or `/etc/inferd/config.toml`
+    /// (may be missing) → `INFERD_*` environment.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(explicit, Path::new(DEFAULT_CONFIG_PATH), std::env::vars())
+    }
+
+    /// [`Config::load`] with the default path and the environment given, for tests.
+    pub fn load_from(
+        explicit: Option<&Path>,
+        default_path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
+        let defaults = config::Config::try_from(&Config::default()).map_err(invalid)?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        match explicit {
+            Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_path_buf())),
+            Some(path) => builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml)),
+            None => {
+                builder = builder
+                    .add_source(config::File::from(default_path).format(config::FileFormat::Toml).required(false))
+            }
+        }
+        let env: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("INFERD_")).collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("INFERD")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("runtime.providers")
+                .source(Some(env)),
+        );
+        let config: Config = builder.build().map_err(invalid)?.try_deserialize().map_err(invalid)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: ranges and known names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for p in &self.runtime.providers {
+            if crate::backend::Provider::parse(p).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "runtime.providers: unknown provider '{p}' (known: tensorrt, cuda, coreml, cpu)"
+                )));
+            }
+        }
+        if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 || self.limits.max_tensor_elements == 0 {
+            return Err(ConfigError::Invalid("limits: every limit must be above 0".into()));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::Invalid(format!("log.level: '{}': {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    /// The registry path this configuration points at.
+    pub fn registry_path(&self) -> PathBuf {
+        match &self.models {
+            Some(p) => p.clone(),
+            None if Path::new("models.json").exists() => PathBuf::from("models.json"),
+            None => PathBuf::from(DEFAULT_REGISTRY_PATH),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_given() {
+        let c = Config::load_from(None, Path::new("/nonexistent/inferd.toml"), env(&[])).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn file_then_environment_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[runtime]\nonnxruntime = \"/from/file.so\"\nintra_threads = 2\n[log]\nlevel = \"debug\"\n")
+            .unwrap();
+        let c = Config::load_from(
+            Some(&file),
+            Path::new("/nonexistent"),
+            env(&[("INFERD_RUNTIME__ONNXRUNTIME", "/from/env.so"), ("INFERD_RUNTIME__PROVIDERS", "cuda,cpu")]),
+        )
+        .unwrap();
+        assert_eq!(c.runtime.onnxruntime.as_deref(), Some(Path::new("/from/env.so")));
+        assert_eq!(c.runtime.intra_threads, 2);
+        assert_eq!(c.runtime.providers, vec!["cuda", "cpu"]);
+        assert_eq!(c.log.level, "debug");
+    }
+
+    #[test]
+    fn unknown_keys_missing_files_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[runtime]\nonxruntime = \"typo\"\n").unwrap();
+        let err = Config::load_from(Some(&file), Path::new("/x"), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("onxruntime"), "{err}");
+
+        let err = Config::load_from(Some(&dir.path().join("nope.toml")), Path::new("/x"), env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing(_)));
+
+        let err = Config::load_from(None, Path::new("/x"), env(&[("INFERD_RUNTIME__PROVIDERS", "gpu")])).unwrap_err();
+        assert!(err.to_string().contains("unknown provider 'gpu'"), "{err}");
+    }
+}

@@ -1,0 +1,199 @@
+//! Plans and loads models: which variant and engine each model uses and why
+//! ([`Plan`]), and a [`LoadedModel`] that runs one job through
+//! pre-processing, the engine and post-processing. Synchronous: the CLI calls
+//! it directly, the daemon from worker threads.
+
+use crate::backend::{self, BackendChoice, BackendDecision, InferenceBackend, Provider};
+use crate::config::{Config, Limits};
+use crate::error::InferError;
+use crate::job::{JobInput, JobOptions, JobOutput, Timings};
+use crate::pipeline::{self, Pipeline};
+use crate::registry::{ModelSpec, Registry, VariantSpec};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Overrides a caller may put on a model's own choices.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub backend: Option<BackendChoice>,
+    pub variant: Option<String>,
+}
+
+/// What a model would run as, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub model: String,
+    pub task: pipeline::Task,
+    pub variant: String,
+    pub variant_reason: String,
+    #[serde(flatten)]
+    pub backend: BackendDecision,
+    pub providers: Vec<Provider>,
+}
+
+/// Chooses a variant: the requested one, else the highest quality (the
+/// first listed among equals). Returns its index and the reason.
+pub fn select_variant(variants: &[VariantSpec], requested: Option<&str>) -> Result<(usize, String), InferError> {
+    if let Some(name) = requested {
+        let i = variants.iter().position(|v| v.name == name).ok_or_else(|| {
+            let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+            InferError::bad_input(format!("no variant '{name}' (variants: {})", names.join(", ")))
+        })?;
+        return Ok((i, "requested".into()));
+    }
+    let best = variants
+        .iter()
+        .enumerate()
+        .max_by(|(i, a), (j, b)| a.quality.cmp(&b.quality).then(j.cmp(i)))
+        .map(|(i, _)| i)
+        .ok_or_else(|| InferError::unavailable("the model has no variants"))?;
+    let reason = if variants.len() == 1 {
+        "only variant".to_string()
+    } else {
+        format!("highest quality ({}) of {} variants", variants[best].quality, variants.len())
+    };
+    Ok((best, reason))
+}
+
+/// Plans and loads the models of one registry under one configuration.
+#[derive(Clone)]
+pub struct Engine {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+}
+
+impl Engine {
+    /// An engine over `registry` with `config`.
+    pub fn new(config: Config, registry: Registry) -> Engine {
+        Engine { config: Arc::new(config), registry: Arc::new(registry) }
+    }
+
+    /// The registry this engine serves.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Decides variant, engine and providers for `name` without loading anything.
+    pub fn plan(&self, name: &str, options: &LoadOptions) -> Result<Plan, InferError> {
+        let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
+        let (i, variant_reason) = select_variant(&model.variants, options.variant.as_deref())?;
+        let choice = options.backend.unwrap_or(model.backend);
+        let ort = backend::ort::status(&self.config.runtime);
+        let decision = backend::decide(choice, ort.as_deref().map_err(String::as_str))?;
+        Ok(Plan {
+            model: model.name.clone(),
+            task: model.task,
+            variant: model.variants[i].name.clone(),
+            variant_reason,
+            backend: decision,
+            providers: self.providers(model),
+        })
+    }
+
+    fn providers(&self, model: &ModelSpec) -> Vec<Provider> {
+        if model.providers.is_empty() {
+            self.config.runtime.providers.iter().filter_map(|p| Provider::parse(p)).collect()
+        } else {
+            model.providers.clone()
+        }
+    }
+
+    /// Loads `name` as planned: verifies the file's sha256, creates the
+    /// engine session and checks models.json against what the model declares.
+    pub fn load(&self, name: &str, options: &LoadOptions) -> Result<LoadedModel, InferError> {
+        let plan = self.plan(name, options)?;
+        let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
+        let variant = model.variants.iter().find(|v| v.name == plan.variant).expect("plan names a variant of the model");
+        let file = self.registry.resolve(&variant.file);
+        crate::registry::verify_sha256(&file, &variant.sha256).map_err(InferError::unavailable)?;
+        let started = Instant::now();
+        let engine = backend::load(plan.backend.backend, &file, &plan.providers, &self.config.runtime)?;
+        let labels = match &model.labels {
+            Some(l) => Some(crate::registry::read_labels(&self.registry.resolve(l)).map_err(InferError::unavailable)?),
+            None => None,
+        };
+        let problems = pipeline::check_against_model(model, engine.inputs(), engine.outputs(), labels.as_deref());
+        if !problems.is_empty() {
+            let text: Vec<String> = problems.iter().map(|p| format!("models.json {}{}: {}", name, p.path, p.message)).collect();
+            return Err(InferError::unavailable(format!("the spec does not match the model file: {}", text.join("; "))));
+        }
+        let pipeline = pipeline::build(model, &self.registry)?;
+        tracing::info!(
+            model = name,
+            variant = %plan.variant,
+            backend = %plan.backend.backend,
+            provider = engine.provider(),
+            load_ms = started.elapsed().as_millis() as u64,
+            "model loaded ({})",
+            plan.backend.reason
+        );
+        Ok(LoadedModel { plan, engine, pipeline, limits: self.config.limits.clone() })
+    }
+}
+
+/// A model ready to run jobs: its engine session and its pipeline.
+pub struct LoadedModel {
+    pub plan: Plan,
+    engine: Box<dyn InferenceBackend>,
+    pipeline: Box<dyn Pipeline>,
+    limits: Limits,
+}
+
+impl LoadedModel {
+    /// The execution provider that runs the graph.
+    pub fn provider(&self) -> &str {
+        self.engine.provider()
+    }
+
+    /// Runs one job: pre-process, engine, post-process, with timings.
+    pub fn infer(&mut self, input: JobInput, options: &JobOptions) -> Result<JobOutput, InferError> {
+        let t0 = Instant::now();
+        let inputs = self.pipeline.prepare(input, &self.limits)?;
+        let t1 = Instant::now();
+        let outputs = self.engine.run(inputs)?;
+        let t2 = Instant::now();
+        let result = self.pipeline.finish(outputs, options)?;
+        let t3 = Instant::now();
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
+        Ok(JobOutput {
+            model: self.plan.model.clone(),
+            variant: self.plan.variant.clone(),
+            backend: self.engine.kind(),
+            provider: self.engine.provider().to_string(),
+            timings: Timings { queue_ms: 0.0, pre_ms: ms(t0, t1), infer_ms: ms(t1, t2), post_ms: ms(t2, t3) },
+            result,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(name: &str, quality: u32) -> VariantSpec {
+        VariantSpec {
+            name: name.into(),
+            file: "x.onnx".into(),
+            sha256: String::new(),
+            parameters: None,
+            memory_mb: None,
+            quality,
+        }
+    }
+
+    #[test]
+    fn the_highest_quality_variant_is_chosen_first_listed_among_equals() {
+        let vs = [v("small", 1), v("large", 3), v("large2", 3)];
+        assert_eq!(select_variant(&vs, None).unwrap().0, 1);
+        assert_eq!(select_variant(&vs[..1], None).unwrap(), (0, "only variant".to_string()));
+    }
+
+    #[test]
+    fn a_requested_variant_wins_and_an_unknown_one_is_named() {
+        let vs = [v("small", 1), v("large", 3)];
+        assert_eq!(select_variant(&vs, Some("small")).unwrap().0, 0);
+        let err = select_variant(&vs, Some("huge")).unwrap_err();
+        assert!(err.message.contains("small, large"), "{err}");
+    }
+}

@@ -1,0 +1,83 @@
+//! The wire-level error every front-end speaks: a kind (what went wrong, as a
+//! client can act on it) and a message (why, in words). Engine- and
+//! layer-specific errors are converted into this where they leave their module.
+
+use serde::Serialize;
+use std::fmt;
+
+/// What went wrong, as a client can act on it. Front-ends map each kind to
+/// their own wire format (HTTP status, MQTT error reply, CLI exit code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is wrong (undecodable image, wrong tensor shape...).
+    BadInput,
+    /// No model of that name is registered.
+    UnknownModel,
+    /// A queue is full; try again later.
+    Overloaded,
+    /// The model exists but cannot be loaded or run here (file, runtime, memory).
+    ModelUnavailable,
+    /// The inference engine failed while running a valid request.
+    Backend,
+    /// The job did not finish in time.
+    Timeout,
+    /// A bug in inferd.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadInput => "bad_input",
+            ErrorKind::UnknownModel => "unknown_model",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::ModelUnavailable => "model_unavailable",
+            ErrorKind::Backend => "backend",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A typed failure of one job: the kind plus a human-readable reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct InferError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl InferError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        InferError { kind, message: message.into() }
+    }
+
+    /// The request is wrong: `message` says how.
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadInput, message)
+    }
+
+    /// No model called `name` is registered.
+    pub fn unknown_model(name: &str) -> Self {
+        Self::new(ErrorKind::UnknownModel, format!("no model named '{name}' is registered"))
+    }
+
+    /// The model cannot be loaded or run here.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::ModelUnavailable, message)
+    }
+
+    /// The engine failed on a valid request.
+    pub fn backend(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Backend, message)
+    }
+}

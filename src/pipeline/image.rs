@@ -1,0 +1,376 @@
+//! Images to tensors: decode JPEG/PNG under hard limits (dimensions are
+//! checked from the header, before any pixel buffer is allocated), resize
+//! (stretch, letterbox or center-crop) with a SIMD resizer, then lay out and
+//! normalise into the model's input tensor.
+
+use super::SpecProblem;
+use crate::config::Limits;
+use crate::error::InferError;
+use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image as FirImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+
+/// Where channels sit in the input tensor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    #[default]
+    #[serde(rename = "NCHW")]
+    Nchw,
+    #[serde(rename = "NHWC")]
+    Nhwc,
+}
+
+/// How an image of another size is brought to the input size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Scale both sides to the input size; the aspect ratio may change.
+    #[default]
+    Stretch,
+    /// Keep the aspect ratio and pad with `pad_value`.
+    Letterbox,
+    /// Keep the aspect ratio, cover the input and cut the overflow evenly.
+    CenterCrop,
+}
+
+/// The order of colour channels the model expects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelOrder {
+    #[default]
+    #[serde(rename = "RGB")]
+    Rgb,
+    #[serde(rename = "BGR")]
+    Bgr,
+}
+
+/// Element type of the image tensor: `f32` is normalised, `u8` is raw pixels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageDType {
+    #[default]
+    F32,
+    U8,
+}
+
+/// models.json `input` for image tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInputSpec {
+    /// Name of the model's image input tensor.
+    pub tensor: String,
+    #[serde(default)]
+    pub layout: Layout,
+    pub width: u32,
+    pub height: u32,
+    #[serde(default)]
+    pub resize: ResizeMode,
+    #[serde(default)]
+    pub channels: ChannelOrder,
+    /// Pixels (0-255) are multiplied by this first; default 1/255.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    /// Subtracted per channel after scaling, in the model's channel order.
+    #[serde(default = "default_mean")]
+    pub mean: Vec<f32>,
+    /// Divides per channel after the mean, in the model's channel order.
+    #[serde(default = "default_std")]
+    pub std: Vec<f32>,
+    #[serde(default)]
+    pub dtype: ImageDType,
+    /// Fill for letterbox padding (0-255).
+    #[serde(default = "default_pad")]
+    pub pad_value: u8,
+}
+
+fn default_scale() -> f32 {
+    1.0 / 255.0
+}
+fn default_mean() -> Vec<f32> {
+    vec![0.0; 3]
+}
+fn default_std() -> Vec<f32> {
+    vec![1.0; 3]
+}
+fn default_pad() -> u8 {
+    114
+}
+
+/// The largest input side a spec may declare.
+const MAX_INPUT_SIDE: u32 = 8192;
+
+impl ImageInputSpec {
+    /// Checks the spec on its own.
+    pub fn validate(&self) -> Vec<SpecProblem> {
+        let mut p = Vec::new();
+        if self.tensor.is_empty() {
+            p.push(SpecProblem::new(".input.tensor", "must name the model's image input"));
+        }
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 || v > MAX_INPUT_SIDE {
+                p.push(SpecProblem::new(&format!(".input.{field}"), format!("must be 1..={MAX_INPUT_SIDE}, got {v}")));
+            }
+        }
+        for (field, v) in [("mean", &self.mean), ("std", &self.std)] {
+            if v.len() != 3 {
+                p.push(SpecProblem::new(&format!(".input.{field}"), format!("needs 3 values (one per channel), got {}", v.len())));
+            }
+        }
+        if self.std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
+            p.push(SpecProblem::new(".input.std", "values must be finite and not 0"));
+        }
+        if !self.scale.is_finite() || self.scale == 0.0 {
+            p.push(SpecProblem::new(".input.scale", "must be finite and not 0"));
+        }
+        p
+    }
+
+    /// Compares the spec with the model's declared inputs.
+    pub fn check_against(&self, inputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        let Some(info) = inputs.iter().find(|i| i.name == self.tensor) else {
+            let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+            return vec![SpecProblem::new(
+                ".input.tensor",
+                format!("the model has no input '{}' (inputs: {})", self.tensor, names.join(", ")),
+            )];
+        };
+        let mut p = Vec::new();
+        if inputs.len() > 1 {
+            let others: Vec<&str> = inputs.iter().filter(|i| i.name != self.tensor).map(|i| i.name.as_str()).collect();
+            p.push(SpecProblem::new(".input.tensor", format!("the model also needs inputs this task cannot feed: {}", others.join(", "))));
+        }
+        let want = match self.dtype {
+            ImageDType::F32 => DType::F32,
+            ImageDType::U8 => DType::U8,
+        };
+        if info.dtype != Some(want) {
+            let got = info.dtype.map_or("an unsupported type".to_string(), |d| d.to_string());
+            p.push(SpecProblem::new(".input.dtype", format!("spec says {want}, the model's input '{}' is {got}", info.name)));
+        }
+        if info.shape.len() != 4 {
+            p.push(SpecProblem::new(
+                ".input.tensor",
+                format!("input '{}' has shape {}, an image input needs 4 dims", info.name, info.shape_text()),
+            ));
+            return p;
+        }
+        let (c, h, w) = match self.layout {
+            Layout::Nchw => (info.shape[1], info.shape[2], info.shape[3]),
+            Layout::Nhwc => (info.shape[3], info.shape[1], info.shape[2]),
+        };
+        if c.is_some_and(|c| c != 3) {
+            p.push(SpecProblem::new(
+                ".input.layout",
+                format!("with layout {:?} the channel dim of {} is {}, not 3", self.layout, info.name, info.shape_text()),
+            ));
+        }
+        for (field, declared, spec) in [("height", h, self.height), ("width", w, self.width)] {
+            if let Some(d) = declared
+                && d != spec as usize
+            {
+                p.push(SpecProblem::new(
+                    &format!(".input.{field}"),
+                    format!("spec says {spec}, the model's input '{}' {} has {d}", info.name, info.shape_text()),
+                ));
+            }
+        }
+        p
+    }
+
+    /// Decodes `bytes` under `limits` and builds the input tensor (batch of one).
+    pub fn tensor_from_bytes(&self, bytes: &[u8], limits: &Limits) -> Result<Tensor, InferError> {
+        let rgb = decode(bytes, limits)?;
+        let resized = self.resize(rgb)?;
+        Ok(self.to_tensor(&resized))
+    }
+
+    fn resize(&self, img: RgbImage) -> Result<RgbImage, InferError> {
+        let (w, h) = img.dimensions();
+        let (tw, th) = (self.width, self.height);
+        if (w, h) == (tw, th) {
+            return Ok(img);
+        }
+        let (fw, fh, ftw, fth) = (w as f64, h as f64, tw as f64, th as f64);
+        match self.resize {
+            ResizeMode::Stretch => resize_rgb(img, tw, th, None),
+            ResizeMode::CenterCrop => {
+                let scale = (ftw / fw).max(fth / fh);
+                let (cw, ch) = (ftw / scale, fth / scale);
+                resize_rgb(img, tw, th, Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)))
+            }
+            ResizeMode::Letterbox => {
+                let scale = (ftw / fw).min(fth / fh);
+                let nw = ((fw * scale).round() as u32).clamp(1, tw);
+                let nh = ((fh * scale).round() as u32).clamp(1, th);
+                let inner = resize_rgb(img, nw, nh, None)?;
+                let mut out = RgbImage::from_pixel(tw, th, image::Rgb([self.pad_value; 3]));
+                image::imageops::replace(&mut out, &inner, ((tw - nw) / 2).into(), ((th - nh) / 2).into());
+                Ok(out)
+            }
+        }
+    }
+
+    fn to_tensor(&self, img: &RgbImage) -> Tensor {
+        let (w, h) = (self.width as usize, self.height as usize);
+        let order: [usize; 3] = match self.channels {
+            ChannelOrder::Rgb => [0, 1, 2],
+            ChannelOrder::Bgr => [2, 1, 0],
+        };
+        let px = img.as_raw();
+        let shape = match self.layout {
+            Layout::Nchw => vec![1, 3, h, w],
+            Layout::Nhwc => vec![1, h, w, 3],
+        };
+        // Index in the tensor of channel c at pixel i.
+        let at = |c: usize, i: usize| match self.layout {
+            Layout::Nchw => c * w * h + i,
+            Layout::Nhwc => i * 3 + c,
+        };
+        let data = match self.dtype {
+            ImageDType::U8 => {
+                let mut out = vec![0u8; 3 * w * h];
+                for i in 0..w * h {
+                    for (c, &src) in order.iter().enumerate() {
+                        out[at(c, i)] = px[i * 3 + src];
+                    }
+                }
+                TensorData::U8(out)
+            }
+            ImageDType::F32 => {
+                let mut lut = [[0f32; 256]; 3];
+                for (c, table) in lut.iter_mut().enumerate() {
+                    for (v, slot) in table.iter_mut().enumerate() {
+                        *slot = (v as f32 * self.scale - self.mean[c]) / self.std[c];
+                    }
+                }
+                let mut out = vec![0f32; 3 * w * h];
+                for i in 0..w * h {
+                    for (c, &src) in order.iter().enumerate() {
+                        out[at(c, i)] = lut[c][px[i * 3 + src] as usize];
+                    }
+                }
+                TensorData::F32(out)
+            }
+        };
+        Tensor { shape, data }
+    }
+}
+
+/// Decodes a JPEG or PNG to RGB under `limits`. Dimensions are read from the
+/// header and checked before the pixel buffer is allocated.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
+    if bytes.is_empty() {
+        return Err(InferError::bad_input("the image is empty (0 bytes)"));
+    }
+    if bytes.len() > limits.max_image_bytes {
+        return Err(InferError::bad_input(format!(
+            "the image is {} bytes, over the limit of {}",
+            bytes.len(),
+            limits.max_image_bytes
+        )));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| InferError::bad_input(format!("cannot read the image: {e}")))?;
+    let Some(format) = reader.format() else {
+        return Err(InferError::bad_input("not a JPEG or PNG image (unrecognised format)"));
+    };
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_image_side);
+    decoder_limits.max_image_height = Some(limits.max_image_side);
+    decoder_limits.max_alloc = Some(limits.max_image_pixels.saturating_mul(4).saturating_add(64 << 20));
+    reader.limits(decoder_limits);
+    let fmt_name = format!("{format:?}").to_uppercase();
+    let bad = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => InferError::bad_input(format!(
+            "the {fmt_name} image is over the decoder limits ({l}; max side {} px, max {} pixels)",
+            limits.max_image_side, limits.max_image_pixels
+        )),
+        image::ImageError::Unsupported(u) => InferError::bad_input(format!("unsupported {fmt_name} image: {u}")),
+        other => InferError::bad_input(format!("corrupt or truncated {fmt_name} image: {other}")),
+    };
+    let decoder = reader.into_decoder().map_err(bad)?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > limits.max_image_pixels {
+        return Err(InferError::bad_input(format!(
+            "the {fmt_name} image is {w}x{h} = {pixels} pixels, over the limit of {}",
+            limits.max_image_pixels
+        )));
+    }
+    if pixels == 0 {
+        return Err(InferError::bad_input(format!("the {fmt_name} image has no pixels ({w}x{h})")));
+    }
+    let img = DynamicImage::from_decoder(decoder).map_err(bad)?;
+    Ok(img.into_rgb8())
+}
+
+fn resize_rgb(img: RgbImage, w: u32, h: u32, crop: Option<(f64, f64, f64, f64)>) -> Result<RgbImage, InferError> {
+    let (sw, sh) = img.dimensions();
+    let src = FirImage::from_vec_u8(sw, sh, img.into_raw(), PixelType::U8x3)
+        .map_err(|e| InferError::new(crate::error::ErrorKind::Internal, format!("resize source: {e}")))?;
+    let mut dst = FirImage::new(w, h, PixelType::U8x3);
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    if let Some((l, t, cw, ch)) = crop {
+        options = options.crop(l, t, cw, ch);
+    }
+    Resizer::new()
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| InferError::new(crate::error::ErrorKind::Internal, format!("resize: {e}")))?;
+    RgbImage::from_raw(w, h, dst.into_vec())
+        .ok_or_else(|| InferError::new(crate::error::ErrorKind::Internal, "resize produced a short buffer"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(w: u32, h: u32, resize: ResizeMode) -> ImageInputSpec {
+        serde_json::from_value(serde_json::json!({"tensor": "x", "width": w, "height": h, "resize": resize, "scale": 1.0}))
+            .unwrap()
+    }
+
+    fn solid(w: u32, h: u32, rgb: [u8; 3]) -> RgbImage {
+        RgbImage::from_pixel(w, h, image::Rgb(rgb))
+    }
+
+    #[test]
+    fn letterbox_keeps_aspect_and_pads_with_the_fill_value() {
+        let s = spec(8, 8, ResizeMode::Letterbox);
+        let out = s.resize(solid(16, 8, [200, 0, 0])).unwrap();
+        assert_eq!(out.dimensions(), (8, 8));
+        assert_eq!(out.get_pixel(0, 0).0, [114; 3], "top rows are padding");
+        assert_eq!(out.get_pixel(4, 4).0, [200, 0, 0], "middle rows are the image");
+    }
+
+    #[test]
+    fn center_crop_cuts_the_overflow_evenly() {
+        let s = spec(4, 4, ResizeMode::CenterCrop);
+        let mut img = solid(12, 4, [0, 0, 255]);
+        for y in 0..4 {
+            for x in 4..8 {
+                img.put_pixel(x, y, image::Rgb([0, 255, 0]));
+            }
+        }
+        let out = s.resize(img).unwrap();
+        assert!(out.pixels().all(|p| p.0 == [0, 255, 0]), "only the green middle survives");
+    }
+
+    #[test]
+    fn layout_channel_order_and_normalisation_are_applied() {
+        let mut s = spec(2, 1, ResizeMode::Stretch);
+        s.mean = vec![1.0, 2.0, 3.0];
+        s.std = vec![2.0, 2.0, 2.0];
+        s.channels = ChannelOrder::Bgr;
+        let mut img = solid(2, 1, [10, 20, 30]);
+        img.put_pixel(1, 0, image::Rgb([40, 50, 60]));
+        let t = s.to_tensor(&img);
+        assert_eq!(t.shape, vec![1, 3, 1, 2]);
+        // channel 0 is blue: (30-1)/2, (60-1)/2; channel 2 is red: (10-3)/2, (40-3)/2
+        assert_eq!(t.data, TensorData::F32(vec![14.5, 29.5, 9.0, 24.0, 3.5, 18.5]));
+        s.layout = Layout::Nhwc;
+        s.dtype = ImageDType::U8;
+        assert_eq!(s.to_tensor(&img).data, TensorData::U8(vec![30, 20, 10, 60, 50, 40]));
+    }
+}

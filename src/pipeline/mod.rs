@@ -1,0 +1,118 @@
+//! Pre- and post-processing per task, around the engine call: the seam
+//! where tasks plug in. A [`Pipeline`] turns a [`JobInput`] into named input
+//! tensors and the engine's outputs into a [`JobResult`]. Each task also
+//! states what it needs from models.json and from the ONNX file, so `inferd
+//! check` and model loading refuse a spec that contradicts the model.
+
+pub mod classify;
+pub mod image;
+pub mod raw;
+
+use crate::backend::NamedTensors;
+use crate::config::Limits;
+use crate::error::InferError;
+use crate::job::{JobInput, JobOptions, JobResult};
+use crate::registry::{ModelSpec, Registry};
+use crate::tensor::TensorInfo;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What a model does, which decides its pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// Image in, scored labels out.
+    ImageClassification,
+    /// Named tensors in and out, for any model.
+    Raw,
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Task::ImageClassification => "image-classification",
+            Task::Raw => "raw",
+        })
+    }
+}
+
+/// A problem with a model's spec, at a path relative to the model (`.input.width`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecProblem {
+    pub path: String,
+    pub message: String,
+}
+
+impl SpecProblem {
+    fn new(path: &str, message: impl Into<String>) -> Self {
+        SpecProblem { path: path.to_string(), message: message.into() }
+    }
+}
+
+/// Turns jobs into tensors and tensors into answers for one model.
+pub trait Pipeline: Send + Sync {
+    /// Decodes and validates `input` into the model's input tensors.
+    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<NamedTensors, InferError>;
+    /// Reads the model's `outputs` into the task's answer.
+    fn finish(&self, outputs: NamedTensors, options: &JobOptions) -> Result<JobResult, InferError>;
+}
+
+/// Checks what a task needs from a spec, without reading any file.
+pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
+    match m.task {
+        Task::ImageClassification => {
+            let mut problems = Vec::new();
+            match &m.input {
+                Some(input) => problems.extend(input.validate()),
+                None => problems.push(SpecProblem::new(".input", "image-classification needs an 'input' spec")),
+            }
+            if let Some(output) = &m.output {
+                problems.extend(output.validate());
+            }
+            problems
+        }
+        Task::Raw => {
+            let mut problems = Vec::new();
+            for (field, set) in [("input", m.input.is_some()), ("output", m.output.is_some()), ("labels", m.labels.is_some())] {
+                if set {
+                    problems.push(SpecProblem::new(&format!(".{field}"), format!("the raw task takes no '{field}'")));
+                }
+            }
+            problems
+        }
+    }
+}
+
+/// Compares a spec with the inputs and outputs a model declares; `labels`
+/// are the model's labels when it has a readable labels file.
+pub fn check_against_model(
+    m: &ModelSpec,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+    labels: Option<&[String]>,
+) -> Vec<SpecProblem> {
+    match (m.task, &m.input) {
+        (Task::ImageClassification, Some(input)) => {
+            let mut problems = input.check_against(inputs);
+            problems.extend(classify::check_outputs(m.output.as_ref(), outputs, labels));
+            problems
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Builds the pipeline for `m`, reading its labels.
+pub fn build(m: &ModelSpec, registry: &Registry) -> Result<Box<dyn Pipeline>, InferError> {
+    match (m.task, &m.input) {
+        (Task::ImageClassification, Some(input)) => {
+            let labels = match &m.labels {
+                Some(path) => crate::registry::read_labels(&registry.resolve(path)).map_err(InferError::unavailable)?,
+                None => Vec::new(),
+            };
+            let output = m.output.clone().unwrap_or_default();
+            Ok(Box::new(classify::ClassifyPipeline { input: input.clone(), output, labels }))
+        }
+        (Task::ImageClassification, None) => Err(InferError::unavailable("image-classification needs an 'input' spec")),
+        (Task::Raw, _) => Ok(Box::new(raw::RawPipeline)),
+    }
+}
