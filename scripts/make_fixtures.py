@@ -183,9 +183,14 @@ def main():
     )
     pattern_tensor = pattern_tensor.transpose(2, 0, 1)[None].astype(np.float32)
 
+    # Cut inside the entropy-coded scan: decoders tend to pad such a file
+    # with grey rather than fail, so inferd must notice on its own.
+    noise = np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     jpeg = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(jpeg, "JPEG", quality=90)
-    (FIXTURES / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    Image.fromarray(noise, "RGB").save(jpeg, "JPEG", quality=90)
+    (FIXTURES / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 9 // 10])
+    png = (FIXTURES / "pattern32.png").read_bytes()
+    (FIXTURES / "truncated.png").write_bytes(png[: len(png) * 2 // 3])
     (FIXTURES / "empty.jpg").write_bytes(b"")
     bomb_png(FIXTURES / "bomb.png", 100000)
     (FIXTURES / "not-an-image.jpg").write_bytes(b"this is plain text, not a JPEG\n")

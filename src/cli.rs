@@ -38,7 +38,11 @@ pub fn exit_code(kind: ErrorKind) -> i32 {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "inferd", version, about = "Inference daemon for edge boxes: ONNX models over MQTT and a local socket")]
+#[command(
+    name = "inferd",
+    version,
+    about = "Inference daemon for edge boxes: ONNX models over MQTT and a local socket"
+)]
 pub struct Cli {
     /// Configuration file (default /etc/inferd/config.toml, if present).
     #[arg(long, global = true, value_name = "PATH")]
@@ -105,17 +109,28 @@ pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
 pub fn check(registry: &Registry, json: bool) -> i32 {
     let problems = registry.check();
     if json {
-        println!("{}", serde_json::json!({"file": registry.file, "ok": problems.is_empty(), "problems": problems}));
+        println!(
+            "{}",
+            serde_json::json!({"file": registry.file, "ok": problems.is_empty(), "problems": problems})
+        );
     } else if problems.is_empty() {
         let variants: usize = registry.models.iter().map(|m| m.variants.len()).sum();
-        println!("{}: OK ({} models, {variants} variants checked)", registry.file.display(), registry.models.len());
+        println!(
+            "{}: OK ({} models, {variants} variants checked)",
+            registry.file.display(),
+            registry.models.len()
+        );
     } else {
         eprintln!("{}: {} problem(s)", registry.file.display(), problems.len());
         for p in &problems {
             eprintln!("  {p}");
         }
     }
-    if problems.is_empty() { exit::OK } else { exit::REGISTRY }
+    if problems.is_empty() {
+        exit::OK
+    } else {
+        exit::REGISTRY
+    }
 }
 
 /// `inferd models`.
@@ -140,21 +155,42 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
             Ok(desc) => serde_json::json!({"available": true, "onnxruntime": desc}),
             Err(why) => serde_json::json!({"available": false, "reason": why}),
         };
-        println!("{}", serde_json::json!({"runtime": runtime, "models": rows}));
+        println!(
+            "{}",
+            serde_json::json!({"runtime": runtime, "models": rows})
+        );
         return exit::OK;
     }
     match &ort {
         Ok(desc) => println!("runtime: {desc}"),
-        Err(why) => println!("runtime: ONNX Runtime is NOT available, models with backend auto run on tract\n  ({why})"),
+        Err(why) => println!(
+            "runtime: ONNX Runtime is NOT available, models with backend auto run on tract\n  ({why})"
+        ),
     }
-    println!("{:<16} {:<22} {:<10} {:<7} WHY", "MODEL", "TASK", "VARIANT", "BACKEND");
+    println!(
+        "{:<16} {:<22} {:<10} {:<7} WHY",
+        "MODEL", "TASK", "VARIANT", "BACKEND"
+    );
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         if let Some(err) = r.get("error") {
-            println!("{:<16} {:<22} {:<10} {:<7} {}", s("name"), s("task"), "-", "-", err["message"].as_str().unwrap_or(""));
+            println!(
+                "{:<16} {:<22} {:<10} {:<7} {}",
+                s("name"),
+                s("task"),
+                "-",
+                "-",
+                err["message"].as_str().unwrap_or("")
+            );
         } else {
             let why = format!("{}; {}", s("variant_reason"), s("backend_reason"));
-            println!("{:<16} {:<22} {:<10} {:<7} {why}", s("name"), s("task"), s("variant"), s("backend"));
+            println!(
+                "{:<16} {:<22} {:<10} {:<7} {why}",
+                s("name"),
+                s("task"),
+                s("variant"),
+                s("backend")
+            );
         }
     }
     exit::OK
@@ -203,11 +239,17 @@ pub fn infer(
 }
 
 fn read_input(file: &Path, task: Task) -> Result<JobInput, InferError> {
-    let f = std::fs::File::open(file).map_err(|e| InferError::bad_input(format!("cannot open: {e}")))?;
+    let f = std::fs::File::open(file)
+        .map_err(|e| InferError::bad_input(format!("cannot open: {e}")))?;
     let mut bytes = Vec::new();
-    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| InferError::bad_input(format!("cannot read: {e}")))?;
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| InferError::bad_input(format!("cannot read: {e}")))?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(InferError::bad_input(format!("file is over {} MiB", MAX_FILE_BYTES >> 20)));
+        return Err(InferError::bad_input(format!(
+            "file is over {} MiB",
+            MAX_FILE_BYTES >> 20
+        )));
     }
     match task {
         Task::Raw => tensors_from_json(&bytes, usize::MAX),
@@ -222,8 +264,11 @@ pub fn tensors_from_json(bytes: &[u8], max_elements: usize) -> Result<JobInput, 
     struct Body {
         inputs: BTreeMap<String, TensorJson>,
     }
-    let body: Body = serde_json::from_slice(bytes)
-        .map_err(|e| InferError::bad_input(format!("expected JSON {{\"inputs\": {{name: {{shape, dtype, data}}}}}}: {e}")))?;
+    let body: Body = serde_json::from_slice(bytes).map_err(|e| {
+        InferError::bad_input(format!(
+            "expected JSON {{\"inputs\": {{name: {{shape, dtype, data}}}}}}: {e}"
+        ))
+    })?;
     let tensors = body
         .inputs
         .into_iter()
@@ -240,7 +285,13 @@ fn summary(out: &JobOutput) -> String {
     let body = match &out.result {
         JobResult::Classification { classes } => classes
             .iter()
-            .map(|c| format!("{} {:.4}", c.label.clone().unwrap_or_else(|| format!("#{}", c.index)), c.score))
+            .map(|c| {
+                format!(
+                    "{} {:.4}",
+                    c.label.clone().unwrap_or_else(|| format!("#{}", c.index)),
+                    c.score
+                )
+            })
             .collect::<Vec<_>>()
             .join(", "),
         JobResult::Tensors { outputs } => outputs

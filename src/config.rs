@@ -37,7 +37,11 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { onnxruntime: None, providers: vec!["cpu".into()], intra_threads: 0 }
+        RuntimeConfig {
+            onnxruntime: None,
+            providers: vec!["cpu".into()],
+            intra_threads: 0,
+        }
     }
 }
 
@@ -76,7 +80,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info,ort=warn".into() }
+        LogConfig {
+            level: "info,ort=warn".into(),
+        }
     }
 }
 
@@ -107,13 +113,22 @@ impl Config {
         let mut builder = config::Config::builder().add_source(defaults);
         match explicit {
             Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_path_buf())),
-            Some(path) => builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml)),
+            Some(path) => {
+                builder =
+                    builder.add_source(config::File::from(path).format(config::FileFormat::Toml))
+            }
             None => {
-                builder = builder
-                    .add_source(config::File::from(default_path).format(config::FileFormat::Toml).required(false))
+                builder = builder.add_source(
+                    config::File::from(default_path)
+                        .format(config::FileFormat::Toml)
+                        .required(false),
+                )
             }
         }
-        let env: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("INFERD_")).collect();
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("INFERD_"))
+            .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("INFERD")
                 .prefix_separator("_")
@@ -123,7 +138,11 @@ impl Config {
                 .with_list_parse_key("runtime.providers")
                 .source(Some(env)),
         );
-        let config: Config = builder.build().map_err(invalid)?.try_deserialize().map_err(invalid)?;
+        let config: Config = builder
+            .build()
+            .map_err(invalid)?
+            .try_deserialize()
+            .map_err(invalid)?;
         config.validate()?;
         Ok(config)
     }
@@ -137,8 +156,13 @@ impl Config {
                 )));
             }
         }
-        if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 || self.limits.max_tensor_elements == 0 {
-            return Err(ConfigError::Invalid("limits: every limit must be above 0".into()));
+        if self.limits.max_image_pixels == 0
+            || self.limits.max_image_side == 0
+            || self.limits.max_tensor_elements == 0
+        {
+            return Err(ConfigError::Invalid(
+                "limits: every limit must be above 0".into(),
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level: '{}': {e}", self.log.level)))?;
@@ -160,7 +184,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -178,10 +205,16 @@ mod tests {
         let c = Config::load_from(
             Some(&file),
             Path::new("/nonexistent"),
-            env(&[("INFERD_RUNTIME__ONNXRUNTIME", "/from/env.so"), ("INFERD_RUNTIME__PROVIDERS", "cuda,cpu")]),
+            env(&[
+                ("INFERD_RUNTIME__ONNXRUNTIME", "/from/env.so"),
+                ("INFERD_RUNTIME__PROVIDERS", "cuda,cpu"),
+            ]),
         )
         .unwrap();
-        assert_eq!(c.runtime.onnxruntime.as_deref(), Some(Path::new("/from/env.so")));
+        assert_eq!(
+            c.runtime.onnxruntime.as_deref(),
+            Some(Path::new("/from/env.so"))
+        );
         assert_eq!(c.runtime.intra_threads, 2);
         assert_eq!(c.runtime.providers, vec!["cuda", "cpu"]);
         assert_eq!(c.log.level, "debug");
@@ -195,10 +228,20 @@ mod tests {
         let err = Config::load_from(Some(&file), Path::new("/x"), env(&[])).unwrap_err();
         assert!(err.to_string().contains("onxruntime"), "{err}");
 
-        let err = Config::load_from(Some(&dir.path().join("nope.toml")), Path::new("/x"), env(&[])).unwrap_err();
+        let err = Config::load_from(
+            Some(&dir.path().join("nope.toml")),
+            Path::new("/x"),
+            env(&[]),
+        )
+        .unwrap_err();
         assert!(matches!(err, ConfigError::Missing(_)));
 
-        let err = Config::load_from(None, Path::new("/x"), env(&[("INFERD_RUNTIME__PROVIDERS", "gpu")])).unwrap_err();
+        let err = Config::load_from(
+            None,
+            Path::new("/x"),
+            env(&[("INFERD_RUNTIME__PROVIDERS", "gpu")]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("unknown provider 'gpu'"), "{err}");
     }
 }

@@ -58,7 +58,10 @@ pub struct InferError {
 impl InferError {
     /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        InferError { kind, message: message.into() }
+        InferError {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// The request is wrong: `message` says how.
@@ -68,7 +71,10 @@ impl InferError {
 
     /// No model called `name` is registered.
     pub fn unknown_model(name: &str) -> Self {
-        Self::new(ErrorKind::UnknownModel, format!("no model named '{name}' is registered"))
+        Self::new(
+            ErrorKind::UnknownModel,
+            format!("no model named '{name}' is registered"),
+        )
     }
 
     /// The model cannot be loaded or run here.

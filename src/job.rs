@@ -49,7 +49,9 @@ pub enum JobResult {
     /// `image-classification`: best classes first.
     Classification { classes: Vec<ClassScore> },
     /// `raw`: every output tensor by name.
-    Tensors { outputs: BTreeMap<String, TensorJson> },
+    Tensors {
+        outputs: BTreeMap<String, TensorJson>,
+    },
 }
 
 /// A finished job: which model, variant and engine answered, how long it took, and the result.

@@ -33,7 +33,10 @@ pub enum RunError {
 /// Runs the daemon with `config` until `shutdown` completes: loads and
 /// validates the registry, plans every model and serves until told to stop.
 /// The single entry point: `main` passes the signal future, tests their own.
-pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: config::Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let registry = registry::Registry::load(&config.registry_path())?;
     let engine = engine::Engine::new(config, registry);
     for model in &engine.registry().models {
@@ -46,7 +49,9 @@ pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> 
                 plan.variant_reason,
                 plan.backend.reason
             ),
-            Err(e) => tracing::warn!(model = %model.name, "registered but cannot run: {}", e.message),
+            Err(e) => {
+                tracing::warn!(model = %model.name, "registered but cannot run: {}", e.message)
+            }
         }
     }
     tracing::info!(models = engine.registry().models.len(), "inferd is up");

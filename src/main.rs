@@ -22,7 +22,11 @@ fn real_main() -> i32 {
         }
     };
     let serving = matches!(cli.command, Command::Serve);
-    let level = if serving || cli.verbose { config.log.level.as_str() } else { "warn" };
+    let level = if serving || cli.verbose {
+        config.log.level.as_str()
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_ansi(std::io::stderr().is_terminal())
@@ -35,10 +39,22 @@ fn real_main() -> i32 {
     };
     match cli.command {
         Command::Check { json } => cli::check(&registry, json),
-        Command::Models { json } => cli::models(&Engine::new(config.clone(), registry), &config, json),
-        Command::Infer { ref model, backend, ref variant, top_k, json, ref files } => {
+        Command::Models { json } => {
+            cli::models(&Engine::new(config.clone(), registry), &config, json)
+        }
+        Command::Infer {
+            ref model,
+            backend,
+            ref variant,
+            top_k,
+            json,
+            ref files,
+        } => {
             let engine = Engine::new(config, registry);
-            let options = LoadOptions { backend, variant: variant.clone() };
+            let options = LoadOptions {
+                backend,
+                variant: variant.clone(),
+            };
             cli::infer(&engine, model, options, JobOptions { top_k }, json, files)
         }
         Command::Serve => serve(config, cli.models),
@@ -49,7 +65,10 @@ fn serve(mut config: Config, models: Option<std::path::PathBuf>) -> i32 {
     if models.is_some() {
         config.models = models;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("inferd: cannot start the async runtime: {e}");

@@ -5,8 +5,8 @@
 use super::{BackendError, BackendKind, InferenceBackend, NamedTensors, Provider, check_inputs};
 use crate::config::RuntimeConfig;
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
-use ort::ep::ExecutionProviderDispatch;
 use ort::environment::Environment;
+use ort::ep::ExecutionProviderDispatch;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, ValueType};
 use std::borrow::Cow;
@@ -38,12 +38,17 @@ static RUNTIME: OnceLock<Result<OrtRuntime, String>> = OnceLock::new();
 /// candidate of [`candidates`] that loads. A process loads it at most once;
 /// later calls return the first outcome. `Err` says every place tried and why.
 pub fn runtime(cfg: &RuntimeConfig) -> Result<&'static OrtRuntime, &'static str> {
-    RUNTIME.get_or_init(|| init(cfg)).as_ref().map_err(String::as_str)
+    RUNTIME
+        .get_or_init(|| init(cfg))
+        .as_ref()
+        .map_err(String::as_str)
 }
 
 /// Whether ONNX Runtime is usable, as `decide` wants it: a description or why not.
 pub fn status(cfg: &RuntimeConfig) -> Result<String, String> {
-    runtime(cfg).map(OrtRuntime::describe).map_err(str::to_string)
+    runtime(cfg)
+        .map(OrtRuntime::describe)
+        .map_err(str::to_string)
 }
 
 fn init(cfg: &RuntimeConfig) -> Result<OrtRuntime, String> {
@@ -51,8 +56,11 @@ fn init(cfg: &RuntimeConfig) -> Result<OrtRuntime, String> {
     for (source, path) in candidates(cfg) {
         match ort::init_from(&path) {
             Ok(builder) => {
-                let env = builder.with_name("inferd").build().map_err(|e| format!("{} ({source}): {e}", path.display()))?;
-                let version = version_from_build_info(ort::info()).unwrap_or_else(|| "unknown".into());
+                let env = builder
+                    .with_name("inferd")
+                    .build()
+                    .map_err(|e| format!("{} ({source}): {e}", path.display()))?;
+                let version = library_version(&path).unwrap_or_else(|| "unknown".into());
                 let rt = OrtRuntime { path, version, env };
                 tracing::info!(source, "using {}", rt.describe());
                 return Ok(rt);
@@ -63,23 +71,40 @@ fn init(cfg: &RuntimeConfig) -> Result<OrtRuntime, String> {
             }
         }
     }
-    let why = format!("no loadable {LIBRARY_FILE} (run scripts/setup.sh or set runtime.onnxruntime); tried {}", tried.join("; "));
+    let why = format!(
+        "no loadable {LIBRARY_FILE} (run scripts/setup.sh or set runtime.onnxruntime); tried {}",
+        tried.join("; ")
+    );
     tracing::warn!("ONNX Runtime is not available: {why}");
     Err(why)
 }
 
-/// Where ONNX Runtime is looked for, in order: config `runtime.onnxruntime`,
-/// `ORT_DYLIB_PATH`, the folder `scripts/setup.sh` fills (next to the
-/// working directory, the executable or the source tree) and the packaged
-/// location, then the system's library search path.
+/// Where ONNX Runtime is looked for. An explicit setting is authoritative:
+/// config `runtime.onnxruntime` if set, else `ORT_DYLIB_PATH` if set, is the
+/// only place tried (a wrong explicit path never silently loads another
+/// library). Without either: the folder `scripts/setup.sh` fills (next to the
+/// working directory, the executable or the source tree), the packaged
+/// location `/usr/lib/inferd/onnxruntime`, then the system's library path.
 pub fn candidates(cfg: &RuntimeConfig) -> Vec<(&'static str, PathBuf)> {
-    let mut out: Vec<(&'static str, PathBuf)> = Vec::new();
+    candidates_with(
+        cfg,
+        std::env::var_os("ORT_DYLIB_PATH")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+    )
+}
+
+fn candidates_with(
+    cfg: &RuntimeConfig,
+    ort_dylib_path: Option<PathBuf>,
+) -> Vec<(&'static str, PathBuf)> {
     if let Some(p) = &cfg.onnxruntime {
-        out.push(("config runtime.onnxruntime", p.clone()));
+        return vec![("config runtime.onnxruntime", p.clone())];
     }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        out.push(("ORT_DYLIB_PATH", PathBuf::from(p)));
+    if let Some(p) = ort_dylib_path {
+        return vec![("ORT_DYLIB_PATH", p)];
     }
+    let mut out: Vec<(&'static str, PathBuf)> = Vec::new();
     let arch_dir = Path::new("runtime/onnxruntime").join(std::env::consts::ARCH);
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
@@ -89,14 +114,16 @@ pub fn candidates(cfg: &RuntimeConfig) -> Vec<(&'static str, PathBuf)> {
         roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
     }
     roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    let mut seen = std::collections::HashSet::new();
     for root in roots {
         let file = root.join(&arch_dir).join(LIBRARY_FILE);
-        if file.exists() && seen.insert(file.clone()) {
+        if file.exists() && !out.iter().any(|(_, p)| p == &file) {
             out.push(("setup folder", file));
         }
     }
-    for dir in ["/usr/lib/inferd/onnxruntime", "/usr/local/lib/inferd/onnxruntime"] {
+    for dir in [
+        "/usr/lib/inferd/onnxruntime",
+        "/usr/local/lib/inferd/onnxruntime",
+    ] {
         let file = Path::new(dir).join(LIBRARY_FILE);
         if file.exists() {
             out.push(("packaged", file));
@@ -107,9 +134,36 @@ pub fn candidates(cfg: &RuntimeConfig) -> Vec<(&'static str, PathBuf)> {
     out
 }
 
-fn version_from_build_info(info: &str) -> Option<String> {
-    let branch = info.split([',', ' ']).find_map(|part| part.trim().strip_prefix("git-branch="))?;
-    Some(branch.trim_start_matches("rel-").to_string())
+/// The version the library reports (`OrtGetApiBase()->GetVersionString()`).
+/// Called only after `ort::init_from` loaded `path`, so this only takes
+/// another reference to an already loaded library.
+fn library_version(path: &Path) -> Option<String> {
+    #[repr(C)]
+    struct OrtApiBase {
+        get_api: unsafe extern "C" fn(u32) -> *const std::ffi::c_void,
+        get_version_string: unsafe extern "C" fn() -> *const std::ffi::c_char,
+    }
+    // SAFETY: the library at `path` is ONNX Runtime (ort just loaded it and
+    // checked that it exports OrtGetApiBase); the symbol's signature and the
+    // layout of OrtApiBase are ONNX Runtime's stable C ABI.
+    unsafe {
+        let lib = libloading::Library::new(path).ok()?;
+        let get_base: libloading::Symbol<'_, unsafe extern "C" fn() -> *const OrtApiBase> =
+            lib.get(b"OrtGetApiBase").ok()?;
+        let base = get_base();
+        if base.is_null() {
+            return None;
+        }
+        let version = ((*base).get_version_string)();
+        if version.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(version)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
 }
 
 /// A model loaded in an ONNX Runtime session.
@@ -124,12 +178,23 @@ impl OrtBackend {
     /// Creates a session for `file`, registering `providers` in order; a
     /// provider that fails is logged with ONNX Runtime's own error and the
     /// next one is tried; CPU is always the last resort.
-    pub fn load(file: &Path, providers: &[Provider], cfg: &RuntimeConfig) -> Result<OrtBackend, BackendError> {
-        let rt = runtime(cfg).map_err(|e| BackendError::Unavailable(format!("ONNX Runtime is not available: {e}")))?;
-        let load_err = |message: String| BackendError::Load { path: file.display().to_string(), message };
+    pub fn load(
+        file: &Path,
+        providers: &[Provider],
+        cfg: &RuntimeConfig,
+    ) -> Result<OrtBackend, BackendError> {
+        let rt = runtime(cfg).map_err(|e| {
+            BackendError::Unavailable(format!("ONNX Runtime is not available: {e}"))
+        })?;
+        let load_err = |message: String| BackendError::Load {
+            path: file.display().to_string(),
+            message,
+        };
         let mut builder = Session::builder(&rt.env).map_err(|e| load_err(e.to_string()))?;
         if cfg.intra_threads > 0 {
-            builder = builder.with_intra_threads(cfg.intra_threads).map_err(|e| load_err(e.to_string()))?;
+            builder = builder
+                .with_intra_threads(cfg.intra_threads)
+                .map_err(|e| load_err(e.to_string()))?;
         }
         let mut provider = Provider::Cpu;
         for &p in providers {
@@ -137,7 +202,10 @@ impl OrtBackend {
                 break;
             }
             let Some(dispatch) = dispatch(p) else {
-                tracing::warn!(provider = p.ort_name(), "execution provider is not built into this binary for this platform; trying the next");
+                tracing::warn!(
+                    provider = p.ort_name(),
+                    "execution provider is not built into this binary for this platform; trying the next"
+                );
                 continue;
             };
             match builder.with_execution_providers([dispatch.error_on_failure()]) {
@@ -152,10 +220,25 @@ impl OrtBackend {
                 }
             }
         }
-        let session = builder.commit_from_file(file).map_err(|e| load_err(e.to_string()))?;
-        let inputs = session.inputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
-        let outputs = session.outputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
-        Ok(OrtBackend { session, provider: provider.ort_name().to_string(), inputs, outputs })
+        let session = builder
+            .commit_from_file(file)
+            .map_err(|e| load_err(e.to_string()))?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| outlet_info(o.name(), o.dtype()))
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| outlet_info(o.name(), o.dtype()))
+            .collect();
+        Ok(OrtBackend {
+            session,
+            provider: provider.ort_name().to_string(),
+            inputs,
+            outputs,
+        })
     }
 }
 
@@ -180,7 +263,11 @@ fn outlet_info(name: &str, ty: &ValueType) -> TensorInfo {
             dtype: dtype_of(*ty),
             shape: shape.iter().map(|&d| usize::try_from(d).ok()).collect(),
         },
-        _ => TensorInfo { name: name.to_string(), dtype: None, shape: vec![] },
+        _ => TensorInfo {
+            name: name.to_string(),
+            dtype: None,
+            shape: vec![],
+        },
     }
 }
 
@@ -211,7 +298,12 @@ fn to_value(t: Tensor) -> ort::Result<DynValue> {
 }
 
 fn from_value(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
-    let unsupported = || BackendError::Run(format!("output '{name}' has a type inferd cannot carry: {:?}", value.dtype()));
+    let unsupported = || {
+        BackendError::Run(format!(
+            "output '{name}' has a type inferd cannot carry: {:?}",
+            value.dtype()
+        ))
+    };
     let ValueType::Tensor { ty, .. } = value.dtype() else {
         return Err(unsupported());
     };
@@ -220,7 +312,10 @@ fn from_value(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
         wrap: fn(Vec<T>) -> TensorData,
     ) -> ort::Result<Tensor> {
         let (shape, data) = value.try_extract_tensor::<T>()?;
-        Ok(Tensor { shape: shape.iter().map(|&d| d.max(0) as usize).collect(), data: wrap(data.to_vec()) })
+        Ok(Tensor {
+            shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
+            data: wrap(data.to_vec()),
+        })
     }
     let tensor = match ty {
         TensorElementType::Float32 => grab::<f32>(value, TensorData::F32),
@@ -254,18 +349,23 @@ impl InferenceBackend for OrtBackend {
 
     fn run(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
         let inputs = check_inputs(&self.inputs, inputs)?;
-        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
-            let value = to_value(tensor).map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
+            let value = to_value(tensor)
+                .map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
             values.push((Cow::Owned(name), value.into()));
         }
-        let outputs = self.session.run(values).map_err(|e| BackendError::Run(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(values)
+            .map_err(|e| BackendError::Run(e.to_string()))?;
         self.outputs
             .iter()
             .map(|info| {
-                let value = outputs
-                    .get(&info.name)
-                    .ok_or_else(|| BackendError::Run(format!("ONNX Runtime returned no output '{}'", info.name)))?;
+                let value = outputs.get(&info.name).ok_or_else(|| {
+                    BackendError::Run(format!("ONNX Runtime returned no output '{}'", info.name))
+                })?;
                 Ok((info.name.clone(), from_value(&info.name, value)?))
             })
             .collect()
@@ -277,17 +377,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn version_is_read_from_the_build_info_line() {
-        let info = "ORT Build Info: git-branch=rel-1.31.1, git-commit-id=abc, build type=Release";
-        assert_eq!(version_from_build_info(info).as_deref(), Some("1.31.1"));
-        assert_eq!(version_from_build_info("nothing here"), None);
+    fn a_configured_path_is_the_only_candidate() {
+        let cfg = RuntimeConfig {
+            onnxruntime: Some("/opt/x/libonnxruntime.so".into()),
+            ..Default::default()
+        };
+        let only = vec![(
+            "config runtime.onnxruntime",
+            PathBuf::from("/opt/x/libonnxruntime.so"),
+        )];
+        assert_eq!(
+            candidates_with(&cfg, Some("/env/libonnxruntime.so".into())),
+            only
+        );
+        let env = candidates_with(
+            &RuntimeConfig::default(),
+            Some("/env/libonnxruntime.so".into()),
+        );
+        assert_eq!(
+            env,
+            vec![("ORT_DYLIB_PATH", PathBuf::from("/env/libonnxruntime.so"))]
+        );
     }
 
     #[test]
-    fn configured_path_comes_first_and_system_paths_last() {
-        let cfg = RuntimeConfig { onnxruntime: Some("/opt/x/libonnxruntime.so".into()), ..Default::default() };
-        let c = candidates(&cfg);
-        assert_eq!(c[0], ("config runtime.onnxruntime", PathBuf::from("/opt/x/libonnxruntime.so")));
-        assert_eq!(c.last().unwrap().0, "system library path");
+    fn without_settings_the_search_ends_at_the_system_path() {
+        let c = candidates_with(&RuntimeConfig::default(), None);
+        assert_eq!(
+            c.last().unwrap(),
+            &("system library path", PathBuf::from("libonnxruntime.so"))
+        );
     }
 }

@@ -1,0 +1,599 @@
+//! The core against real components: ONNX Runtime (the PyPI wheel's
+//! library, as scripts/setup.sh installs it), tract, the shipped models and
+//! the real `inferd` binary.
+
+mod util;
+
+use inferd::backend::{self, BackendChoice, BackendKind};
+use inferd::config::{Config, RuntimeConfig};
+use inferd::engine::{Engine, LoadOptions};
+use inferd::job::{JobInput, JobOptions, JobResult};
+use inferd::registry::Registry;
+use inferd::tensor::{Tensor, TensorData, TensorJson};
+use serde_json::json;
+use util::*;
+
+const TOLERANCE: f64 = 1e-4;
+
+fn engine() -> Engine {
+    Engine::new(
+        Config::default(),
+        Registry::load(&repo("models.json")).unwrap(),
+    )
+}
+
+fn as_f64(t: &Tensor) -> Vec<f64> {
+    match &t.data {
+        TensorData::F32(v) => v.iter().map(|&x| x as f64).collect(),
+        TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
+        other => panic!("unexpected output type {other:?}"),
+    }
+}
+
+fn case_inputs(case: &serde_json::Value) -> Vec<(String, Tensor)> {
+    case["inputs"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, t)| {
+            let json: TensorJson = serde_json::from_value(t.clone()).unwrap();
+            (name.clone(), Tensor::from_json(&json, usize::MAX).unwrap())
+        })
+        .collect()
+}
+
+fn variant_file(model: &str, variant: &str) -> std::path::PathBuf {
+    let m = shipped_model(model);
+    let v = m["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == variant)
+        .unwrap()
+        .clone();
+    repo(v["file"].as_str().unwrap())
+}
+
+#[test]
+fn onnx_runtime_is_found_where_setup_put_it() {
+    let status = backend::ort::status(&RuntimeConfig::default());
+    let desc = status.expect("ONNX Runtime must load after scripts/setup.sh");
+    assert!(desc.contains("ONNX Runtime 1.31.1"), "{desc}");
+    assert!(desc.contains("runtime/onnxruntime"), "{desc}");
+}
+
+#[test]
+fn ort_and_tract_match_python_onnxruntime_and_each_other() {
+    let expected = expected();
+    let runtime = RuntimeConfig::default();
+    for case in expected["tensor_cases"].as_array().unwrap() {
+        let (model, variant) = (
+            case["model"].as_str().unwrap(),
+            case["variant"].as_str().unwrap(),
+        );
+        let file = variant_file(model, variant);
+        let mut ort = backend::load(BackendKind::Ort, &file, &[], &runtime).unwrap();
+        let mut tract = backend::load(BackendKind::Tract, &file, &[], &runtime).unwrap();
+        let from_ort = ort.run(case_inputs(case)).unwrap();
+        let from_tract = tract.run(case_inputs(case)).unwrap();
+        for ((name_o, o), (name_t, t)) in from_ort.iter().zip(&from_tract) {
+            assert_eq!(name_o, name_t);
+            let want: TensorJson = serde_json::from_value(case["outputs"][name_o].clone()).unwrap();
+            let want_shape: Vec<usize> = want.shape.iter().map(|&d| d as usize).collect();
+            assert_eq!(o.shape, want_shape, "{model}/{variant} {name_o}: ort shape");
+            assert_eq!(
+                t.shape, want_shape,
+                "{model}/{variant} {name_o}: tract shape"
+            );
+            assert_eq!(
+                o.dtype().as_str(),
+                want.dtype,
+                "{model}/{variant} {name_o}: dtype"
+            );
+            let python = numbers(&want.data);
+            let (d_ort, d_tract) = (
+                max_abs_diff(&as_f64(o), &python),
+                max_abs_diff(&as_f64(t), &python),
+            );
+            let d_pair = max_abs_diff(&as_f64(o), &as_f64(t));
+            assert!(
+                d_ort <= TOLERANCE,
+                "{model}/{variant} {name_o}: ort differs from Python by {d_ort}"
+            );
+            assert!(
+                d_tract <= TOLERANCE,
+                "{model}/{variant} {name_o}: tract differs from Python by {d_tract}"
+            );
+            assert!(
+                d_pair <= TOLERANCE,
+                "{model}/{variant} {name_o}: ort and tract differ by {d_pair}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_image_pipeline_matches_python_on_a_lossless_image_on_both_backends() {
+    let expected = expected();
+    let case = &expected["image_cases"][0];
+    let bytes =
+        std::fs::read(repo("tests/fixtures").join(case["image"].as_str().unwrap())).unwrap();
+    for backend in [BackendChoice::Ort, BackendChoice::Tract] {
+        let options = LoadOptions {
+            backend: Some(backend),
+            variant: None,
+        };
+        let mut model = engine()
+            .load(case["model"].as_str().unwrap(), &options)
+            .unwrap();
+        let out = model
+            .infer(
+                JobInput::Image(bytes.clone()),
+                &JobOptions { top_k: Some(3) },
+            )
+            .unwrap();
+        let JobResult::Classification { classes } = out.result else {
+            panic!("not a classification")
+        };
+        let want = case["top"].as_array().unwrap();
+        assert_eq!(classes.len(), want.len());
+        for (got, want) in classes.iter().zip(want) {
+            assert_eq!(
+                got.index as u64,
+                want["index"].as_u64().unwrap(),
+                "{backend:?}: class order"
+            );
+            assert_eq!(got.label.as_deref(), want["label"].as_str());
+            let d = (got.score as f64 - want["score"].as_f64().unwrap()).abs();
+            assert!(
+                d <= TOLERANCE,
+                "{backend:?}: score of {} differs by {d}",
+                want["label"]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_color_classifier_names_red_green_and_blue_on_both_backends() {
+    for backend in [BackendChoice::Ort, BackendChoice::Tract] {
+        let options = LoadOptions {
+            backend: Some(backend),
+            variant: None,
+        };
+        let mut model = engine().load("color", &options).unwrap();
+        for color in ["red", "green", "blue"] {
+            let bytes = std::fs::read(repo(&format!("examples/{color}.jpg"))).unwrap();
+            let out = model
+                .infer(JobInput::Image(bytes), &JobOptions::default())
+                .unwrap();
+            let JobResult::Classification { classes } = &out.result else {
+                panic!("not a classification")
+            };
+            assert_eq!(
+                classes[0].label.as_deref(),
+                Some(color),
+                "{backend:?} on {color}.jpg: {classes:?}"
+            );
+            assert!(
+                classes[0].score > 0.99,
+                "{backend:?} on {color}.jpg: {classes:?}"
+            );
+            let expected_backend = if backend == BackendChoice::Ort {
+                BackendKind::Ort
+            } else {
+                BackendKind::Tract
+            };
+            assert_eq!(out.backend, expected_backend);
+            assert_eq!(out.model, "color");
+            assert_eq!(out.variant, "fp32");
+        }
+    }
+}
+
+#[test]
+fn the_cli_classifies_the_shipped_examples() {
+    let out = inferd(&[
+        "infer",
+        "--model",
+        "color",
+        "--json",
+        "examples/red.jpg",
+        "examples/green.jpg",
+        "examples/blue.jpg",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (line, color) in lines.iter().zip(["red", "green", "blue"]) {
+        assert_eq!(line["result"]["classes"][0]["label"], color, "{line}");
+        assert_eq!(line["backend"], "ort");
+        assert_eq!(line["provider"], "CPUExecutionProvider");
+        assert!(line["timings"]["infer_ms"].as_f64().unwrap() >= 0.0);
+    }
+}
+
+#[test]
+fn raw_tensors_run_through_the_cli_on_both_backends_and_variants() {
+    let expected = expected();
+    let case = expected["tensor_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["model"] == "mixed")
+        .unwrap()
+        .clone();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    std::fs::write(&input, json!({"inputs": case["inputs"]}).to_string()).unwrap();
+    for backend in ["ort", "tract"] {
+        let out = inferd(&[
+            "infer",
+            "-m",
+            "mixed",
+            "--backend",
+            backend,
+            "--json",
+            input.to_str().unwrap(),
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(
+            v["result"]["outputs"]["best"]["data"], case["outputs"]["best"]["data"],
+            "{backend}"
+        );
+        assert_eq!(v["result"]["outputs"]["best"]["dtype"], "i64");
+        let d = max_abs_diff(
+            &numbers(&v["result"]["outputs"]["sum"]["data"]),
+            &numbers(&case["outputs"]["sum"]["data"]),
+        );
+        assert!(d <= TOLERANCE, "{backend}: sum differs by {d}");
+    }
+    let out = inferd(&[
+        "infer",
+        "-m",
+        "mlp",
+        "--variant",
+        "small",
+        "--json",
+        repo("tests/fixtures/mlp-input.json").to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["variant"], "small");
+    assert_eq!(v["result"]["outputs"]["y"]["shape"], json!([1, 4]));
+}
+
+#[test]
+fn bad_images_get_a_clear_error_and_exit_code_4_on_both_backends() {
+    let cases = [
+        ("truncated.jpg", "truncated JPEG"),
+        ("truncated.png", "truncated PNG"),
+        ("empty.jpg", "empty"),
+        ("bomb.png", "over the decoder limits"),
+        ("not-an-image.jpg", "not a JPEG or PNG"),
+    ];
+    for backend in ["ort", "tract"] {
+        for (file, message) in cases {
+            let path = repo("tests/fixtures").join(file);
+            let out = inferd(&[
+                "infer",
+                "-m",
+                "color",
+                "--backend",
+                backend,
+                path.to_str().unwrap(),
+            ]);
+            let (_, stderr) = text(&out);
+            assert_eq!(out.status.code(), Some(4), "{file} on {backend}: {stderr}");
+            assert!(
+                stderr.contains("bad_input") && stderr.contains(message),
+                "{file} on {backend}: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn one_bad_file_does_not_stop_the_others() {
+    let out = inferd(&[
+        "infer",
+        "-m",
+        "color",
+        "tests/fixtures/empty.jpg",
+        "examples/green.jpg",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stdout.contains("examples/green.jpg: green"), "{stdout}");
+}
+
+#[test]
+fn bad_tensors_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            json!({"inputs": {"x": {"shape": [1, 15], "dtype": "f32", "data": vec![0.0; 15]}}}),
+            "must have shape [?, 16]",
+        ),
+        (
+            json!({"inputs": {"x": {"shape": [1, 16], "dtype": "i64", "data": vec![0; 16]}}}),
+            "must be f32, got i64",
+        ),
+        (
+            json!({"inputs": {"z": {"shape": [1], "dtype": "f32", "data": [0.0]}}}),
+            "no input 'z'",
+        ),
+        (
+            json!({"inputs": {"x": {"shape": [1, 16], "dtype": "f32", "data": [1.0]}}}),
+            "needs 16 elements but data has 1",
+        ),
+        (
+            json!({"inputs": {"x": {"shape": [9223372036854775807i64, 4], "dtype": "f32", "data": []}}}),
+            "more elements than the limit",
+        ),
+        (json!({"tensors": {}}), "expected JSON"),
+    ];
+    for (i, (body, message)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("{i}.json"));
+        std::fs::write(&file, body.to_string()).unwrap();
+        let out = inferd(&["infer", "-m", "mlp", file.to_str().unwrap()]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(4), "{body}: {stderr}");
+        assert!(stderr.contains(message), "{body}: {stderr}");
+    }
+}
+
+#[test]
+fn an_unknown_model_exits_5_and_says_so() {
+    let out = inferd(&["infer", "-m", "nosuch", "examples/red.jpg"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("no model named 'nosuch'"), "{stderr}");
+}
+
+#[test]
+fn check_passes_on_the_shipped_registry() {
+    let out = inferd(&["check"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("OK (4 models, 5 variants checked)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_sha256_mismatch_is_named_by_check_and_refused_at_load() {
+    let mut registry = json!({"models": [shipped_model("color")]});
+    registry["models"][0]["variants"][0]["sha256"] = json!("0".repeat(64));
+    let reg = TempRegistry::new(&registry);
+    let out = inferd(&["check", "--models", &reg.path_str()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("models[0].variants[0].sha256: sha256 mismatch"),
+        "{stderr}"
+    );
+
+    let out = inferd(&[
+        "infer",
+        "--models",
+        &reg.path_str(),
+        "-m",
+        "color",
+        "examples/red.jpg",
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("sha256 mismatch"), "{stderr}");
+}
+
+#[test]
+fn a_spec_that_contradicts_the_model_is_named_by_check_and_refused_at_load() {
+    let mut registry = json!({"models": [shipped_model("color"), shipped_model("tinycnn")]});
+    registry["models"][0]["input"]["width"] = json!(32);
+    registry["models"][1]["input"]["tensor"] = json!("pixels");
+    registry["models"][1]["labels"] = json!("models/color/labels.txt");
+    let reg = TempRegistry::new(&registry);
+    let out = inferd(&["check", "--models", &reg.path_str(), "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"models[0].input.width"), "{report}");
+    assert!(paths.contains(&"models[1].input.tensor"), "{report}");
+    assert!(paths.contains(&"models[1].labels"), "{report}");
+
+    for backend in ["ort", "tract"] {
+        let out = inferd(&[
+            "infer",
+            "--models",
+            &reg.path_str(),
+            "-m",
+            "color",
+            "--backend",
+            backend,
+            "examples/red.jpg",
+        ]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(6), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("color.input.width: spec says 32"),
+            "{backend}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn structural_problems_are_all_reported_with_their_json_paths() {
+    let mut second = shipped_model("mlp");
+    second["name"] = json!("color");
+    second["variants"][1]["file"] = json!("models/mlp/missing.onnx");
+    let reg = TempRegistry::new(&json!({"models": [shipped_model("color"), second]}));
+    let out = inferd(&["check", "--models", &reg.path_str()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("models[1].name: duplicate model name 'color'"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("models[1].variants[1].file: file"),
+        "{stderr}"
+    );
+
+    let mut unknown = shipped_model("mlp");
+    unknown["task"] = json!("telepathy");
+    let reg = TempRegistry::new(&json!({"models": [unknown]}));
+    let out = inferd(&["check", "--models", &reg.path_str()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("models[0].task: unknown variant `telepathy`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn without_onnx_runtime_auto_runs_on_tract_and_says_so() {
+    let env = [(
+        "INFERD_RUNTIME__ONNXRUNTIME",
+        "/nonexistent/libonnxruntime.so.1.31.1",
+    )];
+    let out = inferd_env(&["models", "--json"], &env);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["runtime"]["available"], false);
+    assert!(
+        v["runtime"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/libonnxruntime.so.1.31.1")
+    );
+    for m in v["models"].as_array().unwrap() {
+        assert_eq!(m["backend"], "tract", "{m}");
+        assert!(
+            m["backend_reason"]
+                .as_str()
+                .unwrap()
+                .contains("fell back to tract"),
+            "{m}"
+        );
+    }
+    let out = inferd_env(&["models"], &env);
+    assert!(text(&out).0.contains("ONNX Runtime is NOT available"));
+
+    let out = inferd_env(&["infer", "-m", "color", "examples/blue.jpg"], &env);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("blue") && stdout.contains("on tract/tract-cpu"),
+        "{stdout}"
+    );
+
+    let out = inferd_env(
+        &[
+            "infer",
+            "-m",
+            "color",
+            "--backend",
+            "ort",
+            "examples/blue.jpg",
+        ],
+        &env,
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("ONNX Runtime was requested but is not available"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_library_is_taken_from_the_environment_and_the_config_file() {
+    let lib = repo(&format!(
+        "runtime/onnxruntime/{}/libonnxruntime.so.1.31.1",
+        std::env::consts::ARCH
+    ));
+    let lib = lib.to_str().unwrap();
+    let out = inferd_env(&["models", "--json"], &[("ORT_DYLIB_PATH", lib)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runtime"]["available"], true, "{v}");
+    assert!(v["runtime"]["onnxruntime"].as_str().unwrap().contains(lib));
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[runtime]\nonnxruntime = \"/elsewhere/libonnxruntime.so\"\n",
+    )
+    .unwrap();
+    let out = inferd_env(
+        &["--config", config.to_str().unwrap(), "models", "--json"],
+        &[("ORT_DYLIB_PATH", lib)],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["runtime"]["available"], false,
+        "config comes before ORT_DYLIB_PATH: {v}"
+    );
+
+    let out = inferd(&["--config", "/nonexistent/inferd.toml", "models"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out)
+            .1
+            .contains("/nonexistent/inferd.toml does not exist")
+    );
+}
+
+#[test]
+fn models_says_which_variant_and_backend_each_model_uses_and_why() {
+    let out = inferd(&["models", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mlp = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "mlp")
+        .unwrap();
+    assert_eq!(mlp["variant"], "large");
+    assert_eq!(mlp["variant_reason"], "highest quality (2) of 2 variants");
+    assert_eq!(mlp["backend"], "ort");
+    assert!(
+        mlp["backend_reason"]
+            .as_str()
+            .unwrap()
+            .contains("auto prefers ONNX Runtime")
+    );
+    assert_eq!(mlp["variants"], json!(["large", "small"]));
+}
+
+#[test]
+fn an_unavailable_provider_falls_back_to_cpu_with_the_reason_logged() {
+    let out = inferd_env(
+        &["-v", "infer", "-m", "color", "examples/red.jpg"],
+        &[("INFERD_RUNTIME__PROVIDERS", "cuda,cpu")],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("ort/CPUExecutionProvider"), "{stdout}");
+    assert!(
+        stderr.contains("CUDAExecutionProvider") && stderr.contains("failed to register"),
+        "{stderr}"
+    );
+}
