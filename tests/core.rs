@@ -597,3 +597,33 @@ fn an_unavailable_provider_falls_back_to_cpu_with_the_reason_logged() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn run_serves_until_shutdown_and_refuses_a_bad_registry() {
+    let config = Config {
+        models: Some(repo("models.json")),
+        ..Config::default()
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(inferd::run(config, async {
+        let _ = rx.await;
+    }));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!daemon.is_finished(), "run returned before shutdown");
+    tx.send(()).unwrap();
+    daemon.await.unwrap().unwrap();
+
+    let reg = TempRegistry::new(&json!({"models": [{"name": "x", "task": "raw", "variants": []}]}));
+    let config = Config {
+        models: Some(reg.path()),
+        ..Config::default()
+    };
+    let err = inferd::run(config, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("models[0].variants: a model needs at least one variant"),
+        "{err}"
+    );
+}
