@@ -131,6 +131,51 @@ def mixed(path):
     return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
 
 
+def busy(path):
+    """Runs `iterations` rounds of x = tanh(x @ W): a model whose run time the caller sets."""
+    w = np.random.default_rng(11).normal(0, 0.1, (128, 128)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_in", "w"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["x_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [1, 128]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1, 128]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["iterations", "", "x"], ["y"], body=body)],
+        "busy",
+        [
+            helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+        [init("w", w)],
+    )
+    return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
+
+
+def reshape(path):
+    """y = reshape(x, [2, 2]): valid for 4 elements, a run-time engine error otherwise."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [init("shape", np.array([2, 2], dtype=np.int64))],
+    )
+    return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
+
+
 def tensor_json(array):
     dtype = {"float32": "f32", "int64": "i64"}[str(array.dtype)]
     return {"shape": list(array.shape), "dtype": dtype, "data": array.flatten().tolist()}
@@ -228,6 +273,9 @@ def main():
         }
     )
     (FIXTURES / "expected.json").write_text(json.dumps(expected, separators=(",", ":")) + "\n")
+    # Models only the tests use: one whose run time the caller sets, one that fails at run time.
+    shas["busy"] = busy(FIXTURES / "models" / "busy.onnx")
+    shas["reshape"] = reshape(FIXTURES / "models" / "reshape.onnx")
     for name, sha in shas.items():
         print(f"{name}: {sha}")
 
