@@ -2,15 +2,13 @@
 //! command returns its exit code; errors go to stderr in plain words.
 
 use crate::backend::{self, BackendChoice};
+use crate::client::Client;
 use crate::config::Config;
 use crate::engine::{Engine, LoadOptions};
 use crate::error::{ErrorKind, InferError};
-use crate::job::{JobInput, JobOptions, JobOutput, JobResult};
-use crate::pipeline::Task;
+use crate::job::{self, JobInput, JobOptions, JobOutput, JobResult};
 use crate::registry::Registry;
-use crate::tensor::{Tensor, TensorJson};
 use clap::{Parser, Subcommand};
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -24,16 +22,17 @@ pub mod exit {
     pub const UNKNOWN_MODEL: i32 = 5;
     pub const UNAVAILABLE: i32 = 6;
     pub const BACKEND: i32 = 7;
+    pub const UNREACHABLE: i32 = 8;
 }
 
 /// The exit code for a job error of `kind`.
 pub fn exit_code(kind: ErrorKind) -> i32 {
     match kind {
-        ErrorKind::BadInput => exit::BAD_INPUT,
+        ErrorKind::BadInput | ErrorKind::PayloadTooLarge => exit::BAD_INPUT,
         ErrorKind::UnknownModel => exit::UNKNOWN_MODEL,
         ErrorKind::ModelUnavailable => exit::UNAVAILABLE,
         ErrorKind::Backend | ErrorKind::Timeout | ErrorKind::Overloaded => exit::BACKEND,
-        ErrorKind::Internal => exit::FAILURE,
+        ErrorKind::Internal | ErrorKind::NotFound => exit::FAILURE,
     }
 }
 
@@ -71,16 +70,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a model on files in this process (images, or JSON tensors for raw models).
+    /// Run a model on files through the running daemon (or in this process with --local).
     Infer {
         /// The model's name in models.json.
         #[arg(long, short)]
         model: String,
-        /// Engine to use instead of the model's choice.
-        #[arg(long, value_enum)]
-        backend: Option<BackendChoice>,
-        /// Variant to use instead of the best one.
+        /// Run the model in this process instead of asking the daemon.
         #[arg(long)]
+        local: bool,
+        /// The daemon's socket (default: socket.path from the configuration).
+        #[arg(long, value_name = "PATH", conflicts_with = "local")]
+        socket: Option<PathBuf>,
+        /// Engine to use instead of the model's choice (with --local).
+        #[arg(long, value_enum, requires = "local")]
+        backend: Option<BackendChoice>,
+        /// Variant to use instead of the best one (with --local).
+        #[arg(long, requires = "local")]
         variant: Option<String>,
         /// Classes to return (classification).
         #[arg(long)]
@@ -109,28 +114,17 @@ pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
 pub fn check(registry: &Registry, json: bool) -> i32 {
     let problems = registry.check();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"file": registry.file, "ok": problems.is_empty(), "problems": problems})
-        );
+        println!("{}", serde_json::json!({"file": registry.file, "ok": problems.is_empty(), "problems": problems}));
     } else if problems.is_empty() {
         let variants: usize = registry.models.iter().map(|m| m.variants.len()).sum();
-        println!(
-            "{}: OK ({} models, {variants} variants checked)",
-            registry.file.display(),
-            registry.models.len()
-        );
+        println!("{}: OK ({} models, {variants} variants checked)", registry.file.display(), registry.models.len());
     } else {
         eprintln!("{}: {} problem(s)", registry.file.display(), problems.len());
         for p in &problems {
             eprintln!("  {p}");
         }
     }
-    if problems.is_empty() {
-        exit::OK
-    } else {
-        exit::REGISTRY
-    }
+    if problems.is_empty() { exit::OK } else { exit::REGISTRY }
 }
 
 /// `inferd models`.
@@ -155,22 +149,16 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
             Ok(desc) => serde_json::json!({"available": true, "onnxruntime": desc}),
             Err(why) => serde_json::json!({"available": false, "reason": why}),
         };
-        println!(
-            "{}",
-            serde_json::json!({"runtime": runtime, "models": rows})
-        );
+        println!("{}", serde_json::json!({"runtime": runtime, "models": rows}));
         return exit::OK;
     }
     match &ort {
         Ok(desc) => println!("runtime: {desc}"),
-        Err(why) => println!(
-            "runtime: ONNX Runtime is NOT available, models with backend auto run on tract\n  ({why})"
-        ),
+        Err(why) => {
+            println!("runtime: ONNX Runtime is NOT available, models with backend auto run on tract\n  ({why})")
+        }
     }
-    println!(
-        "{:<16} {:<22} {:<10} {:<7} WHY",
-        "MODEL", "TASK", "VARIANT", "BACKEND"
-    );
+    println!("{:<16} {:<22} {:<10} {:<7} WHY", "MODEL", "TASK", "VARIANT", "BACKEND");
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         if let Some(err) = r.get("error") {
@@ -184,13 +172,7 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
             );
         } else {
             let why = format!("{}; {}", s("variant_reason"), s("backend_reason"));
-            println!(
-                "{:<16} {:<22} {:<10} {:<7} {why}",
-                s("name"),
-                s("task"),
-                s("variant"),
-                s("backend")
-            );
+            println!("{:<16} {:<22} {:<10} {:<7} {why}", s("name"), s("task"), s("variant"), s("backend"));
         }
     }
     exit::OK
@@ -199,106 +181,142 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
 /// Largest input file `inferd infer` reads.
 const MAX_FILE_BYTES: u64 = 256 << 20;
 
-/// `inferd infer`: runs each file; a bad file is reported and the others still run.
-pub fn infer(
-    engine: &Engine,
-    model: &str,
-    options: LoadOptions,
-    job: JobOptions,
-    json: bool,
-    files: &[PathBuf],
-) -> i32 {
-    let mut loaded = match engine.load(model, &options) {
+/// What `inferd infer` was asked to do.
+pub struct InferArgs<'a> {
+    pub model: &'a str,
+    pub top_k: Option<usize>,
+    pub json: bool,
+    pub files: &'a [PathBuf],
+}
+
+/// `inferd infer --local`: runs each file in this process; a bad file is
+/// reported and the others still run.
+pub fn infer_local(engine: &Engine, config: &Config, options: LoadOptions, args: &InferArgs<'_>) -> i32 {
+    let mut loaded = match engine.load(args.model, &options) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("inferd: cannot load model '{model}': {}", e.message);
+            eprintln!("inferd: cannot load model '{}': {}", args.model, e.message);
             return exit_code(e.kind);
         }
     };
-    let task = loaded.plan.task;
     let mut code = exit::OK;
-    for file in files {
-        let outcome = read_input(file, task).and_then(|input| loaded.infer(input, &job));
-        match outcome {
-            Ok(out) if json => {
-                let mut v = serde_json::to_value(&out).unwrap_or_default();
-                v["file"] = serde_json::Value::String(file.display().to_string());
-                println!("{v}");
-            }
-            Ok(out) => println!("{}: {}", file.display(), summary(&out)),
-            Err(e) => {
-                if json {
-                    println!("{}", serde_json::json!({"file": file, "error": e}));
-                }
-                eprintln!("inferd: {}: {}: {}", file.display(), e.kind, e.message);
-                code = exit_code(e.kind);
-            }
-        }
+    for file in args.files {
+        let outcome = read_file(file).and_then(|bytes| {
+            let (input, mut options) = if job::looks_like_json(&bytes) {
+                job::parse_json_request(&bytes, &config.limits)?
+            } else {
+                (JobInput::Image(bytes), JobOptions::default())
+            };
+            options.top_k = args.top_k.or(options.top_k);
+            loaded.infer(input, &options)
+        });
+        code = report(file, outcome, args.json).unwrap_or(code);
     }
     code
 }
 
-fn read_input(file: &Path, task: Task) -> Result<JobInput, InferError> {
-    let f = std::fs::File::open(file)
-        .map_err(|e| InferError::bad_input(format!("cannot open: {e}")))?;
+/// `inferd infer`: sends each file to the daemon over its socket.
+pub fn infer_remote(client: &Client, args: &InferArgs<'_>) -> i32 {
+    let mut code = exit::OK;
+    let mut path = format!("/v1/models/{}/infer", args.model);
+    if let Some(k) = args.top_k {
+        path.push_str(&format!("?top_k={k}"));
+    }
+    for file in args.files {
+        let bytes = match read_file(file) {
+            Ok(b) => b,
+            Err(e) => {
+                code = report(file, Err(e), args.json).unwrap_or(code);
+                continue;
+            }
+        };
+        let response = match client.post(&path, content_type(&bytes), &bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("inferd: {e}");
+                return exit::UNREACHABLE;
+            }
+        };
+        let outcome = if response.status == 200 {
+            serde_json::from_slice::<JobOutput>(&response.body)
+                .map_err(|e| InferError::internal(format!("unexpected answer from inferd: {e}")))
+        } else {
+            Err(error_from_body(&response.body, response.status))
+        };
+        code = report(file, outcome, args.json).unwrap_or(code);
+    }
+    code
+}
+
+/// The error in an API error body (`{"error": {"kind", "message"}}`).
+pub fn error_from_body(body: &[u8], status: u16) -> InferError {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: InferError,
+    }
+    serde_json::from_slice::<Body>(body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| InferError::internal(format!("HTTP {status}: {}", String::from_utf8_lossy(body))))
+}
+
+/// The Content-Type for a file's bytes: JPEG, PNG, JSON, or bytes.
+pub fn content_type(bytes: &[u8]) -> &'static str {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        "image/jpeg"
+    } else if bytes.starts_with(b"\x89PNG") {
+        "image/png"
+    } else if job::looks_like_json(bytes) {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+/// Prints one file's outcome; returns the exit code of a failure.
+fn report(file: &Path, outcome: Result<JobOutput, InferError>, json: bool) -> Option<i32> {
+    match outcome {
+        Ok(out) if json => {
+            let mut v = serde_json::to_value(&out).unwrap_or_default();
+            v["file"] = serde_json::Value::String(file.display().to_string());
+            println!("{v}");
+            None
+        }
+        Ok(out) => {
+            println!("{}: {}", file.display(), summary(&out));
+            None
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"file": file, "error": e}));
+            }
+            eprintln!("inferd: {}: {}: {}", file.display(), e.kind, e.message);
+            Some(exit_code(e.kind))
+        }
+    }
+}
+
+fn read_file(file: &Path) -> Result<Vec<u8>, InferError> {
+    let f = std::fs::File::open(file).map_err(|e| InferError::bad_input(format!("cannot open: {e}")))?;
     let mut bytes = Vec::new();
     f.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| InferError::bad_input(format!("cannot read: {e}")))?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(InferError::bad_input(format!(
-            "file is over {} MiB",
-            MAX_FILE_BYTES >> 20
-        )));
+        return Err(InferError::bad_input(format!("file is over {} MiB", MAX_FILE_BYTES >> 20)));
     }
-    match task {
-        Task::Raw => tensors_from_json(&bytes, usize::MAX),
-        Task::ImageClassification => Ok(JobInput::Image(bytes)),
-    }
-}
-
-/// Parses `{"inputs": {"name": {"shape", "dtype", "data"}}}` into tensors.
-pub fn tensors_from_json(bytes: &[u8], max_elements: usize) -> Result<JobInput, InferError> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Body {
-        inputs: BTreeMap<String, TensorJson>,
-    }
-    let body: Body = serde_json::from_slice(bytes).map_err(|e| {
-        InferError::bad_input(format!(
-            "expected JSON {{\"inputs\": {{name: {{shape, dtype, data}}}}}}: {e}"
-        ))
-    })?;
-    let tensors = body
-        .inputs
-        .into_iter()
-        .map(|(name, t)| {
-            Tensor::from_json(&t, max_elements)
-                .map(|tensor| (name.clone(), tensor))
-                .map_err(|e| InferError::bad_input(format!("input '{name}': {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(JobInput::Tensors(tensors))
+    Ok(bytes)
 }
 
 fn summary(out: &JobOutput) -> String {
     let body = match &out.result {
         JobResult::Classification { classes } => classes
             .iter()
-            .map(|c| {
-                format!(
-                    "{} {:.4}",
-                    c.label.clone().unwrap_or_else(|| format!("#{}", c.index)),
-                    c.score
-                )
-            })
+            .map(|c| format!("{} {:.4}", c.label.clone().unwrap_or_else(|| format!("#{}", c.index)), c.score))
             .collect::<Vec<_>>()
             .join(", "),
-        JobResult::Tensors { outputs } => outputs
-            .iter()
-            .map(|(name, t)| format!("{name} {} {:?}", t.dtype, t.shape))
-            .collect::<Vec<_>>()
-            .join(", "),
+        JobResult::Tensors { outputs } => {
+            outputs.iter().map(|(name, t)| format!("{name} {} {:?}", t.dtype, t.shape)).collect::<Vec<_>>().join(", ")
+        }
     };
     format!(
         "{body}  [{} {} on {}/{}, {:.2} ms]",

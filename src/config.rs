@@ -19,7 +19,90 @@ pub struct Config {
     pub models: Option<PathBuf>,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
+    pub socket: SocketConfig,
+    pub jobs: JobsConfig,
     pub log: LogConfig,
+}
+
+/// The local HTTP/JSON API: a Unix socket, and optionally TCP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketConfig {
+    /// Socket path; default `/run/inferd/inferd.sock` as root, else `$XDG_RUNTIME_DIR/inferd.sock`.
+    pub path: Option<PathBuf>,
+    /// Permissions of the socket file, octal digits as a string.
+    pub mode: String,
+    /// Group that owns the socket (name or number); unset keeps the daemon's group.
+    pub group: Option<String>,
+    /// Largest request body, MiB; larger ones get 413.
+    pub max_body_mb: u64,
+    /// Also listen on TCP at this address (`127.0.0.1:8080`); off when unset.
+    pub tcp: Option<String>,
+    /// Allow `tcp` on a non-loopback address (the API has no authentication).
+    pub tcp_allow_remote: bool,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: None,
+            mode: "0660".into(),
+            group: None,
+            max_body_mb: 16,
+            tcp: None,
+            tcp_allow_remote: false,
+        }
+    }
+}
+
+impl SocketConfig {
+    /// The socket path in force: configured, else the default for this user.
+    pub fn resolved_path(&self) -> PathBuf {
+        if let Some(p) = &self.path {
+            return p.clone();
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return PathBuf::from("/run/inferd/inferd.sock");
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(dir) => PathBuf::from(dir).join("inferd.sock"),
+            // SAFETY: as above.
+            None => std::env::temp_dir().join(format!("inferd-{}.sock", unsafe { libc::geteuid() })),
+        }
+    }
+
+    /// The socket file mode parsed from its octal string.
+    pub fn mode_bits(&self) -> Result<u32, ConfigError> {
+        u32::from_str_radix(self.mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777).ok_or_else(|| {
+            ConfigError::Invalid(format!("socket.mode: '{}' is not an octal mode like \"0660\"", self.mode))
+        })
+    }
+
+    /// The body limit in bytes.
+    pub fn max_body_bytes(&self) -> usize {
+        (self.max_body_mb as usize).saturating_mul(1 << 20)
+    }
+}
+
+/// How jobs are queued and timed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Jobs waiting per model; when full, new jobs are refused at once (HTTP 429).
+    pub queue_capacity: usize,
+    /// A job not answered within this time gets a timeout error (HTTP 504).
+    pub timeout_ms: u64,
+    /// How long a load may take before the request that waits for it gives up.
+    pub load_timeout_ms: u64,
+    /// On shutdown, how long in-flight jobs may take to finish.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { queue_capacity: 64, timeout_ms: 30_000, load_timeout_ms: 120_000, drain_timeout_ms: 30_000 }
+    }
 }
 
 /// How inference engines are found and set up.
@@ -37,11 +120,7 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig {
-            onnxruntime: None,
-            providers: vec!["cpu".into()],
-            intra_threads: 0,
-        }
+        RuntimeConfig { onnxruntime: None, providers: vec!["cpu".into()], intra_threads: 0 }
     }
 }
 
@@ -80,9 +159,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            level: "info,ort=warn".into(),
-        }
+        LogConfig { level: "info,ort=warn".into() }
     }
 }
 
@@ -113,22 +190,13 @@ impl Config {
         let mut builder = config::Config::builder().add_source(defaults);
         match explicit {
             Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_path_buf())),
-            Some(path) => {
-                builder =
-                    builder.add_source(config::File::from(path).format(config::FileFormat::Toml))
-            }
+            Some(path) => builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml)),
             None => {
-                builder = builder.add_source(
-                    config::File::from(default_path)
-                        .format(config::FileFormat::Toml)
-                        .required(false),
-                )
+                builder = builder
+                    .add_source(config::File::from(default_path).format(config::FileFormat::Toml).required(false))
             }
         }
-        let env: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("INFERD_"))
-            .collect();
+        let env: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("INFERD_")).collect();
         builder = builder.add_source(
             config::Environment::with_prefix("INFERD")
                 .prefix_separator("_")
@@ -138,11 +206,7 @@ impl Config {
                 .with_list_parse_key("runtime.providers")
                 .source(Some(env)),
         );
-        let config: Config = builder
-            .build()
-            .map_err(invalid)?
-            .try_deserialize()
-            .map_err(invalid)?;
+        let config: Config = builder.build().map_err(invalid)?.try_deserialize().map_err(invalid)?;
         config.validate()?;
         Ok(config)
     }
@@ -156,13 +220,26 @@ impl Config {
                 )));
             }
         }
-        if self.limits.max_image_pixels == 0
-            || self.limits.max_image_side == 0
-            || self.limits.max_tensor_elements == 0
+        if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 || self.limits.max_tensor_elements == 0
         {
-            return Err(ConfigError::Invalid(
-                "limits: every limit must be above 0".into(),
-            ));
+            return Err(ConfigError::Invalid("limits: every limit must be above 0".into()));
+        }
+        self.socket.mode_bits()?;
+        if self.socket.max_body_mb == 0 {
+            return Err(ConfigError::Invalid("socket.max_body_mb must be above 0".into()));
+        }
+        if let Some(tcp) = &self.socket.tcp {
+            let addr: std::net::SocketAddr = tcp.parse().map_err(|e| {
+                ConfigError::Invalid(format!("socket.tcp: '{tcp}' is not an address like 127.0.0.1:8080: {e}"))
+            })?;
+            if !addr.ip().is_loopback() && !self.socket.tcp_allow_remote {
+                return Err(ConfigError::Invalid(format!(
+                    "socket.tcp: {addr} is not a loopback address; the API has no authentication, set socket.tcp_allow_remote = true to allow it"
+                )));
+            }
+        }
+        if self.jobs.queue_capacity == 0 || self.jobs.timeout_ms == 0 {
+            return Err(ConfigError::Invalid("jobs.queue_capacity and jobs.timeout_ms must be above 0".into()));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level: '{}': {e}", self.log.level)))?;
@@ -184,10 +261,14 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn socket_mode_is_octal_from_file_and_environment() {
+        let c = Config::load_from(None, Path::new("/x"), env(&[("INFERD_SOCKET__MODE", "0600")])).unwrap();
+        assert_eq!(c.socket.mode_bits().unwrap(), 0o600);
+        assert_eq!(SocketConfig::default().mode_bits().unwrap(), 0o660);
     }
 
     #[test]
@@ -200,21 +281,18 @@ mod tests {
     fn file_then_environment_override_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "[runtime]\nonnxruntime = \"/from/file.so\"\nintra_threads = 2\n[log]\nlevel = \"debug\"\n")
-            .unwrap();
+        std::fs::write(
+            &file,
+            "[runtime]\nonnxruntime = \"/from/file.so\"\nintra_threads = 2\n[log]\nlevel = \"debug\"\n",
+        )
+        .unwrap();
         let c = Config::load_from(
             Some(&file),
             Path::new("/nonexistent"),
-            env(&[
-                ("INFERD_RUNTIME__ONNXRUNTIME", "/from/env.so"),
-                ("INFERD_RUNTIME__PROVIDERS", "cuda,cpu"),
-            ]),
+            env(&[("INFERD_RUNTIME__ONNXRUNTIME", "/from/env.so"), ("INFERD_RUNTIME__PROVIDERS", "cuda,cpu")]),
         )
         .unwrap();
-        assert_eq!(
-            c.runtime.onnxruntime.as_deref(),
-            Some(Path::new("/from/env.so"))
-        );
+        assert_eq!(c.runtime.onnxruntime.as_deref(), Some(Path::new("/from/env.so")));
         assert_eq!(c.runtime.intra_threads, 2);
         assert_eq!(c.runtime.providers, vec!["cuda", "cpu"]);
         assert_eq!(c.log.level, "debug");
@@ -228,20 +306,10 @@ mod tests {
         let err = Config::load_from(Some(&file), Path::new("/x"), env(&[])).unwrap_err();
         assert!(err.to_string().contains("onxruntime"), "{err}");
 
-        let err = Config::load_from(
-            Some(&dir.path().join("nope.toml")),
-            Path::new("/x"),
-            env(&[]),
-        )
-        .unwrap_err();
+        let err = Config::load_from(Some(&dir.path().join("nope.toml")), Path::new("/x"), env(&[])).unwrap_err();
         assert!(matches!(err, ConfigError::Missing(_)));
 
-        let err = Config::load_from(
-            None,
-            Path::new("/x"),
-            env(&[("INFERD_RUNTIME__PROVIDERS", "gpu")]),
-        )
-        .unwrap_err();
+        let err = Config::load_from(None, Path::new("/x"), env(&[("INFERD_RUNTIME__PROVIDERS", "gpu")])).unwrap_err();
         assert!(err.to_string().contains("unknown provider 'gpu'"), "{err}");
     }
 }

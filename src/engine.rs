@@ -34,21 +34,12 @@ pub struct Plan {
 
 /// Chooses a variant: the requested one, else the highest quality (the
 /// first listed among equals). Returns its index and the reason.
-pub fn select_variant(
-    variants: &[VariantSpec],
-    requested: Option<&str>,
-) -> Result<(usize, String), InferError> {
+pub fn select_variant(variants: &[VariantSpec], requested: Option<&str>) -> Result<(usize, String), InferError> {
     if let Some(name) = requested {
-        let i = variants
-            .iter()
-            .position(|v| v.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
-                InferError::bad_input(format!(
-                    "no variant '{name}' (variants: {})",
-                    names.join(", ")
-                ))
-            })?;
+        let i = variants.iter().position(|v| v.name == name).ok_or_else(|| {
+            let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+            InferError::bad_input(format!("no variant '{name}' (variants: {})", names.join(", ")))
+        })?;
         return Ok((i, "requested".into()));
     }
     let best = variants
@@ -60,11 +51,7 @@ pub fn select_variant(
     let reason = if variants.len() == 1 {
         "only variant".to_string()
     } else {
-        format!(
-            "highest quality ({}) of {} variants",
-            variants[best].quality,
-            variants.len()
-        )
+        format!("highest quality ({}) of {} variants", variants[best].quality, variants.len())
     };
     Ok((best, reason))
 }
@@ -79,10 +66,7 @@ pub struct Engine {
 impl Engine {
     /// An engine over `registry` with `config`.
     pub fn new(config: Config, registry: Registry) -> Engine {
-        Engine {
-            config: Arc::new(config),
-            registry: Arc::new(registry),
-        }
+        Engine { config: Arc::new(config), registry: Arc::new(registry) }
     }
 
     /// The registry this engine serves.
@@ -92,10 +76,7 @@ impl Engine {
 
     /// Decides variant, engine and providers for `name` without loading anything.
     pub fn plan(&self, name: &str, options: &LoadOptions) -> Result<Plan, InferError> {
-        let model = self
-            .registry
-            .get(name)
-            .ok_or_else(|| InferError::unknown_model(name))?;
+        let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
         let (i, variant_reason) = select_variant(&model.variants, options.variant.as_deref())?;
         let choice = options.backend.unwrap_or(model.backend);
         let ort = backend::ort::status(&self.config.runtime);
@@ -112,12 +93,7 @@ impl Engine {
 
     fn providers(&self, model: &ModelSpec) -> Vec<Provider> {
         if model.providers.is_empty() {
-            self.config
-                .runtime
-                .providers
-                .iter()
-                .filter_map(|p| Provider::parse(p))
-                .collect()
+            self.config.runtime.providers.iter().filter_map(|p| Provider::parse(p)).collect()
         } else {
             model.providers.clone()
         }
@@ -127,42 +103,21 @@ impl Engine {
     /// engine session and checks models.json against what the model declares.
     pub fn load(&self, name: &str, options: &LoadOptions) -> Result<LoadedModel, InferError> {
         let plan = self.plan(name, options)?;
-        let model = self
-            .registry
-            .get(name)
-            .ok_or_else(|| InferError::unknown_model(name))?;
-        let variant = model
-            .variants
-            .iter()
-            .find(|v| v.name == plan.variant)
-            .expect("plan names a variant of the model");
+        let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
+        let variant =
+            model.variants.iter().find(|v| v.name == plan.variant).expect("plan names a variant of the model");
         let file = self.registry.resolve(&variant.file);
         crate::registry::verify_sha256(&file, &variant.sha256).map_err(InferError::unavailable)?;
         let started = Instant::now();
-        let engine = backend::load(
-            plan.backend.backend,
-            &file,
-            &plan.providers,
-            &self.config.runtime,
-        )?;
+        let engine = backend::load(plan.backend.backend, &file, &plan.providers, &self.config.runtime)?;
         let labels = match &model.labels {
-            Some(l) => Some(
-                crate::registry::read_labels(&self.registry.resolve(l))
-                    .map_err(InferError::unavailable)?,
-            ),
+            Some(l) => Some(crate::registry::read_labels(&self.registry.resolve(l)).map_err(InferError::unavailable)?),
             None => None,
         };
-        let problems = pipeline::check_against_model(
-            model,
-            engine.inputs(),
-            engine.outputs(),
-            labels.as_deref(),
-        );
+        let problems = pipeline::check_against_model(model, engine.inputs(), engine.outputs(), labels.as_deref());
         if !problems.is_empty() {
-            let text: Vec<String> = problems
-                .iter()
-                .map(|p| format!("models.json {}{}: {}", name, p.path, p.message))
-                .collect();
+            let text: Vec<String> =
+                problems.iter().map(|p| format!("models.json {}{}: {}", name, p.path, p.message)).collect();
             return Err(InferError::unavailable(format!(
                 "the spec does not match the model file: {}",
                 text.join("; ")
@@ -178,12 +133,7 @@ impl Engine {
             "model loaded ({})",
             plan.backend.reason
         );
-        Ok(LoadedModel {
-            plan,
-            engine,
-            pipeline,
-            limits: self.config.limits.clone(),
-        })
+        Ok(LoadedModel { plan, engine, pipeline, limits: self.config.limits.clone() })
     }
 }
 
@@ -202,11 +152,7 @@ impl LoadedModel {
     }
 
     /// Runs one job: pre-process, engine, post-process, with timings.
-    pub fn infer(
-        &mut self,
-        input: JobInput,
-        options: &JobOptions,
-    ) -> Result<JobOutput, InferError> {
+    pub fn infer(&mut self, input: JobInput, options: &JobOptions) -> Result<JobOutput, InferError> {
         let t0 = Instant::now();
         let inputs = self.pipeline.prepare(input, &self.limits)?;
         let t1 = Instant::now();
@@ -220,12 +166,7 @@ impl LoadedModel {
             variant: self.plan.variant.clone(),
             backend: self.engine.kind(),
             provider: self.engine.provider().to_string(),
-            timings: Timings {
-                queue_ms: 0.0,
-                pre_ms: ms(t0, t1),
-                infer_ms: ms(t1, t2),
-                post_ms: ms(t2, t3),
-            },
+            timings: Timings { queue_ms: 0.0, pre_ms: ms(t0, t1), infer_ms: ms(t1, t2), post_ms: ms(t2, t3) },
             result,
         })
     }
@@ -250,10 +191,7 @@ mod tests {
     fn the_highest_quality_variant_is_chosen_first_listed_among_equals() {
         let vs = [v("small", 1), v("large", 3), v("large2", 3)];
         assert_eq!(select_variant(&vs, None).unwrap().0, 1);
-        assert_eq!(
-            select_variant(&vs[..1], None).unwrap(),
-            (0, "only variant".to_string())
-        );
+        assert_eq!(select_variant(&vs[..1], None).unwrap(), (0, "only variant".to_string()));
     }
 
     #[test]

@@ -2,18 +2,22 @@
 //! client can act on it) and a message (why, in words). Engine- and
 //! layer-specific errors are converted into this where they leave their module.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// What went wrong, as a client can act on it. Front-ends map each kind to
 /// their own wire format (HTTP status, MQTT error reply, CLI exit code).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The request itself is wrong (undecodable image, wrong tensor shape...).
     BadInput,
     /// No model of that name is registered.
     UnknownModel,
+    /// The request body is over the configured limit.
+    PayloadTooLarge,
+    /// No such endpoint (or method) in the API.
+    NotFound,
     /// A queue is full; try again later.
     Overloaded,
     /// The model exists but cannot be loaded or run here (file, runtime, memory).
@@ -27,11 +31,39 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for metrics that list them all.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::BadInput,
+        ErrorKind::UnknownModel,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::NotFound,
+        ErrorKind::Overloaded,
+        ErrorKind::ModelUnavailable,
+        ErrorKind::Backend,
+        ErrorKind::Timeout,
+        ErrorKind::Internal,
+    ];
+
+    /// The HTTP status that carries this kind.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::BadInput => 400,
+            ErrorKind::UnknownModel | ErrorKind::NotFound => 404,
+            ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::Overloaded => 429,
+            ErrorKind::Backend | ErrorKind::Internal => 500,
+            ErrorKind::ModelUnavailable => 503,
+            ErrorKind::Timeout => 504,
+        }
+    }
+
     /// The snake_case name used on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::BadInput => "bad_input",
             ErrorKind::UnknownModel => "unknown_model",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::NotFound => "not_found",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::ModelUnavailable => "model_unavailable",
             ErrorKind::Backend => "backend",
@@ -48,7 +80,7 @@ impl fmt::Display for ErrorKind {
 }
 
 /// A typed failure of one job: the kind plus a human-readable reason.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct InferError {
     pub kind: ErrorKind,
@@ -58,10 +90,7 @@ pub struct InferError {
 impl InferError {
     /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        InferError {
-            kind,
-            message: message.into(),
-        }
+        InferError { kind, message: message.into() }
     }
 
     /// The request is wrong: `message` says how.
@@ -71,15 +100,27 @@ impl InferError {
 
     /// No model called `name` is registered.
     pub fn unknown_model(name: &str) -> Self {
-        Self::new(
-            ErrorKind::UnknownModel,
-            format!("no model named '{name}' is registered"),
-        )
+        Self::new(ErrorKind::UnknownModel, format!("no model named '{name}' is registered"))
     }
 
     /// The model cannot be loaded or run here.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::ModelUnavailable, message)
+    }
+
+    /// The job was not answered in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Timeout, message)
+    }
+
+    /// A queue is full.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Overloaded, message)
+    }
+
+    /// A bug or a broken invariant in inferd.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
     }
 
     /// The engine failed on a valid request.

@@ -43,19 +43,17 @@ pub struct ClassScore {
 }
 
 /// The task-specific answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum JobResult {
     /// `image-classification`: best classes first.
     Classification { classes: Vec<ClassScore> },
     /// `raw`: every output tensor by name.
-    Tensors {
-        outputs: BTreeMap<String, TensorJson>,
-    },
+    Tensors { outputs: BTreeMap<String, TensorJson> },
 }
 
 /// A finished job: which model, variant and engine answered, how long it took, and the result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobOutput {
     pub model: String,
     pub variant: String,
@@ -63,4 +61,67 @@ pub struct JobOutput {
     pub provider: String,
     pub timings: Timings,
     pub result: JobResult,
+}
+
+/// The JSON body of an infer request, as the socket API, MQTT and
+/// `inferd infer` share it: exactly one of `image_base64` or `inputs`, plus options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferRequest {
+    /// An encoded image (JPEG, PNG), base64.
+    #[serde(default)]
+    pub image_base64: Option<String>,
+    /// Named tensors for the `raw` task.
+    #[serde(default)]
+    pub inputs: Option<BTreeMap<String, TensorJson>>,
+    /// Classes to return (classification).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+}
+
+/// Parses a JSON infer request into a job, enforcing `limits` before anything big is built.
+pub fn parse_json_request(
+    bytes: &[u8],
+    limits: &crate::config::Limits,
+) -> Result<(JobInput, JobOptions), crate::error::InferError> {
+    use crate::error::InferError;
+    use base64::Engine as _;
+    let request: InferRequest = serde_json::from_slice(bytes).map_err(|e| {
+        InferError::bad_input(format!(
+            "invalid JSON request ({e}); expected {{\"image_base64\": \"...\"}} or {{\"inputs\": {{NAME: {{\"shape\", \"dtype\", \"data\"}}}}}}, with optional \"top_k\""
+        ))
+    })?;
+    let options = JobOptions { top_k: request.top_k };
+    let input = match (request.image_base64, request.inputs) {
+        (Some(b64), None) => {
+            if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
+                return Err(InferError::bad_input(format!(
+                    "the image is over the limit of {} bytes",
+                    limits.max_image_bytes
+                )));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))?;
+            JobInput::Image(bytes)
+        }
+        (None, Some(inputs)) => JobInput::Tensors(
+            inputs
+                .into_iter()
+                .map(|(name, t)| {
+                    crate::tensor::Tensor::from_json(&t, limits.max_tensor_elements)
+                        .map(|tensor| (name.clone(), tensor))
+                        .map_err(|e| InferError::bad_input(format!("input '{name}': {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        (Some(_), Some(_)) => return Err(InferError::bad_input("give either image_base64 or inputs, not both")),
+        (None, None) => return Err(InferError::bad_input("the request has neither image_base64 nor inputs")),
+    };
+    Ok((input, options))
+}
+
+/// True when `bytes` look like a JSON object (first non-blank byte is `{`).
+pub fn looks_like_json(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }

@@ -108,20 +108,14 @@ impl Registry {
     pub fn load(file: &Path) -> Result<Registry, RegistryError> {
         let fail = |path: &str, message: String| RegistryError {
             file: file.to_path_buf(),
-            problems: vec![Problem {
-                path: path.into(),
-                message,
-            }],
+            problems: vec![Problem { path: path.into(), message }],
         };
         let mut text = String::new();
         std::fs::File::open(file)
             .and_then(|f| f.take(MAX_REGISTRY_BYTES + 1).read_to_string(&mut text))
             .map_err(|e| fail("$", format!("cannot read: {e}")))?;
         if text.len() as u64 > MAX_REGISTRY_BYTES {
-            return Err(fail(
-                "$",
-                format!("larger than {} MiB", MAX_REGISTRY_BYTES >> 20),
-            ));
+            return Err(fail("$", format!("larger than {} MiB", MAX_REGISTRY_BYTES >> 20)));
         }
         Self::from_json(&text, file)
     }
@@ -129,39 +123,21 @@ impl Registry {
     /// Parses and validates registry `text` as if read from `file` (paths resolve against its folder).
     pub fn from_json(text: &str, file: &Path) -> Result<Registry, RegistryError> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        let parsed: RegistryFile =
-            serde_path_to_error::deserialize(de).map_err(|e| RegistryError {
-                file: file.to_path_buf(),
-                problems: vec![Problem {
-                    path: json_path(&e.path().to_string()),
-                    message: e.inner().to_string(),
-                }],
-            })?;
-        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let registry = Registry {
+        let parsed: RegistryFile = serde_path_to_error::deserialize(de).map_err(|e| RegistryError {
             file: file.to_path_buf(),
-            dir,
-            models: parsed.models,
-        };
+            problems: vec![Problem { path: json_path(&e.path().to_string()), message: e.inner().to_string() }],
+        })?;
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let registry = Registry { file: file.to_path_buf(), dir, models: parsed.models };
         let mut problems = Vec::new();
         if parsed.version != 1 {
             problems.push(Problem {
                 path: "version".into(),
-                message: format!(
-                    "unsupported version {} (this inferd reads 1)",
-                    parsed.version
-                ),
+                message: format!("unsupported version {} (this inferd reads 1)", parsed.version),
             });
         }
         registry.validate_structure(&mut problems);
-        if problems.is_empty() {
-            Ok(registry)
-        } else {
-            Err(RegistryError {
-                file: file.to_path_buf(),
-                problems,
-            })
-        }
+        if problems.is_empty() { Ok(registry) } else { Err(RegistryError { file: file.to_path_buf(), problems }) }
     }
 
     /// The model called `name`.
@@ -182,10 +158,7 @@ impl Registry {
             if !valid_name(&m.name) {
                 push(
                     at(".name"),
-                    format!(
-                        "'{}' is not a valid name (1-64 of A-Z a-z 0-9 . _ -, not starting with . or -)",
-                        m.name
-                    ),
+                    format!("'{}' is not a valid name (1-64 of A-Z a-z 0-9 . _ -, not starting with . or -)", m.name),
                 );
             } else if !names.insert(m.name.as_str()) {
                 push(at(".name"), format!("duplicate model name '{}'", m.name));
@@ -197,36 +170,22 @@ impl Registry {
             for (j, v) in m.variants.iter().enumerate() {
                 let vat = |field: &str| at(&format!(".variants[{j}]{field}"));
                 if !valid_name(&v.name) {
-                    push(
-                        vat(".name"),
-                        format!("'{}' is not a valid variant name", v.name),
-                    );
+                    push(vat(".name"), format!("'{}' is not a valid variant name", v.name));
                 } else if !variant_names.insert(v.name.as_str()) {
                     push(vat(".name"), format!("duplicate variant name '{}'", v.name));
                 }
-                if v.sha256.len() != 64
-                    || !v
-                        .sha256
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-                {
+                if v.sha256.len() != 64 || !v.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
                     push(vat(".sha256"), "must be 64 lower-case hex digits".into());
                 }
                 let file = self.resolve(&v.file);
                 if !file.is_file() {
-                    push(
-                        vat(".file"),
-                        format!("file {} does not exist", file.display()),
-                    );
+                    push(vat(".file"), format!("file {} does not exist", file.display()));
                 }
             }
             if let Some(labels) = &m.labels
                 && !self.resolve(labels).is_file()
             {
-                push(
-                    at(".labels"),
-                    format!("file {} does not exist", self.resolve(labels).display()),
-                );
+                push(at(".labels"), format!("file {} does not exist", self.resolve(labels).display()));
             }
             for p in pipeline::validate_spec(m) {
                 push(at(&p.path), p.message);
@@ -245,35 +204,21 @@ impl Registry {
                 match verify_sha256(&file, &v.sha256) {
                     Ok(()) => {}
                     Err(message) => {
-                        problems.push(Problem {
-                            path: at(".sha256"),
-                            message,
-                        });
+                        problems.push(Problem { path: at(".sha256"), message });
                         continue;
                     }
                 }
                 match onnx_file::declared_io(&file) {
                     Ok(io) => {
-                        let labels = m
-                            .labels
-                            .as_ref()
-                            .and_then(|l| read_labels(&self.resolve(l)).ok());
-                        for p in pipeline::check_against_model(
-                            m,
-                            &io.inputs,
-                            &io.outputs,
-                            labels.as_deref(),
-                        ) {
+                        let labels = m.labels.as_ref().and_then(|l| read_labels(&self.resolve(l)).ok());
+                        for p in pipeline::check_against_model(m, &io.inputs, &io.outputs, labels.as_deref()) {
                             problems.push(Problem {
                                 path: format!("models[{i}]{}", p.path),
                                 message: format!("{} (variant '{}')", p.message, v.name),
                             });
                         }
                     }
-                    Err(message) => problems.push(Problem {
-                        path: at(".file"),
-                        message,
-                    }),
+                    Err(message) => problems.push(Problem { path: at(".file"), message }),
                 }
             }
         }
@@ -283,26 +228,20 @@ impl Registry {
 
 /// Checks that the file at `path` has sha256 `expected`; the error says both sums.
 pub fn verify_sha256(path: &Path, expected: &str) -> Result<(), String> {
-    let mut f =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    std::io::copy(&mut f, &mut hasher).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let actual = hex::encode(hasher.finalize());
     if actual == expected {
         Ok(())
     } else {
-        Err(format!(
-            "sha256 mismatch for {}: models.json says {expected}, the file has {actual}",
-            path.display()
-        ))
+        Err(format!("sha256 mismatch for {}: models.json says {expected}, the file has {actual}", path.display()))
     }
 }
 
 /// Reads a labels file: one label per line, trailing empty lines ignored.
 pub fn read_labels(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read labels {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read labels {}: {e}", path.display()))?;
     let mut labels: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
     while labels.last().is_some_and(String::is_empty) {
         labels.pop();
@@ -313,18 +252,12 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, String> {
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// serde_path_to_error writes `models[0].task`; the root is `.` — show it as `$`.
 fn json_path(p: &str) -> String {
-    if p.is_empty() || p == "." {
-        "$".into()
-    } else {
-        p.to_string()
-    }
+    if p.is_empty() || p == "." { "$".into() } else { p.to_string() }
 }
 
 #[cfg(test)]
@@ -343,9 +276,7 @@ mod tests {
     const SHA: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
 
     fn raw_model(name: &str) -> String {
-        format!(
-            r#"{{"name":"{name}","task":"raw","variants":[{{"name":"v","file":"m.onnx","sha256":"{SHA}"}}]}}"#
-        )
+        format!(r#"{{"name":"{name}","task":"raw","variants":[{{"name":"v","file":"m.onnx","sha256":"{SHA}"}}]}}"#)
     }
 
     #[test]
@@ -356,19 +287,14 @@ mod tests {
 
     #[test]
     fn unknown_task_is_reported_at_its_path() {
-        let err =
-            registry(r#"{"models":[{"name":"a","task":"dance","variants":[]}]}"#).unwrap_err();
+        let err = registry(r#"{"models":[{"name":"a","task":"dance","variants":[]}]}"#).unwrap_err();
         assert_eq!(err.problems[0].path, "models[0].task");
         assert!(err.problems[0].message.contains("dance"), "{err}");
     }
 
     #[test]
     fn duplicates_and_bad_sha_are_all_reported() {
-        let json = format!(
-            r#"{{"models":[{},{}]}}"#,
-            raw_model("a"),
-            raw_model("a").replace(SHA, "abc")
-        );
+        let json = format!(r#"{{"models":[{},{}]}}"#, raw_model("a"), raw_model("a").replace(SHA, "abc"));
         let err = registry(&json).unwrap_err();
         let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
         assert!(paths.contains(&"models[1].name"), "{err}");
@@ -377,10 +303,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_with_their_path() {
-        let json = format!(
-            r#"{{"models":[{}]}}"#,
-            raw_model("a").replace(r#""task""#, r#""labls":"x","task""#)
-        );
+        let json = format!(r#"{{"models":[{}]}}"#, raw_model("a").replace(r#""task""#, r#""labls":"x","task""#));
         let err = registry(&json).unwrap_err();
         assert_eq!(err.problems[0].path, "models[0].labls");
     }

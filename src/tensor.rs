@@ -132,11 +132,8 @@ pub struct TensorInfo {
 impl TensorInfo {
     /// The shape as text, `?` for dynamic dims: `[?, 3, 224, 224]`.
     pub fn shape_text(&self) -> String {
-        let dims: Vec<String> = self
-            .shape
-            .iter()
-            .map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string()))
-            .collect();
+        let dims: Vec<String> =
+            self.shape.iter().map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string())).collect();
         format!("[{}]", dims.join(", "))
     }
 }
@@ -151,17 +148,9 @@ pub enum TensorError {
     #[error("shape {shape:?} has more elements than the limit of {limit}")]
     TooManyElements { shape: Vec<i64>, limit: usize },
     #[error("shape {shape:?} needs {expected} elements but data has {actual}")]
-    LengthMismatch {
-        shape: Vec<i64>,
-        expected: usize,
-        actual: usize,
-    },
+    LengthMismatch { shape: Vec<i64>, expected: usize, actual: usize },
     #[error("data[{index}] is not a valid {dtype}: {value}")]
-    BadElement {
-        index: usize,
-        dtype: DType,
-        value: String,
-    },
+    BadElement { index: usize, dtype: DType, value: String },
     #[error("'data' must be an array")]
     DataNotArray,
 }
@@ -190,57 +179,30 @@ impl Tensor {
     /// Builds a tensor from its JSON form, refusing more than `max_elements` elements
     /// before anything of that size is allocated.
     pub fn from_json(json: &TensorJson, max_elements: usize) -> Result<Tensor, TensorError> {
-        let dtype = DType::parse(&json.dtype)
-            .ok_or_else(|| TensorError::UnknownDType(json.dtype.clone()))?;
+        let dtype = DType::parse(&json.dtype).ok_or_else(|| TensorError::UnknownDType(json.dtype.clone()))?;
         if json.shape.iter().any(|&d| d < 0) {
             return Err(TensorError::NegativeDim(json.shape.clone()));
         }
         let shape: Vec<usize> = json.shape.iter().map(|&d| d as usize).collect();
         let expected = element_count(&shape)
             .filter(|&n| n <= max_elements)
-            .ok_or_else(|| TensorError::TooManyElements {
-                shape: json.shape.clone(),
-                limit: max_elements,
-            })?;
+            .ok_or_else(|| TensorError::TooManyElements { shape: json.shape.clone(), limit: max_elements })?;
         let items = json.data.as_array().ok_or(TensorError::DataNotArray)?;
         let items = flatten(items);
         if items.len() != expected {
-            return Err(TensorError::LengthMismatch {
-                shape: json.shape.clone(),
-                expected,
-                actual: items.len(),
-            });
+            return Err(TensorError::LengthMismatch { shape: json.shape.clone(), expected, actual: items.len() });
         }
-        let bad = |index: usize, v: &Value| TensorError::BadElement {
-            index,
-            dtype,
-            value: v.to_string(),
-        };
+        let bad = |index: usize, v: &Value| TensorError::BadElement { index, dtype, value: v.to_string() };
         let data = match dtype {
             DType::F32 => TensorData::F32(collect(&items, |v| v.as_f64().map(|x| x as f32), bad)?),
             DType::F64 => TensorData::F64(collect(&items, Value::as_f64, bad)?),
             DType::I64 => TensorData::I64(collect(&items, Value::as_i64, bad)?),
-            DType::I32 => TensorData::I32(collect(
-                &items,
-                |v| v.as_i64().and_then(|x| i32::try_from(x).ok()),
-                bad,
-            )?),
-            DType::I8 => TensorData::I8(collect(
-                &items,
-                |v| v.as_i64().and_then(|x| i8::try_from(x).ok()),
-                bad,
-            )?),
-            DType::U8 => TensorData::U8(collect(
-                &items,
-                |v| v.as_u64().and_then(|x| u8::try_from(x).ok()),
-                bad,
-            )?),
+            DType::I32 => TensorData::I32(collect(&items, |v| v.as_i64().and_then(|x| i32::try_from(x).ok()), bad)?),
+            DType::I8 => TensorData::I8(collect(&items, |v| v.as_i64().and_then(|x| i8::try_from(x).ok()), bad)?),
+            DType::U8 => TensorData::U8(collect(&items, |v| v.as_u64().and_then(|x| u8::try_from(x).ok()), bad)?),
             DType::Bool => TensorData::Bool(collect(
                 &items,
-                |v| {
-                    v.as_bool()
-                        .or_else(|| v.as_u64().filter(|&x| x <= 1).map(|x| x == 1))
-                },
+                |v| v.as_bool().or_else(|| v.as_u64().filter(|&x| x <= 1).map(|x| x == 1)),
                 bad,
             )?),
         };
@@ -259,11 +221,7 @@ impl Tensor {
             TensorData::Bool(v) => serde_json::to_value(v),
         }
         .unwrap_or(Value::Null);
-        TensorJson {
-            shape: self.shape.iter().map(|&d| d as i64).collect(),
-            dtype: self.dtype().to_string(),
-            data,
-        }
+        TensorJson { shape: self.shape.iter().map(|&d| d as i64).collect(), dtype: self.dtype().to_string(), data }
     }
 }
 
@@ -293,11 +251,7 @@ fn collect<T>(
     convert: impl Fn(&Value) -> Option<T>,
     bad: impl Fn(usize, &Value) -> TensorError,
 ) -> Result<Vec<T>, TensorError> {
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, v)| convert(v).ok_or_else(|| bad(i, v)))
-        .collect()
+    items.iter().enumerate().map(|(i, v)| convert(v).ok_or_else(|| bad(i, v))).collect()
 }
 
 #[cfg(test)]
@@ -313,17 +267,14 @@ mod tests {
     #[test]
     fn flat_and_nested_data_give_the_same_tensor() {
         let a = parse(json!({"shape": [2, 2], "dtype": "f32", "data": [1, 2, 3, 4]})).unwrap();
-        let b =
-            parse(json!({"shape": [2, 2], "dtype": "float32", "data": [[1, 2], [3, 4]]})).unwrap();
+        let b = parse(json!({"shape": [2, 2], "dtype": "float32", "data": [[1, 2], [3, 4]]})).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.data, TensorData::F32(vec![1.0, 2.0, 3.0, 4.0]));
     }
 
     #[test]
     fn shape_overflow_is_refused_before_allocation() {
-        let err =
-            parse(json!({"shape": [4294967296i64, 4294967296i64, 16], "dtype": "f32", "data": []}))
-                .unwrap_err();
+        let err = parse(json!({"shape": [4294967296i64, 4294967296i64, 16], "dtype": "f32", "data": []})).unwrap_err();
         assert!(matches!(err, TensorError::TooManyElements { .. }), "{err}");
         let err = parse(json!({"shape": [1001], "dtype": "u8", "data": []})).unwrap_err();
         assert!(matches!(err, TensorError::TooManyElements { .. }), "{err}");
@@ -337,11 +288,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(json!({"shape": [3], "dtype": "f32", "data": [1, 2]})),
-            Err(TensorError::LengthMismatch {
-                expected: 3,
-                actual: 2,
-                ..
-            })
+            Err(TensorError::LengthMismatch { expected: 3, actual: 2, .. })
         ));
         assert!(matches!(
             parse(json!({"shape": [2], "dtype": "i64", "data": [1, 2.5]})),

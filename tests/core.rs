@@ -16,10 +16,7 @@ use util::*;
 const TOLERANCE: f64 = 1e-4;
 
 fn engine() -> Engine {
-    Engine::new(
-        Config::default(),
-        Registry::load(&repo("models.json")).unwrap(),
-    )
+    Engine::new(Config::default(), Registry::load(&repo("models.json")).unwrap())
 }
 
 fn as_f64(t: &Tensor) -> Vec<f64> {
@@ -44,13 +41,7 @@ fn case_inputs(case: &serde_json::Value) -> Vec<(String, Tensor)> {
 
 fn variant_file(model: &str, variant: &str) -> std::path::PathBuf {
     let m = shipped_model(model);
-    let v = m["variants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == variant)
-        .unwrap()
-        .clone();
+    let v = m["variants"].as_array().unwrap().iter().find(|v| v["name"] == variant).unwrap().clone();
     repo(v["file"].as_str().unwrap())
 }
 
@@ -67,10 +58,7 @@ fn ort_and_tract_match_python_onnxruntime_and_each_other() {
     let expected = expected();
     let runtime = RuntimeConfig::default();
     for case in expected["tensor_cases"].as_array().unwrap() {
-        let (model, variant) = (
-            case["model"].as_str().unwrap(),
-            case["variant"].as_str().unwrap(),
-        );
+        let (model, variant) = (case["model"].as_str().unwrap(), case["variant"].as_str().unwrap());
         let file = variant_file(model, variant);
         let mut ort = backend::load(BackendKind::Ort, &file, &[], &runtime).unwrap();
         let mut tract = backend::load(BackendKind::Tract, &file, &[], &runtime).unwrap();
@@ -81,33 +69,14 @@ fn ort_and_tract_match_python_onnxruntime_and_each_other() {
             let want: TensorJson = serde_json::from_value(case["outputs"][name_o].clone()).unwrap();
             let want_shape: Vec<usize> = want.shape.iter().map(|&d| d as usize).collect();
             assert_eq!(o.shape, want_shape, "{model}/{variant} {name_o}: ort shape");
-            assert_eq!(
-                t.shape, want_shape,
-                "{model}/{variant} {name_o}: tract shape"
-            );
-            assert_eq!(
-                o.dtype().as_str(),
-                want.dtype,
-                "{model}/{variant} {name_o}: dtype"
-            );
+            assert_eq!(t.shape, want_shape, "{model}/{variant} {name_o}: tract shape");
+            assert_eq!(o.dtype().as_str(), want.dtype, "{model}/{variant} {name_o}: dtype");
             let python = numbers(&want.data);
-            let (d_ort, d_tract) = (
-                max_abs_diff(&as_f64(o), &python),
-                max_abs_diff(&as_f64(t), &python),
-            );
+            let (d_ort, d_tract) = (max_abs_diff(&as_f64(o), &python), max_abs_diff(&as_f64(t), &python));
             let d_pair = max_abs_diff(&as_f64(o), &as_f64(t));
-            assert!(
-                d_ort <= TOLERANCE,
-                "{model}/{variant} {name_o}: ort differs from Python by {d_ort}"
-            );
-            assert!(
-                d_tract <= TOLERANCE,
-                "{model}/{variant} {name_o}: tract differs from Python by {d_tract}"
-            );
-            assert!(
-                d_pair <= TOLERANCE,
-                "{model}/{variant} {name_o}: ort and tract differ by {d_pair}"
-            );
+            assert!(d_ort <= TOLERANCE, "{model}/{variant} {name_o}: ort differs from Python by {d_ort}");
+            assert!(d_tract <= TOLERANCE, "{model}/{variant} {name_o}: tract differs from Python by {d_tract}");
+            assert!(d_pair <= TOLERANCE, "{model}/{variant} {name_o}: ort and tract differ by {d_pair}");
         }
     }
 }
@@ -116,40 +85,19 @@ fn ort_and_tract_match_python_onnxruntime_and_each_other() {
 fn the_image_pipeline_matches_python_on_a_lossless_image_on_both_backends() {
     let expected = expected();
     let case = &expected["image_cases"][0];
-    let bytes =
-        std::fs::read(repo("tests/fixtures").join(case["image"].as_str().unwrap())).unwrap();
+    let bytes = std::fs::read(repo("tests/fixtures").join(case["image"].as_str().unwrap())).unwrap();
     for backend in [BackendChoice::Ort, BackendChoice::Tract] {
-        let options = LoadOptions {
-            backend: Some(backend),
-            variant: None,
-        };
-        let mut model = engine()
-            .load(case["model"].as_str().unwrap(), &options)
-            .unwrap();
-        let out = model
-            .infer(
-                JobInput::Image(bytes.clone()),
-                &JobOptions { top_k: Some(3) },
-            )
-            .unwrap();
-        let JobResult::Classification { classes } = out.result else {
-            panic!("not a classification")
-        };
+        let options = LoadOptions { backend: Some(backend), variant: None };
+        let mut model = engine().load(case["model"].as_str().unwrap(), &options).unwrap();
+        let out = model.infer(JobInput::Image(bytes.clone()), &JobOptions { top_k: Some(3) }).unwrap();
+        let JobResult::Classification { classes } = out.result else { panic!("not a classification") };
         let want = case["top"].as_array().unwrap();
         assert_eq!(classes.len(), want.len());
         for (got, want) in classes.iter().zip(want) {
-            assert_eq!(
-                got.index as u64,
-                want["index"].as_u64().unwrap(),
-                "{backend:?}: class order"
-            );
+            assert_eq!(got.index as u64, want["index"].as_u64().unwrap(), "{backend:?}: class order");
             assert_eq!(got.label.as_deref(), want["label"].as_str());
             let d = (got.score as f64 - want["score"].as_f64().unwrap()).abs();
-            assert!(
-                d <= TOLERANCE,
-                "{backend:?}: score of {} differs by {d}",
-                want["label"]
-            );
+            assert!(d <= TOLERANCE, "{backend:?}: score of {} differs by {d}", want["label"]);
         }
     }
 }
@@ -157,33 +105,15 @@ fn the_image_pipeline_matches_python_on_a_lossless_image_on_both_backends() {
 #[test]
 fn the_color_classifier_names_red_green_and_blue_on_both_backends() {
     for backend in [BackendChoice::Ort, BackendChoice::Tract] {
-        let options = LoadOptions {
-            backend: Some(backend),
-            variant: None,
-        };
+        let options = LoadOptions { backend: Some(backend), variant: None };
         let mut model = engine().load("color", &options).unwrap();
         for color in ["red", "green", "blue"] {
             let bytes = std::fs::read(repo(&format!("examples/{color}.jpg"))).unwrap();
-            let out = model
-                .infer(JobInput::Image(bytes), &JobOptions::default())
-                .unwrap();
-            let JobResult::Classification { classes } = &out.result else {
-                panic!("not a classification")
-            };
-            assert_eq!(
-                classes[0].label.as_deref(),
-                Some(color),
-                "{backend:?} on {color}.jpg: {classes:?}"
-            );
-            assert!(
-                classes[0].score > 0.99,
-                "{backend:?} on {color}.jpg: {classes:?}"
-            );
-            let expected_backend = if backend == BackendChoice::Ort {
-                BackendKind::Ort
-            } else {
-                BackendKind::Tract
-            };
+            let out = model.infer(JobInput::Image(bytes), &JobOptions::default()).unwrap();
+            let JobResult::Classification { classes } = &out.result else { panic!("not a classification") };
+            assert_eq!(classes[0].label.as_deref(), Some(color), "{backend:?} on {color}.jpg: {classes:?}");
+            assert!(classes[0].score > 0.99, "{backend:?} on {color}.jpg: {classes:?}");
+            let expected_backend = if backend == BackendChoice::Ort { BackendKind::Ort } else { BackendKind::Tract };
             assert_eq!(out.backend, expected_backend);
             assert_eq!(out.model, "color");
             assert_eq!(out.variant, "fp32");
@@ -195,6 +125,7 @@ fn the_color_classifier_names_red_green_and_blue_on_both_backends() {
 fn the_cli_classifies_the_shipped_examples() {
     let out = inferd(&[
         "infer",
+        "--local",
         "--model",
         "color",
         "--json",
@@ -204,10 +135,7 @@ fn the_cli_classifies_the_shipped_examples() {
     ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3);
     for (line, color) in lines.iter().zip(["red", "green", "blue"]) {
         assert_eq!(line["result"]["classes"][0]["label"], color, "{line}");
@@ -220,42 +148,24 @@ fn the_cli_classifies_the_shipped_examples() {
 #[test]
 fn raw_tensors_run_through_the_cli_on_both_backends_and_variants() {
     let expected = expected();
-    let case = expected["tensor_cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["model"] == "mixed")
-        .unwrap()
-        .clone();
+    let case = expected["tensor_cases"].as_array().unwrap().iter().find(|c| c["model"] == "mixed").unwrap().clone();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.json");
     std::fs::write(&input, json!({"inputs": case["inputs"]}).to_string()).unwrap();
     for backend in ["ort", "tract"] {
-        let out = inferd(&[
-            "infer",
-            "-m",
-            "mixed",
-            "--backend",
-            backend,
-            "--json",
-            input.to_str().unwrap(),
-        ]);
+        let out = inferd(&["infer", "--local", "-m", "mixed", "--backend", backend, "--json", input.to_str().unwrap()]);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{stderr}");
         let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        assert_eq!(
-            v["result"]["outputs"]["best"]["data"], case["outputs"]["best"]["data"],
-            "{backend}"
-        );
+        assert_eq!(v["result"]["outputs"]["best"]["data"], case["outputs"]["best"]["data"], "{backend}");
         assert_eq!(v["result"]["outputs"]["best"]["dtype"], "i64");
-        let d = max_abs_diff(
-            &numbers(&v["result"]["outputs"]["sum"]["data"]),
-            &numbers(&case["outputs"]["sum"]["data"]),
-        );
+        let d =
+            max_abs_diff(&numbers(&v["result"]["outputs"]["sum"]["data"]), &numbers(&case["outputs"]["sum"]["data"]));
         assert!(d <= TOLERANCE, "{backend}: sum differs by {d}");
     }
     let out = inferd(&[
         "infer",
+        "--local",
         "-m",
         "mlp",
         "--variant",
@@ -282,20 +192,10 @@ fn bad_images_get_a_clear_error_and_exit_code_4_on_both_backends() {
     for backend in ["ort", "tract"] {
         for (file, message) in cases {
             let path = repo("tests/fixtures").join(file);
-            let out = inferd(&[
-                "infer",
-                "-m",
-                "color",
-                "--backend",
-                backend,
-                path.to_str().unwrap(),
-            ]);
+            let out = inferd(&["infer", "--local", "-m", "color", "--backend", backend, path.to_str().unwrap()]);
             let (_, stderr) = text(&out);
             assert_eq!(out.status.code(), Some(4), "{file} on {backend}: {stderr}");
-            assert!(
-                stderr.contains("bad_input") && stderr.contains(message),
-                "{file} on {backend}: {stderr}"
-            );
+            assert!(stderr.contains("bad_input") && stderr.contains(message), "{file} on {backend}: {stderr}");
             assert!(!stderr.contains("panicked"), "{stderr}");
         }
     }
@@ -303,13 +203,7 @@ fn bad_images_get_a_clear_error_and_exit_code_4_on_both_backends() {
 
 #[test]
 fn one_bad_file_does_not_stop_the_others() {
-    let out = inferd(&[
-        "infer",
-        "-m",
-        "color",
-        "tests/fixtures/empty.jpg",
-        "examples/green.jpg",
-    ]);
+    let out = inferd(&["infer", "--local", "-m", "color", "tests/fixtures/empty.jpg", "examples/green.jpg"]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stdout.contains("examples/green.jpg: green"), "{stdout}");
@@ -323,14 +217,8 @@ fn bad_tensors_are_refused_with_the_reason() {
             json!({"inputs": {"x": {"shape": [1, 15], "dtype": "f32", "data": vec![0.0; 15]}}}),
             "must have shape [?, 16]",
         ),
-        (
-            json!({"inputs": {"x": {"shape": [1, 16], "dtype": "i64", "data": vec![0; 16]}}}),
-            "must be f32, got i64",
-        ),
-        (
-            json!({"inputs": {"z": {"shape": [1], "dtype": "f32", "data": [0.0]}}}),
-            "no input 'z'",
-        ),
+        (json!({"inputs": {"x": {"shape": [1, 16], "dtype": "i64", "data": vec![0; 16]}}}), "must be f32, got i64"),
+        (json!({"inputs": {"z": {"shape": [1], "dtype": "f32", "data": [0.0]}}}), "no input 'z'"),
         (
             json!({"inputs": {"x": {"shape": [1, 16], "dtype": "f32", "data": [1.0]}}}),
             "needs 16 elements but data has 1",
@@ -339,12 +227,12 @@ fn bad_tensors_are_refused_with_the_reason() {
             json!({"inputs": {"x": {"shape": [9223372036854775807i64, 4], "dtype": "f32", "data": []}}}),
             "more elements than the limit",
         ),
-        (json!({"tensors": {}}), "expected JSON"),
+        (json!({"tensors": {}}), "invalid JSON request (unknown field `tensors`"),
     ];
     for (i, (body, message)) in cases.iter().enumerate() {
         let file = dir.path().join(format!("{i}.json"));
         std::fs::write(&file, body.to_string()).unwrap();
-        let out = inferd(&["infer", "-m", "mlp", file.to_str().unwrap()]);
+        let out = inferd(&["infer", "--local", "-m", "mlp", file.to_str().unwrap()]);
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(4), "{body}: {stderr}");
         assert!(stderr.contains(message), "{body}: {stderr}");
@@ -353,7 +241,7 @@ fn bad_tensors_are_refused_with_the_reason() {
 
 #[test]
 fn an_unknown_model_exits_5_and_says_so() {
-    let out = inferd(&["infer", "-m", "nosuch", "examples/red.jpg"]);
+    let out = inferd(&["infer", "--local", "-m", "nosuch", "examples/red.jpg"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("no model named 'nosuch'"), "{stderr}");
@@ -364,10 +252,7 @@ fn check_passes_on_the_shipped_registry() {
     let out = inferd(&["check"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stdout.contains("OK (4 models, 5 variants checked)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("OK (4 models, 5 variants checked)"), "{stdout}");
 }
 
 #[test]
@@ -378,19 +263,9 @@ fn a_sha256_mismatch_is_named_by_check_and_refused_at_load() {
     let out = inferd(&["check", "--models", &reg.path_str()]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("models[0].variants[0].sha256: sha256 mismatch"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("models[0].variants[0].sha256: sha256 mismatch"), "{stderr}");
 
-    let out = inferd(&[
-        "infer",
-        "--models",
-        &reg.path_str(),
-        "-m",
-        "color",
-        "examples/red.jpg",
-    ]);
+    let out = inferd(&["infer", "--local", "--models", &reg.path_str(), "-m", "color", "examples/red.jpg"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("sha256 mismatch"), "{stderr}");
@@ -406,12 +281,7 @@ fn a_spec_that_contradicts_the_model_is_named_by_check_and_refused_at_load() {
     let out = inferd(&["check", "--models", &reg.path_str(), "--json"]);
     assert_eq!(out.status.code(), Some(3));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let paths: Vec<&str> = report["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["path"].as_str().unwrap())
-        .collect();
+    let paths: Vec<&str> = report["problems"].as_array().unwrap().iter().map(|p| p["path"].as_str().unwrap()).collect();
     assert!(paths.contains(&"models[0].input.width"), "{report}");
     assert!(paths.contains(&"models[1].input.tensor"), "{report}");
     assert!(paths.contains(&"models[1].labels"), "{report}");
@@ -419,6 +289,7 @@ fn a_spec_that_contradicts_the_model_is_named_by_check_and_refused_at_load() {
     for backend in ["ort", "tract"] {
         let out = inferd(&[
             "infer",
+            "--local",
             "--models",
             &reg.path_str(),
             "-m",
@@ -429,10 +300,7 @@ fn a_spec_that_contradicts_the_model_is_named_by_check_and_refused_at_load() {
         ]);
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(6), "{backend}: {stderr}");
-        assert!(
-            stderr.contains("color.input.width: spec says 32"),
-            "{backend}: {stderr}"
-        );
+        assert!(stderr.contains("color.input.width: spec says 32"), "{backend}: {stderr}");
     }
 }
 
@@ -445,14 +313,8 @@ fn structural_problems_are_all_reported_with_their_json_paths() {
     let out = inferd(&["check", "--models", &reg.path_str()]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("models[1].name: duplicate model name 'color'"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("models[1].variants[1].file: file"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("models[1].name: duplicate model name 'color'"), "{stderr}");
+    assert!(stderr.contains("models[1].variants[1].file: file"), "{stderr}");
 
     let mut unknown = shipped_model("mlp");
     unknown["task"] = json!("telepathy");
@@ -460,75 +322,39 @@ fn structural_problems_are_all_reported_with_their_json_paths() {
     let out = inferd(&["check", "--models", &reg.path_str()]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("models[0].task: unknown variant `telepathy`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("models[0].task: unknown variant `telepathy`"), "{stderr}");
 }
 
 #[test]
 fn without_onnx_runtime_auto_runs_on_tract_and_says_so() {
-    let env = [(
-        "INFERD_RUNTIME__ONNXRUNTIME",
-        "/nonexistent/libonnxruntime.so.1.31.1",
-    )];
+    let env = [("INFERD_RUNTIME__ONNXRUNTIME", "/nonexistent/libonnxruntime.so.1.31.1")];
     let out = inferd_env(&["models", "--json"], &env);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["runtime"]["available"], false);
-    assert!(
-        v["runtime"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("/nonexistent/libonnxruntime.so.1.31.1")
-    );
+    assert!(v["runtime"]["reason"].as_str().unwrap().contains("/nonexistent/libonnxruntime.so.1.31.1"));
     for m in v["models"].as_array().unwrap() {
         assert_eq!(m["backend"], "tract", "{m}");
-        assert!(
-            m["backend_reason"]
-                .as_str()
-                .unwrap()
-                .contains("fell back to tract"),
-            "{m}"
-        );
+        assert!(m["backend_reason"].as_str().unwrap().contains("fell back to tract"), "{m}");
     }
     let out = inferd_env(&["models"], &env);
     assert!(text(&out).0.contains("ONNX Runtime is NOT available"));
 
-    let out = inferd_env(&["infer", "-m", "color", "examples/blue.jpg"], &env);
+    let out = inferd_env(&["infer", "--local", "-m", "color", "examples/blue.jpg"], &env);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stdout.contains("blue") && stdout.contains("on tract/tract-cpu"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("blue") && stdout.contains("on tract/tract-cpu"), "{stdout}");
 
-    let out = inferd_env(
-        &[
-            "infer",
-            "-m",
-            "color",
-            "--backend",
-            "ort",
-            "examples/blue.jpg",
-        ],
-        &env,
-    );
+    let out = inferd_env(&["infer", "--local", "-m", "color", "--backend", "ort", "examples/blue.jpg"], &env);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(6), "{stderr}");
-    assert!(
-        stderr.contains("ONNX Runtime was requested but is not available"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("ONNX Runtime was requested but is not available"), "{stderr}");
 }
 
 #[test]
 fn the_library_is_taken_from_the_environment_and_the_config_file() {
-    let lib = repo(&format!(
-        "runtime/onnxruntime/{}/libonnxruntime.so.1.31.1",
-        std::env::consts::ARCH
-    ));
+    let lib = repo(&format!("runtime/onnxruntime/{}/libonnxruntime.so.1.31.1", std::env::consts::ARCH));
     let lib = lib.to_str().unwrap();
     let out = inferd_env(&["models", "--json"], &[("ORT_DYLIB_PATH", lib)]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -537,73 +363,43 @@ fn the_library_is_taken_from_the_environment_and_the_config_file() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "[runtime]\nonnxruntime = \"/elsewhere/libonnxruntime.so\"\n",
-    )
-    .unwrap();
-    let out = inferd_env(
-        &["--config", config.to_str().unwrap(), "models", "--json"],
-        &[("ORT_DYLIB_PATH", lib)],
-    );
+    std::fs::write(&config, "[runtime]\nonnxruntime = \"/elsewhere/libonnxruntime.so\"\n").unwrap();
+    let out = inferd_env(&["--config", config.to_str().unwrap(), "models", "--json"], &[("ORT_DYLIB_PATH", lib)]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        v["runtime"]["available"], false,
-        "config comes before ORT_DYLIB_PATH: {v}"
-    );
+    assert_eq!(v["runtime"]["available"], false, "config comes before ORT_DYLIB_PATH: {v}");
 
     let out = inferd(&["--config", "/nonexistent/inferd.toml", "models"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out)
-            .1
-            .contains("/nonexistent/inferd.toml does not exist")
-    );
+    assert!(text(&out).1.contains("/nonexistent/inferd.toml does not exist"));
 }
 
 #[test]
 fn models_says_which_variant_and_backend_each_model_uses_and_why() {
     let out = inferd(&["models", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mlp = v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "mlp")
-        .unwrap();
+    let mlp = v["models"].as_array().unwrap().iter().find(|m| m["name"] == "mlp").unwrap();
     assert_eq!(mlp["variant"], "large");
     assert_eq!(mlp["variant_reason"], "highest quality (2) of 2 variants");
     assert_eq!(mlp["backend"], "ort");
-    assert!(
-        mlp["backend_reason"]
-            .as_str()
-            .unwrap()
-            .contains("auto prefers ONNX Runtime")
-    );
+    assert!(mlp["backend_reason"].as_str().unwrap().contains("auto prefers ONNX Runtime"));
     assert_eq!(mlp["variants"], json!(["large", "small"]));
 }
 
 #[test]
 fn an_unavailable_provider_falls_back_to_cpu_with_the_reason_logged() {
     let out = inferd_env(
-        &["-v", "infer", "-m", "color", "examples/red.jpg"],
+        &["-v", "infer", "--local", "-m", "color", "examples/red.jpg"],
         &[("INFERD_RUNTIME__PROVIDERS", "cuda,cpu")],
     );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("ort/CPUExecutionProvider"), "{stdout}");
-    assert!(
-        stderr.contains("CUDAExecutionProvider") && stderr.contains("failed to register"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("CUDAExecutionProvider") && stderr.contains("failed to register"), "{stderr}");
 }
 
 #[tokio::test]
 async fn run_serves_until_shutdown_and_refuses_a_bad_registry() {
-    let config = Config {
-        models: Some(repo("models.json")),
-        ..Config::default()
-    };
+    let config = Config { models: Some(repo("models.json")), ..Config::default() };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(inferd::run(config, async {
         let _ = rx.await;
@@ -614,16 +410,7 @@ async fn run_serves_until_shutdown_and_refuses_a_bad_registry() {
     daemon.await.unwrap().unwrap();
 
     let reg = TempRegistry::new(&json!({"models": [{"name": "x", "task": "raw", "variants": []}]}));
-    let config = Config {
-        models: Some(reg.path()),
-        ..Config::default()
-    };
-    let err = inferd::run(config, std::future::pending())
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("models[0].variants: a model needs at least one variant"),
-        "{err}"
-    );
+    let config = Config { models: Some(reg.path()), ..Config::default() };
+    let err = inferd::run(config, std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("models[0].variants: a model needs at least one variant"), "{err}");
 }

@@ -50,9 +50,7 @@ impl fmt::Display for BackendKind {
 }
 
 /// What a model (or a CLI flag) asks for: `auto` prefers ONNX Runtime and falls back to tract.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     #[default]
@@ -117,9 +115,7 @@ impl From<BackendError> for crate::error::InferError {
         match e {
             BackendError::Input(m) => InferError::bad_input(m),
             BackendError::Run(m) => InferError::backend(m),
-            e @ (BackendError::Unavailable(_) | BackendError::Load { .. }) => {
-                InferError::unavailable(e.to_string())
-            }
+            e @ (BackendError::Unavailable(_) | BackendError::Load { .. }) => InferError::unavailable(e.to_string()),
         }
     }
 }
@@ -133,27 +129,18 @@ pub struct BackendDecision {
 
 /// Decides the engine for `choice`, given whether ONNX Runtime loaded.
 /// A pure function: `ort` is `Ok(description)` or `Err(why not)`.
-pub fn decide(
-    choice: BackendChoice,
-    ort: Result<&str, &str>,
-) -> Result<BackendDecision, BackendError> {
+pub fn decide(choice: BackendChoice, ort: Result<&str, &str>) -> Result<BackendDecision, BackendError> {
     let decision = |backend, reason: String| Ok(BackendDecision { backend, reason });
     match (choice, ort) {
         (BackendChoice::Tract, _) => decision(BackendKind::Tract, "tract requested".into()),
-        (BackendChoice::Ort, Ok(desc)) => {
-            decision(BackendKind::Ort, format!("ONNX Runtime requested; {desc}"))
+        (BackendChoice::Ort, Ok(desc)) => decision(BackendKind::Ort, format!("ONNX Runtime requested; {desc}")),
+        (BackendChoice::Ort, Err(why)) => {
+            Err(BackendError::Unavailable(format!("ONNX Runtime was requested but is not available: {why}")))
         }
-        (BackendChoice::Ort, Err(why)) => Err(BackendError::Unavailable(format!(
-            "ONNX Runtime was requested but is not available: {why}"
-        ))),
-        (BackendChoice::Auto, Ok(desc)) => decision(
-            BackendKind::Ort,
-            format!("auto prefers ONNX Runtime; {desc}"),
-        ),
-        (BackendChoice::Auto, Err(why)) => decision(
-            BackendKind::Tract,
-            format!("auto fell back to tract: ONNX Runtime is not available ({why})"),
-        ),
+        (BackendChoice::Auto, Ok(desc)) => decision(BackendKind::Ort, format!("auto prefers ONNX Runtime; {desc}")),
+        (BackendChoice::Auto, Err(why)) => {
+            decision(BackendKind::Tract, format!("auto fell back to tract: ONNX Runtime is not available ({why})"))
+        }
     }
 }
 
@@ -173,17 +160,11 @@ pub fn load(
 /// Checks `inputs` against `declared`: every declared input given once, no
 /// others, dtypes equal, ranks equal and fixed dims equal. Returns the
 /// inputs reordered to the declared order.
-pub fn check_inputs(
-    declared: &[TensorInfo],
-    mut inputs: NamedTensors,
-) -> Result<NamedTensors, BackendError> {
+pub fn check_inputs(declared: &[TensorInfo], mut inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
     for (name, _) in &inputs {
         if !declared.iter().any(|d| &d.name == name) {
             let known: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
-            return Err(BackendError::Input(format!(
-                "the model has no input '{name}' (inputs: {})",
-                known.join(", ")
-            )));
+            return Err(BackendError::Input(format!("the model has no input '{name}' (inputs: {})", known.join(", "))));
         }
     }
     let mut ordered = Vec::with_capacity(declared.len());
@@ -191,28 +172,15 @@ pub fn check_inputs(
         let pos = inputs
             .iter()
             .position(|(n, _)| n == &info.name)
-            .ok_or_else(|| {
-                BackendError::Input(format!(
-                    "input '{}' {} is missing",
-                    info.name,
-                    info.shape_text()
-                ))
-            })?;
+            .ok_or_else(|| BackendError::Input(format!("input '{}' {} is missing", info.name, info.shape_text())))?;
         let (name, tensor) = inputs.swap_remove(pos);
         if let Some(dtype) = info.dtype
             && dtype != tensor.dtype()
         {
-            return Err(BackendError::Input(format!(
-                "input '{name}' must be {dtype}, got {}",
-                tensor.dtype()
-            )));
+            return Err(BackendError::Input(format!("input '{name}' must be {dtype}, got {}", tensor.dtype())));
         }
         let fits = info.shape.len() == tensor.shape.len()
-            && info
-                .shape
-                .iter()
-                .zip(&tensor.shape)
-                .all(|(want, got)| want.is_none_or(|w| w == *got));
+            && info.shape.iter().zip(&tensor.shape).all(|(want, got)| want.is_none_or(|w| w == *got));
         if !fits {
             return Err(BackendError::Input(format!(
                 "input '{name}' must have shape {}, got {:?}",
@@ -223,9 +191,7 @@ pub fn check_inputs(
         ordered.push((name, tensor));
     }
     if let Some((name, _)) = inputs.first() {
-        return Err(BackendError::Input(format!(
-            "input '{name}' is given twice"
-        )));
+        return Err(BackendError::Input(format!("input '{name}' is given twice")));
     }
     Ok(ordered)
 }
@@ -241,76 +207,38 @@ mod tests {
         assert_eq!(d.backend, BackendKind::Ort);
         let d = decide(BackendChoice::Auto, Err("libonnxruntime.so not found")).unwrap();
         assert_eq!(d.backend, BackendKind::Tract);
-        assert!(
-            d.reason.contains("libonnxruntime.so not found"),
-            "{}",
-            d.reason
-        );
+        assert!(d.reason.contains("libonnxruntime.so not found"), "{}", d.reason);
     }
 
     #[test]
     fn explicit_choices_are_honoured_or_refused() {
-        assert_eq!(
-            decide(BackendChoice::Tract, Ok("x")).unwrap().backend,
-            BackendKind::Tract
-        );
-        assert_eq!(
-            decide(BackendChoice::Ort, Ok("x")).unwrap().backend,
-            BackendKind::Ort
-        );
-        assert!(matches!(
-            decide(BackendChoice::Ort, Err("gone")),
-            Err(BackendError::Unavailable(_))
-        ));
+        assert_eq!(decide(BackendChoice::Tract, Ok("x")).unwrap().backend, BackendKind::Tract);
+        assert_eq!(decide(BackendChoice::Ort, Ok("x")).unwrap().backend, BackendKind::Ort);
+        assert!(matches!(decide(BackendChoice::Ort, Err("gone")), Err(BackendError::Unavailable(_))));
     }
 
     fn info(name: &str, dtype: DType, shape: &[Option<usize>]) -> TensorInfo {
-        TensorInfo {
-            name: name.into(),
-            dtype: Some(dtype),
-            shape: shape.to_vec(),
-        }
+        TensorInfo { name: name.into(), dtype: Some(dtype), shape: shape.to_vec() }
     }
 
     fn f32s(shape: &[usize]) -> Tensor {
-        Tensor::new(
-            shape.to_vec(),
-            TensorData::F32(vec![0.0; shape.iter().product()]),
-        )
-        .unwrap()
+        Tensor::new(shape.to_vec(), TensorData::F32(vec![0.0; shape.iter().product()])).unwrap()
     }
 
     #[test]
     fn inputs_are_checked_by_name_dtype_and_shape_and_put_in_order() {
-        let declared = [
-            info("a", DType::F32, &[None, Some(4)]),
-            info("b", DType::F32, &[Some(1)]),
-        ];
-        let ok = check_inputs(
-            &declared,
-            vec![("b".into(), f32s(&[1])), ("a".into(), f32s(&[3, 4]))],
-        )
-        .unwrap();
+        let declared = [info("a", DType::F32, &[None, Some(4)]), info("b", DType::F32, &[Some(1)])];
+        let ok = check_inputs(&declared, vec![("b".into(), f32s(&[1])), ("a".into(), f32s(&[3, 4]))]).unwrap();
         assert_eq!(ok[0].0, "a");
         let err = |inputs| check_inputs(&declared, inputs).unwrap_err().to_string();
         assert!(err(vec![("a".into(), f32s(&[3, 4]))]).contains("'b' [1] is missing"));
-        assert!(
-            err(vec![("a".into(), f32s(&[3, 5])), ("b".into(), f32s(&[1]))])
-                .contains("shape [?, 4]")
-        );
+        assert!(err(vec![("a".into(), f32s(&[3, 5])), ("b".into(), f32s(&[1]))]).contains("shape [?, 4]"));
         assert!(err(vec![("c".into(), f32s(&[1]))]).contains("no input 'c'"));
         let ints = Tensor::new(vec![1], TensorData::I64(vec![1])).unwrap();
+        assert!(err(vec![("a".into(), f32s(&[3, 4])), ("b".into(), ints)]).contains("must be f32, got i64"));
         assert!(
-            err(vec![("a".into(), f32s(&[3, 4])), ("b".into(), ints)])
-                .contains("must be f32, got i64")
-        );
-        assert!(
-            err(vec![
-                ("a".into(), f32s(&[3, 4])),
-                ("b".into(), f32s(&[1])),
-                ("b".into(), f32s(&[1]))
-            ])
-            .contains("given twice")
+            err(vec![("a".into(), f32s(&[3, 4])), ("b".into(), f32s(&[1])), ("b".into(), f32s(&[1]))])
+                .contains("given twice")
         );
     }
 }

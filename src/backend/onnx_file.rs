@@ -17,18 +17,10 @@ pub struct DeclaredIo {
 
 /// Reads the declared inputs and outputs of the ONNX file at `path`.
 pub fn declared_io(path: &Path) -> Result<DeclaredIo, String> {
-    let proto = tract_onnx::onnx()
-        .proto_model_for_path(path)
-        .map_err(|e| format!("not a readable ONNX model: {e}"))?;
+    let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(|e| format!("not a readable ONNX model: {e}"))?;
     let graph = proto.graph.as_ref().ok_or("the ONNX file has no graph")?;
-    let initializers: std::collections::HashSet<&str> =
-        graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let inputs = graph
-        .input
-        .iter()
-        .filter(|i| !initializers.contains(i.name.as_str()))
-        .map(info)
-        .collect();
+    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs = graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).map(info).collect();
     let outputs = graph.output.iter().map(info).collect();
     Ok(DeclaredIo { inputs, outputs })
 }
@@ -51,9 +43,5 @@ fn info(value: &pb::ValueInfoProto) -> TensorInfo {
                 .collect()
         })
         .unwrap_or_default();
-    TensorInfo {
-        name: value.name.clone(),
-        dtype,
-        shape,
-    }
+    TensorInfo { name: value.name.clone(), dtype, shape }
 }

@@ -38,17 +38,12 @@ static RUNTIME: OnceLock<Result<OrtRuntime, String>> = OnceLock::new();
 /// candidate of [`candidates`] that loads. A process loads it at most once;
 /// later calls return the first outcome. `Err` says every place tried and why.
 pub fn runtime(cfg: &RuntimeConfig) -> Result<&'static OrtRuntime, &'static str> {
-    RUNTIME
-        .get_or_init(|| init(cfg))
-        .as_ref()
-        .map_err(String::as_str)
+    RUNTIME.get_or_init(|| init(cfg)).as_ref().map_err(String::as_str)
 }
 
 /// Whether ONNX Runtime is usable, as `decide` wants it: a description or why not.
 pub fn status(cfg: &RuntimeConfig) -> Result<String, String> {
-    runtime(cfg)
-        .map(OrtRuntime::describe)
-        .map_err(str::to_string)
+    runtime(cfg).map(OrtRuntime::describe).map_err(str::to_string)
 }
 
 fn init(cfg: &RuntimeConfig) -> Result<OrtRuntime, String> {
@@ -56,10 +51,8 @@ fn init(cfg: &RuntimeConfig) -> Result<OrtRuntime, String> {
     for (source, path) in candidates(cfg) {
         match ort::init_from(&path) {
             Ok(builder) => {
-                let env = builder
-                    .with_name("inferd")
-                    .build()
-                    .map_err(|e| format!("{} ({source}): {e}", path.display()))?;
+                let env =
+                    builder.with_name("inferd").build().map_err(|e| format!("{} ({source}): {e}", path.display()))?;
                 let version = library_version(&path).unwrap_or_else(|| "unknown".into());
                 let rt = OrtRuntime { path, version, env };
                 tracing::info!(source, "using {}", rt.describe());
@@ -86,18 +79,10 @@ fn init(cfg: &RuntimeConfig) -> Result<OrtRuntime, String> {
 /// working directory, the executable or the source tree), the packaged
 /// location `/usr/lib/inferd/onnxruntime`, then the system's library path.
 pub fn candidates(cfg: &RuntimeConfig) -> Vec<(&'static str, PathBuf)> {
-    candidates_with(
-        cfg,
-        std::env::var_os("ORT_DYLIB_PATH")
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from),
-    )
+    candidates_with(cfg, std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()).map(PathBuf::from))
 }
 
-fn candidates_with(
-    cfg: &RuntimeConfig,
-    ort_dylib_path: Option<PathBuf>,
-) -> Vec<(&'static str, PathBuf)> {
+fn candidates_with(cfg: &RuntimeConfig, ort_dylib_path: Option<PathBuf>) -> Vec<(&'static str, PathBuf)> {
     if let Some(p) = &cfg.onnxruntime {
         return vec![("config runtime.onnxruntime", p.clone())];
     }
@@ -120,10 +105,7 @@ fn candidates_with(
             out.push(("setup folder", file));
         }
     }
-    for dir in [
-        "/usr/lib/inferd/onnxruntime",
-        "/usr/local/lib/inferd/onnxruntime",
-    ] {
+    for dir in ["/usr/lib/inferd/onnxruntime", "/usr/local/lib/inferd/onnxruntime"] {
         let file = Path::new(dir).join(LIBRARY_FILE);
         if file.exists() {
             out.push(("packaged", file));
@@ -158,11 +140,7 @@ fn library_version(path: &Path) -> Option<String> {
         if version.is_null() {
             return None;
         }
-        Some(
-            std::ffi::CStr::from_ptr(version)
-                .to_string_lossy()
-                .into_owned(),
-        )
+        Some(std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned())
     }
 }
 
@@ -178,23 +156,12 @@ impl OrtBackend {
     /// Creates a session for `file`, registering `providers` in order; a
     /// provider that fails is logged with ONNX Runtime's own error and the
     /// next one is tried; CPU is always the last resort.
-    pub fn load(
-        file: &Path,
-        providers: &[Provider],
-        cfg: &RuntimeConfig,
-    ) -> Result<OrtBackend, BackendError> {
-        let rt = runtime(cfg).map_err(|e| {
-            BackendError::Unavailable(format!("ONNX Runtime is not available: {e}"))
-        })?;
-        let load_err = |message: String| BackendError::Load {
-            path: file.display().to_string(),
-            message,
-        };
+    pub fn load(file: &Path, providers: &[Provider], cfg: &RuntimeConfig) -> Result<OrtBackend, BackendError> {
+        let rt = runtime(cfg).map_err(|e| BackendError::Unavailable(format!("ONNX Runtime is not available: {e}")))?;
+        let load_err = |message: String| BackendError::Load { path: file.display().to_string(), message };
         let mut builder = Session::builder(&rt.env).map_err(|e| load_err(e.to_string()))?;
         if cfg.intra_threads > 0 {
-            builder = builder
-                .with_intra_threads(cfg.intra_threads)
-                .map_err(|e| load_err(e.to_string()))?;
+            builder = builder.with_intra_threads(cfg.intra_threads).map_err(|e| load_err(e.to_string()))?;
         }
         let mut provider = Provider::Cpu;
         for &p in providers {
@@ -220,25 +187,10 @@ impl OrtBackend {
                 }
             }
         }
-        let session = builder
-            .commit_from_file(file)
-            .map_err(|e| load_err(e.to_string()))?;
-        let inputs = session
-            .inputs()
-            .iter()
-            .map(|o| outlet_info(o.name(), o.dtype()))
-            .collect();
-        let outputs = session
-            .outputs()
-            .iter()
-            .map(|o| outlet_info(o.name(), o.dtype()))
-            .collect();
-        Ok(OrtBackend {
-            session,
-            provider: provider.ort_name().to_string(),
-            inputs,
-            outputs,
-        })
+        let session = builder.commit_from_file(file).map_err(|e| load_err(e.to_string()))?;
+        let inputs = session.inputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
+        let outputs = session.outputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
+        Ok(OrtBackend { session, provider: provider.ort_name().to_string(), inputs, outputs })
     }
 }
 
@@ -263,11 +215,7 @@ fn outlet_info(name: &str, ty: &ValueType) -> TensorInfo {
             dtype: dtype_of(*ty),
             shape: shape.iter().map(|&d| usize::try_from(d).ok()).collect(),
         },
-        _ => TensorInfo {
-            name: name.to_string(),
-            dtype: None,
-            shape: vec![],
-        },
+        _ => TensorInfo { name: name.to_string(), dtype: None, shape: vec![] },
     }
 }
 
@@ -298,12 +246,8 @@ fn to_value(t: Tensor) -> ort::Result<DynValue> {
 }
 
 fn from_value(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
-    let unsupported = || {
-        BackendError::Run(format!(
-            "output '{name}' has a type inferd cannot carry: {:?}",
-            value.dtype()
-        ))
-    };
+    let unsupported =
+        || BackendError::Run(format!("output '{name}' has a type inferd cannot carry: {:?}", value.dtype()));
     let ValueType::Tensor { ty, .. } = value.dtype() else {
         return Err(unsupported());
     };
@@ -312,10 +256,7 @@ fn from_value(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
         wrap: fn(Vec<T>) -> TensorData,
     ) -> ort::Result<Tensor> {
         let (shape, data) = value.try_extract_tensor::<T>()?;
-        Ok(Tensor {
-            shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
-            data: wrap(data.to_vec()),
-        })
+        Ok(Tensor { shape: shape.iter().map(|&d| d.max(0) as usize).collect(), data: wrap(data.to_vec()) })
     }
     let tensor = match ty {
         TensorElementType::Float32 => grab::<f32>(value, TensorData::F32),
@@ -349,23 +290,18 @@ impl InferenceBackend for OrtBackend {
 
     fn run(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
         let inputs = check_inputs(&self.inputs, inputs)?;
-        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            Vec::with_capacity(inputs.len());
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
-            let value = to_value(tensor)
-                .map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
+            let value = to_value(tensor).map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
             values.push((Cow::Owned(name), value.into()));
         }
-        let outputs = self
-            .session
-            .run(values)
-            .map_err(|e| BackendError::Run(e.to_string()))?;
+        let outputs = self.session.run(values).map_err(|e| BackendError::Run(e.to_string()))?;
         self.outputs
             .iter()
             .map(|info| {
-                let value = outputs.get(&info.name).ok_or_else(|| {
-                    BackendError::Run(format!("ONNX Runtime returned no output '{}'", info.name))
-                })?;
+                let value = outputs
+                    .get(&info.name)
+                    .ok_or_else(|| BackendError::Run(format!("ONNX Runtime returned no output '{}'", info.name)))?;
                 Ok((info.name.clone(), from_value(&info.name, value)?))
             })
             .collect()
@@ -378,34 +314,16 @@ mod tests {
 
     #[test]
     fn a_configured_path_is_the_only_candidate() {
-        let cfg = RuntimeConfig {
-            onnxruntime: Some("/opt/x/libonnxruntime.so".into()),
-            ..Default::default()
-        };
-        let only = vec![(
-            "config runtime.onnxruntime",
-            PathBuf::from("/opt/x/libonnxruntime.so"),
-        )];
-        assert_eq!(
-            candidates_with(&cfg, Some("/env/libonnxruntime.so".into())),
-            only
-        );
-        let env = candidates_with(
-            &RuntimeConfig::default(),
-            Some("/env/libonnxruntime.so".into()),
-        );
-        assert_eq!(
-            env,
-            vec![("ORT_DYLIB_PATH", PathBuf::from("/env/libonnxruntime.so"))]
-        );
+        let cfg = RuntimeConfig { onnxruntime: Some("/opt/x/libonnxruntime.so".into()), ..Default::default() };
+        let only = vec![("config runtime.onnxruntime", PathBuf::from("/opt/x/libonnxruntime.so"))];
+        assert_eq!(candidates_with(&cfg, Some("/env/libonnxruntime.so".into())), only);
+        let env = candidates_with(&RuntimeConfig::default(), Some("/env/libonnxruntime.so".into()));
+        assert_eq!(env, vec![("ORT_DYLIB_PATH", PathBuf::from("/env/libonnxruntime.so"))]);
     }
 
     #[test]
     fn without_settings_the_search_ends_at_the_system_path() {
         let c = candidates_with(&RuntimeConfig::default(), None);
-        assert_eq!(
-            c.last().unwrap(),
-            &("system library path", PathBuf::from("libonnxruntime.so"))
-        );
+        assert_eq!(c.last().unwrap(), &("system library path", PathBuf::from("libonnxruntime.so")));
     }
 }

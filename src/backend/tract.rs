@@ -6,8 +6,7 @@ use crate::tensor::{Tensor, TensorData, TensorInfo};
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::{
-    Datum, DatumType, Framework, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec,
-    TypedSimplePlan,
+    Datum, DatumType, Framework, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec, TypedSimplePlan,
 };
 
 /// A model optimised and made runnable by tract.
@@ -20,21 +19,14 @@ pub struct TractBackend {
 impl TractBackend {
     /// Parses, optimises and plans `file` once; afterwards only `run` is called.
     pub fn load(file: &Path) -> Result<TractBackend, BackendError> {
-        let load_err = |message: String| BackendError::Load {
-            path: file.display().to_string(),
-            message,
-        };
+        let load_err = |message: String| BackendError::Load { path: file.display().to_string(), message };
         let io = onnx_file::declared_io(file).map_err(load_err)?;
         let plan = tract_onnx::onnx()
             .model_for_path(file)
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| load_err(format!("{e:#}")))?;
-        Ok(TractBackend {
-            plan,
-            inputs: io.inputs,
-            outputs: io.outputs,
-        })
+        Ok(TractBackend { plan, inputs: io.inputs, outputs: io.outputs })
     }
 }
 
@@ -53,15 +45,9 @@ fn to_tvalue(t: &Tensor) -> tract_onnx::prelude::TractResult<TValue> {
 }
 
 fn from_tvalue(name: &str, v: &TValue) -> Result<Tensor, BackendError> {
-    fn grab<T: Datum + Copy>(
-        v: &TValue,
-        wrap: fn(Vec<T>) -> TensorData,
-    ) -> tract_onnx::prelude::TractResult<Tensor> {
+    fn grab<T: Datum + Copy>(v: &TValue, wrap: fn(Vec<T>) -> TensorData) -> tract_onnx::prelude::TractResult<Tensor> {
         let view = v.to_plain_array_view::<T>()?;
-        Ok(Tensor {
-            shape: view.shape().to_vec(),
-            data: wrap(view.iter().copied().collect()),
-        })
+        Ok(Tensor { shape: view.shape().to_vec(), data: wrap(view.iter().copied().collect()) })
     }
     let tensor = match v.datum_type() {
         DatumType::F32 => grab::<f32>(v, TensorData::F32),
@@ -72,9 +58,7 @@ fn from_tvalue(name: &str, v: &TValue) -> Result<Tensor, BackendError> {
         DatumType::U8 => grab::<u8>(v, TensorData::U8),
         DatumType::Bool => grab::<bool>(v, TensorData::Bool),
         other => {
-            return Err(BackendError::Run(format!(
-                "output '{name}' has a type inferd cannot carry: {other:?}"
-            )));
+            return Err(BackendError::Run(format!("output '{name}' has a type inferd cannot carry: {other:?}")));
         }
     };
     tensor.map_err(|e| BackendError::Run(format!("reading output '{name}': {e}")))
@@ -101,14 +85,9 @@ impl InferenceBackend for TractBackend {
         let inputs = check_inputs(&self.inputs, inputs)?;
         let values = inputs
             .iter()
-            .map(|(name, t)| {
-                to_tvalue(t).map_err(|e| BackendError::Input(format!("input '{name}': {e}")))
-            })
+            .map(|(name, t)| to_tvalue(t).map_err(|e| BackendError::Input(format!("input '{name}': {e}"))))
             .collect::<Result<TVec<_>, _>>()?;
-        let outputs = self
-            .plan
-            .run(values)
-            .map_err(|e| BackendError::Run(format!("{e:#}")))?;
+        let outputs = self.plan.run(values).map_err(|e| BackendError::Run(format!("{e:#}")))?;
         if outputs.len() != self.outputs.len() {
             return Err(BackendError::Run(format!(
                 "tract returned {} outputs, the model declares {}",

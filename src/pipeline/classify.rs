@@ -43,31 +43,19 @@ fn default_top_k() -> usize {
 
 impl Default for OutputSpec {
     fn default() -> Self {
-        OutputSpec {
-            tensor: None,
-            activation: Activation::Softmax,
-            top_k: default_top_k(),
-        }
+        OutputSpec { tensor: None, activation: Activation::Softmax, top_k: default_top_k() }
     }
 }
 
 impl OutputSpec {
     /// Checks the spec on its own.
     pub fn validate(&self) -> Vec<SpecProblem> {
-        if self.top_k == 0 {
-            vec![SpecProblem::new(".output.top_k", "must be at least 1")]
-        } else {
-            Vec::new()
-        }
+        if self.top_k == 0 { vec![SpecProblem::new(".output.top_k", "must be at least 1")] } else { Vec::new() }
     }
 }
 
 /// Compares the output spec (and label count) with the model's declared outputs.
-pub fn check_outputs(
-    spec: Option<&OutputSpec>,
-    outputs: &[TensorInfo],
-    labels: Option<&[String]>,
-) -> Vec<SpecProblem> {
+pub fn check_outputs(spec: Option<&OutputSpec>, outputs: &[TensorInfo], labels: Option<&[String]>) -> Vec<SpecProblem> {
     let info = match spec.and_then(|s| s.tensor.as_ref()) {
         Some(name) => match outputs.iter().find(|o| &o.name == name) {
             Some(info) => info,
@@ -75,10 +63,7 @@ pub fn check_outputs(
                 let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
                 return vec![SpecProblem::new(
                     ".output.tensor",
-                    format!(
-                        "the model has no output '{name}' (outputs: {})",
-                        names.join(", ")
-                    ),
+                    format!("the model has no output '{name}' (outputs: {})", names.join(", ")),
                 )];
             }
         },
@@ -89,10 +74,7 @@ pub fn check_outputs(
     };
     let mut p = Vec::new();
     if info.dtype != Some(DType::F32) {
-        p.push(SpecProblem::new(
-            ".output.tensor",
-            format!("output '{}' must be f32 scores", info.name),
-        ));
+        p.push(SpecProblem::new(".output.tensor", format!("output '{}' must be f32 scores", info.name)));
     }
     let classes = info.shape.last().copied().flatten();
     if let (Some(classes), Some(labels)) = (classes, labels)
@@ -100,12 +82,7 @@ pub fn check_outputs(
     {
         p.push(SpecProblem::new(
             ".labels",
-            format!(
-                "{} labels, but output '{}' {} has {classes} classes",
-                labels.len(),
-                info.name,
-                info.shape_text()
-            ),
+            format!("{} labels, but output '{}' {} has {classes} classes", labels.len(), info.name, info.shape_text()),
         ));
     }
     p
@@ -121,13 +98,10 @@ pub struct ClassifyPipeline {
 impl Pipeline for ClassifyPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<NamedTensors, InferError> {
         match input {
-            JobInput::Image(bytes) => Ok(vec![(
-                self.input.tensor.clone(),
-                self.input.tensor_from_bytes(&bytes, limits)?,
-            )]),
-            JobInput::Tensors(_) => Err(InferError::bad_input(
-                "image-classification takes an image, not tensors",
-            )),
+            JobInput::Image(bytes) => {
+                Ok(vec![(self.input.tensor.clone(), self.input.tensor_from_bytes(&bytes, limits)?)])
+            }
+            JobInput::Tensors(_) => Err(InferError::bad_input("image-classification takes an image, not tensors")),
         }
     }
 
@@ -147,11 +121,7 @@ impl Pipeline for ClassifyPipeline {
         }
         let classes = top_k(&scores, k)
             .into_iter()
-            .map(|(index, score)| ClassScore {
-                index,
-                label: self.labels.get(index).cloned(),
-                score,
-            })
+            .map(|(index, score)| ClassScore { index, label: self.labels.get(index).cloned(), score })
             .collect();
         Ok(JobResult::Classification { classes })
     }
@@ -197,30 +167,16 @@ mod tests {
 
     #[test]
     fn top_k_is_best_first_with_stable_ties_and_nan_last() {
-        assert_eq!(
-            top_k(&[0.1, 0.5, 0.5, f32::NAN, 0.2], 4),
-            vec![(1, 0.5), (2, 0.5), (4, 0.2), (0, 0.1)]
-        );
+        assert_eq!(top_k(&[0.1, 0.5, 0.5, f32::NAN, 0.2], 4), vec![(1, 0.5), (2, 0.5), (4, 0.2), (0, 0.1)]);
         assert_eq!(top_k(&[0.3, 0.7], 10).len(), 2);
     }
 
     #[test]
     fn label_count_must_match_the_class_dim() {
-        let out = [TensorInfo {
-            name: "y".into(),
-            dtype: Some(DType::F32),
-            shape: vec![None, Some(3)],
-        }];
+        let out = [TensorInfo { name: "y".into(), dtype: Some(DType::F32), shape: vec![None, Some(3)] }];
         let labels = vec!["a".to_string(), "b".to_string()];
         let p = check_outputs(None, &out, Some(&labels));
         assert_eq!(p[0].path, ".labels");
-        assert!(
-            check_outputs(
-                None,
-                &out,
-                Some(&[labels.clone(), vec!["c".into()]].concat())
-            )
-            .is_empty()
-        );
+        assert!(check_outputs(None, &out, Some(&[labels.clone(), vec!["c".into()]].concat())).is_empty());
     }
 }

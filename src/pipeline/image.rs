@@ -7,9 +7,7 @@ use super::SpecProblem;
 use crate::config::Limits;
 use crate::error::InferError;
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
-use fast_image_resize::{
-    FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image as FirImage,
-};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image as FirImage};
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
@@ -107,17 +105,11 @@ impl ImageInputSpec {
     pub fn validate(&self) -> Vec<SpecProblem> {
         let mut p = Vec::new();
         if self.tensor.is_empty() {
-            p.push(SpecProblem::new(
-                ".input.tensor",
-                "must name the model's image input",
-            ));
+            p.push(SpecProblem::new(".input.tensor", "must name the model's image input"));
         }
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if v == 0 || v > MAX_INPUT_SIDE {
-                p.push(SpecProblem::new(
-                    &format!(".input.{field}"),
-                    format!("must be 1..={MAX_INPUT_SIDE}, got {v}"),
-                ));
+                p.push(SpecProblem::new(&format!(".input.{field}"), format!("must be 1..={MAX_INPUT_SIDE}, got {v}")));
             }
         }
         for (field, v) in [("mean", &self.mean), ("std", &self.std)] {
@@ -129,10 +121,7 @@ impl ImageInputSpec {
             }
         }
         if self.std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
-            p.push(SpecProblem::new(
-                ".input.std",
-                "values must be finite and not 0",
-            ));
+            p.push(SpecProblem::new(".input.std", "values must be finite and not 0"));
         }
         if !self.scale.is_finite() || self.scale == 0.0 {
             p.push(SpecProblem::new(".input.scale", "must be finite and not 0"));
@@ -146,26 +135,15 @@ impl ImageInputSpec {
             let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
             return vec![SpecProblem::new(
                 ".input.tensor",
-                format!(
-                    "the model has no input '{}' (inputs: {})",
-                    self.tensor,
-                    names.join(", ")
-                ),
+                format!("the model has no input '{}' (inputs: {})", self.tensor, names.join(", ")),
             )];
         };
         let mut p = Vec::new();
         if inputs.len() > 1 {
-            let others: Vec<&str> = inputs
-                .iter()
-                .filter(|i| i.name != self.tensor)
-                .map(|i| i.name.as_str())
-                .collect();
+            let others: Vec<&str> = inputs.iter().filter(|i| i.name != self.tensor).map(|i| i.name.as_str()).collect();
             p.push(SpecProblem::new(
                 ".input.tensor",
-                format!(
-                    "the model also needs inputs this task cannot feed: {}",
-                    others.join(", ")
-                ),
+                format!("the model also needs inputs this task cannot feed: {}", others.join(", ")),
             ));
         }
         let want = match self.dtype {
@@ -173,25 +151,16 @@ impl ImageInputSpec {
             ImageDType::U8 => DType::U8,
         };
         if info.dtype != Some(want) {
-            let got = info
-                .dtype
-                .map_or("an unsupported type".to_string(), |d| d.to_string());
+            let got = info.dtype.map_or("an unsupported type".to_string(), |d| d.to_string());
             p.push(SpecProblem::new(
                 ".input.dtype",
-                format!(
-                    "spec says {want}, the model's input '{}' is {got}",
-                    info.name
-                ),
+                format!("spec says {want}, the model's input '{}' is {got}", info.name),
             ));
         }
         if info.shape.len() != 4 {
             p.push(SpecProblem::new(
                 ".input.tensor",
-                format!(
-                    "input '{}' has shape {}, an image input needs 4 dims",
-                    info.name,
-                    info.shape_text()
-                ),
+                format!("input '{}' has shape {}, an image input needs 4 dims", info.name, info.shape_text()),
             ));
             return p;
         }
@@ -216,11 +185,7 @@ impl ImageInputSpec {
             {
                 p.push(SpecProblem::new(
                     &format!(".input.{field}"),
-                    format!(
-                        "spec says {spec}, the model's input '{}' {} has {d}",
-                        info.name,
-                        info.shape_text()
-                    ),
+                    format!("spec says {spec}, the model's input '{}' {} has {d}", info.name, info.shape_text()),
                 ));
             }
         }
@@ -246,12 +211,7 @@ impl ImageInputSpec {
             ResizeMode::CenterCrop => {
                 let scale = (ftw / fw).max(fth / fh);
                 let (cw, ch) = (ftw / scale, fth / scale);
-                resize_rgb(
-                    img,
-                    tw,
-                    th,
-                    Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)),
-                )
+                resize_rgb(img, tw, th, Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)))
             }
             ResizeMode::Letterbox => {
                 let scale = (ftw / fw).min(fth / fh);
@@ -259,12 +219,7 @@ impl ImageInputSpec {
                 let nh = ((fh * scale).round() as u32).clamp(1, th);
                 let inner = resize_rgb(img, nw, nh, None)?;
                 let mut out = RgbImage::from_pixel(tw, th, image::Rgb([self.pad_value; 3]));
-                image::imageops::replace(
-                    &mut out,
-                    &inner,
-                    ((tw - nw) / 2).into(),
-                    ((th - nh) / 2).into(),
-                );
+                image::imageops::replace(&mut out, &inner, ((tw - nw) / 2).into(), ((th - nh) / 2).into());
                 Ok(out)
             }
         }
@@ -333,9 +288,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
         .with_guessed_format()
         .map_err(|e| InferError::bad_input(format!("cannot read the image: {e}")))?;
     let Some(format) = reader.format() else {
-        return Err(InferError::bad_input(
-            "not a JPEG or PNG image (unrecognised format)",
-        ));
+        return Err(InferError::bad_input("not a JPEG or PNG image (unrecognised format)"));
     };
     if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         return Err(InferError::bad_input(
@@ -345,12 +298,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_image_side);
     decoder_limits.max_image_height = Some(limits.max_image_side);
-    decoder_limits.max_alloc = Some(
-        limits
-            .max_image_pixels
-            .saturating_mul(4)
-            .saturating_add(64 << 20),
-    );
+    decoder_limits.max_alloc = Some(limits.max_image_pixels.saturating_mul(4).saturating_add(64 << 20));
     reader.limits(decoder_limits);
     let fmt_name = format!("{format:?}").to_uppercase();
     let bad = |e: image::ImageError| match e {
@@ -358,9 +306,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
             "the {fmt_name} image is over the decoder limits ({l}; max side {} px, max {} pixels)",
             limits.max_image_side, limits.max_image_pixels
         )),
-        image::ImageError::Unsupported(u) => {
-            InferError::bad_input(format!("unsupported {fmt_name} image: {u}"))
-        }
+        image::ImageError::Unsupported(u) => InferError::bad_input(format!("unsupported {fmt_name} image: {u}")),
         other => InferError::bad_input(format!("corrupt or truncated {fmt_name} image: {other}")),
     };
     let decoder = reader.into_decoder().map_err(bad)?;
@@ -373,9 +319,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
         )));
     }
     if pixels == 0 {
-        return Err(InferError::bad_input(format!(
-            "the {fmt_name} image has no pixels ({w}x{h})"
-        )));
+        return Err(InferError::bad_input(format!("the {fmt_name} image has no pixels ({w}x{h})")));
     }
     let img = DynamicImage::from_decoder(decoder).map_err(bad)?;
     Ok(img.into_rgb8())
@@ -394,19 +338,10 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     }
 }
 
-fn resize_rgb(
-    img: RgbImage,
-    w: u32,
-    h: u32,
-    crop: Option<(f64, f64, f64, f64)>,
-) -> Result<RgbImage, InferError> {
+fn resize_rgb(img: RgbImage, w: u32, h: u32, crop: Option<(f64, f64, f64, f64)>) -> Result<RgbImage, InferError> {
     let (sw, sh) = img.dimensions();
-    let src = FirImage::from_vec_u8(sw, sh, img.into_raw(), PixelType::U8x3).map_err(|e| {
-        InferError::new(
-            crate::error::ErrorKind::Internal,
-            format!("resize source: {e}"),
-        )
-    })?;
+    let src = FirImage::from_vec_u8(sw, sh, img.into_raw(), PixelType::U8x3)
+        .map_err(|e| InferError::new(crate::error::ErrorKind::Internal, format!("resize source: {e}")))?;
     let mut dst = FirImage::new(w, h, PixelType::U8x3);
     let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     if let Some((l, t, cw, ch)) = crop {
@@ -415,12 +350,8 @@ fn resize_rgb(
     Resizer::new()
         .resize(&src, &mut dst, &options)
         .map_err(|e| InferError::new(crate::error::ErrorKind::Internal, format!("resize: {e}")))?;
-    RgbImage::from_raw(w, h, dst.into_vec()).ok_or_else(|| {
-        InferError::new(
-            crate::error::ErrorKind::Internal,
-            "resize produced a short buffer",
-        )
-    })
+    RgbImage::from_raw(w, h, dst.into_vec())
+        .ok_or_else(|| InferError::new(crate::error::ErrorKind::Internal, "resize produced a short buffer"))
 }
 
 #[cfg(test)]
@@ -428,8 +359,10 @@ mod tests {
     use super::*;
 
     fn spec(w: u32, h: u32, resize: ResizeMode) -> ImageInputSpec {
-        serde_json::from_value(serde_json::json!({"tensor": "x", "width": w, "height": h, "resize": resize, "scale": 1.0}))
-            .unwrap()
+        serde_json::from_value(
+            serde_json::json!({"tensor": "x", "width": w, "height": h, "resize": resize, "scale": 1.0}),
+        )
+        .unwrap()
     }
 
     fn solid(w: u32, h: u32, rgb: [u8; 3]) -> RgbImage {
@@ -439,9 +372,7 @@ mod tests {
     #[test]
     fn a_jpeg_is_complete_only_with_an_end_marker_after_its_last_scan() {
         let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
-            .encode_image(&solid(32, 32, [9, 99, 199]))
-            .unwrap();
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode_image(&solid(32, 32, [9, 99, 199])).unwrap();
         assert!(jpeg_is_complete(&jpeg));
         assert!(!jpeg_is_complete(&jpeg[..jpeg.len() - 40]));
         let limits = Limits::default();
@@ -456,11 +387,7 @@ mod tests {
         let out = s.resize(solid(16, 8, [200, 0, 0])).unwrap();
         assert_eq!(out.dimensions(), (8, 8));
         assert_eq!(out.get_pixel(0, 0).0, [114; 3], "top rows are padding");
-        assert_eq!(
-            out.get_pixel(4, 4).0,
-            [200, 0, 0],
-            "middle rows are the image"
-        );
+        assert_eq!(out.get_pixel(4, 4).0, [200, 0, 0], "middle rows are the image");
     }
 
     #[test]
@@ -473,10 +400,7 @@ mod tests {
             }
         }
         let out = s.resize(img).unwrap();
-        assert!(
-            out.pixels().all(|p| p.0 == [0, 255, 0]),
-            "only the green middle survives"
-        );
+        assert!(out.pixels().all(|p| p.0 == [0, 255, 0]), "only the green middle survives");
     }
 
     #[test]
@@ -490,15 +414,9 @@ mod tests {
         let t = s.to_tensor(&img);
         assert_eq!(t.shape, vec![1, 3, 1, 2]);
         // channel 0 is blue: (30-1)/2, (60-1)/2; channel 2 is red: (10-3)/2, (40-3)/2
-        assert_eq!(
-            t.data,
-            TensorData::F32(vec![14.5, 29.5, 9.0, 24.0, 3.5, 18.5])
-        );
+        assert_eq!(t.data, TensorData::F32(vec![14.5, 29.5, 9.0, 24.0, 3.5, 18.5]));
         s.layout = Layout::Nhwc;
         s.dtype = ImageDType::U8;
-        assert_eq!(
-            s.to_tensor(&img).data,
-            TensorData::U8(vec![30, 20, 10, 60, 50, 40])
-        );
+        assert_eq!(s.to_tensor(&img).data, TensorData::U8(vec![30, 20, 10, 60, 50, 40]));
     }
 }

@@ -45,10 +45,7 @@ pub struct SpecProblem {
 
 impl SpecProblem {
     fn new(path: &str, message: impl Into<String>) -> Self {
-        SpecProblem {
-            path: path.to_string(),
-            message: message.into(),
-        }
+        SpecProblem { path: path.to_string(), message: message.into() }
     }
 }
 
@@ -67,10 +64,7 @@ pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
             let mut problems = Vec::new();
             match &m.input {
                 Some(input) => problems.extend(input.validate()),
-                None => problems.push(SpecProblem::new(
-                    ".input",
-                    "image-classification needs an 'input' spec",
-                )),
+                None => problems.push(SpecProblem::new(".input", "image-classification needs an 'input' spec")),
             }
             if let Some(output) = &m.output {
                 problems.extend(output.validate());
@@ -79,16 +73,11 @@ pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
         }
         Task::Raw => {
             let mut problems = Vec::new();
-            for (field, set) in [
-                ("input", m.input.is_some()),
-                ("output", m.output.is_some()),
-                ("labels", m.labels.is_some()),
-            ] {
+            for (field, set) in
+                [("input", m.input.is_some()), ("output", m.output.is_some()), ("labels", m.labels.is_some())]
+            {
                 if set {
-                    problems.push(SpecProblem::new(
-                        &format!(".{field}"),
-                        format!("the raw task takes no '{field}'"),
-                    ));
+                    problems.push(SpecProblem::new(&format!(".{field}"), format!("the raw task takes no '{field}'")));
                 }
             }
             problems
@@ -119,20 +108,13 @@ pub fn build(m: &ModelSpec, registry: &Registry) -> Result<Box<dyn Pipeline>, In
     match (m.task, &m.input) {
         (Task::ImageClassification, Some(input)) => {
             let labels = match &m.labels {
-                Some(path) => crate::registry::read_labels(&registry.resolve(path))
-                    .map_err(InferError::unavailable)?,
+                Some(path) => crate::registry::read_labels(&registry.resolve(path)).map_err(InferError::unavailable)?,
                 None => Vec::new(),
             };
             let output = m.output.clone().unwrap_or_default();
-            Ok(Box::new(classify::ClassifyPipeline {
-                input: input.clone(),
-                output,
-                labels,
-            }))
+            Ok(Box::new(classify::ClassifyPipeline { input: input.clone(), output, labels }))
         }
-        (Task::ImageClassification, None) => Err(InferError::unavailable(
-            "image-classification needs an 'input' spec",
-        )),
+        (Task::ImageClassification, None) => Err(InferError::unavailable("image-classification needs an 'input' spec")),
         (Task::Raw, _) => Ok(Box::new(raw::RawPipeline)),
     }
 }

@@ -13,9 +13,7 @@ pub struct RawPipeline;
 impl Pipeline for RawPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<NamedTensors, InferError> {
         match input {
-            JobInput::Tensors(t) if t.is_empty() => {
-                Err(InferError::bad_input("no input tensors given"))
-            }
+            JobInput::Tensors(t) if t.is_empty() => Err(InferError::bad_input("no input tensors given")),
             JobInput::Tensors(t) => {
                 for (name, tensor) in &t {
                     if tensor.data.len() > limits.max_tensor_elements {
@@ -28,19 +26,11 @@ impl Pipeline for RawPipeline {
                 }
                 Ok(t)
             }
-            JobInput::Image(_) => Err(InferError::bad_input(
-                "the raw task takes named tensors, not an image",
-            )),
+            JobInput::Image(_) => Err(InferError::bad_input("the raw task takes named tensors, not an image")),
         }
     }
 
-    fn finish(
-        &self,
-        outputs: NamedTensors,
-        _options: &JobOptions,
-    ) -> Result<JobResult, InferError> {
-        Ok(JobResult::Tensors {
-            outputs: outputs.into_iter().map(|(n, t)| (n, t.to_json())).collect(),
-        })
+    fn finish(&self, outputs: NamedTensors, _options: &JobOptions) -> Result<JobResult, InferError> {
+        Ok(JobResult::Tensors { outputs: outputs.into_iter().map(|(n, t)| (n, t.to_json())).collect() })
     }
 }

@@ -28,10 +28,7 @@ pub fn inferd(args: &[&str]) -> Output {
 /// Runs `inferd` with extra environment variables.
 pub fn inferd_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferd"));
-    cmd.args(args)
-        .current_dir(root())
-        .env_remove("ORT_DYLIB_PATH")
-        .env_remove("RUST_LOG");
+    cmd.args(args).current_dir(root()).env_remove("ORT_DYLIB_PATH").env_remove("RUST_LOG");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -40,10 +37,7 @@ pub fn inferd_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// stdout and stderr of a finished command, as text.
 pub fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// A temporary folder holding `models.json` written from `json`, with the
@@ -56,11 +50,7 @@ impl TempRegistry {
     pub fn new(json: &serde_json::Value) -> TempRegistry {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(repo("models"), dir.path().join("models")).unwrap();
-        std::fs::write(
-            dir.path().join("models.json"),
-            serde_json::to_vec_pretty(json).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("models.json"), serde_json::to_vec_pretty(json).unwrap()).unwrap();
         TempRegistry { dir }
     }
 
@@ -84,34 +74,109 @@ pub fn shipped_registry() -> serde_json::Value {
 
 /// The shipped entry for model `name`.
 pub fn shipped_model(name: &str) -> serde_json::Value {
-    shipped_registry()["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap()
-        .clone()
+    shipped_registry()["models"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone()
 }
 
 /// The largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 /// A JSON array of numbers as f64s.
 pub fn numbers(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 /// Whether `path` exists (for messages).
 pub fn exists(path: &Path) -> bool {
     path.exists()
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// A registry with the shipped models plus test-only ones: `busy` (runs as
+/// long as asked), `reshape` (fails at run time for inputs of other than 4
+/// elements) and `broken` (a sha256 that does not match, so it cannot load).
+pub fn test_registry() -> TempRegistry {
+    let mut models = shipped_registry()["models"].as_array().unwrap().clone();
+    let fixture = |name: &str| repo(&format!("tests/fixtures/models/{name}.onnx"));
+    models.push(serde_json::json!({
+        "name": "busy", "task": "raw",
+        "variants": [{"name": "default", "file": fixture("busy"), "sha256": sha256_of(&fixture("busy"))}]
+    }));
+    models.push(serde_json::json!({
+        "name": "reshape", "task": "raw",
+        "variants": [{"name": "default", "file": fixture("reshape"), "sha256": sha256_of(&fixture("reshape"))}]
+    }));
+    let mut broken = shipped_model("color");
+    broken["name"] = serde_json::json!("broken");
+    broken["variants"][0]["sha256"] = serde_json::json!("0".repeat(64));
+    models.push(broken);
+    TempRegistry::new(&serde_json::json!({"version": 1, "models": models}))
+}
+
+/// The daemon, started in-process by `inferd::run` on a temporary socket, on
+/// its own runtime thread; stopped (and checked) by `stop` or on drop.
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub registry: TempRegistry,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Daemon {
+    /// Starts a daemon over [`test_registry`] after `edit` adjusts its configuration.
+    pub fn start(edit: impl FnOnce(&mut inferd::config::Config)) -> Daemon {
+        let registry = test_registry();
+        let socket = registry.file("inferd.sock");
+        let mut config = inferd::config::Config { models: Some(registry.path()), ..Default::default() };
+        config.socket.path = Some(socket.clone());
+        edit(&mut config);
+        let socket = config.socket.resolved_path();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(inferd::run(config, async {
+                let _ = stopped.await;
+            }))
+            .map_err(|e| e.to_string())
+        });
+        let daemon = Daemon { socket, registry, stop: Some(stop), thread: Some(thread) };
+        if inferd::intake::unix::wait_for(&daemon.socket, std::time::Duration::from_secs(20)).is_err() {
+            panic!("the daemon did not come up: {:?}", daemon.finish());
+        }
+        daemon
+    }
+
+    /// A client for this daemon.
+    pub fn client(&self) -> inferd::client::Client {
+        inferd::client::Client::new(&self.socket).with_timeout(std::time::Duration::from_secs(60))
+    }
+
+    /// Asks the daemon to stop without waiting.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Stops the daemon and returns what `run` returned.
+    pub fn finish(mut self) -> Result<(), String> {
+        self.signal_stop();
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal_stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -1,0 +1,228 @@
+//! The HTTP/1.1 JSON API, served on the Unix socket (and optionally TCP).
+//! Handlers only translate: bodies become jobs for the scheduler, answers
+//! and typed errors become JSON. One error shape for every failure:
+//! `{"error": {"kind": "...", "message": "..."}}`.
+
+use crate::error::{ErrorKind, InferError};
+use crate::job::{self, JobInput, JobOptions};
+use crate::scheduler::Scheduler;
+use crate::worker::ModelState;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub scheduler: Arc<Scheduler>,
+    /// True once every front-end listens (GET /v1/ready).
+    pub ready: Arc<AtomicBool>,
+    pub max_body_bytes: usize,
+    pub limits: crate::config::Limits,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/ready", get(ready))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{name}", get(get_model))
+        .route("/v1/models/{name}/infer", post(infer))
+        .route("/v1/models/{name}/load", post(load))
+        .route("/v1/models/{name}/unload", post(unload))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// The JSON error response for `e`.
+pub fn error_response(e: &InferError) -> Response {
+    let status = StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(json!({"error": e}))).into_response()
+}
+
+fn respond(result: Result<Value, InferError>) -> Response {
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})).into_response()
+}
+
+async fn ready(State(app): State<AppState>) -> Response {
+    if app.ready.load(Ordering::SeqCst) {
+        axum::Json(json!({"ready": true})).into_response()
+    } else {
+        error_response(&InferError::unavailable("inferd is starting or stopping"))
+    }
+}
+
+/// A model as the API shows it: spec, plan, state and queue.
+pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError> {
+    let engine = scheduler.engine();
+    let spec = engine.registry().get(name).ok_or_else(|| InferError::unknown_model(name))?;
+    let status = scheduler.status(name);
+    let variants: Vec<Value> = spec
+        .variants
+        .iter()
+        .map(|v| json!({"name": v.name, "quality": v.quality, "parameters": v.parameters, "memory_mb": v.memory_mb}))
+        .collect();
+    let mut info = json!({
+        "name": spec.name,
+        "task": spec.task,
+        "description": spec.description,
+        "variants": variants,
+        "queue_depth": status.queue_depth,
+    });
+    match engine.plan(name, &Default::default()) {
+        Ok(plan) => {
+            info["variant"] = json!(plan.variant);
+            info["variant_reason"] = json!(plan.variant_reason);
+            info["backend"] = json!(plan.backend.backend);
+            info["backend_reason"] = json!(plan.backend.reason);
+            info["providers"] = json!(plan.providers);
+        }
+        Err(e) => info["plan_error"] = json!(e),
+    }
+    let (state, loaded) = match &status.state {
+        ModelState::Unloaded => ("unloaded", false),
+        ModelState::Loading => ("loading", false),
+        ModelState::Failed { error } => {
+            info["error"] = json!(error);
+            ("failed", false)
+        }
+        ModelState::Loaded { variant, backend, provider, memory_bytes } => {
+            info["variant"] = json!(variant);
+            info["backend"] = json!(backend);
+            info["provider"] = json!(provider);
+            info["memory_bytes"] = json!(memory_bytes);
+            ("loaded", true)
+        }
+    };
+    info["state"] = json!(state);
+    info["loaded"] = json!(loaded);
+    Ok(info)
+}
+
+async fn list_models(State(app): State<AppState>) -> Response {
+    let models: Result<Vec<Value>, InferError> =
+        app.scheduler.engine().registry().models.iter().map(|m| model_info(&app.scheduler, &m.name)).collect();
+    respond(models.map(|m| json!({"models": m})))
+}
+
+async fn get_model(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    respond(model_info(&app.scheduler, &name))
+}
+
+async fn load(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    let result = app.scheduler.load(&name).await;
+    respond(result.and_then(|()| model_info(&app.scheduler, &name)))
+}
+
+async fn unload(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    let result = app.scheduler.unload(&name).await;
+    respond(result.and_then(|()| model_info(&app.scheduler, &name)))
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let text = app.scheduler.metrics().render(&app.scheduler.gauges());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct InferQuery {
+    top_k: Option<usize>,
+}
+
+async fn infer(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<InferQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let prepared = prepare(&app, &name, query, &headers, body).await;
+    let result = match prepared {
+        Ok((input, options)) => app.scheduler.submit(&name, input, options).await,
+        Err(e) => {
+            app.scheduler.metrics().record_error(e.kind);
+            Err(e)
+        }
+    };
+    match result {
+        Ok(out) => axum::Json(out).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Turns a request into a job without touching the engine: model known,
+/// body within the limit, content decoded by type.
+async fn prepare(
+    app: &AppState,
+    name: &str,
+    query: Result<Query<InferQuery>, axum::extract::rejection::QueryRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(JobInput, JobOptions), InferError> {
+    if app.scheduler.engine().registry().get(name).is_none() {
+        return Err(InferError::unknown_model(name));
+    }
+    let Query(query) = query.map_err(|e| InferError::bad_input(format!("bad query string: {e}")))?;
+    let bytes = read_body(body, headers, app.max_body_bytes).await?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let is_json =
+        content_type.starts_with("application/json") || (content_type.is_empty() && job::looks_like_json(&bytes));
+    let (input, mut options) = if is_json {
+        let limits = app.limits.clone();
+        tokio::task::spawn_blocking(move || job::parse_json_request(&bytes, &limits))
+            .await
+            .map_err(|e| InferError::internal(format!("request parser failed: {e}")))??
+    } else {
+        (JobInput::Image(bytes.to_vec()), JobOptions::default())
+    };
+    if query.top_k.is_some() {
+        options.top_k = query.top_k;
+    }
+    Ok((input, options))
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<axum::body::Bytes, InferError> {
+    let too_large = || {
+        InferError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("the request body is over the limit of {} MiB (socket.max_body_mb)", max >> 20),
+        )
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(InferError::bad_input(format!("the request body could not be read: {e}"))),
+    }
+}
+
+async fn not_found() -> Response {
+    error_response(&InferError::new(ErrorKind::NotFound, "no such endpoint; see docs/api.md"))
+}
+
+async fn method_not_allowed() -> Response {
+    let e = InferError::new(ErrorKind::NotFound, "method not allowed on this endpoint; see docs/api.md");
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(json!({"error": e}))).into_response()
+}

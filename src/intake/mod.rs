@@ -1,0 +1,5 @@
+//! Front-ends: everything that turns a transport's request into a job and
+//! its answer back. The core never sees a socket or a topic.
+
+pub mod http;
+pub mod unix;

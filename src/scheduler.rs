@@ -1,0 +1,205 @@
+//! Admission and dispatch: one bounded queue and one worker thread per
+//! model. A job for a full queue is refused at once (Overloaded); a job not
+//! answered by its deadline gets Timeout; a model is loaded lazily by its
+//! worker on its first job. Async callers never run inference themselves.
+
+use crate::config::JobsConfig;
+use crate::engine::Engine;
+use crate::error::InferError;
+use crate::job::{JobInput, JobOptions, JobOutput};
+use crate::metrics::{Metrics, ModelGauges};
+use crate::worker::{self, Job, ModelState, StateCell, Work};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+struct Slot {
+    queue: mpsc::Sender<Work>,
+    state: StateCell,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A model's state and queue as reported by the API.
+#[derive(Debug, Clone)]
+pub struct ModelStatus {
+    pub state: ModelState,
+    pub queue_depth: usize,
+}
+
+/// Queues and workers for every model of one engine.
+pub struct Scheduler {
+    engine: Engine,
+    jobs: JobsConfig,
+    metrics: Arc<Metrics>,
+    slots: Mutex<HashMap<String, Slot>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Scheduler {
+    /// A scheduler with no worker started yet.
+    pub fn new(engine: Engine, jobs: JobsConfig, metrics: Arc<Metrics>) -> Scheduler {
+        Scheduler { engine, jobs, metrics, slots: Mutex::new(HashMap::new()), closed: false.into() }
+    }
+
+    /// The engine this scheduler dispatches to.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The shared metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The queue of `model`, starting its worker if needed.
+    fn queue(&self, model: &str) -> Result<mpsc::Sender<Work>, InferError> {
+        if self.engine.registry().get(model).is_none() {
+            return Err(InferError::unknown_model(model));
+        }
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(InferError::unavailable("inferd is shutting down"));
+        }
+        let mut slots = self.slots();
+        if let Some(slot) = slots.get(model)
+            && !slot.queue.is_closed()
+        {
+            return Ok(slot.queue.clone());
+        }
+        let (tx, rx) = mpsc::channel(self.jobs.queue_capacity);
+        let state: StateCell = Arc::new(Mutex::new(ModelState::Unloaded));
+        let thread = worker::spawn(self.engine.clone(), model.to_string(), rx, state.clone())
+            .map_err(|e| InferError::internal(format!("cannot start a worker thread: {e}")))?;
+        slots.insert(model.to_string(), Slot { queue: tx.clone(), state, thread });
+        Ok(tx)
+    }
+
+    /// Runs one job on `model`: refused at once when its queue is full,
+    /// answered with Timeout after `jobs.timeout_ms`.
+    pub async fn submit(&self, model: &str, input: JobInput, options: JobOptions) -> Result<JobOutput, InferError> {
+        let started = Instant::now();
+        let outcome = self.submit_inner(model, input, options, started).await;
+        if self.engine.registry().get(model).is_some() {
+            self.metrics.record_job(model, &outcome, started.elapsed());
+        } else if let Err(e) = &outcome {
+            self.metrics.record_error(e.kind);
+        }
+        outcome
+    }
+
+    async fn submit_inner(
+        &self,
+        model: &str,
+        input: JobInput,
+        options: JobOptions,
+        started: Instant,
+    ) -> Result<JobOutput, InferError> {
+        let queue = self.queue(model)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job { input, options, enqueued: started, reply };
+        queue.try_send(Work::Job(job)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => InferError::overloaded(format!(
+                "the queue of model '{model}' is full ({} jobs waiting); try again later",
+                self.jobs.queue_capacity
+            )),
+            mpsc::error::TrySendError::Closed(_) => {
+                InferError::unavailable(format!("model '{model}' is being unloaded"))
+            }
+        })?;
+        let deadline = started + Duration::from_millis(self.jobs.timeout_ms);
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(InferError::internal(format!("the worker of model '{model}' stopped without answering"))),
+            Err(_) => {
+                Err(InferError::timeout(format!("no answer from model '{model}' within {} ms", self.jobs.timeout_ms)))
+            }
+        }
+    }
+
+    /// Loads `model` now (if not loaded) and waits for it, up to `jobs.load_timeout_ms`.
+    pub async fn load(&self, model: &str) -> Result<(), InferError> {
+        let queue = self.queue(model)?;
+        let (reply, answer) = oneshot::channel();
+        queue
+            .try_send(Work::Load(reply))
+            .map_err(|_| InferError::overloaded(format!("the queue of model '{model}' is full; try again later")))?;
+        match tokio::time::timeout(Duration::from_millis(self.jobs.load_timeout_ms), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(InferError::internal(format!("the worker of model '{model}' stopped while loading"))),
+            Err(_) => Err(InferError::timeout(format!(
+                "model '{model}' did not load within {} ms",
+                self.jobs.load_timeout_ms
+            ))),
+        }
+    }
+
+    /// Unloads `model`: its queued jobs still run, then the worker drops the session.
+    pub async fn unload(&self, model: &str) -> Result<(), InferError> {
+        if self.engine.registry().get(model).is_none() {
+            return Err(InferError::unknown_model(model));
+        }
+        let slot = self.slots().remove(model);
+        if let Some(slot) = slot {
+            drop(slot.queue);
+            join(slot.thread).await;
+        }
+        Ok(())
+    }
+
+    /// `model`'s state and queue depth.
+    pub fn status(&self, model: &str) -> ModelStatus {
+        match self.slots().get(model) {
+            Some(slot) => ModelStatus {
+                state: worker::get_state(&slot.state),
+                queue_depth: slot.queue.max_capacity() - slot.queue.capacity(),
+            },
+            None => ModelStatus { state: ModelState::Unloaded, queue_depth: 0 },
+        }
+    }
+
+    /// Gauges of every registered model, for /metrics.
+    pub fn gauges(&self) -> Vec<ModelGauges> {
+        self.engine
+            .registry()
+            .models
+            .iter()
+            .map(|m| {
+                let status = self.status(&m.name);
+                let (loaded, memory_bytes) = match status.state {
+                    ModelState::Loaded { memory_bytes, .. } => (true, memory_bytes),
+                    _ => (false, None),
+                };
+                ModelGauges { model: m.name.clone(), queue_depth: status.queue_depth, loaded, memory_bytes }
+            })
+            .collect()
+    }
+
+    /// Refuses new jobs, lets every worker finish its queue and waits for them, up to `deadline`.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let slots: Vec<Slot> = self.slots().drain().map(|(_, s)| s).collect();
+        let threads: Vec<std::thread::JoinHandle<()>> = slots
+            .into_iter()
+            .map(|s| {
+                drop(s.queue);
+                s.thread
+            })
+            .collect();
+        let all = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!("workers still busy after {} ms; stopping without them", deadline.as_millis());
+        }
+    }
+}
+
+async fn join(thread: std::thread::JoinHandle<()>) {
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+}
