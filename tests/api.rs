@@ -18,6 +18,7 @@ fn json_of(r: &Response) -> Value {
     r.json().unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
 }
 
+#[track_caller]
 fn assert_error(r: &Response, status: u16, kind: &str, message: &str) {
     assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
     let v = json_of(r);
@@ -37,6 +38,8 @@ fn busy_body(iterations: i64) -> Vec<u8> {
 /// Iterations of the busy model that take about `target` on this machine.
 fn busy_iterations_for(client: &Client, target: Duration) -> i64 {
     let probe = 20_000;
+    let r = client.post("/v1/models/busy/load", "application/json", b"").unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let start = Instant::now();
     let r = client.post("/v1/models/busy/infer", "application/json", &busy_body(probe)).unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -191,7 +194,7 @@ fn every_error_has_its_status_and_one_json_shape() {
     let ok_shape = json!({"inputs": {"x": {"shape": [4], "dtype": "f32", "data": [1, 2, 3, 4]}}}).to_string();
     assert_eq!(c.post("/v1/models/reshape/infer", "application/json", ok_shape.as_bytes()).unwrap().status, 200);
 
-    let iterations = busy_iterations_for(&c, Duration::from_millis(2500));
+    let iterations = busy_iterations_for(&c, Duration::from_millis(3000));
     let r = c.post("/v1/models/busy/infer", "application/json", &busy_body(iterations)).unwrap();
     assert_error(&r, 504, "timeout", "within 800 ms");
 
