@@ -2,6 +2,7 @@
 # Fetch what inferd needs at run time from the package registries, pinned and
 # checked, into git-ignored folders of this checkout:
 #   runtime/onnxruntime/   ONNX Runtime's shared library, from the PyPI wheel
+# and installs the Debian packages the build and tests need (gcc, pip, mosquitto).
 #
 # Usage: scripts/setup.sh [--arch x86_64|aarch64]
 # Safe to run again: what is already there and checks out is kept.
@@ -40,6 +41,9 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# A real MQTT broker and clients, for the MQTT tests and the docs' examples.
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   as_root apt-get update -qq

@@ -21,7 +21,108 @@ pub struct Config {
     pub limits: Limits,
     pub socket: SocketConfig,
     pub jobs: JobsConfig,
+    pub mqtt: MqttConfig,
     pub log: LogConfig,
+}
+
+/// Jobs over MQTT. Off unless `url` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker: `mqtt://host:1883` or `mqtts://host:8883`. Unset: MQTT is off.
+    pub url: Option<String>,
+    /// `5` (default) or `3.1.1`.
+    pub protocol: String,
+    /// This box's name in topics; default the hostname.
+    pub node_id: Option<String>,
+    /// MQTT client id; default the node id.
+    pub client_id: Option<String>,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Shared-subscription group for fleet-wide jobs.
+    pub group: String,
+    pub keep_alive_s: u64,
+    pub username: Option<String>,
+    /// File holding the password (first line); preferred over `password_env`.
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// CA certificate (PEM) for `mqtts://`; default: the system's roots are not used, a CA is required.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Jobs taken from MQTT at once (advertised as MQTT 5 receive-maximum).
+    pub max_in_flight: u16,
+    /// Largest job payload, MiB; larger ones get an error result.
+    pub max_payload_mb: u64,
+    /// How long the broker keeps this daemon's session (and its unacknowledged jobs) while it is away.
+    pub session_expiry_s: u32,
+    /// Job ids remembered to answer redeliveries without computing twice.
+    pub dedup_window: usize,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max_s: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: None,
+            protocol: "5".into(),
+            node_id: None,
+            client_id: None,
+            prefix: "inferd".into(),
+            group: "inferd".into(),
+            keep_alive_s: 30,
+            username: None,
+            password_file: None,
+            password_env: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            max_in_flight: 16,
+            max_payload_mb: 16,
+            session_expiry_s: 3600,
+            dedup_window: 4096,
+            reconnect_max_s: 30,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The node id in force: configured, else the hostname.
+    pub fn node(&self) -> String {
+        self.node_id.clone().unwrap_or_else(hostname)
+    }
+
+    /// The password from `password_file` or `password_env`, if any.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(file) = &self.password_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ConfigError::Invalid(format!("mqtt.password_file {}: {e}", file.display())))?;
+            return Ok(Some(text.lines().next().unwrap_or("").to_string()));
+        }
+        match &self.password_env {
+            Some(var) => std::env::var(var)
+                .map(Some)
+                .map_err(|_| ConfigError::Invalid(format!("mqtt.password_env: ${var} is not set"))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// This machine's hostname, or `inferd` when it has none.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for its length; gethostname NUL-terminates within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() { "inferd".into() } else { name }
 }
 
 /// The local HTTP/JSON API: a Unix socket, and optionally TCP.
@@ -237,6 +338,9 @@ impl Config {
                     "socket.tcp: {addr} is not a loopback address; the API has no authentication, set socket.tcp_allow_remote = true to allow it"
                 )));
             }
+        }
+        if self.mqtt.url.is_some() {
+            crate::intake::mqtt::Broker::parse(&self.mqtt).map_err(ConfigError::Invalid)?;
         }
         if self.jobs.queue_capacity == 0 || self.jobs.timeout_ms == 0 {
             return Err(ConfigError::Invalid("jobs.queue_capacity and jobs.timeout_ms must be above 0".into()));

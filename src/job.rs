@@ -84,41 +84,48 @@ pub fn parse_json_request(
     bytes: &[u8],
     limits: &crate::config::Limits,
 ) -> Result<(JobInput, JobOptions), crate::error::InferError> {
-    use crate::error::InferError;
-    use base64::Engine as _;
     let request: InferRequest = serde_json::from_slice(bytes).map_err(|e| {
-        InferError::bad_input(format!(
+        crate::error::InferError::bad_input(format!(
             "invalid JSON request ({e}); expected {{\"image_base64\": \"...\"}} or {{\"inputs\": {{NAME: {{\"shape\", \"dtype\", \"data\"}}}}}}, with optional \"top_k\""
         ))
     })?;
-    let options = JobOptions { top_k: request.top_k };
-    let input = match (request.image_base64, request.inputs) {
-        (Some(b64), None) => {
-            if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
-                return Err(InferError::bad_input(format!(
-                    "the image is over the limit of {} bytes",
-                    limits.max_image_bytes
-                )));
+    request.into_job(limits)
+}
+
+impl InferRequest {
+    /// The job this request asks for, enforcing `limits` before anything big is built.
+    pub fn into_job(self, limits: &crate::config::Limits) -> Result<(JobInput, JobOptions), crate::error::InferError> {
+        use crate::error::InferError;
+        use base64::Engine as _;
+        let options = JobOptions { top_k: self.top_k };
+        let input = match (self.image_base64, self.inputs) {
+            (Some(b64), None) => {
+                if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
+                    return Err(InferError::bad_input(format!(
+                        "the image is over the limit of {} bytes",
+                        limits.max_image_bytes
+                    )));
+                }
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))?;
+                JobInput::Image(bytes)
             }
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))?;
-            JobInput::Image(bytes)
-        }
-        (None, Some(inputs)) => JobInput::Tensors(
-            inputs
-                .into_iter()
-                .map(|(name, t)| {
-                    crate::tensor::Tensor::from_json(&t, limits.max_tensor_elements)
-                        .map(|tensor| (name.clone(), tensor))
-                        .map_err(|e| InferError::bad_input(format!("input '{name}': {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        (Some(_), Some(_)) => return Err(InferError::bad_input("give either image_base64 or inputs, not both")),
-        (None, None) => return Err(InferError::bad_input("the request has neither image_base64 nor inputs")),
-    };
-    Ok((input, options))
+            (None, Some(inputs)) => JobInput::Tensors(
+                inputs
+                    .into_iter()
+                    .map(|(name, t)| {
+                        crate::tensor::Tensor::from_json(&t, limits.max_tensor_elements)
+                            .map(|tensor| (name.clone(), tensor))
+                            .map_err(|e| InferError::bad_input(format!("input '{name}': {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            (Some(_), Some(_)) => return Err(InferError::bad_input("give either image_base64 or inputs, not both")),
+            (None, None) => return Err(InferError::bad_input("the request has neither image_base64 nor inputs")),
+        };
+        Ok((input, options))
+    }
 }
 
 /// True when `bytes` look like a JSON object (first non-blank byte is `{`).

@@ -44,6 +44,8 @@ pub enum RunError {
     Socket(#[from] intake::unix::SocketError),
     #[error("cannot listen on TCP {addr}: {message}")]
     Tcp { addr: String, message: String },
+    #[error("MQTT: {0}")]
+    Mqtt(String),
 }
 
 /// Runs the daemon with `config` until `shutdown` completes: loads and
@@ -93,8 +95,23 @@ pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> 
     servers.spawn(axum::serve(listener, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
     if let Some(tcp) = tcp {
         tracing::info!(addr = ?tcp.local_addr().ok(), "listening on TCP");
-        servers.spawn(axum::serve(tcp, app).with_graceful_shutdown(stopped(stop_rx)).into_future());
+        servers.spawn(axum::serve(tcp, app).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
     }
+    let drain = Duration::from_millis(config.jobs.drain_timeout_ms);
+    let mqtt = match &config.mqtt.url {
+        Some(_) => {
+            intake::mqtt::Broker::parse(&config.mqtt).map_err(RunError::Mqtt)?;
+            let task = intake::mqtt::serve(
+                config.mqtt.clone(),
+                config.limits.clone(),
+                scheduler.clone(),
+                stop_rx.clone(),
+                drain,
+            );
+            Some(tokio::spawn(task))
+        }
+        None => None,
+    };
     ready.store(true, Ordering::SeqCst);
     tracing::info!(socket = %socket_path.display(), models = scheduler.engine().registry().models.len(), "inferd is ready");
 
@@ -103,7 +120,6 @@ pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> 
     ready.store(false, Ordering::SeqCst);
     intake::unix::remove(&socket_path);
     let _ = stop_tx.send(true);
-    let drain = Duration::from_millis(config.jobs.drain_timeout_ms);
     let drained = tokio::time::timeout(drain, async {
         while let Some(done) = servers.join_next().await {
             if let Ok(Err(e)) = done {
@@ -115,6 +131,13 @@ pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> 
     if drained.is_err() {
         tracing::warn!("requests still in flight after {} ms; closing them", drain.as_millis());
         servers.abort_all();
+    }
+    if let Some(mqtt) = mqtt {
+        match tokio::time::timeout(drain + Duration::from_secs(3), mqtt).await {
+            Ok(Ok(Err(e))) => tracing::warn!("MQTT: {e}"),
+            Err(_) => tracing::warn!("MQTT did not stop in time"),
+            _ => {}
+        }
     }
     scheduler.shutdown(drain).await;
     tracing::info!("inferd stopped");

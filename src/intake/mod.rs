@@ -2,4 +2,6 @@
 //! its answer back. The core never sees a socket or a topic.
 
 pub mod http;
+pub mod mqtt;
+pub mod topics;
 pub mod unix;

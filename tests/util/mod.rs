@@ -132,6 +132,9 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon over [`test_registry`] after `edit` adjusts its configuration.
     pub fn start(edit: impl FnOnce(&mut inferd::config::Config)) -> Daemon {
+        if let Ok(filter) = std::env::var("INFERD_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let registry = test_registry();
         let socket = registry.file("inferd.sock");
         let mut config = inferd::config::Config { models: Some(registry.path()), ..Default::default() };
@@ -180,3 +183,4 @@ impl Drop for Daemon {
         }
     }
 }
+pub mod broker;

@@ -1,0 +1,83 @@
+//! MQTT topic layout, as pure functions:
+//! - `{prefix}/jobs/{model}`: fleet-wide jobs, taken through `$share/{group}/...`;
+//! - `{prefix}/{node}/jobs/{model}`: jobs for this box;
+//! - `{prefix}/{node}/results/{model}`: results when a job names no reply route;
+//! - `{prefix}/{node}/status`: retained online/offline status.
+
+/// The topics of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub prefix: String,
+    pub node: String,
+    pub group: String,
+}
+
+impl Topics {
+    /// The two subscriptions: fleet-wide jobs (shared by the group) and this node's jobs.
+    pub fn subscriptions(&self) -> [String; 2] {
+        [format!("$share/{}/{}/jobs/+", self.group, self.prefix), format!("{}/{}/jobs/+", self.prefix, self.node)]
+    }
+
+    /// The model a job topic addresses, or `None` if `topic` is not a job topic of this node.
+    pub fn job_model<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
+        let model =
+            rest.strip_prefix("jobs/").or_else(|| rest.strip_prefix(self.node.as_str())?.strip_prefix("/jobs/"))?;
+        (!model.is_empty() && !model.contains(['/', '+', '#'])).then_some(model)
+    }
+
+    /// Where results go when the job names no reply route.
+    pub fn result(&self, model: &str) -> String {
+        format!("{}/{}/results/{model}", self.prefix, self.node)
+    }
+
+    /// The retained status topic.
+    pub fn status(&self) -> String {
+        format!("{}/{}/status", self.prefix, self.node)
+    }
+}
+
+/// Whether a client may name `topic` as a reply route: a plain topic, no wildcards, not `$`-reserved.
+pub fn valid_reply_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= 1024 && !topic.contains(['+', '#', '\0']) && !topic.starts_with('$')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics() -> Topics {
+        Topics { prefix: "inferd".into(), node: "cam-box-1".into(), group: "fleet".into() }
+    }
+
+    #[test]
+    fn fleet_and_node_job_topics_name_their_model() {
+        let t = topics();
+        assert_eq!(t.job_model("inferd/jobs/color"), Some("color"));
+        assert_eq!(t.job_model("inferd/cam-box-1/jobs/color"), Some("color"));
+        assert_eq!(t.job_model("inferd/other-box/jobs/color"), None);
+        assert_eq!(t.job_model("inferd/jobs/"), None);
+        assert_eq!(t.job_model("inferd/jobs/a/b"), None);
+        assert_eq!(t.job_model("inferdx/jobs/color"), None);
+        assert_eq!(t.job_model("inferd/cam-box-1/results/color"), None);
+    }
+
+    #[test]
+    fn subscriptions_results_and_status_follow_the_layout() {
+        let t = topics();
+        assert_eq!(
+            t.subscriptions(),
+            ["$share/fleet/inferd/jobs/+".to_string(), "inferd/cam-box-1/jobs/+".to_string()]
+        );
+        assert_eq!(t.result("color"), "inferd/cam-box-1/results/color");
+        assert_eq!(t.status(), "inferd/cam-box-1/status");
+    }
+
+    #[test]
+    fn reply_topics_may_not_be_wildcards_or_reserved() {
+        assert!(valid_reply_topic("cams/7/answers"));
+        assert!(!valid_reply_topic("cams/+/answers"));
+        assert!(!valid_reply_topic("$SYS/x"));
+        assert!(!valid_reply_topic(""));
+    }
+}

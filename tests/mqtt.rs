@@ -1,0 +1,315 @@
+//! Jobs over MQTT against a real mosquitto broker, with a real MQTT client
+//! on the other side and real models on ONNX Runtime.
+
+mod util;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::Duration;
+use util::broker::{Broker, TestClient};
+use util::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn image(name: &str) -> Vec<u8> {
+    std::fs::read(repo(&format!("examples/{name}.jpg"))).unwrap()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn mqtt_daemon(broker: &Broker, node: &str, edit: impl FnOnce(&mut inferd::config::Config)) -> Daemon {
+    let url = broker.url();
+    let node = node.to_string();
+    Daemon::start(move |c| {
+        c.mqtt.url = Some(url);
+        c.mqtt.node_id = Some(node);
+        edit(c);
+    })
+}
+
+/// Waits until `node`'s retained status says online (the daemon is subscribed by then).
+async fn wait_online(client: &mut TestClient, node: &str) {
+    let topic = format!("inferd/{node}/status");
+    client.subscribe(&topic).await;
+    loop {
+        let r = client.recv_on(&topic, WAIT).await;
+        if r.json()["online"] == true {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_jobs_are_answered_on_every_reply_route() {
+    let broker = Broker::start();
+    let _daemon = mqtt_daemon(&broker, "box1", |_| {});
+    let mut c = TestClient::connect(&broker, "routes-client").await;
+    wait_online(&mut c, "box1").await;
+    c.subscribe("inferd/box1/results/+").await;
+    c.subscribe("replies/#").await;
+
+    c.publish("inferd/jobs/color", image("red")).await;
+    let r = c.recv_on("inferd/box1/results/color", WAIT).await;
+    let v = r.json();
+    assert_eq!(v["result"]["classes"][0]["label"], "red", "{v}");
+    assert_eq!(
+        (v["model"].clone(), v["variant"].clone(), v["node"].clone()),
+        (json!("color"), json!("fp32"), json!("box1"))
+    );
+    assert_eq!((v["backend"].clone(), v["provider"].clone()), (json!("ort"), json!("CPUExecutionProvider")));
+    assert!(v["timings"]["infer_ms"].as_f64().is_some(), "{v}");
+
+    let envelope = json!({"id": "env-1", "image_base64": b64(&image("green")), "reply_to": "replies/envelope", "params": {"top_k": 1}});
+    c.publish("inferd/box1/jobs/color", envelope.to_string()).await;
+    let v = c.recv_on("replies/envelope", WAIT).await.json();
+    assert_eq!((v["id"].clone(), v["result"]["classes"][0]["label"].clone()), (json!("env-1"), json!("green")));
+    assert_eq!(v["result"]["classes"].as_array().unwrap().len(), 1);
+
+    c.publish_v5("inferd/jobs/color", image("blue"), "replies/v5", b"corr-42").await;
+    let r = c.recv_on("replies/v5", WAIT).await;
+    assert_eq!(r.correlation.as_deref(), Some(&b"corr-42"[..]), "correlation data is echoed");
+    assert_eq!(r.json()["result"]["classes"][0]["label"], "blue");
+
+    let tensors = std::fs::read_to_string(repo("tests/fixtures/mlp-input.json")).unwrap();
+    let mut envelope: Value = serde_json::from_str(&tensors).unwrap();
+    envelope["id"] = json!(17);
+    c.publish("inferd/jobs/mlp", envelope.to_string()).await;
+    let v = c.recv_on("inferd/box1/results/mlp", WAIT).await.json();
+    assert_eq!((v["id"].clone(), v["result"]["outputs"]["y"]["shape"].clone()), (json!("17"), json!([1, 4])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_get_error_results_and_the_loop_keeps_serving() {
+    let broker = Broker::start();
+    let _daemon = mqtt_daemon(&broker, "box2", |c| c.mqtt.max_payload_mb = 1);
+    let mut c = TestClient::connect(&broker, "bad-client").await;
+    wait_online(&mut c, "box2").await;
+    c.subscribe("inferd/box2/results/+").await;
+    c.subscribe("replies/#").await;
+
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        ("inferd/jobs/color", b"definitely not an image".to_vec(), "inferd/box2/results/color", "bad_input"),
+        (
+            "inferd/jobs/color",
+            std::fs::read(repo("tests/fixtures/truncated.jpg")).unwrap(),
+            "inferd/box2/results/color",
+            "bad_input",
+        ),
+        (
+            "inferd/jobs/color",
+            br#"{"id": "x1", "reply_to": "replies/bad", "colour": "red"}"#.to_vec(),
+            "replies/bad",
+            "bad_input",
+        ),
+        ("inferd/jobs/nosuch", image("red"), "inferd/box2/results/nosuch", "unknown_model"),
+        ("inferd/jobs/color", vec![0xFF; 1_200_000], "inferd/box2/results/color", "payload_too_large"),
+        (
+            "inferd/jobs/mlp",
+            br#"{"id": "t1", "inputs": {"x": {"shape": [1, 3], "dtype": "f32", "data": [1, 2, 3]}}}"#.to_vec(),
+            "inferd/box2/results/mlp",
+            "bad_input",
+        ),
+    ];
+    for (topic, payload, reply, kind) in cases {
+        c.publish(topic, payload).await;
+        let v = c.recv_on(reply, WAIT).await.json();
+        assert_eq!(v["error"]["kind"], kind, "{topic}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().len() > 5, "{v}");
+    }
+    c.publish("inferd/jobs/color", image("red")).await;
+    let v = c.recv_on("inferd/box2/results/color", WAIT).await.json();
+    assert_eq!(v["result"]["classes"][0]["label"], "red", "still serving: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_retained_online_then_offline() {
+    let broker = Broker::start();
+    let daemon = mqtt_daemon(&broker, "box3", |_| {});
+    let mut c = TestClient::connect(&broker, "status-client").await;
+    c.subscribe("inferd/box3/status").await;
+    let r = c.recv_on("inferd/box3/status", WAIT).await;
+    let v = r.json();
+    assert!(r.retain, "status is retained");
+    assert_eq!((v["online"].clone(), v["node"].clone()), (json!(true), json!("box3")));
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["models"].as_array().unwrap().len(), 7);
+    daemon.finish().unwrap();
+    loop {
+        let v = c.recv_on("inferd/box3/status", WAIT).await.json();
+        if v["online"] == false {
+            break;
+        }
+    }
+    let mut late = TestClient::connect(&broker, "late-client").await;
+    late.subscribe("inferd/box3/status").await;
+    let r = late.recv_on("inferd/box3/status", WAIT).await;
+    assert!(r.retain && r.json()["online"] == false, "a late subscriber sees offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_in_one_group_split_the_jobs_and_answer_each_once() {
+    let broker = Broker::start();
+    let _a = mqtt_daemon(&broker, "node-a", |_| {});
+    let _b = mqtt_daemon(&broker, "node-b", |_| {});
+    let mut c = TestClient::connect(&broker, "group-client").await;
+    wait_online(&mut c, "node-a").await;
+    wait_online(&mut c, "node-b").await;
+    c.subscribe("replies/group").await;
+    let n = 40;
+    for i in 0..n {
+        let env = json!({"id": format!("job-{i}"), "image_base64": b64(&image("red")), "reply_to": "replies/group"});
+        c.publish("inferd/jobs/color", env.to_string()).await;
+    }
+    let mut answers: HashMap<String, Vec<String>> = HashMap::new();
+    for _ in 0..n {
+        let v = c.recv_on("replies/group", WAIT).await.json();
+        assert_eq!(v["result"]["classes"][0]["label"], "red");
+        answers.entry(v["id"].as_str().unwrap().to_string()).or_default().push(v["node"].as_str().unwrap().to_string());
+    }
+    assert_eq!(answers.len(), n, "every job answered");
+    assert!(answers.values().all(|nodes| nodes.len() == 1), "none answered twice: {answers:?}");
+    let by_a = answers.values().filter(|nodes| nodes[0] == "node-a").count();
+    assert!(by_a > 0 && by_a < n, "both daemons took jobs (node-a took {by_a} of {n})");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.recv_on("replies/group", WAIT)).await.is_err(),
+        "no extra answers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_no_job() {
+    let mut broker = Broker::start();
+    let _daemon = mqtt_daemon(&broker, "box5", |c| c.mqtt.reconnect_max_s = 1);
+    let mut c = TestClient::connect(&broker, "restart-client").await;
+    wait_online(&mut c, "box5").await;
+    c.subscribe("replies/restart").await;
+    let total = 30;
+    for i in 0..total {
+        if i == 10 || i == 20 {
+            broker.restart();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Addressed to the node: the broker queues these in the daemon's
+        // session even while the daemon is reconnecting. (Fleet-wide jobs go
+        // through a shared subscription, which mosquitto does not queue while
+        // no member of the group is connected: the publisher gets PUBACK
+        // reason 0x10, "no matching subscribers", and must retry.)
+        let env = json!({"id": format!("r-{i}"), "image_base64": b64(&image("blue")), "reply_to": "replies/restart"});
+        c.publish("inferd/box5/jobs/color", env.to_string()).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < total {
+        let Ok(r) = tokio::time::timeout(Duration::from_secs(40), c.recv_on("replies/restart", WAIT * 4)).await else {
+            let missing: Vec<String> = (0..total).map(|i| format!("r-{i}")).filter(|id| !seen.contains(id)).collect();
+            if std::env::var_os("INFERD_TEST_BROKER_LOG").is_some() {
+                std::fs::write("/tmp/broker-restart.log", broker.log()).unwrap();
+            }
+            panic!("jobs never answered: {missing:?}");
+        };
+        let v = r.json();
+        assert_eq!(v["result"]["classes"][0]["label"], "blue", "{v}");
+        seen.insert(v["id"].as_str().unwrap().to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_1_still_works() {
+    let broker = Broker::start();
+    let _daemon = mqtt_daemon(&broker, "box6", |c| c.mqtt.protocol = "3.1.1".into());
+    let mut c = TestClient::connect(&broker, "v311-client").await;
+    wait_online(&mut c, "box6").await;
+    c.subscribe("inferd/box6/results/+").await;
+    c.subscribe("replies/v311").await;
+    c.publish("inferd/jobs/color", image("green")).await;
+    assert_eq!(c.recv_on("inferd/box6/results/color", WAIT).await.json()["result"]["classes"][0]["label"], "green");
+    let env = json!({"id": "v3", "image_base64": b64(&image("red")), "reply_to": "replies/v311"});
+    c.publish("inferd/box6/jobs/color", env.to_string()).await;
+    assert_eq!(c.recv_on("replies/v311", WAIT).await.json()["id"], "v3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_serves_while_the_broker_is_down_and_mqtt_joins_when_it_comes() {
+    let mut broker = Broker::start();
+    broker.stop();
+    let daemon = mqtt_daemon(&broker, "box7", |c| c.mqtt.reconnect_max_s = 1);
+    let r = daemon.client().post("/v1/models/color/infer", "image/jpeg", &image("red")).unwrap();
+    assert_eq!(r.status, 200, "the socket works without a broker");
+    broker.restart();
+    let mut c = TestClient::connect(&broker, "late-broker-client").await;
+    wait_online(&mut c, "box7").await;
+    c.subscribe("inferd/box7/results/+").await;
+    c.publish("inferd/jobs/color", image("red")).await;
+    assert_eq!(c.recv_on("inferd/box7/results/color", WAIT).await.json()["result"]["classes"][0]["label"], "red");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_with_jobs_in_flight_answers_them_all_after_restart() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = test_registry();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "models = \"{}\"\n[socket]\npath = \"{}\"\n[mqtt]\nurl = \"{}\"\nnode_id = \"killed\"\nmax_in_flight = 4\nreconnect_max_s = 1\n",
+            registry.path().display(),
+            dir.path().join("inferd.sock").display(),
+            broker.url()
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_inferd"))
+            .args(["--config", config.to_str().unwrap(), "serve"])
+            .env_remove("ORT_DYLIB_PATH")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut daemon = spawn();
+    let mut c = TestClient::connect(&broker, "kill-client").await;
+    wait_online(&mut c, "killed").await;
+    c.subscribe("replies/kill").await;
+    let busy = |id: &str| {
+        json!({"id": id, "reply_to": "replies/kill", "inputs": {
+            "iterations": {"shape": [], "dtype": "i64", "data": [60000]},
+            "x": {"shape": [1, 128], "dtype": "f32", "data": vec![0.5; 128]},
+        }})
+        .to_string()
+    };
+    let total = 12;
+    for i in 0..total {
+        c.publish("inferd/jobs/busy", busy(&format!("k-{i}"))).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let note = |r: &util::broker::Received, seen: &mut std::collections::HashSet<String>| {
+        if r.topic == "replies/kill" {
+            let v = r.json();
+            assert!(v["result"].is_object(), "{v}");
+            seen.insert(v["id"].as_str().unwrap().to_string());
+        }
+    };
+    let first = c.recv_on("replies/kill", WAIT).await;
+    note(&first, &mut seen);
+    daemon.kill().unwrap(); // SIGKILL: no goodbye, jobs in flight and queued
+    daemon.wait().unwrap();
+    loop {
+        let r = c.recv(WAIT).await;
+        note(&r, &mut seen);
+        if r.topic == "inferd/killed/status" && r.json()["online"] == false {
+            break; // the broker published the Last Will
+        }
+    }
+    assert!(seen.len() < total, "the kill came before every job was answered");
+    let mut restarted = spawn();
+    while seen.len() < total {
+        let r = c.recv(Duration::from_secs(60)).await;
+        note(&r, &mut seen);
+    }
+    restarted.kill().unwrap();
+    restarted.wait().unwrap();
+}

@@ -1,0 +1,182 @@
+//! A real mosquitto broker on a free loopback port, and a real MQTT 5 client
+//! for the other side of the tests.
+#![allow(dead_code)]
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A mosquitto process with persistence in a temporary folder.
+pub struct Broker {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn mosquitto() -> PathBuf {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("mosquitto is installed (scripts/setup.sh installs it)")
+}
+
+impl Broker {
+    /// Starts a broker on a free port.
+    pub fn start() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut b = Broker { port, dir: tempfile::tempdir().unwrap(), child: None };
+        b.launch();
+        b
+    }
+
+    /// The broker's log file (verbose with INFERD_TEST_BROKER_LOG set).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    fn launch(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\n\
+                 max_queued_messages 10000\nlog_dest file {}/mosquitto.log\nlog_type {}\n",
+                self.port,
+                self.dir.path().display(),
+                self.dir.path().display(),
+                if std::env::var_os("INFERD_TEST_BROKER_LOG").is_some() { "all" } else { "error" }
+            ),
+        )
+        .unwrap();
+        let child =
+            Command::new(mosquitto()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The URL for inferd's configuration.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker cleanly (it saves its sessions and queued messages).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill with a pid of our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts the broker again on the same port, with its saved state.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A message the test client received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    pub correlation: Option<Vec<u8>>,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.payload)))
+    }
+}
+
+/// A real MQTT 5 client with a persistent session, polled on its own task.
+pub struct TestClient {
+    pub client: AsyncClient,
+    pub rx: tokio::sync::mpsc::UnboundedReceiver<Received>,
+}
+
+impl TestClient {
+    pub async fn connect(broker: &Broker, id: &str) -> TestClient {
+        let mut o = MqttOptions::new(id, "127.0.0.1", broker.port);
+        o.set_clean_start(false).set_session_expiry_interval(Some(600)).set_keep_alive(Duration::from_secs(5));
+        o.set_max_packet_size(Some(64 << 20));
+        let (client, mut events) = AsyncClient::new(o, 1000);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let correlation =
+                            p.properties.as_ref().and_then(|pr| pr.correlation_data.as_ref()).map(|c| c.to_vec());
+                        let r = Received {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                            correlation,
+                        };
+                        if tx.send(r).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        TestClient { client, rx }
+    }
+
+    pub async fn subscribe(&self, filter: &str) {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.unwrap();
+    }
+
+    pub async fn publish_v5(&self, topic: &str, payload: impl Into<Vec<u8>>, response_topic: &str, correlation: &[u8]) {
+        let props = PublishProperties {
+            response_topic: Some(response_topic.into()),
+            correlation_data: Some(correlation.to_vec().into()),
+            ..Default::default()
+        };
+        self.client.publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), props).await.unwrap();
+    }
+
+    /// The next message, or a panic after `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> Received {
+        tokio::time::timeout(timeout, self.rx.recv()).await.expect("no MQTT message in time").expect("client stopped")
+    }
+
+    /// The next message on `topic`, skipping others.
+    pub async fn recv_on(&mut self, topic: &str, timeout: Duration) -> Received {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = self.recv(left).await;
+            if r.topic == topic {
+                return r;
+            }
+        }
+    }
+}
