@@ -44,6 +44,7 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 # A real MQTT broker and clients, for the MQTT tests and the docs' examples.
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   as_root apt-get update -qq

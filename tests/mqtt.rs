@@ -313,3 +313,87 @@ async fn a_daemon_killed_with_jobs_in_flight_answers_them_all_after_restart() {
     restarted.kill().unwrap();
     restarted.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_password_from_a_file() {
+    let broker = Broker::start_tls();
+    let tls = broker.tls.as_ref().unwrap();
+    let url = format!("mqtts://localhost:{}", tls.port);
+    let (ca, cert, key, user, password) = (
+        tls.ca.clone(),
+        tls.client_cert.clone(),
+        tls.client_key.clone(),
+        tls.username.clone(),
+        tls.password_file.clone(),
+    );
+    let _daemon = Daemon::start(move |c| {
+        c.mqtt.url = Some(url);
+        c.mqtt.node_id = Some("secure".into());
+        c.mqtt.ca_file = Some(ca);
+        c.mqtt.client_cert = Some(cert);
+        c.mqtt.client_key = Some(key);
+        c.mqtt.username = Some(user);
+        c.mqtt.password_file = Some(password);
+    });
+    let mut c = TestClient::connect(&broker, "tls-test-client").await;
+    wait_online(&mut c, "secure").await;
+    c.subscribe("inferd/secure/results/+").await;
+    c.publish("inferd/jobs/color", image("green")).await;
+    assert_eq!(c.recv_on("inferd/secure/results/color", WAIT).await.json()["result"]["classes"][0]["label"], "green");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_keeps_the_socket_serving_and_never_connects() {
+    let broker = Broker::start_tls();
+    let tls = broker.tls.as_ref().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let url = format!("mqtts://localhost:{}", tls.port);
+    let (ca, cert, key, user) = (tls.ca.clone(), tls.client_cert.clone(), tls.client_key.clone(), tls.username.clone());
+    let daemon = Daemon::start(move |c| {
+        c.mqtt.url = Some(url);
+        c.mqtt.node_id = Some("refused".into());
+        c.mqtt.ca_file = Some(ca);
+        c.mqtt.client_cert = Some(cert);
+        c.mqtt.client_key = Some(key);
+        c.mqtt.username = Some(user);
+        c.mqtt.password_file = Some(wrong);
+        c.mqtt.reconnect_max_s = 1;
+    });
+    let mut c = TestClient::connect(&broker, "refused-watcher").await;
+    c.subscribe("inferd/refused/status").await;
+    assert!(tokio::time::timeout(Duration::from_secs(2), c.recv_on("inferd/refused/status", WAIT)).await.is_err());
+    assert_eq!(daemon.client().post("/v1/models/color/infer", "image/jpeg", &image("red")).unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_model_queue_answers_mqtt_jobs_with_overloaded() {
+    let broker = Broker::start();
+    let _daemon = mqtt_daemon(&broker, "tight", |c| {
+        c.jobs.queue_capacity = 1;
+        c.mqtt.max_in_flight = 8;
+    });
+    let mut c = TestClient::connect(&broker, "overload-client").await;
+    wait_online(&mut c, "tight").await;
+    c.subscribe("replies/tight").await;
+    let n = 8;
+    for i in 0..n {
+        let env = json!({"id": format!("o-{i}"), "reply_to": "replies/tight", "inputs": {
+            "iterations": {"shape": [], "dtype": "i64", "data": [100000]},
+            "x": {"shape": [1, 128], "dtype": "f32", "data": vec![0.5; 128]},
+        }});
+        c.publish("inferd/jobs/busy", env.to_string()).await;
+    }
+    let (mut ok, mut overloaded) = (0, 0);
+    for _ in 0..n {
+        let v = c.recv_on("replies/tight", Duration::from_secs(60)).await.json();
+        if v["result"].is_object() {
+            ok += 1;
+        } else {
+            assert_eq!(v["error"]["kind"], "overloaded", "{v}");
+            overloaded += 1;
+        }
+    }
+    assert!(ok >= 1 && overloaded >= 1, "{ok} answered, {overloaded} overloaded");
+}

@@ -12,8 +12,29 @@ use std::time::{Duration, Instant};
 /// A mosquitto process with persistence in a temporary folder.
 pub struct Broker {
     pub port: u16,
+    /// A second listener with TLS (mutual) and a password, when started with `start_tls`.
+    pub tls: Option<TlsListener>,
     dir: tempfile::TempDir,
     child: Option<Child>,
+}
+
+/// What a client needs for the TLS listener.
+pub struct TlsListener {
+    pub port: u16,
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn mosquitto() -> PathBuf {
@@ -27,8 +48,90 @@ fn mosquitto() -> PathBuf {
 impl Broker {
     /// Starts a broker on a free port.
     pub fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut b = Broker { port, dir: tempfile::tempdir().unwrap(), child: None };
+        let mut b = Broker { port: free_port(), tls: None, dir: tempfile::tempdir().unwrap(), child: None };
+        b.launch();
+        b
+    }
+
+    /// Starts a broker with a plain anonymous listener (for the test client)
+    /// and a TLS listener that wants a client certificate and a password.
+    pub fn start_tls() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=inferd test CA",
+            ],
+        );
+        for (name, cn) in [("server", "localhost"), ("client", "inferd-client")] {
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            );
+            std::fs::write(d.join(format!("{name}.ext")), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+        }
+        let passwd = d.join("passwd");
+        let out = Command::new("mosquitto_passwd")
+            .args(["-b", "-c"])
+            .arg(&passwd)
+            .args(["inferd", "s3cret-pass"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mosquitto_passwd: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(d.join("password"), "s3cret-pass\n").unwrap();
+        let tls = TlsListener {
+            port: free_port(),
+            ca: d.join("ca.pem"),
+            client_cert: d.join("client.pem"),
+            client_key: d.join("client.key"),
+            username: "inferd".into(),
+            password_file: d.join("password"),
+        };
+        let mut b = Broker { port: free_port(), tls: Some(tls), dir, child: None };
         b.launch();
         b
     }
@@ -40,18 +143,22 @@ impl Broker {
 
     fn launch(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\n\
-                 max_queued_messages 10000\nlog_dest file {}/mosquitto.log\nlog_type {}\n",
-                self.port,
-                self.dir.path().display(),
-                self.dir.path().display(),
-                if std::env::var_os("INFERD_TEST_BROKER_LOG").is_some() { "all" } else { "error" }
-            ),
-        )
-        .unwrap();
+        let d = self.dir.path().display();
+        let mut text = format!(
+            "per_listener_settings true\npersistence true\npersistence_location {d}/\nuser root\n\
+             max_queued_messages 10000\nlog_dest file {d}/mosquitto.log\nlog_type {}\n\
+             listener {} 127.0.0.1\nallow_anonymous true\n",
+            if std::env::var_os("INFERD_TEST_BROKER_LOG").is_some() { "all" } else { "error" },
+            self.port,
+        );
+        if let Some(tls) = &self.tls {
+            text.push_str(&format!(
+                "listener {} 127.0.0.1\nallow_anonymous false\npassword_file {d}/passwd\ncafile {d}/ca.pem\n\
+                 certfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\n",
+                tls.port
+            ));
+        }
+        std::fs::write(&conf, text).unwrap();
         let child =
             Command::new(mosquitto()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         self.child = Some(child);
