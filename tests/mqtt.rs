@@ -71,6 +71,7 @@ async fn image_jobs_are_answered_on_every_reply_route() {
     c.publish_v5("inferd/jobs/color", image("blue"), "replies/v5", b"corr-42").await;
     let r = c.recv_on("replies/v5", WAIT).await;
     assert_eq!(r.correlation.as_deref(), Some(&b"corr-42"[..]), "correlation data is echoed");
+    assert!(r.user_properties.contains(&("camera".to_string(), "7".to_string())), "user properties are echoed");
     assert_eq!(r.json()["result"]["classes"][0]["label"], "blue");
 
     let tensors = std::fs::read_to_string(repo("tests/fixtures/mlp-input.json")).unwrap();

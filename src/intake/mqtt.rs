@@ -1,16 +1,16 @@
 //! Jobs over MQTT. Devices publish images (or JSON envelopes) to job topics;
 //! inferd answers on the request's MQTT 5 response topic (echoing its
-//! correlation data), else the envelope's `reply_to`, else
-//! `{prefix}/{node}/results/{model}`.
+//! correlation data and user properties), else the envelope's `reply_to`,
+//! else `{prefix}/{node}/results/{model}`.
 //!
 //! At-least-once: jobs are taken at QoS 1 on a persistent session, and a job
 //! is acknowledged only after its result has been handed to the broker, so a
 //! job in flight when the daemon dies is redelivered. Redeliveries of a job
 //! still running, or of a job id answered recently, are not computed twice.
-//! At most `max_in_flight` jobs are taken at once (MQTT 5 receive-maximum);
-//! beyond that, or when a model's queue is full, the job gets an
-//! `overloaded` error result. The broker being down never stops the daemon:
-//! the loop reconnects with capped exponential backoff.
+//! At most `max_in_flight` jobs run at once (advertised as MQTT 5
+//! receive-maximum, so the broker holds the rest); a job for a model whose
+//! queue is full gets an `overloaded` error result. The broker being down
+//! never stops the daemon: the loop reconnects with capped exponential backoff.
 
 use super::topics::{Topics, valid_reply_topic};
 use crate::config::{Limits, MqttConfig};
@@ -153,6 +153,7 @@ struct Message {
     payload: Bytes,
     response_topic: Option<String>,
     correlation: Option<Bytes>,
+    user_properties: Vec<(String, String)>,
     dup: bool,
     pkid: u16,
     ack: Ack,
@@ -163,6 +164,15 @@ struct Message {
 enum Ack {
     V5(m5::Publish),
     V4(rumqttc::Publish),
+}
+
+/// Where a result goes: topic, plus the MQTT 5 correlation data and user
+/// properties of the request, echoed.
+#[derive(Debug, Clone, Default)]
+struct Reply {
+    topic: String,
+    correlation: Option<Bytes>,
+    user_properties: Vec<(String, String)>,
 }
 
 /// The MQTT client of either protocol version.
@@ -184,17 +194,12 @@ enum Event {
 }
 
 impl Client {
-    async fn publish(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        retain: bool,
-        correlation: Option<Bytes>,
-    ) -> Result<(), String> {
+    async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool, reply: Option<&Reply>) -> Result<(), String> {
         match self {
             Client::V5(c) => {
                 let props = m5::PublishProperties {
-                    correlation_data: correlation,
+                    correlation_data: reply.and_then(|r| r.correlation.clone()),
+                    user_properties: reply.map(|r| r.user_properties.clone()).unwrap_or_default(),
                     content_type: Some("application/json".into()),
                     ..Default::default()
                 };
@@ -247,6 +252,7 @@ impl EventLoop {
                         payload: p.payload,
                         response_topic: props.response_topic,
                         correlation: props.correlation_data,
+                        user_properties: props.user_properties,
                         dup: p.dup,
                         pkid: p.pkid,
                         ack: Ack::V5(ack),
@@ -264,6 +270,7 @@ impl EventLoop {
                         payload: p.payload,
                         response_topic: None,
                         correlation: None,
+                        user_properties: Vec::new(),
                         dup: p.dup,
                         pkid: p.pkid,
                         ack: Ack::V4(ack),
@@ -284,8 +291,8 @@ struct Dedup {
     running: HashMap<String, Vec<Ack>>,
     /// Packet ids of messages still unacknowledged (a DUP redelivery of one of these is the same job).
     running_pkids: HashMap<u16, Vec<Ack>>,
-    /// id → (reply route, correlation, result payload) of recent answers, oldest first.
-    answered: HashMap<String, (String, Option<Bytes>, Vec<u8>)>,
+    /// id → (reply route, result payload) of recent answers.
+    answered: HashMap<String, (Reply, Vec<u8>)>,
     order: VecDeque<String>,
 }
 
@@ -295,14 +302,14 @@ enum Seen {
     /// The same job is running: its acknowledgement will be sent when it finishes.
     Running,
     /// Answered recently: publish this again and acknowledge.
-    Answered(String, Option<Bytes>, Vec<u8>),
+    Answered(Reply, Vec<u8>),
 }
 
 impl Dedup {
     fn check(&mut self, id: Option<&str>, msg: &Message) -> Seen {
         if let Some(id) = id {
-            if let Some((topic, corr, payload)) = self.answered.get(id) {
-                return Seen::Answered(topic.clone(), corr.clone(), payload.clone());
+            if let Some((reply, payload)) = self.answered.get(id) {
+                return Seen::Answered(reply.clone(), payload.clone());
             }
             if let Some(waiting) = self.running.get_mut(id) {
                 waiting.push(msg.ack.clone());
@@ -322,7 +329,7 @@ impl Dedup {
     }
 
     /// The job finished: remember its answer; returns every acknowledgement to send.
-    fn finish(&mut self, id: Option<&str>, pkid: u16, answer: (String, Option<Bytes>, Vec<u8>)) -> Vec<Ack> {
+    fn finish(&mut self, id: Option<&str>, pkid: u16, answer: (Reply, Vec<u8>)) -> Vec<Ack> {
         match id {
             Some(id) => {
                 let acks = self.running.remove(id).unwrap_or_default();
@@ -546,18 +553,19 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
     let parsed = parse_payload(&msg.payload, &ctx.limits, ctx.max_payload);
     let id = parsed.id.clone();
     // The reply route: MQTT 5 response topic, else the envelope's reply_to, else the default.
-    let (reply_topic, correlation) = match (&msg.response_topic, &parsed.reply_to) {
-        (Some(t), _) if valid_reply_topic(t) => (t.clone(), msg.correlation.clone()),
-        (_, Some(t)) if valid_reply_topic(t) => (t.clone(), msg.correlation.clone()),
-        _ => (ctx.topics.result(&model), msg.correlation.clone()),
+    let topic = match (&msg.response_topic, &parsed.reply_to) {
+        (Some(t), _) if valid_reply_topic(t) => t.clone(),
+        (_, Some(t)) if valid_reply_topic(t) => t.clone(),
+        _ => ctx.topics.result(&model),
     };
+    let reply = Reply { topic, correlation: msg.correlation.clone(), user_properties: msg.user_properties.clone() };
     tracing::debug!(id, model, pkid = msg.pkid, dup = msg.dup, bytes = msg.payload.len(), "MQTT job received");
     let seen = ctx.dedup.lock().unwrap_or_else(|e| e.into_inner()).check(id.as_deref(), &msg);
     match seen {
         Seen::Running => return,
-        Seen::Answered(topic, corr, payload) => {
+        Seen::Answered(reply, payload) => {
             tracing::debug!(id, "redelivered job already answered; publishing its result again");
-            if ctx.client.publish(&topic, payload, false, corr).await.is_ok() {
+            if ctx.client.publish(&reply.topic, payload, false, Some(&reply)).await.is_ok() {
                 let _ = ctx.client.ack(&msg.ack).await;
             }
             return;
@@ -581,16 +589,12 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
     answer["id"] = id.clone().map_or(Value::Null, Value::String);
     answer["node"] = Value::String(ctx.topics.node.clone());
     let payload = answer.to_string().into_bytes();
-    if let Err(e) = ctx.client.publish(&reply_topic, payload.clone(), false, correlation.clone()).await {
+    if let Err(e) = ctx.client.publish(&reply.topic, payload.clone(), false, Some(&reply)).await {
         // Not acknowledged: the broker will deliver the job again.
         tracing::warn!(id, "cannot publish the result: {e}");
         return;
     }
-    let acks = ctx.dedup.lock().unwrap_or_else(|e| e.into_inner()).finish(
-        id.as_deref(),
-        msg.pkid,
-        (reply_topic, correlation, payload),
-    );
+    let acks = ctx.dedup.lock().unwrap_or_else(|e| e.into_inner()).finish(id.as_deref(), msg.pkid, (reply, payload));
     tracing::debug!(id, acks = acks.len(), "MQTT job answered");
     for ack in acks {
         if let Err(e) = ctx.client.ack(&ack).await {

@@ -206,6 +206,7 @@ pub struct Received {
     pub payload: Vec<u8>,
     pub retain: bool,
     pub correlation: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
 }
 
 impl Received {
@@ -234,11 +235,14 @@ impl TestClient {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let correlation =
                             p.properties.as_ref().and_then(|pr| pr.correlation_data.as_ref()).map(|c| c.to_vec());
+                        let user_properties =
+                            p.properties.as_ref().map(|pr| pr.user_properties.clone()).unwrap_or_default();
                         let r = Received {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             payload: p.payload.to_vec(),
                             retain: p.retain,
                             correlation,
+                            user_properties,
                         };
                         if tx.send(r).is_err() {
                             return;
@@ -265,6 +269,7 @@ impl TestClient {
         let props = PublishProperties {
             response_topic: Some(response_topic.into()),
             correlation_data: Some(correlation.to_vec().into()),
+            user_properties: vec![("camera".into(), "7".into())],
             ..Default::default()
         };
         self.client.publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), props).await.unwrap();
