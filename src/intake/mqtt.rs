@@ -510,6 +510,12 @@ fn connect(
     }
 }
 
+#[cfg(not(feature = "tls"))]
+fn tls_transport(_cfg: &MqttConfig) -> Result<rumqttc::Transport, String> {
+    Err("this inferd was built without the `tls` feature; mqtts:// is not available".into())
+}
+
+#[cfg(feature = "tls")]
 fn tls_transport(cfg: &MqttConfig) -> Result<rumqttc::Transport, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
