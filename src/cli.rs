@@ -130,18 +130,43 @@ pub fn check(registry: &Registry, json: bool) -> i32 {
 /// `inferd models`.
 pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
     let ort = backend::ort::status(&config.runtime);
+    let probe = std::sync::Arc::new(crate::memory::SystemProbe::default());
+    let manager = crate::manager::Manager::new(config.memory.clone(), probe.clone(), engine.registry_arc());
+    let room = manager.room().ok();
+    let budget = match config.memory.budget_mb {
+        Some(b) => format!("memory.budget_mb = {b} MiB"),
+        None => crate::memory::MemoryProbe::describe(probe.as_ref()),
+    };
     let rows: Vec<serde_json::Value> = engine
         .registry()
         .models
         .iter()
-        .map(|m| match engine.plan(&m.name, &LoadOptions::default()) {
-            Ok(plan) => serde_json::json!({
+        .map(|m| {
+            let needs: Vec<serde_json::Value> = manager
+                .needs(m)
+                .iter()
+                .map(|n| serde_json::json!({"name": n.name, "quality": n.quality, "need_bytes": n.bytes, "need_mib": crate::memory::mib(n.bytes), "source": n.source}))
+                .collect();
+            let mut row = serde_json::json!({
                 "name": m.name, "task": m.task, "variants": m.variants.iter().map(|v| &v.name).collect::<Vec<_>>(),
-                "variant": plan.variant, "variant_reason": plan.variant_reason,
-                "backend": plan.backend.backend, "backend_reason": plan.backend.reason,
-                "providers": plan.providers, "loaded": false,
-            }),
-            Err(e) => serde_json::json!({"name": m.name, "task": m.task, "error": e}),
+                "needs": needs, "loaded": false,
+            });
+            match manager.plan_load(m, None) {
+                Ok(p) => {
+                    row["variant"] = serde_json::json!(p.variant);
+                    row["variant_reason"] = serde_json::json!(p.reason);
+                }
+                Err(e) => row["error"] = serde_json::json!(e),
+            }
+            match engine.plan(&m.name, &LoadOptions::default()) {
+                Ok(plan) => {
+                    row["backend"] = serde_json::json!(plan.backend.backend);
+                    row["backend_reason"] = serde_json::json!(plan.backend.reason);
+                    row["providers"] = serde_json::json!(plan.providers);
+                }
+                Err(e) => row["error"] = serde_json::json!(e),
+            }
+            row
         })
         .collect();
     if json {
@@ -149,7 +174,9 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
             Ok(desc) => serde_json::json!({"available": true, "onnxruntime": desc}),
             Err(why) => serde_json::json!({"available": false, "reason": why}),
         };
-        println!("{}", serde_json::json!({"runtime": runtime, "models": rows}));
+        let memory =
+            serde_json::json!({"room_bytes": room, "budget": budget, "headroom_mib": config.memory.headroom_mb});
+        println!("{}", serde_json::json!({"runtime": runtime, "memory": memory, "models": rows}));
         return exit::OK;
     }
     match &ort {
@@ -158,21 +185,31 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
             println!("runtime: ONNX Runtime is NOT available, models with backend auto run on tract\n  ({why})")
         }
     }
+    println!("memory:  {budget}; headroom {} MiB", config.memory.headroom_mb);
     println!("{:<16} {:<22} {:<10} {:<7} WHY", "MODEL", "TASK", "VARIANT", "BACKEND");
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         if let Some(err) = r.get("error") {
-            println!(
-                "{:<16} {:<22} {:<10} {:<7} {}",
-                s("name"),
-                s("task"),
-                "-",
-                "-",
-                err["message"].as_str().unwrap_or("")
-            );
+            let message = err["message"].as_str().unwrap_or("");
+            println!("{:<16} {:<22} {:<10} {:<7} {message}", s("name"), s("task"), "-", "-");
         } else {
             let why = format!("{}; {}", s("variant_reason"), s("backend_reason"));
             println!("{:<16} {:<22} {:<10} {:<7} {why}", s("name"), s("task"), s("variant"), s("backend"));
+        }
+        if let Some(needs) = r["needs"].as_array().filter(|n| n.len() > 1) {
+            let list: Vec<String> = needs
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{} (quality {}) {} MiB {}",
+                        n["name"].as_str().unwrap_or(""),
+                        n["quality"],
+                        n["need_mib"],
+                        n["source"].as_str().unwrap_or("").replace('_', " ")
+                    )
+                })
+                .collect();
+            println!("{:<16} variants: {}", "", list.join(" · "));
         }
     }
     exit::OK

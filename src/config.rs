@@ -22,7 +22,67 @@ pub struct Config {
     pub socket: SocketConfig,
     pub jobs: JobsConfig,
     pub mqtt: MqttConfig,
+    pub memory: MemoryConfig,
     pub log: LogConfig,
+}
+
+/// How models share memory: budget, headroom, lifecycle and pressure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Memory all loaded models may use together, MiB; unset: what the probe reports free.
+    pub budget_mb: Option<u64>,
+    /// Kept free on top of a variant's need when choosing it, MiB.
+    pub headroom_mb: u64,
+    /// Models loaded at start (others load on their first job).
+    pub preload: Vec<String>,
+    /// Unload a model idle this long, seconds; 0 keeps models loaded. models.json `keep_alive_s` overrides.
+    pub keep_alive_s: Option<u64>,
+    /// How often free memory is probed, milliseconds.
+    pub probe_interval_ms: u64,
+    /// Below this much free memory, a loaded model is downgraded to a smaller variant, MiB.
+    pub low_watermark_mb: u64,
+    /// Above this much free memory, a downgraded model may upgrade again, MiB.
+    pub high_watermark_mb: u64,
+    /// A model stays at least this long on a variant before it upgrades, seconds.
+    pub min_residency_s: u64,
+    /// Where measured footprints are kept; default `/var/lib/inferd` as root,
+    /// else `$XDG_STATE_HOME/inferd` (or `~/.local/state/inferd`).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            budget_mb: None,
+            headroom_mb: 64,
+            preload: Vec::new(),
+            keep_alive_s: None,
+            probe_interval_ms: 2000,
+            low_watermark_mb: 128,
+            high_watermark_mb: 512,
+            min_residency_s: 60,
+            state_dir: None,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// The state directory in force.
+    pub fn resolved_state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return PathBuf::from("/var/lib/inferd");
+        }
+        match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+            (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("inferd"),
+            (_, Some(h)) => PathBuf::from(h).join(".local/state/inferd"),
+            _ => std::env::temp_dir().join("inferd-state"),
+        }
+    }
 }
 
 /// Jobs over MQTT. Off unless `url` is set.
@@ -305,6 +365,7 @@ impl Config {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("runtime.providers")
+                .with_list_parse_key("memory.preload")
                 .source(Some(env)),
         );
         let config: Config = builder.build().map_err(invalid)?.try_deserialize().map_err(invalid)?;
@@ -341,6 +402,14 @@ impl Config {
         }
         if self.mqtt.url.is_some() {
             crate::intake::mqtt::Broker::parse(&self.mqtt).map_err(ConfigError::Invalid)?;
+        }
+        if self.memory.low_watermark_mb > self.memory.high_watermark_mb {
+            return Err(ConfigError::Invalid(
+                "memory.low_watermark_mb must not be above memory.high_watermark_mb".into(),
+            ));
+        }
+        if self.memory.probe_interval_ms == 0 {
+            return Err(ConfigError::Invalid("memory.probe_interval_ms must be above 0".into()));
         }
         if self.jobs.queue_capacity == 0 || self.jobs.timeout_ms == 0 {
             return Err(ConfigError::Invalid("jobs.queue_capacity and jobs.timeout_ms must be above 0".into()));

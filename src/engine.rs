@@ -74,6 +74,16 @@ impl Engine {
         &self.registry
     }
 
+    /// The registry, shared.
+    pub fn registry_arc(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// The configuration this engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Decides variant, engine and providers for `name` without loading anything.
     pub fn plan(&self, name: &str, options: &LoadOptions) -> Result<Plan, InferError> {
         let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod intake;
 pub mod job;
+pub mod manager;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;
@@ -54,6 +55,15 @@ pub enum RunError {
 /// jobs finish within `jobs.drain_timeout_ms` and removes the socket file.
 /// The single entry point: `main` passes the signal future, tests their own.
 pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with_probe(config, shutdown, Arc::new(memory::SystemProbe::default())).await
+}
+
+/// [`run`] with the memory probe given (tests pass a fake one to create memory pressure).
+pub async fn run_with_probe(
+    config: config::Config,
+    shutdown: impl Future<Output = ()>,
+    probe: Arc<dyn memory::MemoryProbe>,
+) -> Result<(), RunError> {
     let registry = registry::Registry::load(&config.registry_path())?;
     let engine = engine::Engine::new(config.clone(), registry);
     for model in &engine.registry().models {
@@ -70,7 +80,9 @@ pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> 
         }
     }
     let metrics = Arc::new(metrics::Metrics::default());
-    let scheduler = Arc::new(scheduler::Scheduler::new(engine, config.jobs.clone(), metrics));
+    let manager = Arc::new(manager::Manager::new(config.memory.clone(), probe, engine.registry_arc()));
+    tracing::info!("memory: {}", manager.probe().describe());
+    let scheduler = Arc::new(scheduler::Scheduler::new(engine, config.jobs.clone(), metrics, manager));
     let (listener, socket_path) = intake::unix::bind(&config.socket)?;
     let tcp = match &config.socket.tcp {
         Some(addr) => Some(
@@ -112,6 +124,7 @@ pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> 
         }
         None => None,
     };
+    scheduler.start_background(stop_rx.clone());
     ready.store(true, Ordering::SeqCst);
     tracing::info!(socket = %socket_path.display(), models = scheduler.engine().registry().models.len(), "inferd is ready");
 

@@ -24,6 +24,9 @@ struct ModelCounters {
 struct Inner {
     models: BTreeMap<String, ModelCounters>,
     errors: BTreeMap<ErrorKind, u64>,
+    /// (model, event) → count: load, load_failed, unload_idle, unload_requested, evict, downgrade, upgrade.
+    events: BTreeMap<(String, &'static str), u64>,
+    load_seconds: BTreeMap<String, (f64, u64)>,
 }
 
 /// Counters shared by every front-end.
@@ -69,10 +72,43 @@ impl Metrics {
         *inner.errors.entry(kind).or_default() += 1;
     }
 
-    /// The Prometheus text for the counters plus `gauges`.
-    pub fn render(&self, gauges: &[ModelGauges]) -> String {
+    /// Records something the model manager did to `model`.
+    pub fn record_event(&self, model: &str, event: &'static str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        *inner.events.entry((model.to_string(), event)).or_default() += 1;
+    }
+
+    /// Records how long a load of `model` took.
+    pub fn record_load_time(&self, model: &str, elapsed: Duration) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = inner.load_seconds.entry(model.to_string()).or_default();
+        entry.0 += elapsed.as_secs_f64();
+        entry.1 += 1;
+    }
+
+    /// The Prometheus text for the counters plus `gauges` and the memory `room` left for models.
+    pub fn render(&self, gauges: &[ModelGauges], room: Option<u64>) -> String {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
+        let _ = writeln!(out, "# HELP inferd_model_events_total What the model manager did, by model and event.");
+        let _ = writeln!(out, "# TYPE inferd_model_events_total counter");
+        for ((model, event), n) in &inner.events {
+            let _ = writeln!(out, "inferd_model_events_total{{model=\"{}\",event=\"{event}\"}} {n}", esc(model));
+        }
+        let _ = writeln!(out, "# HELP inferd_model_load_seconds Time spent loading models.");
+        let _ = writeln!(out, "# TYPE inferd_model_load_seconds summary");
+        for (model, (sum, count)) in &inner.load_seconds {
+            let _ = writeln!(out, "inferd_model_load_seconds_sum{{model=\"{}\"}} {sum}", esc(model));
+            let _ = writeln!(out, "inferd_model_load_seconds_count{{model=\"{}\"}} {count}", esc(model));
+        }
+        if let Some(room) = room {
+            let _ = writeln!(
+                out,
+                "# HELP inferd_memory_room_bytes Memory models may still use (budget left, or free memory)."
+            );
+            let _ = writeln!(out, "# TYPE inferd_memory_room_bytes gauge");
+            let _ = writeln!(out, "inferd_memory_room_bytes {room}");
+        }
         let _ = writeln!(out, "# HELP inferd_jobs_total Jobs finished, by model and outcome (ok or an error kind).");
         let _ = writeln!(out, "# TYPE inferd_jobs_total counter");
         for (model, m) in &inner.models {
@@ -140,7 +176,13 @@ mod tests {
         m.record_job::<()>("a", &Ok(()), Duration::from_millis(3));
         m.record_job::<()>("a", &Err(InferError::bad_input("x")), Duration::from_millis(30));
         m.record_error(ErrorKind::UnknownModel);
-        let text = m.render(&[ModelGauges { model: "a".into(), queue_depth: 2, loaded: true, memory_bytes: Some(7) }]);
+        m.record_event("a", "downgrade");
+        m.record_load_time("a", Duration::from_millis(250));
+        let text = m
+            .render(&[ModelGauges { model: "a".into(), queue_depth: 2, loaded: true, memory_bytes: Some(7) }], Some(9));
+        assert!(text.contains("inferd_model_events_total{model=\"a\",event=\"downgrade\"} 1"), "{text}");
+        assert!(text.contains("inferd_model_load_seconds_sum{model=\"a\"} 0.25"), "{text}");
+        assert!(text.contains("inferd_memory_room_bytes 9"), "{text}");
         assert!(text.contains("inferd_jobs_total{model=\"a\",outcome=\"ok\"} 1"), "{text}");
         assert!(text.contains("inferd_jobs_total{model=\"a\",outcome=\"bad_input\"} 1"), "{text}");
         assert!(text.contains("inferd_errors_total{kind=\"unknown_model\"} 1"), "{text}");

@@ -49,6 +49,12 @@ pub struct ModelSpec {
     /// A text file with one label per line, relative to models.json.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<PathBuf>,
+    /// Unload after this many idle seconds (0: never); default the config's `memory.keep_alive_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_s: Option<u64>,
+    /// Never unload for idleness or to make room for another model.
+    #[serde(default)]
+    pub pin: bool,
 }
 
 /// One size of a model: its file and what it costs.

@@ -7,8 +7,9 @@ use crate::config::JobsConfig;
 use crate::engine::Engine;
 use crate::error::InferError;
 use crate::job::{JobInput, JobOptions, JobOutput};
+use crate::manager::{Manager, Pressure};
 use crate::metrics::{Metrics, ModelGauges};
-use crate::worker::{self, Job, ModelState, StateCell, Work};
+use crate::worker::{self, Job, ModelState, StateCell, Work, WorkerCtx};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,14 +33,81 @@ pub struct Scheduler {
     engine: Engine,
     jobs: JobsConfig,
     metrics: Arc<Metrics>,
+    manager: Arc<Manager>,
     slots: Mutex<HashMap<String, Slot>>,
     closed: std::sync::atomic::AtomicBool,
+    evict_tx: mpsc::UnboundedSender<String>,
+    evict_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
 }
 
 impl Scheduler {
     /// A scheduler with no worker started yet.
-    pub fn new(engine: Engine, jobs: JobsConfig, metrics: Arc<Metrics>) -> Scheduler {
-        Scheduler { engine, jobs, metrics, slots: Mutex::new(HashMap::new()), closed: false.into() }
+    pub fn new(engine: Engine, jobs: JobsConfig, metrics: Arc<Metrics>, manager: Arc<Manager>) -> Scheduler {
+        let (evict_tx, evict_rx) = mpsc::unbounded_channel();
+        Scheduler {
+            engine,
+            jobs,
+            metrics,
+            manager,
+            slots: Mutex::new(HashMap::new()),
+            closed: false.into(),
+            evict_tx,
+            evict_rx: Mutex::new(Some(evict_rx)),
+        }
+    }
+
+    /// The model manager.
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
+    /// Starts the manager's background work until `stop`: evictions asked
+    /// for by loads, idle unloads, the memory-pressure check, and preloads.
+    pub fn start_background(self: &Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let evictions = self.evict_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut rx) = evictions {
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Some(model) = rx.recv().await {
+                    let _ = me.unload(&model).await;
+                }
+            });
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let interval = Duration::from_millis(me.manager.config().probe_interval_ms);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                for model in me.manager.idle_expired() {
+                    tracing::info!(model, "unloading: idle longer than its keep-alive");
+                    me.metrics.record_event(&model, "unload_idle");
+                    let _ = me.unload(&model).await;
+                }
+                match me.manager.pressure() {
+                    Ok(Pressure::Steady) => {}
+                    Ok(Pressure::Downgrade { model, variant } | Pressure::Upgrade { model, variant }) => {
+                        let queue = me.slots().get(&model).map(|s| s.queue.clone());
+                        if let Some(q) = queue {
+                            // Sent through the job queue: jobs already queued finish on the old variant.
+                            let _ = q.send(Work::Swap(variant)).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!("memory probe: {e}"),
+                }
+            }
+        });
+        for model in self.manager.config().preload.clone() {
+            let me = self.clone();
+            tokio::spawn(async move {
+                match me.load(&model).await {
+                    Ok(()) => tracing::info!(model, "preloaded"),
+                    Err(e) => tracing::warn!(model, "cannot preload: {}", e.message),
+                }
+            });
+        }
     }
 
     /// The engine this scheduler dispatches to.
@@ -72,7 +140,13 @@ impl Scheduler {
         }
         let (tx, rx) = mpsc::channel(self.jobs.queue_capacity);
         let state: StateCell = Arc::new(Mutex::new(ModelState::Unloaded));
-        let thread = worker::spawn(self.engine.clone(), model.to_string(), rx, state.clone())
+        let ctx = WorkerCtx {
+            engine: self.engine.clone(),
+            manager: self.manager.clone(),
+            metrics: self.metrics.clone(),
+            evict: self.evict_tx.clone(),
+        };
+        let thread = worker::spawn(ctx, model.to_string(), rx, state.clone())
             .map_err(|e| InferError::internal(format!("cannot start a worker thread: {e}")))?;
         slots.insert(model.to_string(), Slot { queue: tx.clone(), state, thread });
         Ok(tx)

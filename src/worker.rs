@@ -8,6 +8,8 @@ use crate::backend::BackendKind;
 use crate::engine::{Engine, LoadOptions, LoadedModel};
 use crate::error::InferError;
 use crate::job::{JobInput, JobOptions, JobOutput};
+use crate::manager::Manager;
+use crate::metrics::Metrics;
 use serde::Serialize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,18 @@ pub enum Work {
     Job(Job),
     /// Load now (if not loaded) and say how it went.
     Load(oneshot::Sender<Result<(), InferError>>),
+    /// Switch to this variant (memory pressure): load it, then drop the old one.
+    Swap(String),
+}
+
+/// What a worker shares with the rest of the daemon.
+#[derive(Clone)]
+pub struct WorkerCtx {
+    pub engine: Engine,
+    pub manager: Arc<Manager>,
+    pub metrics: Arc<Metrics>,
+    /// Models the manager wants unloaded to make room.
+    pub evict: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 /// Where a model stands, as the API reports it.
@@ -35,7 +49,7 @@ pub enum Work {
 pub enum ModelState {
     Unloaded,
     Loading,
-    Loaded { variant: String, backend: BackendKind, provider: String, memory_bytes: Option<u64> },
+    Loaded { variant: String, reason: String, backend: BackendKind, provider: String, memory_bytes: Option<u64> },
     Failed { error: InferError },
 }
 
@@ -55,31 +69,33 @@ pub fn get_state(cell: &StateCell) -> ModelState {
 /// Starts the worker thread for `model`; it runs until `queue`'s senders are
 /// all dropped and the queue is drained, then unloads.
 pub fn spawn(
-    engine: Engine,
+    ctx: WorkerCtx,
     model: String,
     queue: mpsc::Receiver<Work>,
     state: StateCell,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("inferd-{model}")).spawn(move || run(engine, model, queue, state))
+    std::thread::Builder::new().name(format!("inferd-{model}")).spawn(move || run(ctx, model, queue, state))
 }
 
-fn run(engine: Engine, model: String, mut queue: mpsc::Receiver<Work>, state: StateCell) {
+fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: StateCell) {
     let mut loaded: Option<LoadedModel> = None;
     while let Some(work) = queue.blocking_recv() {
         match work {
             Work::Load(reply) => {
-                let _ = reply.send(ensure_loaded(&engine, &model, &mut loaded, &state).map(|_| ()));
+                let _ = reply.send(ensure_loaded(&ctx, &model, &mut loaded, &state).map(|_| ()));
             }
+            Work::Swap(variant) => swap(&ctx, &model, &mut loaded, &state, &variant),
             Work::Job(job) => {
                 if job.reply.is_closed() {
                     continue; // the client gave up (timeout or disconnect): do not spend the engine on it
                 }
                 let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1000.0;
-                let result = ensure_loaded(&engine, &model, &mut loaded, &state).and_then(|m| {
+                let result = ensure_loaded(&ctx, &model, &mut loaded, &state).and_then(|m| {
                     catch_unwind(AssertUnwindSafe(|| m.infer(job.input, &job.options))).unwrap_or_else(|panic| {
                         Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
                     })
                 });
+                ctx.manager.touch(&model);
                 let _ = job.reply.send(result.map(|mut out| {
                     out.timings.queue_ms = queue_ms;
                     out
@@ -90,11 +106,53 @@ fn run(engine: Engine, model: String, mut queue: mpsc::Receiver<Work>, state: St
     if loaded.take().is_some() {
         tracing::info!(model, "model unloaded");
     }
+    ctx.manager.record_unload(&model);
     set_state(&state, ModelState::Unloaded);
 }
 
+/// Loads `variant` (or the one the manager picks), measuring its footprint.
+fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<LoadedModel, InferError> {
+    let spec = ctx.engine.registry().get(model).ok_or_else(|| InferError::unknown_model(model))?.clone();
+    let plan = ctx.manager.plan_load(&spec, variant)?;
+    for victim in &plan.evict {
+        tracing::info!(model = victim, "unloading to make room for {model}");
+        ctx.metrics.record_event(victim, "evict");
+        ctx.manager.record_unload(victim);
+        let _ = ctx.evict.send(victim.clone());
+    }
+    let before = crate::memory::process_rss_bytes();
+    let started = Instant::now();
+    let options = LoadOptions { variant: Some(plan.variant.clone()), ..Default::default() };
+    let outcome = catch_unwind(AssertUnwindSafe(|| ctx.engine.load(model, &options)))
+        .unwrap_or_else(|panic| Err(InferError::internal(format!("loading panicked: {}", panic_text(&panic)))));
+    let mut m = match outcome {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.metrics.record_event(model, "load_failed");
+            return Err(e);
+        }
+    };
+    ctx.metrics.record_load_time(model, started.elapsed());
+    ctx.metrics.record_event(model, "load");
+    let measured = before.zip(crate::memory::process_rss_bytes()).map(|(b, a)| a.saturating_sub(b));
+    m.plan.variant_reason = plan.reason.clone();
+    ctx.manager.record_load(&spec, &plan.variant, measured);
+    tracing::info!(model, variant = %plan.variant, measured_mib = measured.map(crate::memory::mib), "variant chosen: {}", plan.reason);
+    Ok(m)
+}
+
+fn loaded_state(m: &LoadedModel, memory_bytes: Option<u64>) -> ModelState {
+    ModelState::Loaded {
+        variant: m.plan.variant.clone(),
+        reason: m.plan.variant_reason.clone(),
+        backend: m.plan.backend.backend,
+        provider: m.provider().to_string(),
+        memory_bytes,
+    }
+}
+
 fn ensure_loaded<'a>(
-    engine: &Engine,
+    ctx: &WorkerCtx,
     model: &str,
     loaded: &'a mut Option<LoadedModel>,
     state: &StateCell,
@@ -102,20 +160,10 @@ fn ensure_loaded<'a>(
     if loaded.is_none() {
         set_state(state, ModelState::Loading);
         let before = crate::memory::process_rss_bytes();
-        let outcome = catch_unwind(AssertUnwindSafe(|| engine.load(model, &LoadOptions::default())))
-            .unwrap_or_else(|panic| Err(InferError::internal(format!("loading panicked: {}", panic_text(&panic)))));
-        match outcome {
+        match load(ctx, model, None) {
             Ok(m) => {
                 let memory_bytes = before.zip(crate::memory::process_rss_bytes()).map(|(b, a)| a.saturating_sub(b));
-                set_state(
-                    state,
-                    ModelState::Loaded {
-                        variant: m.plan.variant.clone(),
-                        backend: m.plan.backend.backend,
-                        provider: m.provider().to_string(),
-                        memory_bytes,
-                    },
-                );
+                set_state(state, loaded_state(&m, memory_bytes));
                 *loaded = Some(m);
             }
             Err(e) => {
@@ -126,6 +174,36 @@ fn ensure_loaded<'a>(
         }
     }
     Ok(loaded.as_mut().expect("loaded above"))
+}
+
+/// Switches a loaded model to `variant`: the new one is loaded while the old
+/// one still holds, then the old one is dropped. Jobs wait in the queue for
+/// the switch, none fails; if the new variant cannot load, the old one stays.
+fn swap(ctx: &WorkerCtx, model: &str, loaded: &mut Option<LoadedModel>, state: &StateCell, variant: &str) {
+    let Some(current) = loaded.as_ref() else { return };
+    if current.plan.variant == variant {
+        return;
+    }
+    let from = current.plan.variant.clone();
+    let quality = |name: &str| {
+        ctx.engine
+            .registry()
+            .get(model)
+            .and_then(|m| m.variants.iter().find(|v| v.name == name))
+            .map_or(0, |v| v.quality)
+    };
+    let event = if quality(variant) < quality(&from) { "downgrade" } else { "upgrade" };
+    let before = crate::memory::process_rss_bytes();
+    match load(ctx, model, Some(variant)) {
+        Ok(m) => {
+            let memory_bytes = before.zip(crate::memory::process_rss_bytes()).map(|(b, a)| a.saturating_sub(b));
+            set_state(state, loaded_state(&m, memory_bytes));
+            *loaded = Some(m); // drops the old session
+            ctx.metrics.record_event(model, event);
+            tracing::info!(model, from, to = variant, "{event}d under memory pressure");
+        }
+        Err(e) => tracing::warn!(model, from, to = variant, "cannot {event}: {}; keeping {from}", e.message),
+    }
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

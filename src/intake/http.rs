@@ -87,10 +87,17 @@ pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError
         "variants": variants,
         "queue_depth": status.queue_depth,
     });
-    match engine.plan(name, &Default::default()) {
+    let manager = scheduler.manager();
+    info["needs"] = json!(manager.needs(spec));
+    match manager.plan_load(spec, None) {
         Ok(plan) => {
             info["variant"] = json!(plan.variant);
-            info["variant_reason"] = json!(plan.variant_reason);
+            info["variant_reason"] = json!(plan.reason);
+        }
+        Err(e) => info["variant_error"] = json!(e),
+    }
+    match engine.plan(name, &Default::default()) {
+        Ok(plan) => {
             info["backend"] = json!(plan.backend.backend);
             info["backend_reason"] = json!(plan.backend.reason);
             info["providers"] = json!(plan.providers);
@@ -104,8 +111,9 @@ pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError
             info["error"] = json!(error);
             ("failed", false)
         }
-        ModelState::Loaded { variant, backend, provider, memory_bytes } => {
+        ModelState::Loaded { variant, reason, backend, provider, memory_bytes } => {
             info["variant"] = json!(variant);
+            info["variant_reason"] = json!(reason);
             info["backend"] = json!(backend);
             info["provider"] = json!(provider);
             info["memory_bytes"] = json!(memory_bytes);
@@ -138,7 +146,7 @@ async fn unload(State(app): State<AppState>, Path(name): Path<String>) -> Respon
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let text = app.scheduler.metrics().render(&app.scheduler.gauges());
+    let text = app.scheduler.metrics().render(&app.scheduler.gauges(), app.scheduler.manager().room().ok());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -132,6 +132,14 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon over [`test_registry`] after `edit` adjusts its configuration.
     pub fn start(edit: impl FnOnce(&mut inferd::config::Config)) -> Daemon {
+        Self::start_with_probe(std::sync::Arc::new(inferd::memory::SystemProbe::default()), edit)
+    }
+
+    /// [`Daemon::start`] with the memory probe given.
+    pub fn start_with_probe(
+        probe: std::sync::Arc<dyn inferd::memory::MemoryProbe>,
+        edit: impl FnOnce(&mut inferd::config::Config),
+    ) -> Daemon {
         if let Ok(filter) = std::env::var("INFERD_TEST_LOG") {
             let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         }
@@ -139,14 +147,19 @@ impl Daemon {
         let socket = registry.file("inferd.sock");
         let mut config = inferd::config::Config { models: Some(registry.path()), ..Default::default() };
         config.socket.path = Some(socket.clone());
+        config.memory.state_dir = Some(registry.file("state"));
         edit(&mut config);
         let socket = config.socket.resolved_path();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            rt.block_on(inferd::run(config, async {
-                let _ = stopped.await;
-            }))
+            rt.block_on(inferd::run_with_probe(
+                config,
+                async {
+                    let _ = stopped.await;
+                },
+                probe,
+            ))
             .map_err(|e| e.to_string())
         });
         let daemon = Daemon { socket, registry, stop: Some(stop), thread: Some(thread) };

@@ -1,0 +1,468 @@
+//! The memory-aware model manager: which variant of a model fits the memory
+//! that is really free, what to evict when a load would not fit, and when to
+//! downgrade or upgrade a loaded model as memory comes and goes.
+//!
+//! Decisions are pure functions ([`need`], [`choose`], [`evictions`],
+//! [`pressure`]) with table tests; [`Manager`] is the thin state around them:
+//! the probe, the measured footprints and what is loaded now.
+
+use crate::config::MemoryConfig;
+use crate::error::InferError;
+use crate::memory::{Footprints, MemoryProbe, mib};
+use crate::registry::{ModelSpec, Registry};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where a variant's memory need comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NeedSource {
+    /// Measured when it was loaded on this box.
+    Measured,
+    /// models.json's `memory_mb`.
+    Estimate,
+    /// A rule from the file size (twice the file plus 16 MiB).
+    FileSize,
+}
+
+/// One variant's memory need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VariantNeed {
+    pub name: String,
+    pub quality: u32,
+    pub bytes: u64,
+    pub source: NeedSource,
+}
+
+/// A variant's need: measured if known, else the estimate, else the file-size rule.
+pub fn need(measured: Option<u64>, estimate_mb: Option<u64>, file_bytes: u64) -> (u64, NeedSource) {
+    match (measured, estimate_mb) {
+        (Some(m), _) => (m, NeedSource::Measured),
+        (None, Some(e)) => (e << 20, NeedSource::Estimate),
+        (None, None) => (file_bytes.saturating_mul(2).saturating_add(16 << 20), NeedSource::FileSize),
+    }
+}
+
+fn need_text(n: &VariantNeed) -> String {
+    let source = match n.source {
+        NeedSource::Measured => "measured",
+        NeedSource::Estimate => "estimated",
+        NeedSource::FileSize => "from file size",
+    };
+    format!("'{}' needs {} MiB ({source})", n.name, mib(n.bytes))
+}
+
+/// Picks the highest-quality variant whose need plus `headroom` fits in
+/// `room` (bytes); among equal quality the first listed. The reason says
+/// which was chosen and why the better ones were not.
+pub fn choose(needs: &[VariantNeed], room: u64, headroom: u64) -> Result<(usize, String), String> {
+    let mut order: Vec<usize> = (0..needs.len()).collect();
+    order.sort_by(|&a, &b| needs[b].quality.cmp(&needs[a].quality).then(a.cmp(&b)));
+    let mut skipped = Vec::new();
+    for i in order {
+        let n = &needs[i];
+        if n.bytes.saturating_add(headroom) <= room {
+            let mut reason =
+                format!("{}, fits in {} MiB free with {} MiB headroom", need_text(n), mib(room), mib(headroom));
+            if !skipped.is_empty() {
+                reason.push_str(&format!("; too big: {}", skipped.join(", ")));
+            }
+            return Ok((i, reason));
+        }
+        skipped.push(need_text(n));
+    }
+    Err(format!(
+        "no variant fits in {} MiB free with {} MiB headroom: {}",
+        mib(room),
+        mib(headroom),
+        skipped.join(", ")
+    ))
+}
+
+/// A loaded model as eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resident {
+    pub model: String,
+    pub bytes: u64,
+    pub idle: Duration,
+    pub pinned: bool,
+}
+
+/// Which loaded models to unload, least recently used first, so that `need`
+/// fits in `room` plus what they free; `None` when even all unpinned ones
+/// would not make room.
+pub fn evictions(residents: &[Resident], room: u64, need: u64) -> Option<Vec<String>> {
+    if need <= room {
+        return Some(Vec::new());
+    }
+    let mut order: Vec<&Resident> = residents.iter().filter(|r| !r.pinned).collect();
+    order.sort_by(|a, b| b.idle.cmp(&a.idle).then(a.model.cmp(&b.model)));
+    let mut freed = 0u64;
+    let mut out = Vec::new();
+    for r in order {
+        freed = freed.saturating_add(r.bytes);
+        out.push(r.model.clone());
+        if room.saturating_add(freed) >= need {
+            return Some(out);
+        }
+    }
+    None
+}
+
+/// What the pressure check decides for one round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pressure {
+    Steady,
+    /// Swap `model` to the smaller `variant`.
+    Downgrade {
+        model: String,
+        variant: String,
+    },
+    /// Swap `model` back to the better `variant`.
+    Upgrade {
+        model: String,
+        variant: String,
+    },
+}
+
+/// A loaded model as the pressure check sees it.
+#[derive(Debug, Clone)]
+pub struct LoadedView {
+    pub model: String,
+    pub variant: String,
+    pub needs: Vec<VariantNeed>,
+    /// Time since it was loaded or last swapped.
+    pub residency: Duration,
+}
+
+/// Below `low` free bytes, downgrade the loaded model whose current variant
+/// needs the most to its next smaller variant (the next lower quality rank:
+/// ranks order a model's sizes, while measured and estimated needs are not
+/// always comparable). Above `high`, upgrade a model
+/// resident for at least `min_residency` to its next better variant, if
+/// the extra need leaves more than `low` free (hysteresis: no thrash).
+pub fn pressure(available: u64, low: u64, high: u64, min_residency: Duration, loaded: &[LoadedView]) -> Pressure {
+    let current = |v: &LoadedView| v.needs.iter().find(|n| n.name == v.variant).cloned();
+    if available < low {
+        let mut best: Option<(u64, String, String)> = None;
+        for v in loaded {
+            let Some(cur) = current(v) else { continue };
+            let smaller = v
+                .needs
+                .iter()
+                .filter(|n| n.quality < cur.quality)
+                .max_by(|a, b| a.quality.cmp(&b.quality).then(b.bytes.cmp(&a.bytes)));
+            if let Some(s) = smaller
+                && best.as_ref().is_none_or(|(bytes, _, _)| cur.bytes > *bytes)
+            {
+                best = Some((cur.bytes, v.model.clone(), s.name.clone()));
+            }
+        }
+        return best.map_or(Pressure::Steady, |(_, model, variant)| Pressure::Downgrade { model, variant });
+    }
+    if available > high {
+        for v in loaded.iter().filter(|v| v.residency >= min_residency) {
+            let Some(cur) = current(v) else { continue };
+            let better = v
+                .needs
+                .iter()
+                .filter(|n| n.quality > cur.quality)
+                .min_by(|a, b| a.quality.cmp(&b.quality).then(a.bytes.cmp(&b.bytes)));
+            if let Some(b) = better {
+                let extra = b.bytes.saturating_sub(cur.bytes);
+                if available.saturating_sub(extra) > low {
+                    return Pressure::Upgrade { model: v.model.clone(), variant: b.name.clone() };
+                }
+            }
+        }
+    }
+    Pressure::Steady
+}
+
+struct Loaded {
+    variant: String,
+    bytes: u64,
+    last_used: Instant,
+    since: Instant,
+}
+
+/// The manager's state: probe, footprints, and what is loaded.
+pub struct Manager {
+    cfg: MemoryConfig,
+    probe: Arc<dyn MemoryProbe>,
+    footprints: Footprints,
+    registry: Arc<Registry>,
+    loaded: Mutex<HashMap<String, Loaded>>,
+}
+
+/// A load plan: the variant, why, and who must make room.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    pub variant: String,
+    pub reason: String,
+    pub evict: Vec<String>,
+}
+
+impl Manager {
+    /// A manager over `registry`, with measured footprints kept in `cfg.state_dir`.
+    pub fn new(cfg: MemoryConfig, probe: Arc<dyn MemoryProbe>, registry: Arc<Registry>) -> Manager {
+        let footprints = Footprints::open(Some(&cfg.resolved_state_dir()));
+        Manager { cfg, probe, footprints, registry, loaded: Mutex::new(HashMap::new()) }
+    }
+
+    fn loaded(&self) -> std::sync::MutexGuard<'_, HashMap<String, Loaded>> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.cfg
+    }
+
+    /// What the probe says now.
+    pub fn probe(&self) -> &Arc<dyn MemoryProbe> {
+        &self.probe
+    }
+
+    /// The memory models may still use, in bytes: `budget_mb` minus what
+    /// loaded models use when a budget is set, else what the probe reports.
+    pub fn room(&self) -> Result<u64, InferError> {
+        match self.cfg.budget_mb {
+            Some(budget) => {
+                let used: u64 = self.loaded().values().map(|l| l.bytes).sum();
+                Ok((budget << 20).saturating_sub(used))
+            }
+            None => self.probe.available_bytes().map_err(|e| InferError::unavailable(format!("memory probe: {e}"))),
+        }
+    }
+
+    /// The needs of every variant of `model`.
+    pub fn needs(&self, model: &ModelSpec) -> Vec<VariantNeed> {
+        model
+            .variants
+            .iter()
+            .map(|v| {
+                let file_bytes = std::fs::metadata(self.registry.resolve(&v.file)).map(|m| m.len()).unwrap_or(0);
+                let measured = self.footprints.get(&model.name, &v.name, &v.sha256);
+                let (bytes, source) = need(measured, v.memory_mb, file_bytes);
+                VariantNeed { name: v.name.clone(), quality: v.quality, bytes, source }
+            })
+            .collect()
+    }
+
+    /// Plans loading `model`: the best variant that fits in the room left
+    /// plus what unloading idle, unpinned models would free, and which of
+    /// them to unload (least recently used first).
+    pub fn plan_load(&self, model: &ModelSpec, requested: Option<&str>) -> Result<LoadPlan, InferError> {
+        let needs = self.needs(model);
+        let room = self.room()?;
+        let headroom = self.cfg.headroom_mb << 20;
+        let residents: Vec<Resident> = {
+            let now = Instant::now();
+            self.loaded()
+                .iter()
+                .filter(|(name, _)| *name != &model.name)
+                .map(|(name, l)| Resident {
+                    model: name.clone(),
+                    bytes: l.bytes,
+                    idle: now - l.last_used,
+                    pinned: self.registry.get(name).is_some_and(|m| m.pin),
+                })
+                .collect()
+        };
+        let evictable: u64 = residents.iter().filter(|r| !r.pinned).map(|r| r.bytes).sum();
+        let (index, reason) = match requested {
+            Some(name) => {
+                let i = needs
+                    .iter()
+                    .position(|n| n.name == name)
+                    .ok_or_else(|| InferError::bad_input(format!("model '{}' has no variant '{name}'", model.name)))?;
+                (i, "requested".to_string())
+            }
+            None => choose(&needs, room.saturating_add(evictable), headroom)
+                .map_err(|why| InferError::unavailable(format!("model '{}' cannot load: {why}", model.name)))?,
+        };
+        // A requested variant (a request or a pressure swap) never evicts others.
+        let evict = match requested {
+            Some(_) => Vec::new(),
+            None => evictions(&residents, room, needs[index].bytes.saturating_add(headroom)).unwrap_or_default(),
+        };
+        Ok(LoadPlan { variant: needs[index].name.clone(), reason, evict })
+    }
+
+    /// Records that `model` is loaded as `variant`, measured at `bytes`.
+    pub fn record_load(&self, model: &ModelSpec, variant: &str, bytes: Option<u64>) {
+        let v = model.variants.iter().find(|v| v.name == variant);
+        let bytes = match (bytes, v) {
+            (Some(b), Some(v)) if b > 0 => {
+                self.footprints.record(&model.name, variant, &v.sha256, b);
+                b
+            }
+            _ => self.needs(model).iter().find(|n| n.name == variant).map_or(0, |n| n.bytes),
+        };
+        let now = Instant::now();
+        self.loaded()
+            .insert(model.name.clone(), Loaded { variant: variant.to_string(), bytes, last_used: now, since: now });
+    }
+
+    /// Records that `model` is no longer loaded.
+    pub fn record_unload(&self, model: &str) {
+        self.loaded().remove(model);
+    }
+
+    /// Records that `model` served a job now.
+    pub fn touch(&self, model: &str) {
+        if let Some(l) = self.loaded().get_mut(model) {
+            l.last_used = Instant::now();
+        }
+    }
+
+    /// Loaded models idle for longer than their keep-alive (never pinned ones).
+    pub fn idle_expired(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.loaded()
+            .iter()
+            .filter_map(|(name, l)| {
+                let m = self.registry.get(name)?;
+                let keep = m.keep_alive_s.or(self.cfg.keep_alive_s).filter(|&k| k > 0)?;
+                (!m.pin && now - l.last_used >= Duration::from_secs(keep)).then(|| name.clone())
+            })
+            .collect()
+    }
+
+    /// This round's pressure decision.
+    pub fn pressure(&self) -> Result<Pressure, String> {
+        let available = self.probe.available_bytes()?;
+        let now = Instant::now();
+        let snapshot: Vec<(String, String, Duration)> =
+            self.loaded().iter().map(|(name, l)| (name.clone(), l.variant.clone(), now - l.since)).collect();
+        let views: Vec<LoadedView> = snapshot
+            .into_iter()
+            .filter_map(|(model, variant, residency)| {
+                let needs = self.needs(self.registry.get(&model)?);
+                Some(LoadedView { model, variant, needs, residency })
+            })
+            .collect();
+        Ok(pressure(
+            available,
+            self.cfg.low_watermark_mb << 20,
+            self.cfg.high_watermark_mb << 20,
+            Duration::from_secs(self.cfg.min_residency_s),
+            &views,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    fn n(name: &str, quality: u32, mb: u64) -> VariantNeed {
+        VariantNeed { name: name.into(), quality, bytes: mb * MB, source: NeedSource::Estimate }
+    }
+
+    #[test]
+    fn the_need_is_measured_else_estimated_else_from_the_file_size() {
+        assert_eq!(need(Some(5 * MB), Some(9), 100), (5 * MB, NeedSource::Measured));
+        assert_eq!(need(None, Some(9), 100), (9 * MB, NeedSource::Estimate));
+        assert_eq!(need(None, None, 10 * MB), (36 * MB, NeedSource::FileSize));
+    }
+
+    #[test]
+    fn selection_table() {
+        let needs = [n("small", 1, 50), n("large", 3, 400), n("medium", 2, 150)];
+        // (room MiB, headroom MiB, chosen)
+        let table = [
+            (1000, 64, Some("large")),
+            (464, 64, Some("large")),
+            (463, 64, Some("medium")),
+            (200, 0, Some("medium")),
+            (120, 64, Some("small")),
+            (100, 64, None),
+        ];
+        for (room, headroom, want) in table {
+            let got = choose(&needs, room * MB, headroom * MB).ok().map(|(i, _)| needs[i].name.as_str());
+            assert_eq!(got, want, "room {room} MiB, headroom {headroom} MiB");
+        }
+        let (_, reason) = choose(&needs, 300 * MB, 0).unwrap();
+        assert!(
+            reason.contains("'medium' needs 150 MiB (estimated)") && reason.contains("too big: 'large' needs 400 MiB"),
+            "{reason}"
+        );
+        let err = choose(&needs, 10 * MB, 0).unwrap_err();
+        assert!(err.contains("no variant fits in 10 MiB"), "{err}");
+    }
+
+    #[test]
+    fn equal_quality_keeps_the_listed_order() {
+        let needs = [n("a", 1, 10), n("b", 1, 5)];
+        assert_eq!(choose(&needs, 100 * MB, 0).unwrap().0, 0);
+    }
+
+    fn r(model: &str, mb: u64, idle_s: u64, pinned: bool) -> Resident {
+        Resident { model: model.into(), bytes: mb * MB, idle: Duration::from_secs(idle_s), pinned }
+    }
+
+    #[test]
+    fn eviction_order_table() {
+        let residents = [
+            r("fresh", 100, 1, false),
+            r("stale", 100, 600, false),
+            r("pinned", 500, 9999, true),
+            r("older", 50, 60, false),
+        ];
+        // (room MiB, need MiB, evicted)
+        let table: [(u64, u64, Option<Vec<&str>>); 5] = [
+            (300, 200, Some(vec![])),
+            (100, 200, Some(vec!["stale"])),
+            (100, 250, Some(vec!["stale", "older"])),
+            (100, 350, Some(vec!["stale", "older", "fresh"])),
+            (100, 400, None),
+        ];
+        for (room, need_mb, want) in table {
+            let got = evictions(&residents, room * MB, need_mb * MB);
+            let want = want.map(|w| w.into_iter().map(String::from).collect::<Vec<_>>());
+            assert_eq!(got, want, "room {room}, need {need_mb}");
+        }
+    }
+
+    fn view(variant: &str, residency_s: u64) -> LoadedView {
+        LoadedView {
+            model: "m".into(),
+            variant: variant.into(),
+            needs: vec![n("large", 2, 400), n("small", 1, 100)],
+            residency: Duration::from_secs(residency_s),
+        }
+    }
+
+    #[test]
+    fn pressure_hysteresis_table() {
+        let (low, high, min) = (200 * MB, 800 * MB, Duration::from_secs(60));
+        let down = Pressure::Downgrade { model: "m".into(), variant: "small".into() };
+        let up = Pressure::Upgrade { model: "m".into(), variant: "large".into() };
+        // (available MiB, loaded variant, residency s, decision)
+        let table = [
+            (150, "large", 0, down.clone()),
+            (150, "small", 0, Pressure::Steady),   // nothing smaller
+            (500, "large", 0, Pressure::Steady),   // between the watermarks
+            (500, "small", 999, Pressure::Steady), // not above high
+            (900, "small", 10, Pressure::Steady),  // too soon after the swap
+            (900, "small", 60, up.clone()),
+            (450, "small", 999, Pressure::Steady),
+        ];
+        for (available, variant, residency, want) in table {
+            assert_eq!(
+                pressure(available * MB, low, high, min, &[view(variant, residency)]),
+                want,
+                "{available} MiB, {variant}"
+            );
+        }
+        // An upgrade that would push free memory under the low watermark is not made.
+        let big = LoadedView { needs: vec![n("huge", 2, 2000), n("small", 1, 100)], ..view("small", 999) };
+        assert_eq!(pressure(900 * MB, low, high, min, &[big]), Pressure::Steady);
+    }
+}
