@@ -164,3 +164,31 @@ fn a_load_that_does_not_fit_evicts_the_least_recently_used_unpinned_model() {
     assert!(err.message.contains("no variant fits"), "{err}");
     assert!(FakeProbe::new_mib(3).describe().contains("3 MiB"));
 }
+
+#[test]
+fn preloaded_models_load_at_start_and_idle_ones_unload_after_their_keep_alive() {
+    let daemon = Daemon::start(|c| {
+        c.memory.preload = vec!["tinycnn".into()];
+        c.memory.keep_alive_s = Some(1);
+        c.memory.probe_interval_ms = 100;
+    });
+    let c = daemon.client();
+    let state = |model: &str| -> Value { c.get(&format!("/v1/models/{model}")).unwrap().json().unwrap() };
+    let wait = |model: &str, want: &str| {
+        let start = Instant::now();
+        while state(model)["state"] != want {
+            assert!(start.elapsed() < Duration::from_secs(10), "{model} never became {want}: {}", state(model));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("tinycnn", "loaded"); // preloaded, no job needed
+    let r = c.post("/v1/models/mlp/infer", "application/json", &mlp_body()).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(state("mlp")["state"], "loaded");
+    wait("mlp", "unloaded"); // idle for longer than keep_alive_s
+    wait("tinycnn", "unloaded");
+    let text = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
+    assert!(text.contains("inferd_model_events_total{model=\"mlp\",event=\"unload_idle\"} 1"), "{text}");
+    let r = c.post("/v1/models/mlp/infer", "application/json", &mlp_body()).unwrap();
+    assert_eq!(r.status, 200, "an unloaded model loads again on its next job");
+}
