@@ -66,22 +66,25 @@ pub async fn run_with_probe(
 ) -> Result<(), RunError> {
     let registry = registry::Registry::load(&config.registry_path())?;
     let engine = engine::Engine::new(config.clone(), registry);
-    for model in &engine.registry().models {
-        match engine.plan(&model.name, &engine::LoadOptions::default()) {
-            Ok(plan) => tracing::info!(
-                model = %plan.model,
-                variant = %plan.variant,
-                backend = %plan.backend.backend,
-                "registered ({}; {})",
-                plan.variant_reason,
-                plan.backend.reason
-            ),
-            Err(e) => tracing::warn!(model = %model.name, "registered but cannot run: {}", e.message),
-        }
-    }
     let metrics = Arc::new(metrics::Metrics::default());
     let manager = Arc::new(manager::Manager::new(config.memory.clone(), probe, engine.registry_arc()));
     tracing::info!("memory: {}", manager.probe().describe());
+    for model in &engine.registry().models {
+        let backend = engine.plan(&model.name, &engine::LoadOptions::default());
+        match (manager.plan_load(model, None), backend) {
+            (Ok(plan), Ok(b)) => tracing::info!(
+                model = %model.name,
+                variant = %plan.variant,
+                backend = %b.backend.backend,
+                "registered: {}; {}",
+                plan.reason,
+                b.backend.reason
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(model = %model.name, "registered but cannot run now: {}", e.message)
+            }
+        }
+    }
     let scheduler = Arc::new(scheduler::Scheduler::new(engine, config.jobs.clone(), metrics, manager));
     let (listener, socket_path) = intake::unix::bind(&config.socket)?;
     let tcp = match &config.socket.tcp {
