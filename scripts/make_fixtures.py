@@ -176,6 +176,92 @@ def reshape(path):
     return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
 
 
+DET_CLASSES = ["cat", "dog", "bird"]
+
+
+def detection_candidates():
+    """Candidate boxes in the 64x64 input (cx, cy, w, h), objectness and class scores."""
+    return [
+        # same class, overlapping: NMS keeps the better one
+        ((20, 30, 16, 12), 0.9, [0.95, 0.03, 0.02]),
+        ((21, 31, 16, 12), 0.8, [0.90, 0.05, 0.05]),
+        # another class at the same place: kept (NMS is class-wise)
+        ((20, 30, 15, 13), 0.85, [0.05, 0.90, 0.05]),
+        # far away, its own box
+        ((48, 40, 10, 20), 0.7, [0.1, 0.1, 0.8]),
+        # too weak: filtered by the confidence threshold
+        ((40, 15, 8, 8), 0.2, [0.5, 0.3, 0.2]),
+        ((10, 50, 6, 6), 0.9, [0.2, 0.15, 0.1]),
+        # overlaps the dog a little (IoU below the threshold): kept
+        ((28, 34, 14, 12), 0.75, [0.1, 0.85, 0.05]),
+        # empty slot
+        ((0, 0, 0, 0), 0.0, [0.0, 0.0, 0.0]),
+    ]
+
+
+def detector(path, layout):
+    """A 'detector' whose raw output is the constant candidate table, in YOLOv5
+    ([1, N, 5 + C]) or YOLOv8 ([1, 4 + C, N]) layout; it reads its input so
+    engines keep it, but the input does not change the output."""
+    rows = []
+    for (cx, cy, w, h), obj, cls in detection_candidates():
+        if layout == "yolov5":
+            rows.append([cx, cy, w, h, obj] + cls)
+        else:
+            rows.append([cx, cy, w, h] + [obj * c for c in cls])
+    table = np.array(rows, dtype=np.float32)[None]
+    if layout == "yolov8":
+        table = table.transpose(0, 2, 1).copy()
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["m"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Mul", ["m", "zero"], ["z"]),
+        helper.make_node("Add", ["table", "z"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"det_{layout}",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(table.shape))],
+        [init("table", table), init("zero", np.array([0.0], dtype=np.float32))],
+    )
+    return save(helper.make_model(graph, producer_name="inferd-fixtures"), path)
+
+
+def reference_detections(layout, orig_w, orig_h, size=64, conf=0.25, iou=0.45):
+    """What a YOLO decoder must answer: confidence filter, class-wise NMS,
+    boxes mapped back through the letterbox to the original image."""
+    cands = []
+    for (cx, cy, w, h), obj, cls in detection_candidates():
+        scores = [obj * c for c in cls]
+        k = int(np.argmax(scores))
+        if scores[k] < conf:
+            continue
+        cands.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, scores[k], k])
+    cands.sort(key=lambda c: -c[4])
+
+    def iou_of(a, b):
+        ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = ix * iy
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    kept = []
+    for c in cands:
+        if all(k[5] != c[5] or iou_of(k, c) <= iou for k in kept):
+            kept.append(c)
+    scale = min(size / orig_w, size / orig_h)
+    nw = min(max(round(orig_w * scale), 1), size)
+    nh = min(max(round(orig_h * scale), 1), size)
+    px, py = (size - nw) // 2, (size - nh) // 2
+    out = []
+    for x1, y1, x2, y2, score, k in kept:
+        box = [(x1 - px) / scale, (y1 - py) / scale, (x2 - px) / scale, (y2 - py) / scale]
+        box = [min(max(box[0], 0), orig_w), min(max(box[1], 0), orig_h), min(max(box[2], 0), orig_w), min(max(box[3], 0), orig_h)]
+        out.append({"index": k, "label": DET_CLASSES[k], "score": float(np.float32(score)), "box": [float(v) for v in box]})
+    return out
+
+
 def tensor_json(array):
     dtype = {"float32": "f32", "int64": "i64"}[str(array.dtype)]
     return {"shape": list(array.shape), "dtype": dtype, "data": array.flatten().tolist()}
@@ -272,6 +358,14 @@ def main():
             "top": [{"index": int(i), "label": f"class{i}", "score": float(probs[i])} for i in order],
         }
     )
+    # Detectors with constructed outputs, in both YOLO layouts, and what a reference decoder answers.
+    # (Test-only: no YOLO with trained weights is on the package registries.)
+    for layout in ["yolov5", "yolov8"]:
+        shas[f"yolo-{layout}"] = detector(FIXTURES / "models" / f"{layout}.onnx", layout)
+        expected["detection_cases"] = expected.get("detection_cases", []) + [
+            {"layout": layout, "image": "examples/red.jpg", "detections": reference_detections(layout, 97, 61)}
+        ]
+    (FIXTURES / "models" / "detector-labels.txt").write_text("".join(f"{c}\n" for c in DET_CLASSES))
     (FIXTURES / "expected.json").write_text(json.dumps(expected, separators=(",", ":")) + "\n")
     # Models only the tests use: one whose run time the caller sets, one that fails at run time.
     shas["busy"] = busy(FIXTURES / "models" / "busy.onnx")

@@ -354,6 +354,16 @@ fn summary(out: &JobOutput) -> String {
         JobResult::Tensors { outputs } => {
             outputs.iter().map(|(name, t)| format!("{name} {} {:?}", t.dtype, t.shape)).collect::<Vec<_>>().join(", ")
         }
+        JobResult::Detections { detections } if detections.is_empty() => "no objects".to_string(),
+        JobResult::Detections { detections } => detections
+            .iter()
+            .map(|d| {
+                let [x1, y1, x2, y2] = d.bbox;
+                let name = d.label.clone().unwrap_or_else(|| format!("#{}", d.index));
+                format!("{name} {:.3} at ({x1:.0},{y1:.0})-({x2:.0},{y2:.0})", d.score)
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
     };
     format!(
         "{body}  [{} {} on {}/{}, {:.2} ms]",

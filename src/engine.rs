@@ -164,11 +164,11 @@ impl LoadedModel {
     /// Runs one job: pre-process, engine, post-process, with timings.
     pub fn infer(&mut self, input: JobInput, options: &JobOptions) -> Result<JobOutput, InferError> {
         let t0 = Instant::now();
-        let inputs = self.pipeline.prepare(input, &self.limits)?;
+        let (inputs, ctx) = self.pipeline.prepare(input, &self.limits)?;
         let t1 = Instant::now();
         let outputs = self.engine.run(inputs)?;
         let t2 = Instant::now();
-        let result = self.pipeline.finish(outputs, options)?;
+        let result = self.pipeline.finish(outputs, &ctx, options)?;
         let t3 = Instant::now();
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
         Ok(JobOutput {

@@ -42,6 +42,17 @@ pub struct ClassScore {
     pub score: f32,
 }
 
+/// One detected object: class, score and box `[x1, y1, x2, y2]` in the original image's pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub score: f32,
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+}
+
 /// The task-specific answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -50,6 +61,8 @@ pub enum JobResult {
     Classification { classes: Vec<ClassScore> },
     /// `raw`: every output tensor by name.
     Tensors { outputs: BTreeMap<String, TensorJson> },
+    /// `object-detection`: boxes, best first.
+    Detections { detections: Vec<Detection> },
 }
 
 /// A finished job: which model, variant and engine answered, how long it took, and the result.

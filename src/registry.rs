@@ -46,6 +46,9 @@ pub struct ModelSpec {
     /// How the output tensor is read (classification).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<pipeline::classify::OutputSpec>,
+    /// How a YOLO output is decoded (object detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<pipeline::detect::DetectionSpec>,
     /// A text file with one label per line, relative to models.json.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<PathBuf>,

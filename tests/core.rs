@@ -418,3 +418,35 @@ async fn run_serves_until_shutdown_and_refuses_a_bad_registry() {
     let err = inferd::run(config, std::future::pending()).await.unwrap_err();
     assert!(err.to_string().contains("models[0].variants: a model needs at least one variant"), "{err}");
 }
+
+#[test]
+fn yolo_v5_and_v8_outputs_decode_like_the_reference_decoder_on_both_backends() {
+    let expected = expected();
+    let reg = detector_registry();
+    let out = inferd(&["check", "--models", &reg.path_str()]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let engine = Engine::new(Config::default(), Registry::load(&reg.path()).unwrap());
+    for case in expected["detection_cases"].as_array().unwrap() {
+        let layout = case["layout"].as_str().unwrap();
+        let bytes = std::fs::read(repo(case["image"].as_str().unwrap())).unwrap();
+        for backend in [BackendChoice::Ort, BackendChoice::Tract] {
+            let options = LoadOptions { backend: Some(backend), variant: None };
+            let mut model = engine.load(&format!("detector-{layout}"), &options).unwrap();
+            let out = model.infer(JobInput::Image(bytes.clone()), &JobOptions::default()).unwrap();
+            let JobResult::Detections { detections } = out.result else { panic!("not detections") };
+            let want = case["detections"].as_array().unwrap();
+            assert_eq!(detections.len(), want.len(), "{layout} on {backend:?}: {detections:?}");
+            for (got, want) in detections.iter().zip(want) {
+                assert_eq!(got.index as u64, want["index"].as_u64().unwrap(), "{layout} {backend:?}");
+                assert_eq!(got.label.as_deref(), want["label"].as_str());
+                assert!((got.score as f64 - want["score"].as_f64().unwrap()).abs() < 1e-5, "{got:?} vs {want}");
+                let d = max_abs_diff(&got.bbox.map(f64::from), &numbers(&want["box"]));
+                assert!(d < 1e-3, "{layout} {backend:?}: box {:?} vs {} ({d})", got.bbox, want["box"]);
+            }
+        }
+    }
+    let out = inferd(&["infer", "--local", "--models", &reg.path_str(), "-m", "detector-yolov8", "examples/red.jpg"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("cat 0.855 at (18,18)-(42,36)"), "{stdout}");
+}

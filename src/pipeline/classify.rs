@@ -2,7 +2,7 @@
 //! after softmax or sigmoid as the model needs.
 
 use super::image::ImageInputSpec;
-use super::{Pipeline, SpecProblem};
+use super::{Context, Pipeline, SpecProblem};
 use crate::backend::NamedTensors;
 use crate::config::Limits;
 use crate::error::InferError;
@@ -96,16 +96,17 @@ pub struct ClassifyPipeline {
 }
 
 impl Pipeline for ClassifyPipeline {
-    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<NamedTensors, InferError> {
+    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
         match input {
             JobInput::Image(bytes) => {
-                Ok(vec![(self.input.tensor.clone(), self.input.tensor_from_bytes(&bytes, limits)?)])
+                let (tensor, size) = self.input.tensor_and_size(&bytes, limits)?;
+                Ok((vec![(self.input.tensor.clone(), tensor)], Context { image_size: Some(size) }))
             }
             JobInput::Tensors(_) => Err(InferError::bad_input("image-classification takes an image, not tensors")),
         }
     }
 
-    fn finish(&self, outputs: NamedTensors, options: &JobOptions) -> Result<JobResult, InferError> {
+    fn finish(&self, outputs: NamedTensors, _ctx: &Context, options: &JobOptions) -> Result<JobResult, InferError> {
         let wanted = self.output.tensor.as_deref();
         let (name, tensor) = outputs
             .into_iter()

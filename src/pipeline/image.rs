@@ -192,11 +192,33 @@ impl ImageInputSpec {
         p
     }
 
-    /// Decodes `bytes` under `limits` and builds the input tensor (batch of one).
-    pub fn tensor_from_bytes(&self, bytes: &[u8], limits: &Limits) -> Result<Tensor, InferError> {
+    /// Decodes `bytes` under `limits` and builds the input tensor (batch of
+    /// one); also returns the original width and height.
+    pub fn tensor_and_size(&self, bytes: &[u8], limits: &Limits) -> Result<(Tensor, (u32, u32)), InferError> {
         let rgb = decode(bytes, limits)?;
+        let size = rgb.dimensions();
         let resized = self.resize(rgb)?;
-        Ok(self.to_tensor(&resized))
+        Ok((self.to_tensor(&resized), size))
+    }
+
+    /// Maps a point in input-tensor pixels back to the original `w`×`h`
+    /// image, undoing the letterbox or stretch, clamped to the image.
+    pub fn inverse_mapping(&self, w: u32, h: u32) -> impl Fn(f32, f32) -> (f32, f32) + use<> {
+        let (fw, fh, ftw, fth) = (w as f64, h as f64, self.width as f64, self.height as f64);
+        let (sx, sy, px, py) = match self.resize {
+            ResizeMode::Letterbox => {
+                let scale = (ftw / fw).min(fth / fh);
+                let nw = ((fw * scale).round() as u32).clamp(1, self.width);
+                let nh = ((fh * scale).round() as u32).clamp(1, self.height);
+                (scale, scale, ((self.width - nw) / 2) as f64, ((self.height - nh) / 2) as f64)
+            }
+            _ => (ftw / fw, fth / fh, 0.0, 0.0),
+        };
+        move |x: f32, y: f32| {
+            let ox = ((x as f64 - px) / sx).clamp(0.0, fw);
+            let oy = ((y as f64 - py) / sy).clamp(0.0, fh);
+            (ox as f32, oy as f32)
+        }
     }
 
     fn resize(&self, img: RgbImage) -> Result<RgbImage, InferError> {

@@ -5,6 +5,7 @@
 //! check` and model loading refuse a spec that contradicts the model.
 
 pub mod classify;
+pub mod detect;
 pub mod image;
 pub mod raw;
 
@@ -23,6 +24,8 @@ use std::fmt;
 pub enum Task {
     /// Image in, scored labels out.
     ImageClassification,
+    /// Image in, labelled boxes out (YOLO).
+    ObjectDetection,
     /// Named tensors in and out, for any model.
     Raw,
 }
@@ -31,6 +34,7 @@ impl fmt::Display for Task {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Task::ImageClassification => "image-classification",
+            Task::ObjectDetection => "object-detection",
             Task::Raw => "raw",
         })
     }
@@ -49,12 +53,19 @@ impl SpecProblem {
     }
 }
 
+/// What pre-processing learned that post-processing needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The original image's width and height, for tasks that map boxes back.
+    pub image_size: Option<(u32, u32)>,
+}
+
 /// Turns jobs into tensors and tensors into answers for one model.
 pub trait Pipeline: Send + Sync {
     /// Decodes and validates `input` into the model's input tensors.
-    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<NamedTensors, InferError>;
+    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError>;
     /// Reads the model's `outputs` into the task's answer.
-    fn finish(&self, outputs: NamedTensors, options: &JobOptions) -> Result<JobResult, InferError>;
+    fn finish(&self, outputs: NamedTensors, ctx: &Context, options: &JobOptions) -> Result<JobResult, InferError>;
 }
 
 /// Checks what a task needs from a spec, without reading any file.
@@ -71,11 +82,40 @@ pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
             }
             problems
         }
+        Task::ObjectDetection => {
+            let mut problems = Vec::new();
+            match &m.input {
+                Some(input) => {
+                    problems.extend(input.validate());
+                    if input.resize == image::ResizeMode::CenterCrop {
+                        problems.push(SpecProblem::new(
+                            ".input.resize",
+                            "object-detection needs letterbox or stretch (boxes are mapped back)",
+                        ));
+                    }
+                }
+                None => problems.push(SpecProblem::new(".input", "object-detection needs an 'input' spec")),
+            }
+            match &m.detection {
+                Some(d) => problems.extend(d.validate()),
+                None => problems.push(SpecProblem::new(
+                    ".detection",
+                    "object-detection needs a 'detection' spec with the YOLO layout",
+                )),
+            }
+            if m.output.is_some() {
+                problems.push(SpecProblem::new(".output", "object-detection reads 'detection', not 'output'"));
+            }
+            problems
+        }
         Task::Raw => {
             let mut problems = Vec::new();
-            for (field, set) in
-                [("input", m.input.is_some()), ("output", m.output.is_some()), ("labels", m.labels.is_some())]
-            {
+            for (field, set) in [
+                ("input", m.input.is_some()),
+                ("output", m.output.is_some()),
+                ("labels", m.labels.is_some()),
+                ("detection", m.detection.is_some()),
+            ] {
                 if set {
                     problems.push(SpecProblem::new(&format!(".{field}"), format!("the raw task takes no '{field}'")));
                 }
@@ -99,6 +139,13 @@ pub fn check_against_model(
             problems.extend(classify::check_outputs(m.output.as_ref(), outputs, labels));
             problems
         }
+        (Task::ObjectDetection, Some(input)) => {
+            let mut problems = input.check_against(inputs);
+            if let Some(d) = &m.detection {
+                problems.extend(d.check_outputs(outputs, labels));
+            }
+            problems
+        }
         _ => Vec::new(),
     }
 }
@@ -114,7 +161,20 @@ pub fn build(m: &ModelSpec, registry: &Registry) -> Result<Box<dyn Pipeline>, In
             let output = m.output.clone().unwrap_or_default();
             Ok(Box::new(classify::ClassifyPipeline { input: input.clone(), output, labels }))
         }
-        (Task::ImageClassification, None) => Err(InferError::unavailable("image-classification needs an 'input' spec")),
+        (Task::ObjectDetection, Some(input)) => {
+            let labels = match &m.labels {
+                Some(path) => crate::registry::read_labels(&registry.resolve(path)).map_err(InferError::unavailable)?,
+                None => Vec::new(),
+            };
+            let detection = m
+                .detection
+                .clone()
+                .ok_or_else(|| InferError::unavailable("object-detection needs a 'detection' spec"))?;
+            Ok(Box::new(detect::DetectPipeline { input: input.clone(), detection, labels }))
+        }
+        (Task::ImageClassification | Task::ObjectDetection, None) => {
+            Err(InferError::unavailable(format!("{} needs an 'input' spec", m.task)))
+        }
         (Task::Raw, _) => Ok(Box::new(raw::RawPipeline)),
     }
 }

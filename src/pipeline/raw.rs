@@ -1,7 +1,7 @@
 //! The `raw` task: named tensors in, every output tensor back, for any model.
 //! Names, types and shapes are checked against the model by the backend.
 
-use super::Pipeline;
+use super::{Context, Pipeline};
 use crate::backend::NamedTensors;
 use crate::config::Limits;
 use crate::error::InferError;
@@ -11,7 +11,7 @@ use crate::job::{JobInput, JobOptions, JobResult};
 pub struct RawPipeline;
 
 impl Pipeline for RawPipeline {
-    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<NamedTensors, InferError> {
+    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
         match input {
             JobInput::Tensors(t) if t.is_empty() => Err(InferError::bad_input("no input tensors given")),
             JobInput::Tensors(t) => {
@@ -24,13 +24,13 @@ impl Pipeline for RawPipeline {
                         )));
                     }
                 }
-                Ok(t)
+                Ok((t, Context::default()))
             }
             JobInput::Image(_) => Err(InferError::bad_input("the raw task takes named tensors, not an image")),
         }
     }
 
-    fn finish(&self, outputs: NamedTensors, _options: &JobOptions) -> Result<JobResult, InferError> {
+    fn finish(&self, outputs: NamedTensors, _ctx: &Context, _options: &JobOptions) -> Result<JobResult, InferError> {
         Ok(JobResult::Tensors { outputs: outputs.into_iter().map(|(n, t)| (n, t.to_json())).collect() })
     }
 }

@@ -197,3 +197,23 @@ impl Drop for Daemon {
     }
 }
 pub mod broker;
+
+/// A registry with the two test detectors (YOLOv5 and YOLOv8 layouts, outputs
+/// constructed by scripts/make_fixtures.py), 64×64 letterboxed input.
+pub fn detector_registry() -> TempRegistry {
+    let models: Vec<serde_json::Value> = ["yolov5", "yolov8"]
+        .iter()
+        .map(|layout| {
+            let file = repo(&format!("tests/fixtures/models/{layout}.onnx"));
+            serde_json::json!({
+                "name": format!("detector-{layout}"),
+                "task": "object-detection",
+                "variants": [{"name": "default", "file": file, "sha256": sha256_of(&file)}],
+                "input": {"tensor": "images", "width": 64, "height": 64, "resize": "letterbox"},
+                "detection": {"layout": layout, "confidence": 0.25, "iou": 0.45},
+                "labels": repo("tests/fixtures/models/detector-labels.txt"),
+            })
+        })
+        .collect();
+    TempRegistry::new(&serde_json::json!({"models": models}))
+}
