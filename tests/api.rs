@@ -37,13 +37,18 @@ fn busy_body(iterations: i64) -> Vec<u8> {
 
 /// Iterations of the busy model that take about `target` on this machine.
 fn busy_iterations_for(client: &Client, target: Duration) -> i64 {
-    let probe = 20_000;
+    let probe = 5_000;
     let r = client.post("/v1/models/busy/load", "application/json", b"").unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let start = Instant::now();
-    let r = client.post("/v1/models/busy/infer", "application/json", &busy_body(probe)).unwrap();
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let per_iteration = start.elapsed().as_secs_f64() / probe as f64;
+    // The fastest of three probes: a busy machine makes a probe slow, never fast.
+    let per_iteration = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let r = client.post("/v1/models/busy/infer", "application/json", &busy_body(probe)).unwrap();
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            start.elapsed().as_secs_f64() / probe as f64
+        })
+        .fold(f64::INFINITY, f64::min);
     ((target.as_secs_f64() / per_iteration) as i64).max(probe)
 }
 
@@ -143,7 +148,7 @@ fn load_and_unload_change_the_model_state() {
 fn every_error_has_its_status_and_one_json_shape() {
     let daemon = Daemon::start(|c| {
         c.socket.max_body_mb = 1;
-        c.jobs.timeout_ms = 800;
+        c.jobs.timeout_ms = 300;
         c.jobs.drain_timeout_ms = 1000;
     });
     let c = daemon.client();
@@ -196,7 +201,7 @@ fn every_error_has_its_status_and_one_json_shape() {
 
     let iterations = busy_iterations_for(&c, Duration::from_millis(3000));
     let r = c.post("/v1/models/busy/infer", "application/json", &busy_body(iterations)).unwrap();
-    assert_error(&r, 504, "timeout", "within 800 ms");
+    assert_error(&r, 504, "timeout", "within 300 ms");
 
     let text = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
     for kind in ["bad_input", "unknown_model", "payload_too_large", "model_unavailable", "backend", "timeout"] {
