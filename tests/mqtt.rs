@@ -74,6 +74,10 @@ async fn image_jobs_are_answered_on_every_reply_route() {
     assert!(r.user_properties.contains(&("camera".to_string(), "7".to_string())), "user properties are echoed");
     assert_eq!(r.json()["result"]["classes"][0]["label"], "blue");
 
+    c.publish("inferd/jobs/minilm", json!({"id": "t1", "text": ["edge", "cloud"]}).to_string()).await;
+    let v = c.recv_on("inferd/box1/results/minilm", WAIT).await.json();
+    assert_eq!((v["id"].clone(), v["result"]["embeddings"].as_array().unwrap().len()), (json!("t1"), 2));
+
     let tensors = std::fs::read_to_string(repo("tests/fixtures/mlp-input.json")).unwrap();
     let mut envelope: Value = serde_json::from_str(&tensors).unwrap();
     envelope["id"] = json!(17);
@@ -136,7 +140,7 @@ async fn status_is_retained_online_then_offline() {
     assert!(r.retain, "status is retained");
     assert_eq!((v["online"].clone(), v["node"].clone()), (json!(true), json!("box3")));
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(v["models"].as_array().unwrap().len(), 7);
+    assert_eq!(v["models"].as_array().unwrap().len(), 8);
     daemon.finish().unwrap();
     loop {
         let v = c.recv_on("inferd/box3/status", WAIT).await.json();

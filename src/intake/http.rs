@@ -198,6 +198,10 @@ async fn prepare(
         tokio::task::spawn_blocking(move || job::parse_json_request(&bytes, &limits))
             .await
             .map_err(|e| InferError::internal(format!("request parser failed: {e}")))??
+    } else if content_type.starts_with("text/plain") {
+        let text =
+            String::from_utf8(bytes.to_vec()).map_err(|_| InferError::bad_input("text/plain body is not UTF-8"))?;
+        (JobInput::Text(vec![text]), JobOptions::default())
     } else {
         (JobInput::Image(bytes.to_vec()), JobOptions::default())
     };

@@ -89,6 +89,8 @@ struct Envelope {
     #[serde(default)]
     inputs: Option<BTreeMap<String, crate::tensor::TensorJson>>,
     #[serde(default)]
+    text: Option<job::TextInput>,
+    #[serde(default)]
     #[allow(dead_code)]
     reply_to: Option<String>,
     #[serde(default)]
@@ -125,13 +127,14 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
     let job = serde_json::from_slice::<Envelope>(payload)
         .map_err(|e| {
             InferError::bad_input(format!(
-                "invalid job envelope ({e}); expected {{\"id\", \"image_base64\" | \"inputs\", \"reply_to\", \"params\"}}"
+                "invalid job envelope ({e}); expected {{\"id\", \"image_base64\" | \"inputs\" | \"text\", \"reply_to\", \"params\"}}"
             ))
         })
         .and_then(|env| {
             let request = InferRequest {
                 image_base64: env.image_base64,
                 inputs: env.inputs,
+                text: env.text,
                 top_k: env.params.and_then(|p| p.top_k),
             };
             request.into_job(limits)

@@ -100,9 +100,12 @@ impl Pipeline for ClassifyPipeline {
         match input {
             JobInput::Image(bytes) => {
                 let (tensor, size) = self.input.tensor_and_size(&bytes, limits)?;
-                Ok((vec![(self.input.tensor.clone(), tensor)], Context { image_size: Some(size) }))
+                Ok((
+                    vec![(self.input.tensor.clone(), tensor)],
+                    Context { image_size: Some(size), ..Default::default() },
+                ))
             }
-            JobInput::Tensors(_) => Err(InferError::bad_input("image-classification takes an image, not tensors")),
+            _ => Err(InferError::bad_input("image-classification takes an image")),
         }
     }
 

@@ -194,9 +194,12 @@ impl Pipeline for DetectPipeline {
         match input {
             JobInput::Image(bytes) => {
                 let (tensor, size) = self.input.tensor_and_size(&bytes, limits)?;
-                Ok((vec![(self.input.tensor.clone(), tensor)], Context { image_size: Some(size) }))
+                Ok((
+                    vec![(self.input.tensor.clone(), tensor)],
+                    Context { image_size: Some(size), ..Default::default() },
+                ))
             }
-            JobInput::Tensors(_) => Err(InferError::bad_input("object-detection takes an image, not tensors")),
+            _ => Err(InferError::bad_input("object-detection takes an image")),
         }
     }
 

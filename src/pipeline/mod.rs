@@ -6,6 +6,7 @@
 
 pub mod classify;
 pub mod detect;
+pub mod embed;
 pub mod image;
 pub mod raw;
 
@@ -26,6 +27,8 @@ pub enum Task {
     ImageClassification,
     /// Image in, labelled boxes out (YOLO).
     ObjectDetection,
+    /// Text in, one vector per text out (sentence embeddings).
+    Embedding,
     /// Named tensors in and out, for any model.
     Raw,
 }
@@ -35,6 +38,7 @@ impl fmt::Display for Task {
         f.write_str(match self {
             Task::ImageClassification => "image-classification",
             Task::ObjectDetection => "object-detection",
+            Task::Embedding => "embedding",
             Task::Raw => "raw",
         })
     }
@@ -54,10 +58,12 @@ impl SpecProblem {
 }
 
 /// What pre-processing learned that post-processing needs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Context {
     /// The original image's width and height, for tasks that map boxes back.
     pub image_size: Option<(u32, u32)>,
+    /// The attention mask of tokenised text `[batch × tokens]`, for pooling.
+    pub attention_mask: Option<Vec<u32>>,
 }
 
 /// Turns jobs into tensors and tensors into answers for one model.
@@ -108,21 +114,33 @@ pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
             }
             problems
         }
-        Task::Raw => {
-            let mut problems = Vec::new();
-            for (field, set) in [
-                ("input", m.input.is_some()),
-                ("output", m.output.is_some()),
-                ("labels", m.labels.is_some()),
-                ("detection", m.detection.is_some()),
-            ] {
-                if set {
-                    problems.push(SpecProblem::new(&format!(".{field}"), format!("the raw task takes no '{field}'")));
-                }
-            }
+        Task::Embedding => {
+            let mut problems = match &m.text {
+                Some(t) => t.validate(),
+                None => vec![SpecProblem::new(".text", "embedding needs a 'text' spec with its tokenizer")],
+            };
+            problems.extend(no_fields(m, &["input", "output", "labels", "detection"], "embedding"));
             problems
         }
+        Task::Raw => no_fields(m, &["input", "output", "labels", "detection", "text"], "raw"),
     }
+}
+
+/// Problems for each of `fields` that `m` sets although its task takes none.
+fn no_fields(m: &ModelSpec, fields: &[&str], task: &str) -> Vec<SpecProblem> {
+    let set = |f: &str| match f {
+        "input" => m.input.is_some(),
+        "output" => m.output.is_some(),
+        "labels" => m.labels.is_some(),
+        "detection" => m.detection.is_some(),
+        "text" => m.text.is_some(),
+        _ => false,
+    };
+    fields
+        .iter()
+        .filter(|f| set(f))
+        .map(|f| SpecProblem::new(&format!(".{f}"), format!("the {task} task takes no '{f}'")))
+        .collect()
 }
 
 /// Compares a spec with the inputs and outputs a model declares; `labels`
@@ -146,13 +164,21 @@ pub fn check_against_model(
             }
             problems
         }
+        (Task::Embedding, _) => m.text.as_ref().map(|t| t.check_against(inputs, outputs)).unwrap_or_default(),
         _ => Vec::new(),
     }
 }
 
-/// Builds the pipeline for `m`, reading its labels.
-pub fn build(m: &ModelSpec, registry: &Registry) -> Result<Box<dyn Pipeline>, InferError> {
+/// Builds the pipeline for `m`, reading its labels or tokenizer; `inputs`
+/// are the inputs the loaded model declares.
+pub fn build(m: &ModelSpec, registry: &Registry, inputs: &[TensorInfo]) -> Result<Box<dyn Pipeline>, InferError> {
     match (m.task, &m.input) {
+        (Task::Embedding, _) => {
+            let spec = m.text.clone().ok_or_else(|| InferError::unavailable("embedding needs a 'text' spec"))?;
+            let path = registry.resolve(&spec.tokenizer);
+            let names = inputs.iter().map(|i| i.name.clone()).collect();
+            Ok(Box::new(embed::EmbedPipeline::new(spec, &path, names)?))
+        }
         (Task::ImageClassification, Some(input)) => {
             let labels = match &m.labels {
                 Some(path) => crate::registry::read_labels(&registry.resolve(path)).map_err(InferError::unavailable)?,

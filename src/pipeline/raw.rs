@@ -26,7 +26,7 @@ impl Pipeline for RawPipeline {
                 }
                 Ok((t, Context::default()))
             }
-            JobInput::Image(_) => Err(InferError::bad_input("the raw task takes named tensors, not an image")),
+            _ => Err(InferError::bad_input("the raw task takes named tensors: {\"inputs\": {...}}")),
         }
     }
 
