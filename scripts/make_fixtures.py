@@ -358,6 +358,8 @@ def main():
     (FIXTURES / "truncated.png").write_bytes(png[: len(png) * 2 // 3])
     (FIXTURES / "empty.jpg").write_bytes(b"")
     bomb_png(FIXTURES / "bomb.png", 100000)
+    bomb_png(FIXTURES / "huge-12000.png", 12000)
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(FIXTURES / "one-pixel.png")
     (FIXTURES / "not-an-image.jpg").write_bytes(b"this is plain text, not a JPEG\n")
 
     x = RNG.normal(0, 1, (3, 16)).astype(np.float32)

@@ -492,3 +492,26 @@ fn minilm_embeddings_match_python_and_rank_paraphrases_first() {
         assert!(err.message.contains(message), "{err}");
     }
 }
+
+#[test]
+fn a_one_pixel_image_is_served_and_a_12000_square_one_is_refused_for_every_image_task() {
+    let reg = detector_registry();
+    let engine_det = Engine::new(Config::default(), Registry::load(&reg.path()).unwrap());
+    let one = std::fs::read(repo("tests/fixtures/one-pixel.png")).unwrap();
+    let huge = std::fs::read(repo("tests/fixtures/huge-12000.png")).unwrap();
+    let mut color = engine().load("color", &LoadOptions::default()).unwrap();
+    let out = color.infer(JobInput::Image(one.clone()), &JobOptions::default()).unwrap();
+    let JobResult::Classification { classes } = out.result else { panic!() };
+    assert_eq!(classes[0].label.as_deref(), Some("red"));
+    let mut det = engine_det.load("detector-yolov8", &LoadOptions::default()).unwrap();
+    let out = det.infer(JobInput::Image(one), &JobOptions::default()).unwrap();
+    let JobResult::Detections { detections } = out.result else { panic!() };
+    assert!(
+        detections.iter().all(|d| d.bbox.iter().all(|&v| (0.0..=1.0).contains(&v))),
+        "boxes stay inside a 1x1 image"
+    );
+    for model in [&mut color, &mut det] {
+        let err = model.infer(JobInput::Image(huge.clone()), &JobOptions::default()).unwrap_err();
+        assert!(err.message.contains("12000x12000 = 144000000 pixels, over the limit"), "{err}");
+    }
+}
