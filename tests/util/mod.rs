@@ -29,6 +29,8 @@ pub fn inferd(args: &[&str]) -> Output {
 pub fn inferd_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferd"));
     cmd.args(args).current_dir(root()).env_remove("ORT_DYLIB_PATH").env_remove("RUST_LOG");
+    // Measured footprints of this machine's own daemon must not change what the tests see.
+    cmd.env("INFERD_MEMORY__STATE_DIR", std::env::temp_dir().join("inferd-tests-no-footprints"));
     for (k, v) in env {
         cmd.env(k, v);
     }
