@@ -110,8 +110,8 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
     set_state(&state, ModelState::Unloaded);
 }
 
-/// Loads `variant` (or the one the manager picks), measuring its footprint.
-fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<LoadedModel, InferError> {
+/// Loads `variant` (or the one the manager picks); returns it with its measured footprint.
+fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<(LoadedModel, Option<u64>), InferError> {
     let spec = ctx.engine.registry().get(model).ok_or_else(|| InferError::unknown_model(model))?.clone();
     let plan = ctx.manager.plan_load(&spec, variant)?;
     for victim in &plan.evict {
@@ -138,7 +138,7 @@ fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<LoadedMod
     m.plan.variant_reason = plan.reason.clone();
     ctx.manager.record_load(&spec, &plan.variant, measured);
     tracing::info!(model, variant = %plan.variant, measured_mib = measured.map(crate::memory::mib), "variant chosen: {}", plan.reason);
-    Ok(m)
+    Ok((m, measured))
 }
 
 fn loaded_state(m: &LoadedModel, memory_bytes: Option<u64>) -> ModelState {
@@ -159,10 +159,8 @@ fn ensure_loaded<'a>(
 ) -> Result<&'a mut LoadedModel, InferError> {
     if loaded.is_none() {
         set_state(state, ModelState::Loading);
-        let before = crate::memory::process_rss_bytes();
         match load(ctx, model, None) {
-            Ok(m) => {
-                let memory_bytes = before.zip(crate::memory::process_rss_bytes()).map(|(b, a)| a.saturating_sub(b));
+            Ok((m, memory_bytes)) => {
                 set_state(state, loaded_state(&m, memory_bytes));
                 *loaded = Some(m);
             }
@@ -193,10 +191,8 @@ fn swap(ctx: &WorkerCtx, model: &str, loaded: &mut Option<LoadedModel>, state: &
             .map_or(0, |v| v.quality)
     };
     let event = if quality(variant) < quality(&from) { "downgrade" } else { "upgrade" };
-    let before = crate::memory::process_rss_bytes();
     match load(ctx, model, Some(variant)) {
-        Ok(m) => {
-            let memory_bytes = before.zip(crate::memory::process_rss_bytes()).map(|(b, a)| a.saturating_sub(b));
+        Ok((m, memory_bytes)) => {
             set_state(state, loaded_state(&m, memory_bytes));
             *loaded = Some(m); // drops the old session
             ctx.metrics.record_event(model, event);
