@@ -97,24 +97,11 @@ pub struct ClassifyPipeline {
 
 impl Pipeline for ClassifyPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
-        match input {
-            JobInput::Image(bytes) => {
-                let (tensor, size) = self.input.tensor_and_size(&bytes, limits)?;
-                Ok((
-                    vec![(self.input.tensor.clone(), tensor)],
-                    Context { image_size: Some(size), ..Default::default() },
-                ))
-            }
-            _ => Err(InferError::bad_input("image-classification takes an image")),
-        }
+        super::prepare_image(&self.input, input, limits, super::Task::ImageClassification)
     }
 
     fn finish(&self, outputs: NamedTensors, _ctx: &Context, options: &JobOptions) -> Result<JobResult, InferError> {
-        let wanted = self.output.tensor.as_deref();
-        let (name, tensor) = outputs
-            .into_iter()
-            .find(|(n, _)| wanted.is_none_or(|w| w == n))
-            .ok_or_else(|| InferError::backend("the model returned no scores tensor"))?;
+        let (name, tensor) = super::take_output(outputs, self.output.tensor.as_deref(), "scores")?;
         let TensorData::F32(raw) = tensor.data else {
             return Err(InferError::backend(format!("output '{name}' is not f32")));
         };

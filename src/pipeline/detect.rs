@@ -191,24 +191,11 @@ pub struct DetectPipeline {
 
 impl Pipeline for DetectPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
-        match input {
-            JobInput::Image(bytes) => {
-                let (tensor, size) = self.input.tensor_and_size(&bytes, limits)?;
-                Ok((
-                    vec![(self.input.tensor.clone(), tensor)],
-                    Context { image_size: Some(size), ..Default::default() },
-                ))
-            }
-            _ => Err(InferError::bad_input("object-detection takes an image")),
-        }
+        super::prepare_image(&self.input, input, limits, super::Task::ObjectDetection)
     }
 
     fn finish(&self, outputs: NamedTensors, ctx: &Context, _options: &JobOptions) -> Result<JobResult, InferError> {
-        let wanted = self.detection.tensor.as_deref();
-        let (name, tensor) = outputs
-            .into_iter()
-            .find(|(n, _)| wanted.is_none_or(|w| w == n))
-            .ok_or_else(|| InferError::backend("the model returned no detection tensor"))?;
+        let (name, tensor) = super::take_output(outputs, self.detection.tensor.as_deref(), "detection")?;
         let TensorData::F32(data) = &tensor.data else {
             return Err(InferError::backend(format!("output '{name}' is not f32")));
         };

@@ -168,11 +168,7 @@ impl Pipeline for EmbedPipeline {
     }
 
     fn finish(&self, outputs: NamedTensors, ctx: &Context, _options: &JobOptions) -> Result<JobResult, InferError> {
-        let wanted = self.spec.output.as_deref();
-        let (name, t) = outputs
-            .into_iter()
-            .find(|(n, _)| wanted.is_none_or(|w| w == n))
-            .ok_or_else(|| InferError::backend("the model returned no token states"))?;
+        let (name, t) = super::take_output(outputs, self.spec.output.as_deref(), "token-state")?;
         let (TensorData::F32(states), &[batch, tokens, dims]) = (&t.data, &t.shape[..]) else {
             return Err(InferError::backend(format!(
                 "output '{name}' is not f32 [batch, tokens, dims]: {:?}",

@@ -74,6 +74,35 @@ pub trait Pipeline: Send + Sync {
     fn finish(&self, outputs: NamedTensors, ctx: &Context, options: &JobOptions) -> Result<JobResult, InferError>;
 }
 
+/// Decodes an image job into `spec`'s input tensor, remembering the image size;
+/// other inputs are refused naming `task`.
+fn prepare_image(
+    spec: &image::ImageInputSpec,
+    input: JobInput,
+    limits: &Limits,
+    task: Task,
+) -> Result<(NamedTensors, Context), InferError> {
+    match input {
+        JobInput::Image(bytes) => {
+            let (tensor, size) = spec.tensor_and_size(&bytes, limits)?;
+            Ok((vec![(spec.tensor.clone(), tensor)], Context { image_size: Some(size), ..Default::default() }))
+        }
+        _ => Err(InferError::bad_input(format!("{task} takes an image"))),
+    }
+}
+
+/// The output named `wanted` (or the first one), as `what` for the error.
+fn take_output(
+    outputs: NamedTensors,
+    wanted: Option<&str>,
+    what: &str,
+) -> Result<(String, crate::tensor::Tensor), InferError> {
+    outputs
+        .into_iter()
+        .find(|(n, _)| wanted.is_none_or(|w| w == n))
+        .ok_or_else(|| InferError::backend(format!("the model returned no {what} tensor")))
+}
+
 /// Checks what a task needs from a spec, without reading any file.
 pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
     match m.task {
