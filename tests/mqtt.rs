@@ -134,8 +134,11 @@ async fn status_is_retained_online_then_offline() {
     let broker = Broker::start();
     let daemon = mqtt_daemon(&broker, "box3", |_| {});
     let mut c = TestClient::connect(&broker, "status-client").await;
-    c.subscribe("inferd/box3/status").await;
-    let r = c.recv_on("inferd/box3/status", WAIT).await;
+    wait_online(&mut c, "box3").await;
+    // A client that subscribes after the daemon published gets the retained status.
+    let mut fresh = TestClient::connect(&broker, "status-late-subscriber").await;
+    fresh.subscribe("inferd/box3/status").await;
+    let r = fresh.recv_on("inferd/box3/status", WAIT).await;
     let v = r.json();
     assert!(r.retain, "status is retained");
     assert_eq!((v["online"].clone(), v["node"].clone()), (json!(true), json!("box3")));
