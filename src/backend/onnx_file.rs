@@ -25,6 +25,12 @@ pub fn declared_io(path: &Path) -> Result<DeclaredIo, String> {
     Ok(DeclaredIo { inputs, outputs })
 }
 
+/// The model's metadata (`metadata_props`), e.g. PP-OCR's `character` dictionary.
+pub fn metadata(path: &Path) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(|e| format!("not a readable ONNX model: {e}"))?;
+    Ok(proto.metadata_props.into_iter().map(|kv| (kv.key, kv.value)).collect())
+}
+
 fn info(value: &pb::ValueInfoProto) -> TensorInfo {
     let tensor = match value.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(type_proto::Value::TensorType(t)) => Some(t),

@@ -5,6 +5,7 @@
 //! check` and model loading refuse a spec that contradicts the model.
 
 pub mod classify;
+pub mod ctc;
 pub mod detect;
 pub mod embed;
 pub mod image;
