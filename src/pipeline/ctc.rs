@@ -16,7 +16,7 @@ pub fn paddle_classes(character: &str) -> Vec<String> {
 /// 0 for empty text).
 pub fn greedy(probs: &[f32], classes: &[String]) -> Result<(String, f32), String> {
     let n = classes.len();
-    if n == 0 || probs.len() % n != 0 {
+    if n == 0 || !probs.len().is_multiple_of(n) {
         return Err(format!("{} probabilities do not split into rows of {n} classes", probs.len()));
     }
     let mut text = String::new();
