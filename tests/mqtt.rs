@@ -323,27 +323,33 @@ async fn a_daemon_killed_with_jobs_in_flight_answers_them_all_after_restart() {
     restarted.wait().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_tls_with_a_password_from_a_file() {
-    let broker = Broker::start_tls();
+/// A daemon that reaches `broker` over its mutual-TLS listener as `node`, with the password in `password_file`.
+fn tls_daemon(
+    broker: &Broker,
+    node: &str,
+    password_file: std::path::PathBuf,
+    edit: impl FnOnce(&mut inferd::config::Config),
+) -> Daemon {
     let tls = broker.tls.as_ref().unwrap();
-    let url = format!("mqtts://localhost:{}", tls.port);
-    let (ca, cert, key, user, password) = (
-        tls.ca.clone(),
-        tls.client_cert.clone(),
-        tls.client_key.clone(),
-        tls.username.clone(),
-        tls.password_file.clone(),
-    );
-    let _daemon = Daemon::start(move |c| {
+    let (url, node) = (format!("mqtts://localhost:{}", tls.port), node.to_string());
+    let (ca, cert, key, user) = (tls.ca.clone(), tls.client_cert.clone(), tls.client_key.clone(), tls.username.clone());
+    Daemon::start(move |c| {
         c.mqtt.url = Some(url);
-        c.mqtt.node_id = Some("secure".into());
+        c.mqtt.node_id = Some(node);
         c.mqtt.ca_file = Some(ca);
         c.mqtt.client_cert = Some(cert);
         c.mqtt.client_key = Some(key);
         c.mqtt.username = Some(user);
-        c.mqtt.password_file = Some(password);
-    });
+        c.mqtt.password_file = Some(password_file);
+        edit(c);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_password_from_a_file() {
+    let broker = Broker::start_tls();
+    let password = broker.tls.as_ref().unwrap().password_file.clone();
+    let _daemon = tls_daemon(&broker, "secure", password, |_| {});
     let mut c = TestClient::connect(&broker, "tls-test-client").await;
     wait_online(&mut c, "secure").await;
     c.subscribe("inferd/secure/results/+").await;
@@ -354,22 +360,10 @@ async fn mutual_tls_with_a_password_from_a_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_keeps_the_socket_serving_and_never_connects() {
     let broker = Broker::start_tls();
-    let tls = broker.tls.as_ref().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not-the-password\n").unwrap();
-    let url = format!("mqtts://localhost:{}", tls.port);
-    let (ca, cert, key, user) = (tls.ca.clone(), tls.client_cert.clone(), tls.client_key.clone(), tls.username.clone());
-    let daemon = Daemon::start(move |c| {
-        c.mqtt.url = Some(url);
-        c.mqtt.node_id = Some("refused".into());
-        c.mqtt.ca_file = Some(ca);
-        c.mqtt.client_cert = Some(cert);
-        c.mqtt.client_key = Some(key);
-        c.mqtt.username = Some(user);
-        c.mqtt.password_file = Some(wrong);
-        c.mqtt.reconnect_max_s = 1;
-    });
+    let daemon = tls_daemon(&broker, "refused", wrong, |c| c.mqtt.reconnect_max_s = 1);
     let mut c = TestClient::connect(&broker, "refused-watcher").await;
     c.subscribe("inferd/refused/status").await;
     assert!(tokio::time::timeout(Duration::from_secs(2), c.recv_on("inferd/refused/status", WAIT)).await.is_err());
