@@ -387,6 +387,11 @@ fn summary(out: &JobOutput) -> String {
             })
             .collect::<Vec<_>>()
             .join(", "),
+        JobResult::Ocr { lines } if lines.is_empty() => "no text".to_string(),
+        JobResult::Ocr { lines } => lines
+            .iter()
+            .map(|l| format!("\n  {:?} {:.3} at ({:.0},{:.0})", l.text, l.confidence, l.quad[0][0], l.quad[0][1]))
+            .collect::<String>(),
     };
     format!(
         "{body}  [{} {} on {}/{}, {:.2} ms]",

@@ -133,7 +133,21 @@ impl Engine {
                 text.join("; ")
             )));
         }
-        let pipeline = pipeline::build(model, &self.registry, engine.inputs())?;
+        let mut parts = Vec::with_capacity(variant.parts.len());
+        for (role, part) in &variant.parts {
+            let file = self.registry.resolve(&part.file);
+            crate::registry::verify_sha256(&file, &part.sha256).map_err(InferError::unavailable)?;
+            let engine = backend::load(plan.backend.backend, &file, &plan.providers, &self.config.runtime)?;
+            let problems = pipeline::check_part(model, role, engine.inputs(), engine.outputs());
+            if let Some(p) = problems.first() {
+                return Err(InferError::unavailable(format!(
+                    "the spec does not match the model file: models.json {name}.variants.{}{}: {}",
+                    plan.variant, p.path, p.message
+                )));
+            }
+            parts.push(pipeline::Part { role: role.clone(), file, engine });
+        }
+        let pipeline = pipeline::build(model, &self.registry, engine.inputs(), parts)?;
         tracing::info!(
             model = name,
             variant = %plan.variant,
@@ -161,22 +175,16 @@ impl LoadedModel {
         self.engine.provider()
     }
 
-    /// Runs one job: pre-process, engine, post-process, with timings.
+    /// Runs one job: pre-process, engine(s), post-process, with timings.
     pub fn infer(&mut self, input: JobInput, options: &JobOptions) -> Result<JobOutput, InferError> {
-        let t0 = Instant::now();
-        let (inputs, ctx) = self.pipeline.prepare(input, &self.limits)?;
-        let t1 = Instant::now();
-        let outputs = self.engine.run(inputs)?;
-        let t2 = Instant::now();
-        let result = self.pipeline.finish(outputs, &ctx, options)?;
-        let t3 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
+        let mut timings = Timings::default();
+        let result = self.pipeline.run(self.engine.as_mut(), input, &self.limits, options, &mut timings)?;
         Ok(JobOutput {
             model: self.plan.model.clone(),
             variant: self.plan.variant.clone(),
             backend: self.engine.kind(),
             provider: self.engine.provider().to_string(),
-            timings: Timings { queue_ms: 0.0, pre_ms: ms(t0, t1), infer_ms: ms(t1, t2), post_ms: ms(t2, t3) },
+            timings,
             result,
         })
     }
@@ -194,6 +202,7 @@ mod tests {
             parameters: None,
             memory_mb: None,
             quality,
+            parts: Default::default(),
         }
     }
 

@@ -75,6 +75,19 @@ pub enum JobResult {
     Detections { detections: Vec<Detection> },
     /// `embedding`: one vector per text, in order.
     Embeddings { embeddings: Vec<Vec<f32>>, dimensions: usize },
+    /// `ocr`: text lines in reading order.
+    Ocr { lines: Vec<TextLine> },
+}
+
+/// One line of text found in an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextLine {
+    pub text: String,
+    /// The recogniser's mean probability over the line's characters, 0..1.
+    pub confidence: f32,
+    /// Corners `[x, y]` in the original image's pixels: top-left, top-right, bottom-right, bottom-left.
+    #[serde(rename = "box")]
+    pub quad: [[f32; 2]; 4],
 }
 
 /// A finished job: which model, variant and engine answered, how long it took, and the result.

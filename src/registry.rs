@@ -8,7 +8,7 @@ use crate::backend::{BackendChoice, Provider, onnx_file};
 use crate::pipeline::{self, Task};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,9 @@ pub struct ModelSpec {
     /// How a YOLO output is decoded (object detection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detection: Option<pipeline::detect::DetectionSpec>,
+    /// Detection, recognition and angle settings (ocr); RapidOCR's defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocr: Option<pipeline::ocr::OcrSpec>,
     /// A text file with one label per line, relative to models.json.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<PathBuf>,
@@ -80,6 +83,19 @@ pub struct VariantSpec {
     /// Higher is better; the best variant that fits is chosen.
     #[serde(default)]
     pub quality: u32,
+    /// Further graphs the task runs besides `file`, by role (ocr: `rec`, `cls`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, PartSpec>,
+}
+
+/// A further graph of a variant: its file and sha256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartSpec {
+    /// The ONNX file, relative to models.json.
+    pub file: PathBuf,
+    /// sha256 of the file, lower-case hex.
+    pub sha256: String,
 }
 
 /// One thing wrong with a registry, at a JSON path such as `models[2].variants[0].sha256`.
@@ -186,12 +202,16 @@ impl Registry {
                 } else if !variant_names.insert(v.name.as_str()) {
                     push(vat(".name"), format!("duplicate variant name '{}'", v.name));
                 }
-                if v.sha256.len() != 64 || !v.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-                    push(vat(".sha256"), "must be 64 lower-case hex digits".into());
-                }
-                let file = self.resolve(&v.file);
-                if !file.is_file() {
-                    push(vat(".file"), format!("file {} does not exist", file.display()));
+                let files = std::iter::once((String::new(), &v.file, &v.sha256))
+                    .chain(v.parts.iter().map(|(role, p)| (format!(".parts.{role}"), &p.file, &p.sha256)));
+                for (at, file, sha) in files {
+                    if !is_sha256_hex(sha) {
+                        push(vat(&format!("{at}.sha256")), "must be 64 lower-case hex digits".into());
+                    }
+                    let file = self.resolve(file);
+                    if !file.is_file() {
+                        push(vat(&format!("{at}.file")), format!("file {} does not exist", file.display()));
+                    }
                 }
             }
             if let Some(text) = &m.text
@@ -237,10 +257,30 @@ impl Registry {
                     }
                     Err(message) => problems.push(Problem { path: at(".file"), message }),
                 }
+                for (role, part) in &v.parts {
+                    let file = self.resolve(&part.file);
+                    let pat = |field: &str| at(&format!(".parts.{role}{field}"));
+                    if let Err(message) = verify_sha256(&file, &part.sha256) {
+                        problems.push(Problem { path: pat(".sha256"), message });
+                        continue;
+                    }
+                    match onnx_file::declared_io(&file) {
+                        Ok(io) => {
+                            for p in pipeline::check_part(m, role, &io.inputs, &io.outputs) {
+                                problems.push(Problem { path: pat(""), message: p.message });
+                            }
+                        }
+                        Err(message) => problems.push(Problem { path: pat(".file"), message }),
+                    }
+                }
             }
         }
         problems
     }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Checks that the file at `path` has sha256 `expected`; the error says both sums.

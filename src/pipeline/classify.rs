@@ -2,7 +2,7 @@
 //! after softmax or sigmoid as the model needs.
 
 use super::image::ImageInputSpec;
-use super::{Context, Pipeline, SpecProblem};
+use super::{Context, SingleGraph, SpecProblem};
 use crate::backend::NamedTensors;
 use crate::config::Limits;
 use crate::error::InferError;
@@ -95,7 +95,7 @@ pub struct ClassifyPipeline {
     pub labels: Vec<String>,
 }
 
-impl Pipeline for ClassifyPipeline {
+impl SingleGraph for ClassifyPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
         super::prepare_image(&self.input, input, limits, super::Task::ImageClassification)
     }

@@ -4,7 +4,7 @@
 //! back to the original image's pixels.
 
 use super::image::ImageInputSpec;
-use super::{Context, Pipeline, SpecProblem};
+use super::{Context, SingleGraph, SpecProblem};
 use crate::backend::NamedTensors;
 use crate::config::Limits;
 use crate::error::InferError;
@@ -189,7 +189,7 @@ pub struct DetectPipeline {
     pub labels: Vec<String>,
 }
 
-impl Pipeline for DetectPipeline {
+impl SingleGraph for DetectPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
         super::prepare_image(&self.input, input, limits, super::Task::ObjectDetection)
     }

@@ -2,7 +2,7 @@
 //! model's `tokenizer.json`, run, mean-pooled over the attention mask and
 //! L2-normalised: one vector per text.
 
-use super::{Context, Pipeline, SpecProblem};
+use super::{Context, SingleGraph, SpecProblem};
 use crate::backend::NamedTensors;
 use crate::config::Limits;
 use crate::error::InferError;
@@ -113,7 +113,7 @@ impl EmbedPipeline {
     }
 }
 
-impl Pipeline for EmbedPipeline {
+impl SingleGraph for EmbedPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
         let JobInput::Text(texts) = input else {
             return Err(InferError::bad_input(

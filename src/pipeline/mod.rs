@@ -5,16 +5,18 @@
 //! check` and model loading refuse a spec that contradicts the model.
 
 pub mod classify;
-pub mod ctc;
 pub mod detect;
 pub mod embed;
 pub mod image;
+pub mod ocr;
 pub mod raw;
 
-use crate::backend::NamedTensors;
+pub use ocr::ctc;
+
+use crate::backend::{InferenceBackend, NamedTensors};
 use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{JobInput, JobOptions, JobResult};
+use crate::job::{JobInput, JobOptions, JobResult, Timings};
 use crate::registry::{ModelSpec, Registry};
 use crate::tensor::TensorInfo;
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,8 @@ pub enum Task {
     ObjectDetection,
     /// Text in, one vector per text out (sentence embeddings).
     Embedding,
+    /// Image in, text lines with boxes out (PP-OCR: detector, recogniser, angle classifier).
+    Ocr,
     /// Named tensors in and out, for any model.
     Raw,
 }
@@ -40,6 +44,7 @@ impl fmt::Display for Task {
             Task::ImageClassification => "image-classification",
             Task::ObjectDetection => "object-detection",
             Task::Embedding => "embedding",
+            Task::Ocr => "ocr",
             Task::Raw => "raw",
         })
     }
@@ -67,12 +72,65 @@ pub struct Context {
     pub attention_mask: Option<Vec<u32>>,
 }
 
-/// Turns jobs into tensors and tensors into answers for one model.
-pub trait Pipeline: Send + Sync {
+/// Runs one job of a task on a loaded model: its main graph is `engine`;
+/// graphs of further parts (OCR's recogniser) belong to the pipeline.
+pub trait Pipeline: Send {
+    /// Answers `input`, adding where the time went to `timings`.
+    fn run(
+        &mut self,
+        engine: &mut dyn InferenceBackend,
+        input: JobInput,
+        limits: &Limits,
+        options: &JobOptions,
+        timings: &mut Timings,
+    ) -> Result<JobResult, InferError>;
+}
+
+/// A task that runs its graph once per job: tensors in, tensors out.
+pub trait SingleGraph: Send {
     /// Decodes and validates `input` into the model's input tensors.
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError>;
     /// Reads the model's `outputs` into the task's answer.
     fn finish(&self, outputs: NamedTensors, ctx: &Context, options: &JobOptions) -> Result<JobResult, InferError>;
+}
+
+impl<T: SingleGraph> Pipeline for T {
+    fn run(
+        &mut self,
+        engine: &mut dyn InferenceBackend,
+        input: JobInput,
+        limits: &Limits,
+        options: &JobOptions,
+        timings: &mut Timings,
+    ) -> Result<JobResult, InferError> {
+        let t0 = std::time::Instant::now();
+        let (inputs, ctx) = self.prepare(input, limits)?;
+        let t1 = std::time::Instant::now();
+        let outputs = engine.run(inputs)?;
+        let t2 = std::time::Instant::now();
+        let result = self.finish(outputs, &ctx, options)?;
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
+        timings.pre_ms += ms(t0, t1);
+        timings.infer_ms += ms(t1, t2);
+        timings.post_ms += ms(t2, std::time::Instant::now());
+        Ok(result)
+    }
+}
+
+/// A further graph of a variant (models.json `parts`), loaded on the same engine as the main one.
+pub struct Part {
+    /// Its role for the task (`rec`, `cls`).
+    pub role: String,
+    pub file: std::path::PathBuf,
+    pub engine: Box<dyn InferenceBackend>,
+}
+
+/// The parts `task` takes: (required, optional).
+pub fn parts_of(task: Task) -> (&'static [&'static str], &'static [&'static str]) {
+    match task {
+        Task::Ocr => (&ocr::PARTS[..1], &ocr::PARTS[1..]),
+        _ => (&[], &[]),
+    }
 }
 
 /// Decodes an image job into `spec`'s input tensor, remembering the image size;
@@ -106,6 +164,45 @@ fn take_output(
 
 /// Checks what a task needs from a spec, without reading any file.
 pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
+    let mut problems = validate_parts(m);
+    problems.extend(validate_task(m));
+    if m.task != Task::Ocr && m.ocr.is_some() {
+        problems.push(SpecProblem::new(".ocr", format!("the {} task takes no 'ocr'", m.task)));
+    }
+    problems
+}
+
+/// Each variant has the parts its task requires and no others.
+fn validate_parts(m: &ModelSpec) -> Vec<SpecProblem> {
+    let (required, optional) = parts_of(m.task);
+    let mut problems = Vec::new();
+    for (j, v) in m.variants.iter().enumerate() {
+        for r in required {
+            if !v.parts.contains_key(*r) {
+                problems.push(SpecProblem::new(
+                    &format!(".variants[{j}].parts"),
+                    format!("the {} task needs a '{r}' part", m.task),
+                ));
+            }
+        }
+        for role in v.parts.keys() {
+            if !required.contains(&role.as_str()) && !optional.contains(&role.as_str()) {
+                let known: Vec<&str> = required.iter().chain(optional).copied().collect();
+                problems.push(SpecProblem::new(
+                    &format!(".variants[{j}].parts.{role}"),
+                    if known.is_empty() {
+                        format!("the {} task takes no parts", m.task)
+                    } else {
+                        format!("the {} task has no '{role}' part (parts: {})", m.task, known.join(", "))
+                    },
+                ));
+            }
+        }
+    }
+    problems
+}
+
+fn validate_task(m: &ModelSpec) -> Vec<SpecProblem> {
     match m.task {
         Task::ImageClassification => {
             let mut problems = Vec::new();
@@ -152,6 +249,11 @@ pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
             problems.extend(no_fields(m, &["input", "output", "labels", "detection"], "embedding"));
             problems
         }
+        Task::Ocr => {
+            let mut problems = m.ocr.as_ref().map(ocr::OcrSpec::validate).unwrap_or_default();
+            problems.extend(no_fields(m, &["input", "output", "labels", "detection", "text"], "ocr"));
+            problems
+        }
         Task::Raw => no_fields(m, &["input", "output", "labels", "detection", "text"], "raw"),
     }
 }
@@ -195,14 +297,29 @@ pub fn check_against_model(
             problems
         }
         (Task::Embedding, _) => m.text.as_ref().map(|t| t.check_against(inputs, outputs)).unwrap_or_default(),
+        (Task::Ocr, _) => ocr::check_detector(inputs, outputs),
+        _ => Vec::new(),
+    }
+}
+
+/// Compares a part's declared inputs and outputs with what its task needs of it.
+pub fn check_part(m: &ModelSpec, role: &str, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+    match m.task {
+        Task::Ocr => ocr::check_part(role, inputs, outputs),
         _ => Vec::new(),
     }
 }
 
 /// Builds the pipeline for `m`, reading its labels or tokenizer; `inputs`
-/// are the inputs the loaded model declares.
-pub fn build(m: &ModelSpec, registry: &Registry, inputs: &[TensorInfo]) -> Result<Box<dyn Pipeline>, InferError> {
+/// are the inputs the loaded model declares, `parts` its further graphs.
+pub fn build(
+    m: &ModelSpec,
+    registry: &Registry,
+    inputs: &[TensorInfo],
+    parts: Vec<Part>,
+) -> Result<Box<dyn Pipeline>, InferError> {
     match (m.task, &m.input) {
+        (Task::Ocr, _) => Ok(Box::new(ocr::OcrPipeline::new(m.ocr.clone().unwrap_or_default(), parts)?)),
         (Task::Embedding, _) => {
             let spec = m.text.clone().ok_or_else(|| InferError::unavailable("embedding needs a 'text' spec"))?;
             let path = registry.resolve(&spec.tokenizer);

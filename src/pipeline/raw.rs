@@ -1,7 +1,7 @@
 //! The `raw` task: named tensors in, every output tensor back, for any model.
 //! Names, types and shapes are checked against the model by the backend.
 
-use super::{Context, Pipeline};
+use super::{Context, SingleGraph};
 use crate::backend::NamedTensors;
 use crate::config::Limits;
 use crate::error::InferError;
@@ -10,7 +10,7 @@ use crate::job::{JobInput, JobOptions, JobResult};
 /// Passes tensors through untouched.
 pub struct RawPipeline;
 
-impl Pipeline for RawPipeline {
+impl SingleGraph for RawPipeline {
     fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
         match input {
             JobInput::Tensors(t) if t.is_empty() => Err(InferError::bad_input("no input tensors given")),
