@@ -49,10 +49,11 @@ pub fn boxes(prob: &[f32], w: usize, h: usize, dest_w: u32, dest_h: u32, p: &DbP
         if score < p.box_threshold as f64 {
             continue;
         }
-        // PaddleOCR offsets the integer-truncated rectangle with pyclipper.
-        let truncated: Vec<(f64, f64)> = quad.iter().map(|c| (c[0].trunc(), c[1].trunc())).collect();
+        // PaddleOCR grows the rectangle with pyclipper (integer-truncated
+        // corners, round joins) and takes the minimum rectangle of that.
+        let truncated: Vec<(i64, i64)> = quad.iter().map(|c| (c[0] as i64, c[1] as i64)).collect();
         let distance = rect.area() * p.unclip_ratio as f64 / rect.perimeter();
-        let grown = min_area_rect(&truncated, distance);
+        let grown = min_area_rect(&offset_round(&truncated, distance), 0.0);
         if grown.short_side() < MIN_SIZE + 2.0 {
             continue;
         }
@@ -216,21 +217,33 @@ fn convex_hull(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     hull
 }
 
-/// Mean probability inside `quad` (corners truncated to pixels, as
-/// OpenCV's `fillPoly` in PaddleOCR's fast score).
+/// Mean probability inside `quad`, over the pixels OpenCV's `fillPoly`
+/// would paint for its corners truncated to pixels (PaddleOCR's fast score):
+/// the interior plus the 8-connected lines of its edges.
 fn box_score(prob: &[f32], w: usize, h: usize, quad: &[[f64; 2]; 4]) -> f64 {
-    let clampi = |v: f64, hi: usize| (v as i64).clamp(0, hi as i64 - 1) as usize;
+    let clampi = |v: f64, hi: usize| (v as i64).clamp(0, hi as i64 - 1);
     let xmin = clampi(quad.iter().map(|c| c[0]).fold(f64::MAX, f64::min).floor(), w);
     let xmax = clampi(quad.iter().map(|c| c[0]).fold(f64::MIN, f64::max).ceil(), w);
     let ymin = clampi(quad.iter().map(|c| c[1]).fold(f64::MAX, f64::min).floor(), h);
     let ymax = clampi(quad.iter().map(|c| c[1]).fold(f64::MIN, f64::max).ceil(), h);
-    let poly: Vec<(f64, f64)> =
-        quad.iter().map(|c| ((c[0] - xmin as f64).trunc(), (c[1] - ymin as f64).trunc())).collect();
+    let (mw, mh) = ((xmax - xmin + 1) as usize, (ymax - ymin + 1) as usize);
+    let poly: Vec<(i64, i64)> =
+        quad.iter().map(|c| ((c[0] - xmin as f64) as i64, (c[1] - ymin as f64) as i64)).collect();
+    let mut mask = vec![false; mw * mh];
+    let mut paint = |x: i64, y: i64| {
+        if (0..mw as i64).contains(&x) && (0..mh as i64).contains(&y) {
+            mask[y as usize * mw + x as usize] = true;
+        }
+    };
+    for i in 0..poly.len() {
+        line(poly[i], poly[(i + 1) % poly.len()], &mut paint);
+    }
+    let fpoly: Vec<(f64, f64)> = poly.iter().map(|&(x, y)| (x as f64, y as f64)).collect();
     let (mut sum, mut n) = (0f64, 0usize);
-    for y in ymin..=ymax {
-        for x in xmin..=xmax {
-            if inside_or_on(&poly, (x - xmin) as f64, (y - ymin) as f64) {
-                sum += prob[y * w + x] as f64;
+    for y in 0..mh {
+        for x in 0..mw {
+            if mask[y * mw + x] || inside(&fpoly, x as f64, y as f64) {
+                sum += prob[(y + ymin as usize) * w + x + xmin as usize] as f64;
                 n += 1;
             }
         }
@@ -238,16 +251,115 @@ fn box_score(prob: &[f32], w: usize, h: usize, quad: &[[f64; 2]; 4]) -> f64 {
     if n == 0 { 0.0 } else { sum / n as f64 }
 }
 
-/// Whether `(x, y)` lies inside or on the convex polygon `poly` (either winding).
-fn inside_or_on(poly: &[(f64, f64)], x: f64, y: f64) -> bool {
+/// Calls `paint` for each pixel of the 8-connected (Bresenham) line from `a` to `b`.
+fn line(a: (i64, i64), b: (i64, i64), paint: &mut impl FnMut(i64, i64)) {
+    let (dx, dy) = ((b.0 - a.0).abs(), -(b.1 - a.1).abs());
+    let (sx, sy) = ((b.0 - a.0).signum(), (b.1 - a.1).signum());
+    let (mut x, mut y, mut err) = (a.0, a.1, dx + dy);
+    loop {
+        paint(x, y);
+        if (x, y) == b {
+            break;
+        }
+        let e2 = 2 * err;
+        if e2 >= dy {
+            err += dy;
+            x += sx;
+        }
+        if e2 <= dx {
+            err += dx;
+            y += sy;
+        }
+    }
+}
+
+/// Whether `(x, y)` lies strictly inside the convex polygon `poly` (either winding).
+fn inside(poly: &[(f64, f64)], x: f64, y: f64) -> bool {
     let (mut pos, mut neg) = (false, false);
     for i in 0..poly.len() {
         let (a, b) = (poly[i], poly[(i + 1) % poly.len()]);
         let c = (b.0 - a.0) * (y - a.1) - (b.1 - a.1) * (x - a.0);
-        pos |= c > 1e-9;
-        neg |= c < -1e-9;
+        pos |= c >= 0.0;
+        neg |= c <= 0.0;
     }
     !(pos && neg)
+}
+
+/// Grows the closed polygon `poly` by `delta` with round joins and integer
+/// output, step for step as Clipper 6 (pyclipper's `PyclipperOffset`,
+/// arc tolerance 0.25) does; the points, unordered, of the grown outline.
+fn offset_round(poly: &[(i64, i64)], delta: f64) -> Vec<(f64, f64)> {
+    let mut src: Vec<(i64, i64)> = Vec::with_capacity(poly.len());
+    for &p in poly {
+        if src.last() != Some(&p) {
+            src.push(p);
+        }
+    }
+    while src.len() > 1 && src.first() == src.last() {
+        src.pop();
+    }
+    if src.len() < 3 || delta <= 0.0 {
+        return src.iter().map(|&(x, y)| (x as f64, y as f64)).collect();
+    }
+    // Clipper makes the outer polygon's orientation positive (its Area ≥ 0).
+    let area: f64 = (0..src.len())
+        .map(|i| {
+            let (j, k) = (src[(i + src.len() - 1) % src.len()], src[i]);
+            (j.0 as f64 + k.0 as f64) * (j.1 as f64 - k.1 as f64)
+        })
+        .sum::<f64>()
+        * -0.5;
+    if area < 0.0 {
+        src.reverse();
+    }
+    let n = src.len();
+    let normal = |a: (i64, i64), b: (i64, i64)| {
+        let (dx, dy) = ((b.0 - a.0) as f64, (b.1 - a.1) as f64);
+        if dx == 0.0 && dy == 0.0 {
+            return (0.0, 0.0);
+        }
+        let f = 1.0 / (dx * dx + dy * dy).sqrt();
+        (dy * f, -dx * f)
+    };
+    let normals: Vec<(f64, f64)> = (0..n).map(|j| normal(src[j], src[(j + 1) % n])).collect();
+    let tolerance = if 0.25 > delta * 0.25 { delta * 0.25 } else { 0.25 };
+    let mut steps = std::f64::consts::PI / (1.0 - tolerance / delta).acos();
+    if steps > delta * std::f64::consts::PI {
+        steps = delta * std::f64::consts::PI;
+    }
+    let (sin, cos) = (std::f64::consts::TAU / steps).sin_cos();
+    let steps_per_rad = steps / std::f64::consts::TAU;
+    let round = |v: f64| if v < 0.0 { (v - 0.5).trunc() } else { (v + 0.5).trunc() };
+    let at = |p: (i64, i64), nx: f64, ny: f64| (round(p.0 as f64 + nx * delta), round(p.1 as f64 + ny * delta));
+    let mut out = Vec::new();
+    let mut k = n - 1;
+    for j in 0..n {
+        let (nk, nj, p) = (normals[k], normals[j], src[j]);
+        let mut sin_a = nk.0 * nj.1 - nj.0 * nk.1;
+        let cos_a = nk.0 * nj.0 + nk.1 * nj.1;
+        if (sin_a * delta).abs() < 1.0 && cos_a > 0.0 {
+            out.push(at(p, nk.0, nk.1));
+            k = j;
+            continue;
+        }
+        sin_a = sin_a.clamp(-1.0, 1.0);
+        if sin_a * delta < 0.0 {
+            out.push(at(p, nk.0, nk.1));
+            out.push((p.0 as f64, p.1 as f64));
+            out.push(at(p, nj.0, nj.1));
+        } else {
+            let a = sin_a.atan2(cos_a);
+            let count = (round(steps_per_rad * a.abs()) as i64).max(1);
+            let (mut x, mut y) = nk;
+            for _ in 0..count {
+                out.push(at(p, x, y));
+                (x, y) = (x * cos - sin * y, x * sin + y * cos);
+            }
+            out.push(at(p, nj.0, nj.1));
+        }
+        k = j;
+    }
+    out
 }
 
 /// Puts boxes in reading order as PaddleOCR does: by the top-left corner's
@@ -343,6 +455,35 @@ mod tests {
         assert!((r.width.max(r.height) - 40.0).abs() < 1e-6 && (r.width.min(r.height) - 10.0).abs() < 1e-6, "{r:?}");
         let g = min_area_rect(&pts, 2.0);
         assert!((g.area() - 44.0 * 14.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn round_offset_grows_a_rectangle_by_the_distance_like_clipper() {
+        // pyclipper: PyclipperOffset().AddPath([[10,20],[49,20],[49,29],[10,29]], JT_ROUND, ET_CLOSEDPOLYGON);
+        // Execute(5.85) answers these 16 points.
+        let mut grown = offset_round(&[(10, 20), (49, 20), (49, 29), (10, 29)], 5.85);
+        grown.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        grown.dedup();
+        let mut want = vec![
+            (52, 15),
+            (54, 18),
+            (55, 20),
+            (55, 29),
+            (54, 32),
+            (51, 34),
+            (49, 35),
+            (10, 35),
+            (7, 34),
+            (5, 31),
+            (4, 29),
+            (4, 20),
+            (5, 17),
+            (8, 15),
+            (10, 14),
+            (49, 14),
+        ];
+        want.sort();
+        assert_eq!(grown, want.into_iter().map(|(x, y)| (x as f64, y as f64)).collect::<Vec<_>>());
     }
 
     #[test]

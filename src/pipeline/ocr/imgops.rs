@@ -6,45 +6,73 @@
 use super::db::Quad;
 use image::RgbImage;
 
-/// Resizes like `cv2.resize(.., INTER_LINEAR)`: each output pixel centre
-/// maps back to the source and blends its 2×2 neighbours.
+/// Resizes bit-exactly as `cv2.resize(.., INTER_LINEAR)` does for 8-bit
+/// images: each output centre maps back to the source (f32 fractions),
+/// 11-bit fixed-point weights, columns clamped with their weight, rows
+/// clamped without, and OpenCV's vectorised rounding of the vertical pass.
+/// The reference pipeline's detector and recogniser inputs come from it,
+/// and a one-level difference can flip a marginal space.
 pub fn resize_linear(src: &RgbImage, w: u32, h: u32) -> RgbImage {
     let (sw, sh) = src.dimensions();
     if (sw, sh) == (w, h) {
         return src.clone();
     }
-    // (index, weight of index+1) per output column / row.
-    let taps = |dst: u32, size: u32| -> Vec<(usize, f32)> {
-        let scale = size as f64 / dst as f64;
+    // (first index, second index, weights) per output column / row.
+    let taps = |dst: u32, size: u32, clamp_weights: bool| -> Vec<(usize, usize, i32, i32)> {
+        let scale = 1.0 / (dst as f64 / size as f64);
         (0..dst)
             .map(|d| {
-                let f = (d as f64 + 0.5) * scale - 0.5;
-                let i = f.floor();
-                let a = f - i;
-                if i < 0.0 {
-                    (0, 0.0)
-                } else if i as u32 >= size - 1 {
-                    (size as usize - 1, 0.0)
-                } else {
-                    (i as usize, a as f32)
+                let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+                let mut i = f.floor();
+                let mut a = f - i;
+                if clamp_weights {
+                    if i < 0.0 {
+                        (i, a) = (0.0, 0.0);
+                    }
+                    if i >= (size - 1) as f32 {
+                        (i, a) = ((size - 1) as f32, 0.0);
+                    }
                 }
+                let last = size as i64 - 1;
+                let i = i as i64;
+                (
+                    i.clamp(0, last) as usize,
+                    (i + 1).clamp(0, last) as usize,
+                    ((1.0 - a) * 2048.0).round_ties_even() as i32,
+                    (a * 2048.0).round_ties_even() as i32,
+                )
             })
             .collect()
     };
-    let (xs, ys) = (taps(w, sw), taps(h, sh));
+    let (xs, ys) = (taps(w, sw, true), taps(h, sh, false));
     let px = src.as_raw();
     let stride = sw as usize * 3;
-    let mut out = vec![0u8; w as usize * h as usize * 3];
-    for (y, &(y0, fy)) in ys.iter().enumerate() {
-        let y1 = (y0 + 1).min(sh as usize - 1);
-        let (r0, r1) = (&px[y0 * stride..][..stride], &px[y1 * stride..][..stride]);
-        for (x, &(x0, fx)) in xs.iter().enumerate() {
-            let x1 = (x0 + 1).min(sw as usize - 1);
+    // Horizontal pass of every source row once, scaled by 2048.
+    let hpass = |row: usize| -> Vec<i32> {
+        let r = &px[row * stride..][..stride];
+        let mut out = Vec::with_capacity(w as usize * 3);
+        for &(x0, x1, a0, a1) in &xs {
             for c in 0..3 {
-                let top = r0[x0 * 3 + c] as f32 * (1.0 - fx) + r0[x1 * 3 + c] as f32 * fx;
-                let bottom = r1[x0 * 3 + c] as f32 * (1.0 - fx) + r1[x1 * 3 + c] as f32 * fx;
-                out[(y * w as usize + x) * 3 + c] = (top * (1.0 - fy) + bottom * fy).round().clamp(0.0, 255.0) as u8;
+                out.push(r[x0 * 3 + c] as i32 * a0 + r[x1 * 3 + c] as i32 * a1);
             }
+        }
+        out
+    };
+    // Source rows only move down, so the last two horizontal passes are all that is needed.
+    let mut cache: [(usize, Vec<i32>); 2] = [(usize::MAX, Vec::new()), (usize::MAX, Vec::new())];
+    let mut out = vec![0u8; w as usize * h as usize * 3];
+    for (y, &(y0, y1, b0, b1)) in ys.iter().enumerate() {
+        for r in [y0, y1] {
+            if cache[0].0 != r && cache[1].0 != r {
+                cache.swap(0, 1);
+                cache[1] = (r, hpass(r));
+            }
+        }
+        let row = |r: usize| if cache[0].0 == r { &cache[0].1 } else { &cache[1].1 };
+        let dst = &mut out[y * w as usize * 3..][..w as usize * 3];
+        for ((d, &t), &b) in dst.iter_mut().zip(row(y0)).zip(row(y1)) {
+            let v = (((b0 * (t >> 4)) >> 16) + ((b1 * (b >> 4)) >> 16) + 2) >> 2;
+            *d = v.clamp(0, 255) as u8;
         }
     }
     RgbImage::from_raw(w, h, out).expect("buffer sized for the image")
@@ -134,18 +162,46 @@ fn homography(from: &[[f64; 2]; 4], to: &[[f64; 2]; 4]) -> Option<[f64; 8]> {
     Some(m)
 }
 
+/// Per-channel (B, G, R) lookup from an 8-bit value to the tensor value.
+pub type Lut = [[f32; 256]; 3];
+
+/// The recogniser's and classifier's normalisation, in f32 as the
+/// reference computes it: `(v / 255 − 0.5) / 0.5`.
+pub fn crop_lut() -> Lut {
+    let mut lut = [[0f32; 256]; 3];
+    for table in &mut lut {
+        for (v, slot) in table.iter_mut().enumerate() {
+            *slot = (v as f32 / 255.0 - 0.5) / 0.5;
+        }
+    }
+    lut
+}
+
+/// The detector's normalisation as the reference computes it: `v × (1/255)`
+/// in f32, then `(x − mean) / std` in f64, stored as f32.
+pub fn det_lut(mean: [f32; 3], std: [f32; 3]) -> Lut {
+    let mut lut = [[0f32; 256]; 3];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, slot) in table.iter_mut().enumerate() {
+            let x = v as f32 * (1.0f64 / 255.0) as f32;
+            *slot = ((x as f64 - mean[c] as f64) / std[c] as f64) as f32;
+        }
+    }
+    lut
+}
+
 /// Writes `img` into `out`, a `[3, img.height(), width]` plane set, as BGR
-/// with `(v / 255 − mean[c]) / std[c]`; columns past the image stay as they are (zero padding).
-pub fn write_bgr_planes(img: &RgbImage, out: &mut [f32], width: usize, mean: [f32; 3], std: [f32; 3]) {
+/// through `lut`; columns past the image stay as they are (zero padding).
+pub fn write_bgr_planes(img: &RgbImage, out: &mut [f32], width: usize, lut: &Lut) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     debug_assert!(w <= width && out.len() == 3 * h * width);
     let px = img.as_raw();
-    for c in 0..3 {
+    for (c, table) in lut.iter().enumerate() {
         let src = 2 - c; // BGR from RGB
         let plane = &mut out[c * h * width..][..h * width];
         for y in 0..h {
             for x in 0..w {
-                plane[y * width + x] = (px[(y * w + x) * 3 + src] as f32 / 255.0 - mean[c]) / std[c];
+                plane[y * width + x] = table[px[(y * w + x) * 3 + src] as usize];
             }
         }
     }
@@ -157,7 +213,7 @@ mod tests {
 
     #[test]
     fn bilinear_resize_matches_opencv_on_a_small_ramp() {
-        // cv2.resize(np.array([[0, 100, 200, 250]]) as 3 channels, (8, 1)) → 0 13 38 63 113 163 206 244? (see below)
+        // What cv2.resize answers for this row (OpenCV 5.0).
         let src = RgbImage::from_fn(4, 1, |x, _| image::Rgb([[0, 100, 200, 250][x as usize]; 3]));
         let out = resize_linear(&src, 8, 1);
         let row: Vec<u8> = out.pixels().map(|p| p[0]).collect();
@@ -165,6 +221,18 @@ mod tests {
         assert_eq!(row, vec![0, 25, 75, 125, 175, 213, 238, 250]);
         let down = resize_linear(&src, 2, 1);
         assert_eq!(down.pixels().map(|p| p[0]).collect::<Vec<_>>(), vec![50, 225]);
+        // A 7×5 ramp to 4×9 (down across, up along), green channel, as OpenCV answers.
+        let ramp = RgbImage::from_fn(7, 5, |x, y| {
+            let base = ((y * 7 + x) * 3 * 2) as u8;
+            image::Rgb([base, base + 2, base + 4])
+        });
+        let out = resize_linear(&ramp, 4, 9);
+        let green: Vec<u8> = out.pixels().map(|p| p[1]).collect();
+        let want: Vec<u8> = vec![
+            4, 15, 25, 36, 18, 29, 39, 50, 41, 52, 63, 73, 65, 75, 86, 96, 88, 99, 109, 120, 111, 122, 133, 143, 135,
+            145, 156, 166, 158, 169, 179, 190, 172, 183, 193, 204,
+        ];
+        assert_eq!(green, want);
     }
 
     #[test]
@@ -184,7 +252,9 @@ mod tests {
     fn planes_are_bgr_normalised_and_padded() {
         let img = RgbImage::from_pixel(2, 1, image::Rgb([255, 0, 51]));
         let mut out = vec![0f32; 3 * 3];
-        write_bgr_planes(&img, &mut out, 3, [0.5; 3], [0.5; 3]);
-        assert_eq!(out, vec![-0.6, -0.6, 0.0, -1.0, -1.0, 0.0, 1.0, 1.0, 0.0]);
+        write_bgr_planes(&img, &mut out, 3, &crop_lut());
+        let want = [-0.6, -0.6, 0.0, -1.0, -1.0, 0.0, 1.0, 1.0, 0.0];
+        assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{out:?}");
+        assert_eq!(det_lut([0.5; 3], [0.5; 3])[0][255], 1.0);
     }
 }

@@ -84,7 +84,7 @@ impl Default for OcrSpec {
             max_aspect: 8.0,
             det_limit_side: 736,
             det_limit: LimitType::Min,
-            det_max_side: 4000,
+            det_max_side: 6144,
             det_mean: [0.5; 3],
             det_std: [0.5; 3],
             det_threshold: 0.3,
@@ -195,6 +195,7 @@ struct CropGraph {
     height: u32,
     /// Fixed input width (classifier), or none (recogniser: per batch).
     width: Option<u32>,
+    lut: imgops::Lut,
 }
 
 impl CropGraph {
@@ -207,6 +208,7 @@ impl CropGraph {
             width: info.shape[3].map(|w| w as u32),
             input: info.name,
             engine: part.engine,
+            lut: imgops::crop_lut(),
         })
     }
 
@@ -218,7 +220,7 @@ impl CropGraph {
             let ratio = crop.width() as f64 / crop.height() as f64;
             let rw = ((self.height as f64 * ratio).ceil() as u32).clamp(1, width);
             let resized = imgops::resize_linear(crop, rw, self.height);
-            imgops::write_bgr_planes(&resized, slot, w, [0.5; 3], [0.5; 3]);
+            imgops::write_bgr_planes(&resized, slot, w, &self.lut);
         }
         let tensor = Tensor { shape: vec![crops.len(), 3, h, w], data: TensorData::F32(data) };
         let t = Instant::now();
@@ -239,6 +241,7 @@ fn batches_by_ratio(crops: &[RgbImage], batch: usize) -> Vec<Vec<usize>> {
 /// Image → text lines (the `ocr` task).
 pub struct OcrPipeline {
     spec: OcrSpec,
+    det_lut: imgops::Lut,
     rec: CropGraph,
     classes: Vec<String>,
     cls: Option<CropGraph>,
@@ -270,7 +273,7 @@ impl OcrPipeline {
             Some(c) if spec.use_angle_classifier => Some(CropGraph::new(c, 48)?),
             _ => None,
         };
-        Ok(OcrPipeline { spec, rec, classes, cls })
+        Ok(OcrPipeline { det_lut: imgops::det_lut(spec.det_mean, spec.det_std), spec, rec, classes, cls })
     }
 
     /// Scales `img` into `min_side..=max_side` (sides multiples of 32, as
@@ -332,7 +335,7 @@ impl OcrPipeline {
         let Some((dw, dh)) = self.det_size(w, h) else { return Ok(Vec::new()) };
         let resized = imgops::resize_linear(img, dw, dh);
         let mut data = vec![0f32; 3 * dw as usize * dh as usize];
-        imgops::write_bgr_planes(&resized, &mut data, dw as usize, self.spec.det_mean, self.spec.det_std);
+        imgops::write_bgr_planes(&resized, &mut data, dw as usize, &self.det_lut);
         let name = det.inputs()[0].name.clone();
         let t = Instant::now();
         let outputs =
