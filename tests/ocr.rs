@@ -147,3 +147,66 @@ fn ocr_bad_input_is_refused_or_answered_empty() {
     // After all that, it still reads.
     assert_eq!(ocr(&mut model, fixture("large.png")).len(), 3);
 }
+
+/// The same answer, in the same JSON shape, in process, over the socket
+/// (curl-style raw image body and a JSON body) and from `inferd infer`.
+#[test]
+fn ocr_answers_the_same_over_the_socket_and_the_cli() {
+    let mut model = load("v6-small");
+    let local = serde_json::to_value(ocr(&mut model, fixture("receipt.png"))).unwrap();
+    let daemon = Daemon::start(|_| {});
+    let c = daemon.client();
+    let r = c.post("/v1/models/ocr/infer", "image/png", &fixture("receipt.png")).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!((v["model"].as_str(), v["variant"].as_str()), (Some("ocr"), Some("v6-small")));
+    assert_eq!(v["result"]["lines"], local);
+    assert_eq!(v["result"]["lines"][0]["text"], "FRESH MARKET");
+    assert_eq!(v["result"]["lines"][0]["box"].as_array().unwrap().len(), 4);
+
+    use base64::Engine as _;
+    let body =
+        serde_json::json!({"image_base64": base64::engine::general_purpose::STANDARD.encode(fixture("blank.png"))});
+    let r = c.post("/v1/models/ocr/infer", "application/json", body.to_string().as_bytes()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!((r.status, v["result"]["lines"].clone()), (200, serde_json::json!([])), "no text: 200 and no lines");
+    let r = c.post("/v1/models/ocr/infer", "text/plain", b"read me").unwrap();
+    assert_eq!(r.status, 400, "text to an image task");
+
+    let socket = daemon.socket.to_str().unwrap().to_string();
+    let file = repo("tests/fixtures/ocr/receipt.png");
+    let out = inferd(&["infer", "--socket", &socket, "--model", "ocr", "--json", file.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(v["result"]["lines"], local);
+    let out = inferd(&["infer", "--socket", &socket, "--model", "ocr", file.to_str().unwrap()]);
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("\"TOTAL\"") && stdout.contains("\"15.83\""), "{stdout}");
+}
+
+/// models.json mistakes in an OCR model are named at their JSON path.
+#[test]
+fn check_names_a_wrong_or_missing_ocr_part() {
+    let mut wrong_sha = shipped_model("ocr");
+    wrong_sha["variants"][1]["parts"]["rec"]["sha256"] = serde_json::json!("0".repeat(64));
+    let mut no_rec = shipped_model("ocr");
+    no_rec["variants"][0]["parts"].as_object_mut().unwrap().remove("rec");
+    no_rec["variants"][0]["parts"]["det"] = no_rec["variants"][0]["parts"]["cls"].clone();
+    let mut swapped = shipped_model("ocr");
+    swapped["variants"][0]["parts"]["cls"]["file"] = serde_json::json!("models/color/color.onnx");
+    swapped["variants"][0]["parts"]["cls"]["sha256"] = serde_json::json!(sha256_of(&repo("models/color/color.onnx")));
+    for (model, path, message) in [
+        (wrong_sha, "models[0].variants[1].parts.rec.sha256", "sha256 mismatch"),
+        (no_rec.clone(), "models[0].variants[0].parts", "needs a 'rec' part"),
+        (no_rec, "models[0].variants[0].parts.det", "no 'det' part (parts: rec, cls)"),
+        (swapped, "models[0].variants[0].parts.cls", "must output [batch, 2]"),
+    ] {
+        let registry = TempRegistry::new(&serde_json::json!({"models": [model]}));
+        let out = inferd(&["check", "--models", &registry.path_str()]);
+        let (stdout, stderr) = text(&out);
+        let all = format!("{stdout}{stderr}");
+        assert!(!out.status.success(), "{all}");
+        assert!(all.lines().any(|l| l.contains(path) && l.contains(message)), "want {path}: {message} in\n{all}");
+    }
+}

@@ -164,13 +164,17 @@ pub fn check_part(role: &str, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> 
     if let Err(m) = image_input(inputs, &format!("the '{role}' part")) {
         p.push(SpecProblem::new(&at, m));
     }
-    let rank = match role {
-        "rec" => 3,
-        "cls" => 2,
+    let first = outputs.first().map(|o| &o.shape[..]);
+    let fits = match role {
+        // [batch, steps, classes]
+        "rec" => matches!(first, Some([_, _, _])),
+        // [batch, 2]: 0° and 180°
+        "cls" => matches!(first, Some([_, Some(2) | None])),
         _ => return vec![SpecProblem::new(&at, format!("an ocr model has no '{role}' part (parts: rec, cls)"))],
     };
-    if outputs.first().is_none_or(|o| o.shape.len() != rank) {
-        p.push(SpecProblem::new(&at, format!("the '{role}' part must have a rank-{rank} first output")));
+    if !fits {
+        let want = if role == "rec" { "[batch, steps, classes] (a CTC recogniser)" } else { "[batch, 2] (0°, 180°)" };
+        p.push(SpecProblem::new(&at, format!("the '{role}' part must output {want}")));
     }
     p
 }
