@@ -387,6 +387,7 @@ fn summary(out: &JobOutput) -> String {
             })
             .collect::<Vec<_>>()
             .join(", "),
+        JobResult::Document { fields, .. } => serde_json::to_string(fields).unwrap_or_default(),
         JobResult::Ocr { lines } if lines.is_empty() => "no text".to_string(),
         JobResult::Ocr { lines } => lines
             .iter()

@@ -75,6 +75,8 @@ pub enum JobResult {
     Detections { detections: Vec<Detection> },
     /// `embedding`: one vector per text, in order.
     Embeddings { embeddings: Vec<Vec<f32>>, dimensions: usize },
+    /// `document-fields`: a receipt's fields, and the OCR lines they were read from.
+    Document { fields: crate::pipeline::document::DocumentFields, lines: Vec<TextLine> },
     /// `ocr`: text lines in reading order.
     Ocr { lines: Vec<TextLine> },
 }

@@ -55,6 +55,9 @@ pub struct ModelSpec {
     /// Detection, recognition and angle settings (ocr); RapidOCR's defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ocr: Option<pipeline::ocr::OcrSpec>,
+    /// Receipt extraction settings (document-fields).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<pipeline::document::DocumentSpec>,
     /// A text file with one label per line, relative to models.json.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<PathBuf>,

@@ -6,6 +6,7 @@
 
 pub mod classify;
 pub mod detect;
+pub mod document;
 pub mod embed;
 pub mod image;
 pub mod ocr;
@@ -34,6 +35,8 @@ pub enum Task {
     Embedding,
     /// Image in, text lines with boxes out (PP-OCR: detector, recogniser, angle classifier).
     Ocr,
+    /// Image of a receipt in, its fields out (OCR, then layout and pattern rules).
+    DocumentFields,
     /// Named tensors in and out, for any model.
     Raw,
 }
@@ -45,6 +48,7 @@ impl fmt::Display for Task {
             Task::ObjectDetection => "object-detection",
             Task::Embedding => "embedding",
             Task::Ocr => "ocr",
+            Task::DocumentFields => "document-fields",
             Task::Raw => "raw",
         })
     }
@@ -128,7 +132,7 @@ pub struct Part {
 /// The parts `task` takes: (required, optional).
 pub fn parts_of(task: Task) -> (&'static [&'static str], &'static [&'static str]) {
     match task {
-        Task::Ocr => (&ocr::PARTS[..1], &ocr::PARTS[1..]),
+        Task::Ocr | Task::DocumentFields => (&ocr::PARTS[..1], &ocr::PARTS[1..]),
         _ => (&[], &[]),
     }
 }
@@ -166,8 +170,11 @@ fn take_output(
 pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
     let mut problems = validate_parts(m);
     problems.extend(validate_task(m));
-    if m.task != Task::Ocr && m.ocr.is_some() {
+    if !matches!(m.task, Task::Ocr | Task::DocumentFields) && m.ocr.is_some() {
         problems.push(SpecProblem::new(".ocr", format!("the {} task takes no 'ocr'", m.task)));
+    }
+    if m.task != Task::DocumentFields && m.document.is_some() {
+        problems.push(SpecProblem::new(".document", format!("the {} task takes no 'document'", m.task)));
     }
     problems
 }
@@ -249,9 +256,9 @@ fn validate_task(m: &ModelSpec) -> Vec<SpecProblem> {
             problems.extend(no_fields(m, &["input", "output", "labels", "detection"], "embedding"));
             problems
         }
-        Task::Ocr => {
+        Task::Ocr | Task::DocumentFields => {
             let mut problems = m.ocr.as_ref().map(ocr::OcrSpec::validate).unwrap_or_default();
-            problems.extend(no_fields(m, &["input", "output", "labels", "detection", "text"], "ocr"));
+            problems.extend(no_fields(m, &["input", "output", "labels", "detection", "text"], &m.task.to_string()));
             problems
         }
         Task::Raw => no_fields(m, &["input", "output", "labels", "detection", "text"], "raw"),
@@ -297,7 +304,7 @@ pub fn check_against_model(
             problems
         }
         (Task::Embedding, _) => m.text.as_ref().map(|t| t.check_against(inputs, outputs)).unwrap_or_default(),
-        (Task::Ocr, _) => ocr::check_detector(inputs, outputs),
+        (Task::Ocr | Task::DocumentFields, _) => ocr::check_detector(inputs, outputs),
         _ => Vec::new(),
     }
 }
@@ -305,7 +312,7 @@ pub fn check_against_model(
 /// Compares a part's declared inputs and outputs with what its task needs of it.
 pub fn check_part(m: &ModelSpec, role: &str, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
     match m.task {
-        Task::Ocr => ocr::check_part(role, inputs, outputs),
+        Task::Ocr | Task::DocumentFields => ocr::check_part(role, inputs, outputs),
         _ => Vec::new(),
     }
 }
@@ -320,6 +327,10 @@ pub fn build(
 ) -> Result<Box<dyn Pipeline>, InferError> {
     match (m.task, &m.input) {
         (Task::Ocr, _) => Ok(Box::new(ocr::OcrPipeline::new(m.ocr.clone().unwrap_or_default(), parts)?)),
+        (Task::DocumentFields, _) => Ok(Box::new(
+            ocr::OcrPipeline::new(m.ocr.clone().unwrap_or_default(), parts)?
+                .with_fields(m.document.clone().unwrap_or_default()),
+        )),
         (Task::Embedding, _) => {
             let spec = m.text.clone().ok_or_else(|| InferError::unavailable("embedding needs a 'text' spec"))?;
             let path = registry.resolve(&spec.tokenizer);

@@ -245,6 +245,8 @@ fn batches_by_ratio(crops: &[RgbImage], batch: usize) -> Vec<Vec<usize>> {
 /// Image → text lines (the `ocr` task).
 pub struct OcrPipeline {
     spec: OcrSpec,
+    /// Set for `document-fields`: the lines are read into a receipt's fields.
+    fields: Option<super::document::DocumentSpec>,
     det_lut: imgops::Lut,
     rec: CropGraph,
     classes: Vec<String>,
@@ -277,7 +279,13 @@ impl OcrPipeline {
             Some(c) if spec.use_angle_classifier => Some(CropGraph::new(c, 48)?),
             _ => None,
         };
-        Ok(OcrPipeline { det_lut: imgops::det_lut(spec.det_mean, spec.det_std), spec, rec, classes, cls })
+        Ok(OcrPipeline { det_lut: imgops::det_lut(spec.det_mean, spec.det_std), spec, fields: None, rec, classes, cls })
+    }
+
+    /// Makes this the `document-fields` task: lines → a receipt's fields.
+    pub fn with_fields(mut self, spec: super::document::DocumentSpec) -> OcrPipeline {
+        self.fields = Some(spec);
+        self
     }
 
     /// Scales `img` into `min_side..=max_side` (sides multiples of 32, as
@@ -456,17 +464,21 @@ impl Pipeline for OcrPipeline {
                 (((p[1] as f64 - band as f64) * ry).clamp(0.0, raw_h as f64)) as f32,
             ]
         };
-        let lines = kept
+        let lines: Vec<TextLine> = kept
             .into_iter()
             .zip(texts)
             .filter(|(_, (_, score))| *score >= self.spec.text_score)
             .map(|(q, (text, confidence))| TextLine { text, confidence, quad: q.map(back) })
             .collect();
+        let result = match &self.fields {
+            Some(spec) => JobResult::Document { fields: super::document::extract(&lines, spec), lines },
+            None => JobResult::Ocr { lines },
+        };
         let total = started.elapsed().as_secs_f64() * 1000.0;
         timings.pre_ms += pre_ms;
         timings.infer_ms += infer_ms;
         timings.post_ms += (total - pre_ms - infer_ms).max(0.0);
-        Ok(JobResult::Ocr { lines })
+        Ok(result)
     }
 }
 
