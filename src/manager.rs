@@ -36,9 +36,12 @@ pub struct VariantNeed {
     pub source: NeedSource,
 }
 
-/// A variant's need: measured if known, else the estimate, else the file-size rule.
+/// A variant's need: the larger of its measured footprint and its
+/// estimate (a load shows weights and sessions, not the working memory of
+/// a job, which models.json's estimate includes), else the file-size rule.
 pub fn need(measured: Option<u64>, estimate_mb: Option<u64>, file_bytes: u64) -> (u64, NeedSource) {
     match (measured, estimate_mb) {
+        (Some(m), Some(e)) if e << 20 > m => (e << 20, NeedSource::Estimate),
         (Some(m), _) => (m, NeedSource::Measured),
         (None, Some(e)) => (e << 20, NeedSource::Estimate),
         (None, None) => (file_bytes.saturating_mul(2).saturating_add(16 << 20), NeedSource::FileSize),
@@ -367,7 +370,9 @@ mod tests {
 
     #[test]
     fn the_need_is_measured_else_estimated_else_from_the_file_size() {
-        assert_eq!(need(Some(5 * MB), Some(9), 100), (5 * MB, NeedSource::Measured));
+        assert_eq!(need(Some(5 * MB), Some(9), 100), (9 * MB, NeedSource::Estimate), "the estimate is a floor");
+        assert_eq!(need(Some(12 * MB), Some(9), 100), (12 * MB, NeedSource::Measured));
+        assert_eq!(need(Some(5 * MB), None, 100), (5 * MB, NeedSource::Measured));
         assert_eq!(need(None, Some(9), 100), (9 * MB, NeedSource::Estimate));
         assert_eq!(need(None, None, 10 * MB), (36 * MB, NeedSource::FileSize));
     }
