@@ -258,11 +258,20 @@ pub struct JobsConfig {
     pub load_timeout_ms: u64,
     /// On shutdown, how long in-flight jobs may take to finish.
     pub drain_timeout_ms: u64,
+    /// Under a systemd watchdog, a worker running one job longer than this
+    /// counts as wedged: inferd stops pinging and systemd restarts it.
+    pub stuck_job_s: u64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { queue_capacity: 64, timeout_ms: 30_000, load_timeout_ms: 120_000, drain_timeout_ms: 30_000 }
+        JobsConfig {
+            queue_capacity: 64,
+            timeout_ms: 30_000,
+            load_timeout_ms: 120_000,
+            drain_timeout_ms: 30_000,
+            stuck_job_s: 300,
+        }
     }
 }
 

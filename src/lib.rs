@@ -12,6 +12,7 @@
 //! - [`intake`]: front-ends (the HTTP/JSON API on a Unix socket); [`client`]: its client.
 //! - [`metrics`], [`memory`]: Prometheus text; what the process really uses.
 //! - [`job`], [`error`], [`tensor`]: the transport-neutral job, its typed errors and tensors.
+//! - [`systemd`]: readiness, status, watchdog and socket activation under systemd.
 //! - [`cli`]: the `inferd` command line.
 
 pub mod backend;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod scheduler;
+pub mod systemd;
 pub mod tensor;
 pub mod worker;
 
@@ -64,6 +66,27 @@ pub async fn run_with_probe(
     shutdown: impl Future<Output = ()>,
     probe: Arc<dyn memory::MemoryProbe>,
 ) -> Result<(), RunError> {
+    run_with(config, shutdown, probe, None).await
+}
+
+/// How a running daemon is asked to reload and how it reads its settings anew.
+pub struct Reload {
+    /// One message per reload request (`main` sends one per SIGHUP).
+    pub requests: tokio::sync::mpsc::Receiver<()>,
+    /// Reads the configuration again (file and environment); the models.json it names is read after it.
+    pub reread: Box<dyn Fn() -> Result<config::Config, String> + Send + Sync>,
+}
+
+/// [`run_with_probe`] that also reloads on request: the configuration and
+/// models.json are read again and validated; a bad file is refused with its
+/// reason logged and the running set keeps serving; changed models are
+/// swapped once the jobs queued for them have run.
+pub async fn run_with(
+    config: config::Config,
+    shutdown: impl Future<Output = ()>,
+    probe: Arc<dyn memory::MemoryProbe>,
+    reload: Option<Reload>,
+) -> Result<(), RunError> {
     let registry = registry::Registry::load(&config.registry_path())?;
     let engine = engine::Engine::new(config.clone(), registry);
     let metrics = Arc::new(metrics::Metrics::default());
@@ -86,7 +109,7 @@ pub async fn run_with_probe(
         }
     }
     let scheduler = Arc::new(scheduler::Scheduler::new(engine, config.jobs.clone(), metrics, manager));
-    let (listener, socket_path) = intake::unix::bind(&config.socket)?;
+    let (listener, socket_path, inherited) = intake::unix::bind_or_inherit(&config.socket)?;
     let tcp = match &config.socket.tcp {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -130,11 +153,23 @@ pub async fn run_with_probe(
     scheduler.start_background(stop_rx.clone());
     ready.store(true, Ordering::SeqCst);
     tracing::info!(socket = %socket_path.display(), models = scheduler.engine().registry().models.len(), "inferd is ready");
+    systemd::ready(&status_line(&scheduler, 0.0));
+    tokio::spawn(report_status(scheduler.clone(), stop_rx.clone()));
+    if let Some(every) = systemd::watchdog_interval() {
+        tokio::spawn(watchdog(scheduler.clone(), every, Duration::from_secs(config.jobs.stuck_job_s), stop_rx.clone()));
+    }
+    if let Some(reload) = reload {
+        tokio::spawn(reloads(scheduler.clone(), config.clone(), reload, stop_rx.clone()));
+    }
 
     shutdown.await;
     tracing::info!("inferd is stopping: no new requests, finishing those in flight");
+    systemd::stopping();
     ready.store(false, Ordering::SeqCst);
-    intake::unix::remove(&socket_path);
+    if !inherited {
+        // A socket systemd passed stays systemd's: it keeps listening and starts inferd again on demand.
+        intake::unix::remove(&socket_path);
+    }
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(drain, async {
         while let Some(done) = servers.join_next().await {
@@ -158,4 +193,140 @@ pub async fn run_with_probe(
     scheduler.shutdown(drain).await;
     tracing::info!("inferd stopped");
     Ok(())
+}
+
+fn status_line(scheduler: &scheduler::Scheduler, jobs_per_s: f64) -> String {
+    systemd::status_line(&scheduler.loaded_models(), jobs_per_s, scheduler.metrics().mqtt_connected())
+}
+
+/// Keeps systemd's `STATUS=` current: loaded models, job rate, MQTT.
+async fn report_status(scheduler: Arc<scheduler::Scheduler>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    const EVERY: Duration = Duration::from_secs(5);
+    let mut last = (scheduler.metrics().jobs_total(), std::time::Instant::now());
+    let mut said = String::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = (scheduler.metrics().jobs_total(), std::time::Instant::now());
+        let rate = now.0.saturating_sub(last.0) as f64 / (now.1 - last.1).as_secs_f64().max(1e-3);
+        last = now;
+        let line = status_line(&scheduler, rate);
+        if line != said {
+            systemd::status(&line);
+            said = line;
+        }
+    }
+}
+
+/// Pings systemd's watchdog every `every` while the scheduler and its
+/// workers are healthy; stops pinging (so systemd restarts inferd) when not.
+async fn watchdog(
+    scheduler: Arc<scheduler::Scheduler>,
+    every: Duration,
+    stuck_after: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tracing::info!(interval_ms = every.as_millis() as u64, "pinging the systemd watchdog");
+    let mut failing = false;
+    loop {
+        let s = scheduler.clone();
+        let health = tokio::task::spawn_blocking(move || s.health(stuck_after)).await;
+        match health.unwrap_or_else(|e| Err(format!("the health check failed: {e}"))) {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("healthy again; watchdog pings resume");
+                }
+                failing = false;
+                systemd::watchdog_ping();
+            }
+            Err(why) if !failing => {
+                tracing::error!("unhealthy: {why}; no more watchdog pings, so systemd restarts inferd");
+                failing = true;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Serves reload requests until `stop`.
+async fn reloads(
+    scheduler: Arc<scheduler::Scheduler>,
+    mut current: config::Config,
+    mut reload: Reload,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            request = reload.requests.recv() => if request.is_none() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        systemd::reloading();
+        tracing::info!("reloading the configuration and models.json");
+        match apply_reload(&scheduler, &current, &reload).await {
+            Ok(config) => current = config,
+            Err(why) => tracing::error!("reload refused: {why}; the running configuration keeps serving"),
+        }
+        systemd::ready(&status_line(&scheduler, 0.0));
+    }
+}
+
+async fn apply_reload(
+    scheduler: &scheduler::Scheduler,
+    current: &config::Config,
+    reload: &Reload,
+) -> Result<config::Config, String> {
+    let config = (reload.reread)()?;
+    let registry = registry::Registry::load(&config.registry_path()).map_err(|e| e.to_string())?;
+    let old = scheduler.engine();
+    let engine_changed = config.runtime != current.runtime || config.limits != current.limits;
+    let (added, changed, removed) = registry_diff(old.registry(), &registry);
+    let stale: Vec<String> = if engine_changed {
+        old.registry().models.iter().map(|m| m.name.clone()).collect()
+    } else {
+        changed.iter().chain(&removed).cloned().collect()
+    };
+    let restart_only: Vec<&str> = [
+        ("socket", config.socket != current.socket),
+        ("mqtt", config.mqtt != current.mqtt),
+        ("jobs", config.jobs != current.jobs),
+        ("memory", config.memory != current.memory),
+        ("log", config.log != current.log),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect();
+    if !restart_only.is_empty() {
+        tracing::warn!("changes to [{}] take effect at the next restart", restart_only.join("], ["));
+    }
+    scheduler.replace_engine(engine::Engine::new(config.clone(), registry), stale).await;
+    tracing::info!(
+        added = ?added,
+        changed = ?changed,
+        removed = ?removed,
+        "reloaded{}",
+        if engine_changed { " (runtime or limits changed: every model reloads on its next job)" } else { "" }
+    );
+    Ok(config)
+}
+
+/// Models added, changed (any field, or where its files resolve) and removed between two registries.
+fn registry_diff(old: &registry::Registry, new: &registry::Registry) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let key = |r: &registry::Registry, m: &registry::ModelSpec| (serde_json::to_string(m).ok(), r.dir.clone());
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    for m in &new.models {
+        match old.get(&m.name) {
+            None => added.push(m.name.clone()),
+            Some(o) if key(old, o) != key(new, m) => changed.push(m.name.clone()),
+            Some(_) => {}
+        }
+    }
+    let removed = old.models.iter().filter(|m| new.get(&m.name).is_none()).map(|m| m.name.clone()).collect();
+    (added, changed, removed)
 }

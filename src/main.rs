@@ -23,11 +23,7 @@ fn real_main() -> i32 {
     };
     let serving = matches!(cli.command, Command::Serve);
     let level = if serving || cli.verbose { config.log.level.as_str() } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(level, serving && inferd::systemd::stderr_is_journal());
 
     if let Command::Infer { local: false, ref model, ref socket, top_k, json, ref files, .. } = cli.command {
         let path = socket.clone().unwrap_or_else(|| config.socket.resolved_path());
@@ -45,13 +41,36 @@ fn real_main() -> i32 {
             let options = LoadOptions { backend, variant: variant.clone() };
             cli::infer_local(&engine, &config, options, &cli::InferArgs { model, top_k, json, files })
         }
-        Command::Serve => serve(config, cli.models),
+        Command::Serve => serve(config, cli.config.clone(), cli.models),
     }
 }
 
-fn serve(mut config: Config, models: Option<std::path::PathBuf>) -> i32 {
+/// Plain lines on stderr, or structured records to the journal when
+/// stderr is the journal (a systemd service), with the fields searchable
+/// (`journalctl -u inferd MODEL=ocr`).
+fn init_logging(level: &str, journal: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::new(level);
+    if journal {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry().with(filter).with(layer.with_syslog_identifier("inferd".into())).init();
+                return;
+            }
+            Err(e) => eprintln!("inferd: cannot log to the journal ({e}); logging to stderr"),
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(mut config: Config, config_file: Option<std::path::PathBuf>, models: Option<std::path::PathBuf>) -> i32 {
     if models.is_some() {
-        config.models = models;
+        config.models = models.clone();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -60,7 +79,21 @@ fn serve(mut config: Config, models: Option<std::path::PathBuf>) -> i32 {
             return exit::FAILURE;
         }
     };
-    match runtime.block_on(inferd::run(config, shutdown_signal())) {
+    let reread = move || {
+        let mut c = Config::load(config_file.as_deref()).map_err(|e| e.to_string())?;
+        if models.is_some() {
+            c.models = models.clone();
+        }
+        Ok(c)
+    };
+    let probe = std::sync::Arc::new(inferd::memory::SystemProbe::default());
+    let run = async {
+        let (tx, requests) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(forward_sighup(tx));
+        let reload = inferd::Reload { requests, reread: Box::new(reread) };
+        inferd::run_with(config, shutdown_signal(), probe, Some(reload)).await
+    };
+    match runtime.block_on(run) {
         Ok(()) => exit::OK,
         Err(e) => {
             tracing::error!("{e}");
@@ -69,6 +102,21 @@ fn serve(mut config: Config, models: Option<std::path::PathBuf>) -> i32 {
                 _ => exit::FAILURE,
             }
         }
+    }
+}
+
+/// One reload request per SIGHUP (requests while one is pending fold into it).
+async fn forward_sighup(tx: tokio::sync::mpsc::Sender<()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGHUP: {e}; reload is unavailable");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let _ = tx.try_send(());
     }
 }
 

@@ -196,7 +196,7 @@ pub struct Manager {
     cfg: MemoryConfig,
     probe: Arc<dyn MemoryProbe>,
     footprints: Footprints,
-    registry: Arc<Registry>,
+    registry: std::sync::RwLock<Arc<Registry>>,
     loaded: Mutex<HashMap<String, Loaded>>,
 }
 
@@ -209,10 +209,26 @@ pub struct LoadPlan {
 }
 
 impl Manager {
+    /// The registry decisions are made over.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Decides over `registry` from now on (a reload).
+    pub fn set_registry(&self, registry: Arc<Registry>) {
+        *self.registry.write().unwrap_or_else(|e| e.into_inner()) = registry;
+    }
+
     /// A manager over `registry`, with measured footprints kept in `cfg.state_dir`.
     pub fn new(cfg: MemoryConfig, probe: Arc<dyn MemoryProbe>, registry: Arc<Registry>) -> Manager {
         let footprints = Footprints::open(Some(&cfg.resolved_state_dir()));
-        Manager { cfg, probe, footprints, registry, loaded: Mutex::new(HashMap::new()) }
+        Manager {
+            cfg,
+            probe,
+            footprints,
+            registry: std::sync::RwLock::new(registry),
+            loaded: Mutex::new(HashMap::new()),
+        }
     }
 
     fn loaded(&self) -> std::sync::MutexGuard<'_, HashMap<String, Loaded>> {
@@ -247,7 +263,7 @@ impl Manager {
             .variants
             .iter()
             .map(|v| {
-                let file_bytes = std::fs::metadata(self.registry.resolve(&v.file)).map(|m| m.len()).unwrap_or(0);
+                let file_bytes = std::fs::metadata(self.registry().resolve(&v.file)).map(|m| m.len()).unwrap_or(0);
                 let measured = self.footprints.get(&model.name, &v.name, &v.sha256);
                 let (bytes, source) = need(measured, v.memory_mb, file_bytes);
                 VariantNeed { name: v.name.clone(), quality: v.quality, bytes, source }
@@ -271,7 +287,7 @@ impl Manager {
                     model: name.clone(),
                     bytes: l.bytes,
                     idle: now - l.last_used,
-                    pinned: self.registry.get(name).is_some_and(|m| m.pin),
+                    pinned: self.registry().get(name).is_some_and(|m| m.pin),
                 })
                 .collect()
         };
@@ -325,10 +341,11 @@ impl Manager {
     /// Loaded models idle for longer than their keep-alive (never pinned ones).
     pub fn idle_expired(&self) -> Vec<String> {
         let now = Instant::now();
+        let registry = self.registry();
         self.loaded()
             .iter()
             .filter_map(|(name, l)| {
-                let m = self.registry.get(name)?;
+                let m = registry.get(name)?;
                 let keep = m.keep_alive_s.or(self.cfg.keep_alive_s).filter(|&k| k > 0)?;
                 (!m.pin && now - l.last_used >= Duration::from_secs(keep)).then(|| name.clone())
             })
@@ -344,7 +361,7 @@ impl Manager {
         let views: Vec<LoadedView> = snapshot
             .into_iter()
             .filter_map(|(model, variant, residency)| {
-                let needs = self.needs(self.registry.get(&model)?);
+                let needs = self.needs(self.registry().get(&model)?);
                 Some(LoadedView { model, variant, needs, residency })
             })
             .collect();

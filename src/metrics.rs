@@ -33,6 +33,8 @@ struct Inner {
 #[derive(Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
+    /// 0: MQTT not configured, 1: disconnected, 2: connected.
+    mqtt: std::sync::atomic::AtomicU8,
 }
 
 /// A model's gauges at scrape time.
@@ -63,6 +65,25 @@ impl Metrics {
         m.count += 1;
         if let Err(e) = outcome {
             *inner.errors.entry(e.kind).or_default() += 1;
+        }
+    }
+
+    /// Every job answered so far, for the job rate.
+    pub fn jobs_total(&self) -> u64 {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.models.values().map(|m| m.count).sum()
+    }
+
+    /// Records whether the MQTT connection is up.
+    pub fn set_mqtt_connected(&self, up: bool) {
+        self.mqtt.store(if up { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether MQTT is connected; `None` when it is not configured.
+    pub fn mqtt_connected(&self) -> Option<bool> {
+        match self.mqtt.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            v => Some(v == 2),
         }
     }
 
@@ -108,6 +129,11 @@ impl Metrics {
             );
             let _ = writeln!(out, "# TYPE inferd_memory_room_bytes gauge");
             let _ = writeln!(out, "inferd_memory_room_bytes {room}");
+        }
+        if let Some(up) = self.mqtt_connected() {
+            let _ = writeln!(out, "# HELP inferd_mqtt_connected Whether the MQTT connection is up.");
+            let _ = writeln!(out, "# TYPE inferd_mqtt_connected gauge");
+            let _ = writeln!(out, "inferd_mqtt_connected {}", u8::from(up));
         }
         let _ = writeln!(out, "# HELP inferd_jobs_total Jobs finished, by model and outcome (ok or an error kind).");
         let _ = writeln!(out, "# TYPE inferd_jobs_total counter");

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 struct Slot {
     queue: mpsc::Sender<Work>,
     state: StateCell,
+    busy: worker::BusyCell,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -30,7 +31,8 @@ pub struct ModelStatus {
 
 /// Queues and workers for every model of one engine.
 pub struct Scheduler {
-    engine: Engine,
+    /// Replaced as a whole on reload; workers keep the engine they started with.
+    engine: std::sync::RwLock<Engine>,
     jobs: JobsConfig,
     metrics: Arc<Metrics>,
     manager: Arc<Manager>,
@@ -45,7 +47,7 @@ impl Scheduler {
     pub fn new(engine: Engine, jobs: JobsConfig, metrics: Arc<Metrics>, manager: Arc<Manager>) -> Scheduler {
         let (evict_tx, evict_rx) = mpsc::unbounded_channel();
         Scheduler {
-            engine,
+            engine: std::sync::RwLock::new(engine),
             jobs,
             metrics,
             manager,
@@ -110,9 +112,68 @@ impl Scheduler {
         }
     }
 
-    /// The engine this scheduler dispatches to.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The engine new workers start with (the registry and configuration in force).
+    pub fn engine(&self) -> Engine {
+        self.engine.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Serves `engine` from now on (a reload): the models in `stale` (changed
+    /// or removed) are unloaded once the jobs already queued for them have
+    /// run on the old session; their next jobs start a worker on the new one.
+    pub async fn replace_engine(&self, engine: Engine, stale: Vec<String>) {
+        self.manager.set_registry(engine.registry_arc());
+        *self.engine.write().unwrap_or_else(|e| e.into_inner()) = engine;
+        let slots: Vec<(String, Slot)> = {
+            let mut all = self.slots();
+            stale.iter().filter_map(|m| all.remove(m).map(|s| (m.clone(), s))).collect()
+        };
+        for (model, slot) in slots {
+            tracing::info!(model, "reload: the model changed; its worker finishes its queue, then unloads");
+            drop(slot.queue);
+            join(slot.thread).await;
+        }
+    }
+
+    /// Whether the daemon can still answer: the slots lock is free within a
+    /// second, no worker thread died, and no job has run longer than `stuck_after`.
+    pub fn health(&self, stuck_after: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let slots = loop {
+            match self.slots.try_lock() {
+                Ok(s) => break s,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return Err("the scheduler is locked up".into()),
+            }
+        };
+        for (model, slot) in slots.iter() {
+            if slot.thread.is_finished() && !slot.queue.is_closed() {
+                return Err(format!("the worker of model '{model}' died"));
+            }
+            if let Some(since) = worker::busy_since(&slot.busy)
+                && since.elapsed() > stuck_after
+            {
+                return Err(format!(
+                    "the worker of model '{model}' is stuck in one job for {} s",
+                    since.elapsed().as_secs()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the loaded models.
+    pub fn loaded_models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .slots()
+            .iter()
+            .filter(|(_, s)| matches!(worker::get_state(&s.state), ModelState::Loaded { .. }))
+            .map(|(m, _)| m.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// The shared metrics.
@@ -126,7 +187,8 @@ impl Scheduler {
 
     /// The queue of `model`, starting its worker if needed.
     fn queue(&self, model: &str) -> Result<mpsc::Sender<Work>, InferError> {
-        if self.engine.registry().get(model).is_none() {
+        let engine = self.engine();
+        if engine.registry().get(model).is_none() {
             return Err(InferError::unknown_model(model));
         }
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -140,15 +202,16 @@ impl Scheduler {
         }
         let (tx, rx) = mpsc::channel(self.jobs.queue_capacity);
         let state: StateCell = Arc::new(Mutex::new(ModelState::Unloaded));
+        let busy: worker::BusyCell = Arc::default();
         let ctx = WorkerCtx {
-            engine: self.engine.clone(),
+            engine,
             manager: self.manager.clone(),
             metrics: self.metrics.clone(),
             evict: self.evict_tx.clone(),
         };
-        let thread = worker::spawn(ctx, model.to_string(), rx, state.clone())
+        let thread = worker::spawn(ctx, model.to_string(), rx, state.clone(), busy.clone())
             .map_err(|e| InferError::internal(format!("cannot start a worker thread: {e}")))?;
-        slots.insert(model.to_string(), Slot { queue: tx.clone(), state, thread });
+        slots.insert(model.to_string(), Slot { queue: tx.clone(), state, busy, thread });
         Ok(tx)
     }
 
@@ -157,7 +220,7 @@ impl Scheduler {
     pub async fn submit(&self, model: &str, input: JobInput, options: JobOptions) -> Result<JobOutput, InferError> {
         let started = Instant::now();
         let outcome = self.submit_inner(model, input, options, started).await;
-        if self.engine.registry().get(model).is_some() {
+        if self.engine().registry().get(model).is_some() {
             self.metrics.record_job(model, &outcome, started.elapsed());
         } else if let Err(e) = &outcome {
             self.metrics.record_error(e.kind);
@@ -213,7 +276,7 @@ impl Scheduler {
 
     /// Unloads `model`: its queued jobs still run, then the worker drops the session.
     pub async fn unload(&self, model: &str) -> Result<(), InferError> {
-        if self.engine.registry().get(model).is_none() {
+        if self.engine().registry().get(model).is_none() {
             return Err(InferError::unknown_model(model));
         }
         let slot = self.slots().remove(model);
@@ -237,7 +300,7 @@ impl Scheduler {
 
     /// Gauges of every registered model, for /metrics.
     pub fn gauges(&self) -> Vec<ModelGauges> {
-        self.engine
+        self.engine()
             .registry()
             .models
             .iter()

@@ -56,6 +56,14 @@ pub enum ModelState {
 /// Shared view of a model's state.
 pub type StateCell = Arc<Mutex<ModelState>>;
 
+/// When the worker's current job started (none while idle or loading), for the watchdog.
+pub type BusyCell = Arc<Mutex<Option<Instant>>>;
+
+/// When the job the worker is running started.
+pub fn busy_since(cell: &BusyCell) -> Option<Instant> {
+    *cell.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Sets the state in `cell`.
 pub fn set_state(cell: &StateCell, state: ModelState) {
     *cell.lock().unwrap_or_else(|e| e.into_inner()) = state;
@@ -73,11 +81,13 @@ pub fn spawn(
     model: String,
     queue: mpsc::Receiver<Work>,
     state: StateCell,
+    busy: BusyCell,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("inferd-{model}")).spawn(move || run(ctx, model, queue, state))
+    std::thread::Builder::new().name(format!("inferd-{model}")).spawn(move || run(ctx, model, queue, state, busy))
 }
 
-fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: StateCell) {
+fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: StateCell, busy: BusyCell) {
+    let set_busy = |v: Option<Instant>| *busy.lock().unwrap_or_else(|e| e.into_inner()) = v;
     let mut loaded: Option<LoadedModel> = None;
     while let Some(work) = queue.blocking_recv() {
         match work {
@@ -91,9 +101,13 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                 }
                 let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1000.0;
                 let result = ensure_loaded(&ctx, &model, &mut loaded, &state).and_then(|m| {
-                    catch_unwind(AssertUnwindSafe(|| m.infer(job.input, &job.options))).unwrap_or_else(|panic| {
-                        Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
-                    })
+                    set_busy(Some(Instant::now()));
+                    let out =
+                        catch_unwind(AssertUnwindSafe(|| m.infer(job.input, &job.options))).unwrap_or_else(|panic| {
+                            Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
+                        });
+                    set_busy(None);
+                    out
                 });
                 ctx.manager.touch(&model);
                 let _ = job.reply.send(result.map(|mut out| {

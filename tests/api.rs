@@ -4,7 +4,7 @@
 mod util;
 
 use base64::Engine as _;
-use inferd::client::{Client, Response};
+use inferd::client::Response;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -24,32 +24,6 @@ fn assert_error(r: &Response, status: u16, kind: &str, message: &str) {
     let v = json_of(r);
     assert_eq!(v["error"]["kind"], kind, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains(message), "{v}");
-}
-
-fn busy_body(iterations: i64) -> Vec<u8> {
-    json!({"inputs": {
-        "iterations": {"shape": [], "dtype": "i64", "data": [iterations]},
-        "x": {"shape": [1, 128], "dtype": "f32", "data": vec![0.5; 128]},
-    }})
-    .to_string()
-    .into_bytes()
-}
-
-/// Iterations of the busy model that take about `target` on this machine.
-fn busy_iterations_for(client: &Client, target: Duration) -> i64 {
-    let probe = 5_000;
-    let r = client.post("/v1/models/busy/load", "application/json", b"").unwrap();
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    // The fastest of three probes: a busy machine makes a probe slow, never fast.
-    let per_iteration = (0..3)
-        .map(|_| {
-            let start = Instant::now();
-            let r = client.post("/v1/models/busy/infer", "application/json", &busy_body(probe)).unwrap();
-            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-            start.elapsed().as_secs_f64() / probe as f64
-        })
-        .fold(f64::INFINITY, f64::min);
-    ((target.as_secs_f64() / per_iteration) as i64).max(probe)
 }
 
 #[test]

@@ -395,6 +395,7 @@ pub async fn serve(
         in_flight: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
         dedup: Mutex::new(Dedup { window: cfg.dedup_window, ..Default::default() }),
     });
+    ctx.scheduler.metrics().set_mqtt_connected(false);
     tracing::info!(broker = %format!("{}:{}", broker.host, broker.port), client_id, node, v5 = broker.v5, "MQTT starting");
     let mut backoff = Duration::from_millis(250);
     let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));
@@ -409,6 +410,7 @@ pub async fn serve(
             event = events.poll() => match event {
                 Ok(Event::Connected) => {
                     backoff = Duration::from_millis(250);
+                    ctx.scheduler.metrics().set_mqtt_connected(true);
                     tracing::info!("MQTT connected");
                     for filter in ctx.topics.subscriptions() {
                         if let Err(e) = ctx.client.subscribe(&filter).await {
@@ -423,6 +425,7 @@ pub async fn serve(
                 }
                 Ok(Event::Other) => {}
                 Err(e) => {
+                    ctx.scheduler.metrics().set_mqtt_connected(false);
                     tracing::warn!("MQTT connection lost: {e}; retrying in {} ms", backoff.as_millis());
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

@@ -42,6 +42,31 @@ pub fn bind(cfg: &SocketConfig) -> Result<(tokio::net::UnixListener, PathBuf), S
     Ok((listener, path))
 }
 
+/// The socket systemd passed (socket activation, `LISTEN_FDS`), else the
+/// configured one bound by [`bind`]; the flag says whether it was passed.
+pub fn bind_or_inherit(cfg: &SocketConfig) -> Result<(tokio::net::UnixListener, PathBuf, bool), SocketError> {
+    let inherited = crate::systemd::listen_fd()
+        .map_err(|e| SocketError::Setup { path: cfg.resolved_path(), message: format!("LISTEN_FDS: {e}") })?;
+    let Some(fd) = inherited else {
+        let (listener, path) = bind(cfg)?;
+        return Ok((listener, path, false));
+    };
+    let fail = |message: String| SocketError::Setup { path: PathBuf::from(format!("fd {fd}")), message };
+    use std::os::fd::FromRawFd;
+    // SAFETY: systemd hands this fd to this process alone (LISTEN_PID); it is owned from here on.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    let path = std_listener
+        .local_addr()
+        .map_err(|e| fail(format!("the socket systemd passed is not a Unix stream socket: {e}")))?
+        .as_pathname()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| fail("the socket systemd passed has no path".into()))?;
+    std_listener.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
+    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| fail(e.to_string()))?;
+    tracing::info!(path = %path.display(), "listening on the socket systemd passed (socket activation)");
+    Ok((listener, path, true))
+}
+
 /// Removes the socket file at `path` if it is still a socket.
 pub fn remove(path: &Path) {
     use std::os::unix::fs::FileTypeExt;

@@ -198,6 +198,37 @@ impl Drop for Daemon {
         }
     }
 }
+pub fn busy_body(iterations: i64) -> Vec<u8> {
+    serde_json::json!({"inputs": {
+        "iterations": {"shape": [], "dtype": "i64", "data": [iterations]},
+        "x": {"shape": [1, 128], "dtype": "f32", "data": vec![0.5; 128]},
+    }})
+    .to_string()
+    .into_bytes()
+}
+
+/// Iterations of the busy model that take about `target` on this machine.
+pub fn busy_iterations_for(client: &inferd::client::Client, target: std::time::Duration) -> i64 {
+    let r = client.post("/v1/models/busy/load", "application/json", b"").unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The fastest of three runs of a size: a busy machine makes a run slow, never fast.
+    let fastest = |iterations: i64| {
+        (0..3)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                let r = client.post("/v1/models/busy/infer", "application/json", &busy_body(iterations)).unwrap();
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    // Two sizes, so the fixed cost of a request drops out of the per-iteration time.
+    let (small, large) = (5_000, 50_000);
+    let (t_small, t_large) = (fastest(small), fastest(large));
+    let per_iteration = ((t_large - t_small) / (large - small) as f64).max(t_large / large as f64 / 4.0);
+    ((target.as_secs_f64() / per_iteration) as i64).max(small)
+}
+
 pub mod broker;
 
 /// A registry with the two test detectors (YOLOv5 and YOLOv8 layouts, outputs
