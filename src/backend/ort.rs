@@ -16,7 +16,11 @@ use std::sync::OnceLock;
 /// The ONNX Runtime version this build speaks (`ort` 2.0.0-rc.15, API 31).
 pub const ORT_VERSION: &str = "1.31.1";
 /// The library file `scripts/setup.sh` unpacks.
+#[cfg(not(target_os = "macos"))]
 pub const LIBRARY_FILE: &str = "libonnxruntime.so.1.31.1";
+/// The library's file name in the macOS wheel (`onnxruntime/capi/`).
+#[cfg(target_os = "macos")]
+pub const LIBRARY_FILE: &str = "libonnxruntime.1.31.1.dylib";
 
 /// A loaded ONNX Runtime: where it came from and its environment.
 pub struct OrtRuntime {

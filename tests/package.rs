@@ -1,0 +1,134 @@
+//! What operators install: the systemd units as systemd itself reads them,
+//! and the .deb cargo-deb builds (contents, conffiles, maintainer scripts,
+//! and a registry that checks out from the extracted package).
+
+mod util;
+
+use std::path::Path;
+use std::process::Command;
+use util::*;
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let service = std::fs::read_to_string(repo("systemd/inferd.service")).unwrap();
+    assert!(service.contains("ExecStart=/usr/bin/inferd serve"), "{service}");
+    std::fs::write(dir.path().join("inferd.service"), service.replace("/usr/bin/inferd", env!("CARGO_BIN_EXE_inferd")))
+        .unwrap();
+    std::fs::copy(repo("systemd/inferd.socket"), dir.path().join("inferd.socket")).unwrap();
+    let (ok, stdout, stderr) = run(Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("inferd.service"))
+        .arg(dir.path().join("inferd.socket")));
+    // Unknown keys are only warnings to systemd: any word about our units fails the test.
+    let ours: Vec<&str> = stderr.lines().chain(stdout.lines()).filter(|l| l.contains("inferd.s")).collect();
+    assert!(ok && ours.is_empty(), "systemd-analyze verify:\n{stdout}{stderr}");
+    for key in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "User=inferd",
+        "RuntimeDirectory=inferd",
+        "StateDirectory=inferd",
+        "ConfigurationDirectory=inferd",
+        "ProtectSystem=strict",
+        "ProtectHome=true",
+        "PrivateTmp=true",
+        "NoNewPrivileges=true",
+        "CapabilityBoundingSet=\n",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/nvidiactl rw",
+        "DeviceAllow=/dev/nvhost-ctrl-gpu rw",
+        "#MemoryMax=",
+    ] {
+        assert!(service.contains(key), "inferd.service lacks {key:?}");
+    }
+    let socket = std::fs::read_to_string(repo("systemd/inferd.socket")).unwrap();
+    assert!(socket.contains("ListenStream=/run/inferd/inferd.sock"), "{socket}");
+}
+
+#[test]
+fn the_deb_has_the_daemon_units_config_and_a_registry_that_checks_out() {
+    let out = tempfile::tempdir().unwrap();
+    // The debug binary the tests built, stripped; a release package is built the same way (cross/build.sh).
+    let (ok, stdout, stderr) = run(Command::new(env!("CARGO"))
+        .args(["deb", "--no-build", "--profile", "dev", "--fast", "--output"])
+        .arg(out.path())
+        .current_dir(root()));
+    assert!(ok, "cargo deb (install it with scripts/setup.sh):\n{stdout}{stderr}");
+    let deb = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"));
+    let deb = deb.expect("a .deb was written");
+    let name = deb.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(name, format!("inferd_{}-1_amd64.deb", env!("CARGO_PKG_VERSION")));
+
+    let (ok, listing, stderr) = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
+    assert!(ok, "{stderr}");
+    for path in [
+        "./usr/bin/inferd",
+        "./usr/lib/systemd/system/inferd.service",
+        "./usr/lib/systemd/system/inferd.socket",
+        "./usr/lib/sysusers.d/inferd.conf",
+        "./usr/lib/tmpfiles.d/inferd.conf",
+        "./etc/inferd/config.toml",
+        "./usr/share/inferd/models.json",
+        "./usr/share/inferd/models/color/color.onnx",
+        "./usr/share/inferd/models/fetched/ocr/v6-small/rec.onnx",
+        "./usr/share/doc/inferd/README.md",
+        "./usr/share/doc/inferd/deploy.md",
+    ] {
+        assert!(listing.lines().any(|l| l.ends_with(path)), "{path} missing from the .deb:\n{listing}");
+    }
+    assert!(listing.lines().any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with("./usr/bin/inferd")), "{listing}");
+
+    let control = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(control.path()));
+    assert!(ok, "{stderr}");
+    let read = |f: &str| std::fs::read_to_string(control.path().join(f)).unwrap_or_default();
+    assert_eq!(read("conffiles").trim(), "/etc/inferd/config.toml");
+    assert!(read("control").contains("Depends: libc6 (>= 2.28)"), "{}", read("control"));
+    let postinst = read("postinst");
+    for step in [
+        "systemd-sysusers",
+        "systemd-tmpfiles --create",
+        "deb-systemd-helper enable inferd.service",
+        "deb-systemd-helper enable inferd.socket",
+        "daemon-reload",
+    ] {
+        assert!(postinst.contains(step), "postinst lacks {step}:\n{postinst}");
+    }
+    let postrm = read("postrm");
+    assert!(postrm.contains("purge") && postrm.contains("deluser") && postrm.contains("daemon-reload"), "{postrm}");
+
+    // The packaged registry is complete: every file there, every sha256 right.
+    let root_dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root_dir.path()));
+    assert!(ok, "{stderr}");
+    let registry = root_dir.path().join("usr/share/inferd/models.json");
+    let out = inferd(&["check", "--models", registry.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let config = std::fs::read_to_string(root_dir.path().join("etc/inferd/config.toml")).unwrap();
+    assert!(config.contains("models = \"/usr/share/inferd/models.json\""), "{config}");
+    let parsed = inferd::config::Config::load_from(
+        Some(&root_dir.path().join("etc/inferd/config.toml")),
+        Path::new("/nonexistent"),
+        Vec::new(),
+    );
+    assert!(parsed.is_ok(), "the packaged config.toml loads: {parsed:?}");
+}
