@@ -88,10 +88,11 @@ fn serve(mut config: Config, config_file: Option<std::path::PathBuf>, models: Op
     };
     let probe = std::sync::Arc::new(inferd::memory::SystemProbe::default());
     let run = async {
+        let shutdown = shutdown_signal();
         let (tx, requests) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(forward_sighup(tx));
+        forward_sighup(tx);
         let reload = inferd::Reload { requests, reread: Box::new(reread) };
-        inferd::run_with(config, shutdown_signal(), probe, Some(reload)).await
+        inferd::run_with(config, shutdown, probe, Some(reload)).await
     };
     match runtime.block_on(run) {
         Ok(()) => exit::OK,
@@ -105,33 +106,44 @@ fn serve(mut config: Config, config_file: Option<std::path::PathBuf>, models: Op
     }
 }
 
-/// One reload request per SIGHUP (requests while one is pending fold into it).
-async fn forward_sighup(tx: tokio::sync::mpsc::Sender<()>) {
+/// One reload request per SIGHUP (requests while one is pending fold into
+/// it). The handler is installed before this returns, so a SIGHUP that comes
+/// early is a reload, never the default action (exit).
+fn forward_sighup(tx: tokio::sync::mpsc::Sender<()>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGHUP: {e}; reload is unavailable");
-            return;
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let _ = tx.try_send(());
+                }
+            });
         }
-    };
-    while hup.recv().await.is_some() {
-        let _ = tx.try_send(());
+        Err(e) => tracing::warn!("cannot watch SIGHUP: {e}; reload is unavailable"),
     }
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed before this
+/// returns (not when the future is first polled), so a SIGTERM right after
+/// READY=1 is a graceful stop.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM: {e}; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (term, int) => {
+                if let Err(e) = term.as_ref().and(int.as_ref()) {
+                    tracing::warn!("cannot watch SIGTERM/SIGINT: {e}; stopping on Ctrl-C only");
+                }
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

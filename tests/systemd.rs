@@ -308,3 +308,30 @@ fn a_socket_passed_by_systemd_is_served_and_left_in_place() {
     assert!(stderr.contains("socket activation"), "{stderr}");
     assert!(path.exists(), "the socket stays systemd's");
 }
+
+/// With stderr connected to the journal (`JOURNAL_STREAM` names it), inferd
+/// logs to journald; where no journald listens it says so and keeps plain lines.
+#[test]
+fn journal_logging_is_chosen_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = service_dir("");
+    let notify_path = dir.file("notify.sock");
+    let mut notify = Notify::bind(&notify_path);
+    let log = std::fs::File::create(dir.file("stderr.log")).unwrap();
+    let meta = log.metadata().unwrap();
+    let mut cmd = command(&dir, &notify_path, &[("JOURNAL_STREAM", &format!("{}:{}", meta.dev(), meta.ino()))]);
+    let child = cmd.stderr(log).spawn().unwrap();
+    let mut svc = Service { dir, child: Some(child) };
+    notify.expect("READY=1");
+    svc.signal(libc::SIGTERM);
+    let (code, _) = svc.wait();
+    assert_eq!(code, Some(0));
+    let stderr = std::fs::read_to_string(svc.dir.file("stderr.log")).unwrap();
+    let journald = std::path::Path::new("/run/systemd/journal/socket").exists();
+    if journald {
+        assert!(!stderr.contains("inferd is ready"), "logged to stderr although it is the journal: {stderr}");
+    } else {
+        assert!(stderr.contains("cannot log to the journal"), "{stderr}");
+        assert!(stderr.contains("inferd is ready"), "falls back to plain lines: {stderr}");
+    }
+}
