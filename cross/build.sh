@@ -32,12 +32,11 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null || [ ! -d /usr/aarch64-linux-gn
   say "installing gcc-aarch64-linux-gnu and libc6-dev-arm64-cross"
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 fi
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 command -v cargo-deb >/dev/null || { say "installing cargo-deb $CARGO_DEB_VERSION"; cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"; }
 
 if [ "${INFERD_CROSS_PLAIN:-0}" = 1 ]; then
   say "building with aarch64-linux-gnu-gcc (glibc of this box)"
-  cargo build --release --locked --target "$TARGET"
+  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc cargo build --release --locked --target "$TARGET"
 else
   if [ ! -x "$TOOLS/bin/cargo-zigbuild" ]; then
     say "installing cargo-zigbuild $ZIGBUILD_VERSION and ziglang $ZIGLANG_VERSION into $TOOLS"
