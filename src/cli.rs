@@ -69,6 +69,10 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also load each model (its planned variant) and report which
+        /// execution providers registered and how many graph nodes each took.
+        #[arg(long)]
+        load: bool,
     },
     /// Run a model on files through the running daemon (or in this process with --local).
     Infer {
@@ -128,7 +132,7 @@ pub fn check(registry: &Registry, json: bool) -> i32 {
 }
 
 /// `inferd models`.
-pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
+pub fn models(engine: &Engine, config: &Config, json: bool, load: bool) -> i32 {
     let ort = backend::ort::status(&config.runtime);
     let probe = std::sync::Arc::new(crate::memory::SystemProbe::default());
     let manager = crate::manager::Manager::new(config.memory.clone(), probe.clone(), engine.registry_arc());
@@ -165,6 +169,17 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
                     row["providers"] = serde_json::json!(plan.providers);
                 }
                 Err(e) => row["error"] = serde_json::json!(e),
+            }
+            if load && row.get("error").is_none() {
+                let options = LoadOptions { variant: row["variant"].as_str().map(str::to_string), ..Default::default() };
+                match engine.load(&m.name, &options) {
+                    Ok(loaded) => {
+                        row["loaded"] = serde_json::json!(true);
+                        row["provider"] = serde_json::json!(loaded.provider());
+                        row["placement"] = serde_json::json!(loaded.placement());
+                    }
+                    Err(e) => row["load_error"] = serde_json::json!(e),
+                }
             }
             row
         })
@@ -210,6 +225,14 @@ pub fn models(engine: &Engine, config: &Config, json: bool) -> i32 {
                 })
                 .collect();
             println!("{:<16} variants: {}", "", list.join(" · "));
+        }
+        if let Some(p) = r.get("placement").filter(|p| !p.is_null()) {
+            let placement: crate::backend::Placement = serde_json::from_value(p.clone()).unwrap_or_default();
+            println!("{:<16} loaded on {}: {}", "", s("provider"), placement.summary());
+        } else if let Some(e) = r.get("load_error") {
+            println!("{:<16} cannot load: {}", "", e["message"].as_str().unwrap_or(""));
+        } else if r["loaded"] == true {
+            println!("{:<16} loaded on {}", "", s("provider"));
         }
     }
     exit::OK

@@ -282,15 +282,24 @@ pub struct RuntimeConfig {
     /// Path of ONNX Runtime's shared library; tried before `ORT_DYLIB_PATH`,
     /// the folder `scripts/setup.sh` fills, and the system's library paths.
     pub onnxruntime: Option<PathBuf>,
-    /// Execution providers tried in order for models that name none.
-    pub providers: Vec<String>,
+    /// Execution providers tried in order for models that name none: names
+    /// (`"cuda"`) or tables with options (`{ name = "tensorrt", fp16 = true }`).
+    pub providers: Vec<crate::backend::providers::ProviderSpec>,
+    /// Refuse to load a model whose first listed provider does not register or
+    /// takes no node, instead of falling back (models may override it).
+    pub strict_providers: bool,
     /// Threads ONNX Runtime uses inside one operator; 0 lets ONNX Runtime choose.
     pub intra_threads: usize,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { onnxruntime: None, providers: vec!["cpu".into()], intra_threads: 0 }
+        RuntimeConfig {
+            onnxruntime: None,
+            providers: vec![crate::backend::Provider::Cpu.into()],
+            strict_providers: false,
+            intra_threads: 0,
+        }
     }
 }
 
@@ -387,13 +396,6 @@ impl Config {
 
     /// Checks values serde cannot: ranges and known names.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for p in &self.runtime.providers {
-            if crate::backend::Provider::parse(p).is_none() {
-                return Err(ConfigError::Invalid(format!(
-                    "runtime.providers: unknown provider '{p}' (known: tensorrt, cuda, coreml, cpu)"
-                )));
-            }
-        }
         if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 || self.limits.max_tensor_elements == 0
         {
             return Err(ConfigError::Invalid("limits: every limit must be above 0".into()));
@@ -479,7 +481,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.runtime.onnxruntime.as_deref(), Some(Path::new("/from/env.so")));
         assert_eq!(c.runtime.intra_threads, 2);
-        assert_eq!(c.runtime.providers, vec!["cuda", "cpu"]);
+        let names: Vec<&str> = c.runtime.providers.iter().map(|p| p.name()).collect();
+        assert_eq!(names, vec!["cuda", "cpu"]);
         assert_eq!(c.log.level, "debug");
     }
 

@@ -3,7 +3,8 @@
 //! pre-processing, the engine and post-processing. Synchronous: the CLI calls
 //! it directly, the daemon from worker threads.
 
-use crate::backend::{self, BackendChoice, BackendDecision, InferenceBackend, Provider};
+use crate::backend::providers::ProviderSpec;
+use crate::backend::{self, BackendChoice, BackendDecision, InferenceBackend, LoadRequest, Placement};
 use crate::config::{Config, Limits};
 use crate::error::InferError;
 use crate::job::{JobInput, JobOptions, JobOutput, Timings};
@@ -29,7 +30,9 @@ pub struct Plan {
     pub variant_reason: String,
     #[serde(flatten)]
     pub backend: BackendDecision,
-    pub providers: Vec<Provider>,
+    pub providers: Vec<ProviderSpec>,
+    /// Refuse to fall back from the first provider.
+    pub strict_providers: bool,
 }
 
 /// Chooses a variant: the requested one, else the highest quality (the
@@ -98,14 +101,22 @@ impl Engine {
             variant_reason,
             backend: decision,
             providers: self.providers(model),
+            strict_providers: model.strict_providers.unwrap_or(self.config.runtime.strict_providers),
         })
     }
 
-    fn providers(&self, model: &ModelSpec) -> Vec<Provider> {
-        if model.providers.is_empty() {
-            self.config.runtime.providers.iter().filter_map(|p| Provider::parse(p)).collect()
-        } else {
-            model.providers.clone()
+    fn providers(&self, model: &ModelSpec) -> Vec<ProviderSpec> {
+        if model.providers.is_empty() { self.config.runtime.providers.clone() } else { model.providers.clone() }
+    }
+
+    fn load_request<'a>(&'a self, plan: &'a Plan, state_dir: &'a std::path::Path, sha256: &'a str) -> LoadRequest<'a> {
+        LoadRequest {
+            providers: &plan.providers,
+            runtime: &self.config.runtime,
+            strict: plan.strict_providers,
+            state_dir,
+            model: &plan.model,
+            sha256,
         }
     }
 
@@ -119,7 +130,9 @@ impl Engine {
         let file = self.registry.resolve(&variant.file);
         crate::registry::verify_sha256(&file, &variant.sha256).map_err(InferError::unavailable)?;
         let started = Instant::now();
-        let engine = backend::load(plan.backend.backend, &file, &plan.providers, &self.config.runtime)?;
+        let state_dir = self.config.memory.resolved_state_dir();
+        let engine =
+            backend::load(plan.backend.backend, &file, &self.load_request(&plan, &state_dir, &variant.sha256))?;
         let labels = match &model.labels {
             Some(l) => Some(crate::registry::read_labels(&self.registry.resolve(l)).map_err(InferError::unavailable)?),
             None => None,
@@ -137,7 +150,8 @@ impl Engine {
         for (role, part) in &variant.parts {
             let file = self.registry.resolve(&part.file);
             crate::registry::verify_sha256(&file, &part.sha256).map_err(InferError::unavailable)?;
-            let engine = backend::load(plan.backend.backend, &file, &plan.providers, &self.config.runtime)?;
+            let engine =
+                backend::load(plan.backend.backend, &file, &self.load_request(&plan, &state_dir, &part.sha256))?;
             let problems = pipeline::check_part(model, role, engine.inputs(), engine.outputs());
             if let Some(p) = problems.first() {
                 return Err(InferError::unavailable(format!(
@@ -173,6 +187,11 @@ impl LoadedModel {
     /// The execution provider that runs the graph.
     pub fn provider(&self) -> &str {
         self.engine.provider()
+    }
+
+    /// Where the main graph's nodes went (ONNX Runtime).
+    pub fn placement(&self) -> Option<&Placement> {
+        self.engine.placement()
     }
 
     /// Runs one job: pre-process, engine(s), post-process, with timings.

@@ -44,6 +44,8 @@ pub struct ModelGauges {
     pub queue_depth: usize,
     pub loaded: bool,
     pub memory_bytes: Option<u64>,
+    /// Graph nodes per execution provider, where known.
+    pub nodes: BTreeMap<String, usize>,
 }
 
 impl Metrics {
@@ -183,6 +185,18 @@ impl Metrics {
                 g.memory_bytes.unwrap_or(0)
             );
         }
+        let _ = writeln!(out, "# HELP inferd_model_nodes Graph nodes of a loaded model each execution provider took.");
+        let _ = writeln!(out, "# TYPE inferd_model_nodes gauge");
+        for g in gauges.iter().filter(|g| g.loaded) {
+            for (provider, n) in &g.nodes {
+                let _ = writeln!(
+                    out,
+                    "inferd_model_nodes{{model=\"{}\",provider=\"{}\"}} {n}",
+                    esc(&g.model),
+                    esc(provider)
+                );
+            }
+        }
         out
     }
 }
@@ -204,8 +218,16 @@ mod tests {
         m.record_error(ErrorKind::UnknownModel);
         m.record_event("a", "downgrade");
         m.record_load_time("a", Duration::from_millis(250));
-        let text = m
-            .render(&[ModelGauges { model: "a".into(), queue_depth: 2, loaded: true, memory_bytes: Some(7) }], Some(9));
+        let text = m.render(
+            &[ModelGauges {
+                model: "a".into(),
+                queue_depth: 2,
+                loaded: true,
+                memory_bytes: Some(7),
+                nodes: [("CPUExecutionProvider".to_string(), 5)].into(),
+            }],
+            Some(9),
+        );
         assert!(text.contains("inferd_model_events_total{model=\"a\",event=\"downgrade\"} 1"), "{text}");
         assert!(text.contains("inferd_model_load_seconds_sum{model=\"a\"} 0.25"), "{text}");
         assert!(text.contains("inferd_memory_room_bytes 9"), "{text}");
@@ -218,5 +240,6 @@ mod tests {
         assert!(text.contains("inferd_job_duration_seconds_count{model=\"a\"} 2"), "{text}");
         assert!(text.contains("inferd_queue_depth{model=\"a\"} 2"), "{text}");
         assert!(text.contains("inferd_model_memory_bytes{model=\"a\"} 7"), "{text}");
+        assert!(text.contains("inferd_model_nodes{model=\"a\",provider=\"CPUExecutionProvider\"} 5"), "{text}");
     }
 }

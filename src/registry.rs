@@ -4,7 +4,7 @@
 //! verifies sha256 sums and compares each spec with what the ONNX file
 //! declares. Every problem names its exact JSON path.
 
-use crate::backend::{BackendChoice, Provider, onnx_file};
+use crate::backend::{BackendChoice, onnx_file};
 use crate::pipeline::{self, Task};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -36,9 +36,12 @@ pub struct ModelSpec {
     pub description: String,
     #[serde(default)]
     pub backend: BackendChoice,
-    /// Execution providers in order of preference; empty means the config's `runtime.providers`.
+    /// Execution providers in order of preference, with their options; empty means the config's `runtime.providers`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub providers: Vec<Provider>,
+    pub providers: Vec<crate::backend::providers::ProviderSpec>,
+    /// Refuse silent fallback from the first provider; default the config's `runtime.strict_providers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict_providers: Option<bool>,
     pub variants: Vec<VariantSpec>,
     /// How images become the input tensor (image tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -306,11 +306,13 @@ impl Scheduler {
             .iter()
             .map(|m| {
                 let status = self.status(&m.name);
-                let (loaded, memory_bytes) = match status.state {
-                    ModelState::Loaded { memory_bytes, .. } => (true, memory_bytes),
-                    _ => (false, None),
+                let (loaded, memory_bytes, nodes) = match status.state {
+                    ModelState::Loaded { memory_bytes, placement, .. } => {
+                        (true, memory_bytes, placement.map(|p| p.nodes).unwrap_or_default())
+                    }
+                    _ => (false, None, Default::default()),
                 };
-                ModelGauges { model: m.name.clone(), queue_depth: status.queue_depth, loaded, memory_bytes }
+                ModelGauges { model: m.name.clone(), queue_depth: status.queue_depth, loaded, memory_bytes, nodes }
             })
             .collect()
     }

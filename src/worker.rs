@@ -49,8 +49,19 @@ pub struct WorkerCtx {
 pub enum ModelState {
     Unloaded,
     Loading,
-    Loaded { variant: String, reason: String, backend: BackendKind, provider: String, memory_bytes: Option<u64> },
-    Failed { error: InferError },
+    Loaded {
+        variant: String,
+        reason: String,
+        backend: BackendKind,
+        provider: String,
+        memory_bytes: Option<u64>,
+        /// Providers registered and graph nodes per provider (ONNX Runtime).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        placement: Option<crate::backend::Placement>,
+    },
+    Failed {
+        error: InferError,
+    },
 }
 
 /// Shared view of a model's state.
@@ -110,6 +121,9 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                     out
                 });
                 ctx.manager.touch(&model);
+                if let Some(m) = loaded.as_ref() {
+                    refresh_placement(&state, m);
+                }
                 let _ = job.reply.send(result.map(|mut out| {
                     out.timings.queue_ms = queue_ms;
                     out
@@ -155,6 +169,18 @@ fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<(LoadedMo
     Ok((m, measured))
 }
 
+/// Updates the reported placement when the session changed under the model
+/// (a TensorRT engine finished building in the background).
+fn refresh_placement(state: &StateCell, m: &LoadedModel) {
+    let mut cell = state.lock().unwrap_or_else(|e| e.into_inner());
+    if let ModelState::Loaded { placement, provider, .. } = &mut *cell
+        && placement.as_ref() != m.placement()
+    {
+        *placement = m.placement().cloned();
+        *provider = m.provider().to_string();
+    }
+}
+
 fn loaded_state(m: &LoadedModel, memory_bytes: Option<u64>) -> ModelState {
     ModelState::Loaded {
         variant: m.plan.variant.clone(),
@@ -162,6 +188,7 @@ fn loaded_state(m: &LoadedModel, memory_bytes: Option<u64>) -> ModelState {
         backend: m.plan.backend.backend,
         provider: m.provider().to_string(),
         memory_bytes,
+        placement: m.placement().cloned(),
     }
 }
 

@@ -60,8 +60,8 @@ fn ort_and_tract_match_python_onnxruntime_and_each_other() {
     for case in expected["tensor_cases"].as_array().unwrap() {
         let (model, variant) = (case["model"].as_str().unwrap(), case["variant"].as_str().unwrap());
         let file = variant_file(model, variant);
-        let mut ort = backend::load(BackendKind::Ort, &file, &[], &runtime).unwrap();
-        let mut tract = backend::load(BackendKind::Tract, &file, &[], &runtime).unwrap();
+        let mut ort = backend::load(BackendKind::Ort, &file, &backend::LoadRequest::cpu(&runtime)).unwrap();
+        let mut tract = backend::load(BackendKind::Tract, &file, &backend::LoadRequest::cpu(&runtime)).unwrap();
         let from_ort = ort.run(case_inputs(case)).unwrap();
         let from_tract = tract.run(case_inputs(case)).unwrap();
         for ((name_o, o), (name_t, t)) in from_ort.iter().zip(&from_tract) {
@@ -544,7 +544,8 @@ fn pp_ocr_recognisers_read_a_rendered_line_like_python_with_their_own_dictionary
         }
     }
     let file = repo("models/fetched/ocr/v4/rec.onnx");
-    let mut rec = backend::load(BackendKind::Ort, &file, &[], &RuntimeConfig::default()).unwrap();
+    let mut rec =
+        backend::load(BackendKind::Ort, &file, &backend::LoadRequest::cpu(&RuntimeConfig::default())).unwrap();
     let input = Tensor::new(vec![1, 3, h, w], TensorData::F32(data)).unwrap();
     let out = rec.run(vec![("x".into(), input)]).unwrap();
     let TensorData::F32(probs) = &out[0].1.data else { panic!("not f32") };
@@ -553,4 +554,104 @@ fn pp_ocr_recognisers_read_a_rendered_line_like_python_with_their_own_dictionary
     assert_eq!(text, case["text"].as_str().unwrap(), "same text as Python");
     assert_eq!(text.trim(), case["rendered"].as_str().unwrap(), "and it is what was rendered");
     assert!(confidence > 0.8, "{confidence}");
+}
+
+fn color_with_providers(providers: serde_json::Value, strict: Option<bool>) -> TempRegistry {
+    let mut color = shipped_model("color");
+    color["providers"] = providers;
+    if let Some(s) = strict {
+        color["strict_providers"] = json!(s);
+    }
+    TempRegistry::new(&json!({"models": [color]}))
+}
+
+#[test]
+fn a_provider_that_cannot_register_falls_back_saying_why_and_placement_is_reported() {
+    // The PyPI CPU library has no CUDA provider: registration fails with ONNX Runtime's own words.
+    let registry =
+        color_with_providers(json!([{"name": "cuda", "device_id": 0, "gpu_mem_limit_mb": 512}, "cpu"]), None);
+    let out = inferd(&["models", "--load", "--models", &registry.path_str()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("loaded on CPUExecutionProvider: CPUExecutionProvider 2 nodes"), "{stdout}");
+    assert!(stderr.contains("CUDAExecutionProvider") && stderr.contains("failed to register"), "{stderr}");
+    let out = inferd(&["models", "--load", "--json", "--models", &registry.path_str()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &v["models"][0];
+    assert_eq!(row["providers"][0]["name"], "cuda", "options are kept: {row}");
+    assert_eq!(row["placement"]["registered"], json!(["CPUExecutionProvider"]));
+    assert_eq!(row["placement"]["nodes"]["CPUExecutionProvider"], 2);
+}
+
+#[test]
+fn strict_providers_refuse_the_silent_cpu_fallback() {
+    let registry = color_with_providers(json!(["cuda", "cpu"]), Some(true));
+    let out = inferd(&["models", "--load", "--models", &registry.path_str()]);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        stdout.contains("cannot load") && stdout.contains("strict providers: CUDAExecutionProvider failed to register"),
+        "{stdout}{stderr}"
+    );
+    // Through the daemon the same refusal is a 503 with the reason.
+    let daemon = Daemon::start(|c| c.models = Some(registry.path()));
+    let img = std::fs::read(repo("examples/red.jpg")).unwrap();
+    let r = daemon.client().post("/v1/models/color/infer", "image/jpeg", &img).unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("strict providers"), "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
+fn tensorrt_first_serves_at_once_and_keys_its_engine_cache() {
+    let state = tempfile::tempdir().unwrap();
+    let registry = color_with_providers(json!([{"name": "tensorrt", "fp16": true}, "cpu"]), None);
+    let mut config = Config::default();
+    config.memory.state_dir = Some(state.path().to_path_buf());
+    let engine = Engine::new(config, Registry::load(&registry.path()).unwrap());
+    let mut model = engine.load("color", &LoadOptions::default()).unwrap();
+    // No engine cached: it serves on the rest of the list while TensorRT builds on a thread of its own.
+    let placement = model.placement().unwrap().clone();
+    assert_eq!(placement.building.as_deref(), Some("TensorRT"), "{placement:?}");
+    assert_eq!(model.provider(), "CPUExecutionProvider");
+    let img = std::fs::read(repo("examples/red.jpg")).unwrap();
+    let out = model.infer(JobInput::Image(img.clone()), &JobOptions::default()).unwrap();
+    let JobResult::Classification { classes } = out.result else { panic!() };
+    assert_eq!(classes[0].label.as_deref(), Some("red"));
+    // The engine folder is keyed and described; this box has no TensorRT, so the build fails and it stays on CPU.
+    let model_dir = state.path().join("tensorrt/color");
+    let dirs: Vec<_> = std::fs::read_dir(&model_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dirs[0].join("manifest.json")).unwrap()).unwrap();
+    assert_eq!((manifest["precision"].as_str(), manifest["onnxruntime"].as_str()), (Some("fp16"), Some("1.31.1")));
+    assert_eq!(manifest["model_sha256"], shipped_model("color")["variants"][0]["sha256"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while model.placement().unwrap().building.is_some() {
+        assert!(std::time::Instant::now() < deadline, "the background build never ended");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        model.infer(JobInput::Image(img.clone()), &JobOptions::default()).unwrap();
+    }
+    assert_eq!(model.provider(), "CPUExecutionProvider");
+}
+
+#[test]
+fn provider_tables_come_from_the_config_file_and_names_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        "[runtime]\nstrict_providers = true\nproviders = [{ name = \"tensorrt\", fp16 = false, max_workspace_mb = 1024, profile_min = { x = [1, 3, 32, 32] } }, \"cuda\", \"cpu\"]\n",
+    )
+    .unwrap();
+    let c = Config::load_from(Some(&file), std::path::Path::new("/nonexistent"), Vec::new()).unwrap();
+    assert!(c.runtime.strict_providers);
+    let names: Vec<&str> = c.runtime.providers.iter().map(|p| p.name()).collect();
+    assert_eq!(names, ["tensorrt", "cuda", "cpu"]);
+    let v = serde_json::to_value(&c.runtime.providers[0]).unwrap();
+    assert_eq!((v["fp16"].clone(), v["max_workspace_mb"].clone()), (json!(false), json!(1024)));
+    std::fs::write(&file, "[runtime]\nproviders = [{ name = \"cuda\", gpu_mem = 5 }]\n").unwrap();
+    let err = Config::load_from(Some(&file), std::path::Path::new("/nonexistent"), Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("gpu_mem"), "{err}");
+    let env = vec![("INFERD_RUNTIME__PROVIDERS".to_string(), "coreml,cpu".to_string())];
+    let c = Config::load_from(None, std::path::Path::new("/nonexistent"), env).unwrap();
+    assert_eq!(c.runtime.providers.iter().map(|p| p.name()).collect::<Vec<_>>(), ["coreml", "cpu"]);
 }

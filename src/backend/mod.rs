@@ -4,7 +4,9 @@
 
 pub mod onnx_file;
 pub mod ort;
+pub mod providers;
 pub mod tract;
+pub mod trt_cache;
 
 use crate::config::RuntimeConfig;
 use crate::tensor::{Tensor, TensorInfo};
@@ -28,6 +30,63 @@ pub trait InferenceBackend: Send {
     fn outputs(&self) -> &[TensorInfo];
     /// Runs the graph on `inputs` (every declared input, by name) and returns every output.
     fn run(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError>;
+    /// Which providers registered and how many graph nodes each took, where the engine says.
+    fn placement(&self) -> Option<&Placement> {
+        None
+    }
+}
+
+/// What ONNX Runtime did with a session's graph.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Providers that registered, in order of preference (CPU last).
+    pub registered: Vec<String>,
+    /// Graph nodes each provider took, by ONNX Runtime's provider name.
+    pub nodes: std::collections::BTreeMap<String, usize>,
+    /// A provider's engine is being built in the background (TensorRT); the model serves meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub building: Option<String>,
+}
+
+impl Placement {
+    /// One line for logs and tables: `TensorrtExecutionProvider 120 nodes, CPUExecutionProvider 3 nodes`.
+    pub fn summary(&self) -> String {
+        let mut nodes: Vec<(&String, &usize)> = self.nodes.iter().collect();
+        nodes.sort_by(|a, b| b.1.cmp(a.1));
+        let mut s = nodes.iter().map(|(p, n)| format!("{p} {n} nodes")).collect::<Vec<_>>().join(", ");
+        if let Some(b) = &self.building {
+            s.push_str(&format!(" (building {b} engine)"));
+        }
+        s
+    }
+}
+
+/// What a load needs besides the file: providers, settings, and where caches go.
+#[derive(Debug, Clone)]
+pub struct LoadRequest<'a> {
+    pub providers: &'a [providers::ProviderSpec],
+    pub runtime: &'a RuntimeConfig,
+    /// Refuse to fall back from the first listed provider.
+    pub strict: bool,
+    /// Where engine caches (TensorRT, CoreML) are kept.
+    pub state_dir: &'a Path,
+    /// The model's name and the file's sha256, for cache keys and messages.
+    pub model: &'a str,
+    pub sha256: &'a str,
+}
+
+impl<'a> LoadRequest<'a> {
+    /// CPU only, no caches: for tools and tests that load a file directly.
+    pub fn cpu(runtime: &'a RuntimeConfig) -> LoadRequest<'a> {
+        LoadRequest {
+            providers: &[],
+            runtime,
+            strict: false,
+            state_dir: Path::new("/nonexistent"),
+            model: "",
+            sha256: "",
+        }
+    }
 }
 
 /// The engine that runs a model.
@@ -144,15 +203,14 @@ pub fn decide(choice: BackendChoice, ort: Result<&str, &str>) -> Result<BackendD
     }
 }
 
-/// Loads `file` on `kind` with `providers` (ONNX Runtime only; in order, CPU last).
+/// Loads `file` on `kind` (providers apply to ONNX Runtime only; in order, CPU last).
 pub fn load(
     kind: BackendKind,
     file: &Path,
-    providers: &[Provider],
-    runtime: &RuntimeConfig,
+    request: &LoadRequest<'_>,
 ) -> Result<Box<dyn InferenceBackend>, BackendError> {
     match kind {
-        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load(file, providers, runtime)?)),
+        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load(file, request)?)),
         BackendKind::Tract => Ok(Box::new(tract::TractBackend::load(file)?)),
     }
 }

@@ -2,16 +2,27 @@
 //! (so one binary serves boxes with and without it), and the execution
 //! providers registered in order with an explicit, logged fallback.
 
-use super::{BackendError, BackendKind, InferenceBackend, NamedTensors, Provider, check_inputs};
+#[cfg(target_os = "linux")]
+use super::providers::{ArenaExtend, ConvSearch};
+#[cfg(target_os = "macos")]
+use super::providers::{ComputeUnits, CoreMlFormat};
+use super::providers::{ProviderOptions, ProviderSpec, TensorRtOptions};
+use super::trt_cache;
+use super::{
+    BackendError, BackendKind, InferenceBackend, LoadRequest, NamedTensors, Placement, Provider, check_inputs,
+};
 use crate::config::RuntimeConfig;
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use ort::environment::Environment;
 use ort::ep::ExecutionProviderDispatch;
+use ort::logging::LogLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, ValueType};
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The ONNX Runtime version this build speaks (`ort` 2.0.0-rc.15, API 31).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -152,62 +163,317 @@ fn library_version(path: &Path) -> Option<String> {
 pub struct OrtBackend {
     session: Session,
     provider: String,
+    placement: Placement,
     inputs: Vec<TensorInfo>,
     outputs: Vec<TensorInfo>,
+    /// A TensorRT session being built in the background; swapped in when ready.
+    upgrade: Option<std::sync::mpsc::Receiver<Result<Built, BackendError>>>,
+}
+
+/// A created session: the session, where its nodes went, and its main provider.
+struct Built {
+    session: Session,
+    placement: Placement,
+    provider: String,
 }
 
 impl OrtBackend {
-    /// Creates a session for `file`, registering `providers` in order; a
-    /// provider that fails is logged with ONNX Runtime's own error and the
-    /// next one is tried; CPU is always the last resort.
-    pub fn load(file: &Path, providers: &[Provider], cfg: &RuntimeConfig) -> Result<OrtBackend, BackendError> {
-        let rt = runtime(cfg).map_err(|e| BackendError::Unavailable(format!("ONNX Runtime is not available: {e}")))?;
-        let load_err = |message: String| BackendError::Load { path: file.display().to_string(), message };
-        let mut builder = Session::builder(&rt.env).map_err(|e| load_err(e.to_string()))?;
-        if cfg.intra_threads > 0 {
-            builder = builder.with_intra_threads(cfg.intra_threads).map_err(|e| load_err(e.to_string()))?;
-        }
-        let mut provider = Provider::Cpu;
-        for &p in providers {
-            if p == Provider::Cpu {
-                break;
+    /// Creates a session for `file`, registering the request's providers in
+    /// order with their options; a provider that fails is logged with ONNX
+    /// Runtime's own error and the next one is tried (unless strict); CPU is
+    /// always the last resort. When TensorRT comes first and its engine is not
+    /// cached yet, the model serves on the other providers while the engine
+    /// is built in the background.
+    pub fn load(file: &Path, request: &LoadRequest<'_>) -> Result<OrtBackend, BackendError> {
+        let rt = runtime(request.runtime)
+            .map_err(|e| BackendError::Unavailable(format!("ONNX Runtime is not available: {e}")))?;
+        let specs: Vec<ProviderSpec> =
+            request.providers.iter().filter(|p| p.provider != Provider::Cpu).cloned().collect();
+        let caches = Caches::prepare(&specs, request, &rt.version);
+        let background = match (specs.first(), &caches.tensorrt) {
+            (Some(ProviderSpec { options: ProviderOptions::Tensorrt(t), .. }), Some(dir))
+                if t.engine_cache && t.build_in_background && !trt_cache::has_engine(dir) && !request.strict =>
+            {
+                Some(dir.clone())
             }
-            let Some(dispatch) = dispatch(p) else {
-                tracing::warn!(
-                    provider = p.ort_name(),
-                    "execution provider is not built into this binary for this platform; trying the next"
-                );
-                continue;
-            };
-            match builder.with_execution_providers([dispatch.error_on_failure()]) {
-                Ok(b) => {
-                    builder = b;
-                    provider = p;
-                    break;
+            _ => None,
+        };
+        let (built, upgrade) = match background {
+            None => (create(rt, file, &specs, request, &caches)?, None),
+            Some(dir) => {
+                // Serve on the rest now; build the TensorRT engine on a thread of its own.
+                let mut now = create(rt, file, &specs[1..], request, &caches)?;
+                now.placement.building = Some("TensorRT".into());
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (file, specs, model) = (file.to_path_buf(), specs.clone(), request.model.to_string());
+                let (runtime, state_dir, sha) =
+                    (request.runtime.clone(), request.state_dir.to_path_buf(), request.sha256.to_string());
+                tracing::info!(model, engine = %dir.display(), "building the TensorRT engine in the background; serving on {} meanwhile", now.provider);
+                let spawned = std::thread::Builder::new().name(format!("trt-build-{model}")).spawn(move || {
+                    let started = std::time::Instant::now();
+                    // Strict: a TensorRT that cannot register or takes nothing is a failed build, not a swap.
+                    let request = LoadRequest {
+                        providers: &specs,
+                        runtime: &runtime,
+                        strict: true,
+                        state_dir: &state_dir,
+                        model: &model,
+                        sha256: &sha,
+                    };
+                    let caches = Caches::prepare(&specs, &request, &rt.version);
+                    let result = create(rt, &file, &specs, &request, &caches);
+                    if result.is_ok() {
+                        tracing::info!(model, seconds = started.elapsed().as_secs(), "TensorRT engine built");
+                    }
+                    let _ = tx.send(result);
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot start the TensorRT build thread: {e}; staying on {}", now.provider);
+                    now.placement.building = None;
                 }
-                Err(e) => {
-                    tracing::warn!(provider = p.ort_name(), error = %e, "execution provider failed to register; trying the next");
-                    builder = e.recover();
-                }
+                (now, Some(rx))
+            }
+        };
+        let inputs = built.session.inputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
+        let outputs = built.session.outputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
+        tracing::info!(model = request.model, placement = %built.placement.summary(), "session created");
+        Ok(OrtBackend {
+            session: built.session,
+            provider: built.provider,
+            placement: built.placement,
+            inputs,
+            outputs,
+            upgrade,
+        })
+    }
+
+    /// Swaps in the TensorRT session once its background build is done.
+    fn take_upgrade(&mut self) {
+        let Some(rx) = &self.upgrade else { return };
+        match rx.try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            Ok(Ok(built)) => {
+                tracing::info!(placement = %built.placement.summary(), "now serving on the TensorRT engine");
+                (self.session, self.placement, self.provider) = (built.session, built.placement, built.provider);
+                self.upgrade = None;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("building the TensorRT engine failed: {e}; staying on {}", self.provider);
+                self.placement.building = None;
+                self.upgrade = None;
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.placement.building = None;
+                self.upgrade = None;
             }
         }
-        let session = builder.commit_from_file(file).map_err(|e| load_err(e.to_string()))?;
-        let inputs = session.inputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
-        let outputs = session.outputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
-        Ok(OrtBackend { session, provider: provider.ort_name().to_string(), inputs, outputs })
     }
 }
 
-#[allow(unreachable_patterns)]
-fn dispatch(p: Provider) -> Option<ExecutionProviderDispatch> {
-    match p {
+/// Cache folders of the providers that keep compiled engines.
+struct Caches {
+    tensorrt: Option<PathBuf>,
+    coreml: Option<PathBuf>,
+}
+
+impl Caches {
+    fn prepare(specs: &[ProviderSpec], request: &LoadRequest<'_>, ort_version: &str) -> Caches {
+        let mut caches = Caches { tensorrt: None, coreml: None };
+        for spec in specs {
+            match &spec.options {
+                ProviderOptions::Tensorrt(t) if t.engine_cache => {
+                    let profile =
+                        [&t.profile_min, &t.profile_opt, &t.profile_max].map(TensorRtOptions::profile_text).join("/");
+                    let identity = trt_cache::EngineIdentity {
+                        model_sha256: request.sha256.to_string(),
+                        onnxruntime: ort_version.to_string(),
+                        tensorrt: trt_cache::tensorrt_version().unwrap_or_else(|| "unknown".into()),
+                        gpu: trt_cache::gpu_identity(),
+                        precision: if t.fp16 { "fp16" } else { "fp32" }.into(),
+                        profile: if profile == "//" { String::new() } else { profile },
+                    };
+                    match trt_cache::prepare(request.state_dir, request.model, &identity) {
+                        Ok(dir) => caches.tensorrt = Some(dir),
+                        Err(e) => tracing::warn!(model = request.model, "no TensorRT engine cache: {e}"),
+                    }
+                }
+                ProviderOptions::Coreml(c) if c.cache => {
+                    let dir = request
+                        .state_dir
+                        .join("coreml")
+                        .join(request.model)
+                        .join(&request.sha256[..16.min(request.sha256.len())]);
+                    match std::fs::create_dir_all(&dir) {
+                        Ok(()) => caches.coreml = Some(dir),
+                        Err(e) => tracing::warn!(model = request.model, "no CoreML cache: {e}"),
+                    }
+                }
+                _ => {}
+            }
+        }
+        caches
+    }
+}
+
+/// Creates one session with `specs` (CPU implied last) and reads where its nodes went.
+fn create(
+    rt: &'static OrtRuntime,
+    file: &Path,
+    specs: &[ProviderSpec],
+    request: &LoadRequest<'_>,
+    caches: &Caches,
+) -> Result<Built, BackendError> {
+    let load_err = |message: String| BackendError::Load { path: file.display().to_string(), message };
+    let captured: Arc<Mutex<Vec<String>>> = Arc::default();
+    let capturing = Arc::new(AtomicBool::new(true));
+    let mut builder = Session::builder(&rt.env).map_err(|e| load_err(e.to_string()))?;
+    if request.runtime.intra_threads > 0 {
+        builder = builder.with_intra_threads(request.runtime.intra_threads).map_err(|e| load_err(e.to_string()))?;
+    }
+    // ONNX Runtime states node placement at verbose level while it partitions the graph.
+    let (sink, on) = (captured.clone(), capturing.clone());
+    let logger: ort::logging::LoggerFunction = Arc::new(move |level, _category, _id, _location, message: &str| {
+        if on.load(Ordering::Relaxed) && message.contains("placed on [") {
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(message.to_string());
+        }
+        match level {
+            LogLevel::Warning => tracing::warn!(target: "onnxruntime", "{message}"),
+            LogLevel::Error | LogLevel::Fatal => tracing::error!(target: "onnxruntime", "{message}"),
+            _ => {}
+        }
+    });
+    builder = builder.with_logger(logger).map_err(|e| load_err(e.to_string()))?;
+    builder = builder.with_log_level(LogLevel::Verbose).map_err(|e| load_err(e.to_string()))?;
+    let mut registered: Vec<String> = Vec::new();
+    for spec in specs {
+        let p = spec.provider;
+        let Some(dispatch) = dispatch(spec, caches) else {
+            let why = format!("{} is not built into this binary for this platform", p.ort_name());
+            if request.strict {
+                return Err(load_err(format!("strict providers: {why}")));
+            }
+            tracing::warn!(model = request.model, provider = p.ort_name(), "{why}; trying the next");
+            continue;
+        };
+        match builder.with_execution_providers([dispatch.error_on_failure()]) {
+            Ok(b) => {
+                builder = b;
+                registered.push(p.ort_name().to_string());
+            }
+            Err(e) => {
+                if request.strict {
+                    return Err(load_err(format!("strict providers: {} failed to register: {e}", p.ort_name())));
+                }
+                tracing::warn!(model = request.model, provider = p.ort_name(), error = %e, "execution provider failed to register; trying the next");
+                builder = e.recover();
+            }
+        }
+    }
+    registered.push(Provider::Cpu.ort_name().to_string());
+    let session = builder.commit_from_file(file).map_err(|e| load_err(e.to_string()))?;
+    capturing.store(false, Ordering::Relaxed);
+    let lines = std::mem::take(&mut *captured.lock().unwrap_or_else(|e| e.into_inner()));
+    let nodes = parse_placement(&lines);
+    let provider = registered.iter().find(|p| nodes.get(*p).is_some_and(|&n| n > 0)).unwrap_or(&registered[0]).clone();
+    if request.strict
+        && let Some(first) = specs.first()
+        && nodes.get(first.provider.ort_name()).copied().unwrap_or(0) == 0
+        && !nodes.is_empty()
+    {
+        return Err(load_err(format!(
+            "strict providers: {} took no node of the graph (placement: {})",
+            first.provider.ort_name(),
+            Placement { registered: registered.clone(), nodes, building: None }.summary()
+        )));
+    }
+    Ok(Built { session, placement: Placement { registered, nodes, building: None }, provider })
+}
+
+/// Node counts per provider from ONNX Runtime's placement lines
+/// (`All nodes placed on [CPUExecutionProvider]. Number of nodes: 12`,
+/// `Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 30`).
+pub fn parse_placement(lines: &[String]) -> BTreeMap<String, usize> {
+    let mut nodes = BTreeMap::new();
+    for line in lines.iter().flat_map(|l| l.lines()) {
+        let Some(rest) = line.split_once("placed on [").map(|(_, r)| r) else { continue };
+        let Some((provider, tail)) = rest.split_once(']') else { continue };
+        let count = tail.rsplit(':').next().and_then(|n| n.trim().parse::<usize>().ok());
+        if let Some(n) = count {
+            *nodes.entry(provider.to_string()).or_insert(0) += n;
+        }
+    }
+    nodes
+}
+
+/// The ONNX Runtime provider for `spec`, with its options; `None` where this build lacks it.
+#[allow(unreachable_patterns, unused_variables)]
+fn dispatch(spec: &ProviderSpec, caches: &Caches) -> Option<ExecutionProviderDispatch> {
+    match (&spec.provider, &spec.options) {
         #[cfg(target_os = "linux")]
-        Provider::Cuda => Some(ort::ep::CUDA::default().build()),
+        (Provider::Cuda, ProviderOptions::Cuda(o)) => {
+            use ort::ep::cuda::ConvAlgorithmSearch;
+            let mut ep = ort::ep::CUDA::default().with_device_id(o.device_id as i32);
+            if let Some(mb) = o.gpu_mem_limit_mb {
+                ep = ep.with_memory_limit((mb as usize) << 20);
+            }
+            if let Some(a) = o.arena_extend_strategy {
+                ep = ep.with_arena_extend_strategy(match a {
+                    ArenaExtend::NextPowerOfTwo => ort::ep::ArenaExtendStrategy::NextPowerOfTwo,
+                    ArenaExtend::SameAsRequested => ort::ep::ArenaExtendStrategy::SameAsRequested,
+                });
+            }
+            if let Some(c) = o.cudnn_conv_algo_search {
+                ep = ep.with_conv_algorithm_search(match c {
+                    ConvSearch::Exhaustive => ConvAlgorithmSearch::Exhaustive,
+                    ConvSearch::Heuristic => ConvAlgorithmSearch::Heuristic,
+                    ConvSearch::Default => ConvAlgorithmSearch::Default,
+                });
+            }
+            Some(ep.build())
+        }
         #[cfg(target_os = "linux")]
-        Provider::Tensorrt => Some(ort::ep::TensorRT::default().build()),
+        (Provider::Tensorrt, ProviderOptions::Tensorrt(o)) => {
+            let mut ep = ort::ep::TensorRT::default().with_device_id(o.device_id as i32).with_fp16(o.fp16);
+            if let Some(mb) = o.max_workspace_mb {
+                ep = ep.with_max_workspace_size((mb as usize) << 20);
+            }
+            if let Some(dir) = &caches.tensorrt {
+                let dir = dir.display().to_string();
+                ep = ep
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&dir)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&dir);
+            }
+            if !o.profile_min.is_empty() {
+                ep = ep
+                    .with_profile_min_shapes(TensorRtOptions::profile_text(&o.profile_min))
+                    .with_profile_opt_shapes(TensorRtOptions::profile_text(&o.profile_opt))
+                    .with_profile_max_shapes(TensorRtOptions::profile_text(&o.profile_max));
+            }
+            Some(ep.build())
+        }
         #[cfg(target_os = "macos")]
-        Provider::Coreml => Some(ort::ep::CoreML::default().build()),
-        Provider::Cpu => Some(ort::ep::CPU::default().build()),
+        (Provider::Coreml, ProviderOptions::Coreml(o)) => {
+            use ort::ep::coreml::{ComputeUnits as Units, ModelFormat};
+            let mut ep = ort::ep::CoreML::default()
+                .with_model_format(match o.format {
+                    CoreMlFormat::Mlprogram => ModelFormat::MLProgram,
+                    CoreMlFormat::Neuralnetwork => ModelFormat::NeuralNetwork,
+                })
+                .with_compute_units(match o.compute_units {
+                    ComputeUnits::All => Units::All,
+                    ComputeUnits::CpuOnly => Units::CPUOnly,
+                    ComputeUnits::CpuAndGpu => Units::CPUAndGPU,
+                    ComputeUnits::CpuAndNeuralEngine => Units::CPUAndNeuralEngine,
+                })
+                .with_static_input_shapes(o.static_shapes);
+            if let Some(dir) = &caches.coreml {
+                ep = ep.with_model_cache_dir(dir.display().to_string());
+            }
+            Some(ep.build())
+        }
+        (Provider::Cpu, _) => Some(ort::ep::CPU::default().build()),
         _ => None,
     }
 }
@@ -292,7 +558,12 @@ impl InferenceBackend for OrtBackend {
         &self.outputs
     }
 
+    fn placement(&self) -> Option<&Placement> {
+        Some(&self.placement)
+    }
+
     fn run(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
+        self.take_upgrade();
         let inputs = check_inputs(&self.inputs, inputs)?;
         let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
@@ -315,6 +586,20 @@ impl InferenceBackend for OrtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placement_lines_are_read_per_provider() {
+        let lines = vec![
+            "Node placements".to_string(),
+            " Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 16".to_string(),
+            " Node(s) placed on [CPUExecutionProvider].    Number of nodes: 1".to_string(),
+        ];
+        let nodes = parse_placement(&lines);
+        assert_eq!(nodes.get("CUDAExecutionProvider"), Some(&16));
+        assert_eq!(nodes.get("CPUExecutionProvider"), Some(&1));
+        let all = parse_placement(&["All nodes placed on [CPUExecutionProvider]. Number of nodes: 12".to_string()]);
+        assert_eq!(all.into_iter().collect::<Vec<_>>(), vec![("CPUExecutionProvider".to_string(), 12)]);
+    }
 
     #[test]
     fn a_configured_path_is_the_only_candidate() {

@@ -111,12 +111,15 @@ pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError
             info["error"] = json!(error);
             ("failed", false)
         }
-        ModelState::Loaded { variant, reason, backend, provider, memory_bytes } => {
+        ModelState::Loaded { variant, reason, backend, provider, memory_bytes, placement } => {
             info["variant"] = json!(variant);
             info["variant_reason"] = json!(reason);
             info["backend"] = json!(backend);
             info["provider"] = json!(provider);
             info["memory_bytes"] = json!(memory_bytes);
+            if let Some(p) = placement {
+                info["placement"] = json!(p);
+            }
             ("loaded", true)
         }
     };
