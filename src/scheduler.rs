@@ -164,6 +164,22 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Loaded models whose engine (TensorRT) is being built in the background, with the provider.
+    pub fn building_engines(&self) -> Vec<serde_json::Value> {
+        let mut out: Vec<serde_json::Value> = self
+            .slots()
+            .iter()
+            .filter_map(|(m, s)| match worker::get_state(&s.state) {
+                ModelState::Loaded { placement: Some(p), provider, .. } => {
+                    p.building.map(|b| serde_json::json!({"model": m, "building": b, "serving_on": provider}))
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a["model"].as_str().cmp(&b["model"].as_str()));
+        out
+    }
+
     /// Names of the loaded models.
     pub fn loaded_models(&self) -> Vec<String> {
         let mut names: Vec<String> = self

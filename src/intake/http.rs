@@ -64,7 +64,13 @@ async fn health() -> Response {
 
 async fn ready(State(app): State<AppState>) -> Response {
     if app.ready.load(Ordering::SeqCst) {
-        axum::Json(json!({"ready": true})).into_response()
+        // Ready while engines build: those models serve on their next provider meanwhile.
+        let building = app.scheduler.building_engines();
+        if building.is_empty() {
+            axum::Json(json!({"ready": true})).into_response()
+        } else {
+            axum::Json(json!({"ready": true, "building_engines": building})).into_response()
+        }
     } else {
         error_response(&InferError::unavailable("inferd is starting or stopping"))
     }
