@@ -51,6 +51,8 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 # systemd-analyze checks the unit files; dpkg-deb reads the .deb in the package tests.
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
+# clang compiles tract's assembly for the aarch64-apple-darwin type-check.
+command -v clang >/dev/null || need_apt+=(clang)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   as_root apt-get update -qq
@@ -59,6 +61,11 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "setup.sh: cargo is missing; install Rust 1.92 or newer with rustup (https://rustup.rs)" >&2
   exit 1
+fi
+# The macOS (CoreML) code paths are type-checked for Apple Silicon by the tests.
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx aarch64-apple-darwin; then
+  log "adding the Rust target aarch64-apple-darwin (for the macOS type-check)"
+  rustup target add aarch64-apple-darwin
 fi
 # cargo-deb builds the .deb packages (and the package tests build one).
 CARGO_DEB_VERSION=3.8.0

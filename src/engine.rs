@@ -7,7 +7,7 @@ use crate::backend::providers::ProviderSpec;
 use crate::backend::{self, BackendChoice, BackendDecision, InferenceBackend, LoadRequest, Placement};
 use crate::config::{Config, Limits};
 use crate::error::InferError;
-use crate::job::{JobInput, JobOptions, JobOutput, Timings};
+use crate::job::{JobInput, JobOptions, JobOutput, JobResult, Timings};
 use crate::pipeline::{self, Pipeline};
 use crate::registry::{ModelSpec, Registry, VariantSpec};
 use serde::Serialize;
@@ -171,7 +171,7 @@ impl Engine {
             "model loaded ({})",
             plan.backend.reason
         );
-        Ok(LoadedModel { plan, engine, pipeline, limits: self.config.limits.clone() })
+        Ok(LoadedModel { plan, engine, pipeline, limits: self.config.limits.clone(), batch: model.batch })
     }
 }
 
@@ -181,6 +181,7 @@ pub struct LoadedModel {
     engine: Box<dyn InferenceBackend>,
     pipeline: Box<dyn Pipeline>,
     limits: Limits,
+    batch: Option<crate::registry::BatchSpec>,
 }
 
 impl LoadedModel {
@@ -198,14 +199,33 @@ impl LoadedModel {
     pub fn infer(&mut self, input: JobInput, options: &JobOptions) -> Result<JobOutput, InferError> {
         let mut timings = Timings::default();
         let result = self.pipeline.run(self.engine.as_mut(), input, &self.limits, options, &mut timings)?;
-        Ok(JobOutput {
+        Ok(self.output(timings, None, result))
+    }
+
+    fn output(&self, timings: Timings, batch: Option<usize>, result: JobResult) -> JobOutput {
+        JobOutput {
             model: self.plan.model.clone(),
             variant: self.plan.variant.clone(),
             backend: self.engine.kind(),
             provider: self.engine.provider().to_string(),
             timings,
+            batch,
             result,
-        })
+        }
+    }
+
+    /// The model's dynamic batching, when it has one with more than one job per call.
+    pub fn batching(&self) -> Option<crate::registry::BatchSpec> {
+        self.batch.filter(|b| b.max_batch > 1)
+    }
+
+    /// Runs several jobs as one engine call where the task allows (results in
+    /// order); a job the batch cannot take is run alone, so it fails only itself.
+    pub fn infer_batch(&mut self, jobs: Vec<(JobInput, JobOptions)>) -> Vec<Result<JobOutput, InferError>> {
+        let n = jobs.len();
+        let mut timings = Timings::default();
+        let results = self.pipeline.run_batch(self.engine.as_mut(), jobs, &self.limits, &mut timings);
+        results.into_iter().map(|r| r.map(|result| self.output(timings, Some(n), result))).collect()
     }
 }
 

@@ -100,6 +100,9 @@ pub struct JobOutput {
     pub backend: BackendKind,
     pub provider: String,
     pub timings: Timings,
+    /// How many jobs ran together in one engine call (dynamic batching); absent when alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
     pub result: JobResult,
 }
 

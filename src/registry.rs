@@ -58,6 +58,9 @@ pub struct ModelSpec {
     /// Detection, recognition and angle settings (ocr); RapidOCR's defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ocr: Option<pipeline::ocr::OcrSpec>,
+    /// Dynamic batching: jobs gathered into one engine call (models with a dynamic batch dimension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchSpec>,
     /// Receipt extraction settings (document-fields).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document: Option<pipeline::document::DocumentSpec>,
@@ -92,6 +95,21 @@ pub struct VariantSpec {
     /// Further graphs the task runs besides `file`, by role (ocr: `rec`, `cls`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parts: BTreeMap<String, PartSpec>,
+}
+
+/// Dynamic batching of one model: jobs waiting together run as one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSpec {
+    /// Most jobs in one call.
+    pub max_batch: usize,
+    /// How long the first job of a batch waits for others, microseconds.
+    #[serde(default = "default_max_delay_us")]
+    pub max_delay_us: u64,
+}
+
+fn default_max_delay_us() -> u64 {
+    2000
 }
 
 /// A further graph of a variant: its file and sha256.

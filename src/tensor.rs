@@ -225,6 +225,83 @@ impl Tensor {
     }
 }
 
+/// Stacks tensors along their first (batch) dimension; all must share dtype
+/// and the other dimensions. Returns the stacked tensor and each one's batch size.
+pub fn concat_batch(tensors: Vec<Tensor>) -> Result<(Tensor, Vec<usize>), String> {
+    let first = tensors.first().ok_or("no tensors to stack")?;
+    let (dtype, rest) = (first.dtype(), first.shape.get(1..).ok_or("a scalar has no batch dimension")?.to_vec());
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        if t.dtype() != dtype || t.shape.is_empty() || t.shape[1..] != rest[..] {
+            return Err(format!("cannot stack {} {:?} with {dtype} {:?}", t.dtype(), t.shape, first.shape));
+        }
+        sizes.push(t.shape[0]);
+    }
+    let total: usize = sizes.iter().sum();
+    macro_rules! stack {
+        ($variant:ident) => {{
+            let mut out = Vec::with_capacity(tensors.iter().map(|t| t.data.len()).sum());
+            for t in tensors {
+                if let TensorData::$variant(v) = t.data {
+                    out.extend(v);
+                }
+            }
+            TensorData::$variant(out)
+        }};
+    }
+    let data = match dtype {
+        DType::F32 => stack!(F32),
+        DType::F64 => stack!(F64),
+        DType::I64 => stack!(I64),
+        DType::I32 => stack!(I32),
+        DType::I8 => stack!(I8),
+        DType::U8 => stack!(U8),
+        DType::Bool => stack!(Bool),
+    };
+    let mut shape = vec![total];
+    shape.extend(rest);
+    Ok((Tensor { shape, data }, sizes))
+}
+
+/// Splits `t` along its first dimension into pieces of `sizes` (which must sum to it).
+pub fn split_batch(t: Tensor, sizes: &[usize]) -> Result<Vec<Tensor>, String> {
+    let total: usize = sizes.iter().sum();
+    if t.shape.first() != Some(&total) {
+        return Err(format!("output {:?} does not have the batch of {total} it was given", t.shape));
+    }
+    let per: usize = t.shape[1..].iter().product();
+    macro_rules! cut {
+        ($variant:ident, $v:expr) => {{
+            let mut v = $v;
+            let mut out = Vec::with_capacity(sizes.len());
+            for &n in sizes.iter().rev() {
+                let piece = v.split_off(v.len() - n * per);
+                out.push(TensorData::$variant(piece));
+            }
+            out.reverse();
+            out
+        }};
+    }
+    let pieces = match t.data {
+        TensorData::F32(v) => cut!(F32, v),
+        TensorData::F64(v) => cut!(F64, v),
+        TensorData::I64(v) => cut!(I64, v),
+        TensorData::I32(v) => cut!(I32, v),
+        TensorData::I8(v) => cut!(I8, v),
+        TensorData::U8(v) => cut!(U8, v),
+        TensorData::Bool(v) => cut!(Bool, v),
+    };
+    Ok(pieces
+        .into_iter()
+        .zip(sizes)
+        .map(|(data, &n)| {
+            let mut shape = t.shape.clone();
+            shape[0] = n;
+            Tensor { shape, data }
+        })
+        .collect())
+}
+
 /// The product of `shape`, or `None` on overflow.
 pub fn element_count(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -257,6 +334,20 @@ fn collect<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_stack_and_split_back() {
+        let a = Tensor { shape: vec![1, 2], data: TensorData::F32(vec![1.0, 2.0]) };
+        let b = Tensor { shape: vec![2, 2], data: TensorData::F32(vec![3.0, 4.0, 5.0, 6.0]) };
+        let (t, sizes) = concat_batch(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!((t.shape.clone(), sizes.clone()), (vec![3, 2], vec![1, 2]));
+        assert_eq!(split_batch(t, &sizes).unwrap(), vec![a.clone(), b]);
+        let c = Tensor { shape: vec![1, 3], data: TensorData::F32(vec![0.0; 3]) };
+        assert!(concat_batch(vec![a.clone(), c]).is_err(), "other dims differ");
+        let d = Tensor { shape: vec![1, 2], data: TensorData::I64(vec![0, 0]) };
+        assert!(concat_batch(vec![a.clone(), d]).is_err(), "dtypes differ");
+        assert!(split_batch(a, &[2]).is_err(), "wrong batch");
+    }
     use serde_json::json;
 
     fn parse(v: Value) -> Result<Tensor, TensorError> {

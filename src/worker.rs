@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use serde::Serialize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// A job waiting for the worker.
@@ -100,7 +100,9 @@ pub fn spawn(
 fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: StateCell, busy: BusyCell) {
     let set_busy = |v: Option<Instant>| *busy.lock().unwrap_or_else(|e| e.into_inner()) = v;
     let mut loaded: Option<LoadedModel> = None;
-    while let Some(work) = queue.blocking_recv() {
+    // Work taken from the queue while gathering a batch, to do next.
+    let mut next: std::collections::VecDeque<Work> = std::collections::VecDeque::new();
+    while let Some(work) = next.pop_front().or_else(|| queue.blocking_recv()) {
         match work {
             Work::Load(reply) => {
                 let _ = reply.send(ensure_loaded(&ctx, &model, &mut loaded, &state).map(|_| ()));
@@ -110,24 +112,42 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                 if job.reply.is_closed() {
                     continue; // the client gave up (timeout or disconnect): do not spend the engine on it
                 }
-                let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1000.0;
-                let result = ensure_loaded(&ctx, &model, &mut loaded, &state).and_then(|m| {
-                    set_busy(Some(Instant::now()));
-                    let out =
-                        catch_unwind(AssertUnwindSafe(|| m.infer(job.input, &job.options))).unwrap_or_else(|panic| {
-                            Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
-                        });
-                    set_busy(None);
-                    out
+                let m = match ensure_loaded(&ctx, &model, &mut loaded, &state) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e));
+                        continue;
+                    }
+                };
+                let jobs = match m.batching() {
+                    Some(b) => gather(job, &mut queue, &mut next, b.max_batch, Duration::from_micros(b.max_delay_us)),
+                    None => vec![job],
+                };
+                set_busy(Some(Instant::now()));
+                let queue_ms: Vec<f64> = jobs.iter().map(|j| j.enqueued.elapsed().as_secs_f64() * 1000.0).collect();
+                let (inputs, replies): (Vec<_>, Vec<_>) =
+                    jobs.into_iter().map(|j| ((j.input, j.options), j.reply)).unzip();
+                let results = catch_unwind(AssertUnwindSafe(|| {
+                    if inputs.len() == 1 {
+                        let (input, options) = inputs.into_iter().next().expect("one job");
+                        vec![m.infer(input, &options)]
+                    } else {
+                        m.infer_batch(inputs)
+                    }
+                }))
+                .unwrap_or_else(|panic| {
+                    let e = InferError::internal(format!("the engine panicked: {}", panic_text(&panic)));
+                    replies.iter().map(|_| Err(e.clone())).collect()
                 });
+                set_busy(None);
                 ctx.manager.touch(&model);
-                if let Some(m) = loaded.as_ref() {
-                    refresh_placement(&state, m);
+                refresh_placement(&state, m);
+                for ((reply, result), queue_ms) in replies.into_iter().zip(results).zip(queue_ms) {
+                    let _ = reply.send(result.map(|mut out| {
+                        out.timings.queue_ms = queue_ms;
+                        out
+                    }));
                 }
-                let _ = job.reply.send(result.map(|mut out| {
-                    out.timings.queue_ms = queue_ms;
-                    out
-                }));
             }
         }
     }
@@ -167,6 +187,36 @@ fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<(LoadedMo
     ctx.manager.record_load(&spec, &plan.variant, measured);
     tracing::info!(model, variant = %plan.variant, measured_mib = measured.map(crate::memory::mib), "variant chosen: {}", plan.reason);
     Ok((m, measured))
+}
+
+/// Gathers jobs queued behind `first`, up to `max_batch`, waiting at most
+/// `max_delay` for more; other work met on the way is kept in `next`, in order.
+fn gather(
+    first: Job,
+    queue: &mut mpsc::Receiver<Work>,
+    next: &mut std::collections::VecDeque<Work>,
+    max_batch: usize,
+    max_delay: Duration,
+) -> Vec<Job> {
+    let deadline = Instant::now() + max_delay;
+    let mut jobs = vec![first];
+    // Stop at the first other work (a load, a swap), so work keeps its order.
+    while jobs.len() < max_batch && next.is_empty() {
+        match queue.try_recv() {
+            Ok(Work::Job(j)) if j.reply.is_closed() => {}
+            Ok(Work::Job(j)) => jobs.push(j),
+            Ok(other) => next.push_back(other),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                std::thread::sleep((deadline - now).min(Duration::from_micros(50)));
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        }
+    }
+    jobs
 }
 
 /// Updates the reported placement when the session changed under the model

@@ -360,3 +360,48 @@ fn a_tcp_listener_serves_the_same_api_when_configured() {
     std::io::Read::read_to_string(&mut s, &mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"status\":\"ok\""), "{out}");
 }
+
+/// Jobs for a model with `batch` arrive together and run as one engine call;
+/// each still gets its own answer, and a job the batch cannot take fails alone.
+#[test]
+fn concurrent_jobs_are_batched_and_answered_each_with_its_own_result() {
+    let mut color = shipped_model("color");
+    color["batch"] = json!({"max_batch": 8, "max_delay_us": 20000});
+    let mut mlp = shipped_model("mlp");
+    mlp["batch"] = json!({"max_batch": 4, "max_delay_us": 20000});
+    let registry = TempRegistry::new(&json!({"models": [color, mlp]}));
+    let daemon = Daemon::start(|c| c.models = Some(registry.path()));
+    let names = ["red", "green", "blue", "red", "green", "blue", "red", "green"];
+    let answers: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|&name| {
+                let c = daemon.client();
+                s.spawn(move || json_of(&c.post("/v1/models/color/infer", "image/jpeg", &image(name)).unwrap()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (name, v) in names.iter().zip(&answers) {
+        assert_eq!(v["result"]["classes"][0]["label"], *name, "each job gets its own answer: {v}");
+    }
+    let biggest = answers.iter().filter_map(|v| v["batch"].as_u64()).max().unwrap_or(1);
+    assert!(biggest >= 2, "8 concurrent jobs with a 20 ms window ran one by one: {answers:?}");
+
+    // A job whose tensor does not fit the others: it fails alone, the rest of its batch answers.
+    let good = std::fs::read(repo("tests/fixtures/mlp-input.json")).unwrap();
+    let bad =
+        json!({"inputs": {"x": {"shape": [1, 17], "dtype": "f32", "data": vec![0.5; 17]}}}).to_string().into_bytes();
+    let bodies = [good.clone(), bad, good.clone(), good];
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let c = daemon.client();
+                s.spawn(move || c.post("/v1/models/mlp/infer", "application/json", b).unwrap().status)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, [200, 400, 200, 200]);
+}

@@ -655,3 +655,25 @@ fn provider_tables_come_from_the_config_file_and_names_from_the_environment() {
     let c = Config::load_from(None, std::path::Path::new("/nonexistent"), env).unwrap();
     assert_eq!(c.runtime.providers.iter().map(|p| p.name()).collect::<Vec<_>>(), ["coreml", "cpu"]);
 }
+
+#[test]
+fn batching_needs_a_dynamic_batch_dimension_and_a_single_graph_task() {
+    let fixture = repo("tests/fixtures/models/busy.onnx");
+    let busy = json!({"name": "busy", "task": "raw", "batch": {"max_batch": 4},
+        "variants": [{"name": "v", "file": fixture, "sha256": sha256_of(&fixture)}]});
+    let mut ocr = shipped_model("ocr");
+    ocr["batch"] = json!({"max_batch": 4});
+    let registry = TempRegistry::new(&json!({"models": [busy]}));
+    let out = inferd(&["check", "--models", &registry.path_str()]);
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("models[0].batch: 'x' [1, 128] has no dynamic batch dimension"), "{stderr}");
+    let registry = TempRegistry::new(&json!({"models": [ocr]}));
+    let out = inferd(&["check", "--models", &registry.path_str()]);
+    let (_, stderr) = text(&out);
+    assert!(
+        stderr.contains(
+            "models[0].batch: batching is for image-classification, object-detection and raw models, not ocr"
+        ),
+        "{stderr}"
+    );
+}

@@ -132,3 +132,23 @@ fn the_deb_has_the_daemon_units_config_and_a_registry_that_checks_out() {
     );
     assert!(parsed.is_ok(), "the packaged config.toml loads: {parsed:?}");
 }
+
+/// The Apple Silicon build type-checks, CoreML code paths included (no macOS
+/// linker here, so `cargo check`; TLS is left out: ring needs the macOS SDK).
+#[test]
+fn the_macos_build_with_coreml_type_checks() {
+    let (ok, stdout, stderr) = run(Command::new(env!("CARGO"))
+        .args(["check", "--locked", "--target", "aarch64-apple-darwin", "--no-default-features"])
+        .env("CARGO_TARGET_DIR", root().join("target/macos-check"))
+        .env("CC_aarch64_apple_darwin", "clang")
+        .current_dir(root()));
+    assert!(
+        ok,
+        "cargo check --target aarch64-apple-darwin (scripts/setup.sh adds the target and clang):\n{stdout}{stderr}"
+    );
+    let ort = std::fs::read_to_string(repo("src/backend/ort.rs")).unwrap();
+    assert!(
+        ort.contains("#[cfg(target_os = \"macos\")]\n        (Provider::Coreml"),
+        "CoreML is gated to Apple targets"
+    );
+}

@@ -88,6 +88,18 @@ pub trait Pipeline: Send {
         options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError>;
+
+    /// Answers several jobs; the default answers them one by one. Single-graph
+    /// tasks stack them into one engine call (dynamic batching). `timings` are the batch's.
+    fn run_batch(
+        &mut self,
+        engine: &mut dyn InferenceBackend,
+        jobs: Vec<(JobInput, JobOptions)>,
+        limits: &Limits,
+        timings: &mut Timings,
+    ) -> Vec<Result<JobResult, InferError>> {
+        jobs.into_iter().map(|(input, options)| self.run(engine, input, limits, &options, timings)).collect()
+    }
 }
 
 /// A task that runs its graph once per job: tensors in, tensors out.
@@ -119,6 +131,94 @@ impl<T: SingleGraph> Pipeline for T {
         timings.post_ms += ms(t2, std::time::Instant::now());
         Ok(result)
     }
+
+    fn run_batch(
+        &mut self,
+        engine: &mut dyn InferenceBackend,
+        jobs: Vec<(JobInput, JobOptions)>,
+        limits: &Limits,
+        timings: &mut Timings,
+    ) -> Vec<Result<JobResult, InferError>> {
+        let ms = |a: std::time::Instant| a.elapsed().as_secs_f64() * 1000.0;
+        let t0 = std::time::Instant::now();
+        let mut results: Vec<Option<Result<JobResult, InferError>>> = jobs.iter().map(|_| None).collect();
+        let mut prepared = Vec::with_capacity(jobs.len());
+        for (i, (input, options)) in jobs.into_iter().enumerate() {
+            match self.prepare(input, limits) {
+                Ok((tensors, ctx)) => prepared.push((i, tensors, ctx, options)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        timings.pre_ms += ms(t0);
+        let stacked = stack(prepared.iter().map(|p| p.1.clone()).collect());
+        let t1 = std::time::Instant::now();
+        let run = stacked.and_then(|(inputs, sizes)| {
+            let outputs = engine.run(inputs).map_err(|e| e.to_string())?;
+            split(outputs, &sizes)
+        });
+        timings.infer_ms += ms(t1);
+        let t2 = std::time::Instant::now();
+        match run {
+            Ok(per_job) => {
+                for ((i, _, ctx, options), outputs) in prepared.into_iter().zip(per_job) {
+                    results[i] = Some(self.finish(outputs, &ctx, &options));
+                }
+            }
+            Err(why) => {
+                // The batch could not run as one: run each alone, so one odd job fails only itself.
+                tracing::debug!("running {} jobs one by one: {why}", prepared.len());
+                for (i, tensors, ctx, options) in prepared {
+                    results[i] = Some(
+                        engine.run(tensors).map_err(InferError::from).and_then(|o| self.finish(o, &ctx, &options)),
+                    );
+                }
+            }
+        }
+        timings.post_ms += ms(t2);
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(InferError::internal("a batched job got no answer"))))
+            .collect()
+    }
+}
+
+/// Stacks the jobs' named tensors input by input; every job must name the same inputs.
+fn stack(jobs: Vec<NamedTensors>) -> Result<(NamedTensors, Vec<usize>), String> {
+    let names: Vec<String> = jobs.first().ok_or("no jobs")?.iter().map(|(n, _)| n.clone()).collect();
+    let mut columns: Vec<Vec<crate::tensor::Tensor>> = names.iter().map(|_| Vec::with_capacity(jobs.len())).collect();
+    for job in jobs {
+        if job.len() != names.len() {
+            return Err("jobs name different inputs".into());
+        }
+        for (k, (name, t)) in job.into_iter().enumerate() {
+            if name != names[k] {
+                return Err("jobs name different inputs".into());
+            }
+            columns[k].push(t);
+        }
+    }
+    let mut sizes = Vec::new();
+    let mut out = Vec::with_capacity(names.len());
+    for (name, column) in names.into_iter().zip(columns) {
+        let (t, s) = crate::tensor::concat_batch(column)?;
+        if !sizes.is_empty() && sizes != s {
+            return Err("inputs of one job differ in batch size".into());
+        }
+        sizes = s;
+        out.push((name, t));
+    }
+    Ok((out, sizes))
+}
+
+/// Splits every output by the jobs' batch sizes: one set of named outputs per job.
+fn split(outputs: NamedTensors, sizes: &[usize]) -> Result<Vec<NamedTensors>, String> {
+    let mut per_job: Vec<NamedTensors> = sizes.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    for (name, t) in outputs {
+        for (job, piece) in per_job.iter_mut().zip(crate::tensor::split_batch(t, sizes)?) {
+            job.push((name.clone(), piece));
+        }
+    }
+    Ok(per_job)
 }
 
 /// A further graph of a variant (models.json `parts`), loaded on the same engine as the main one.
@@ -172,6 +272,20 @@ pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
     problems.extend(validate_task(m));
     if !matches!(m.task, Task::Ocr | Task::DocumentFields) && m.ocr.is_some() {
         problems.push(SpecProblem::new(".ocr", format!("the {} task takes no 'ocr'", m.task)));
+    }
+    if let Some(b) = &m.batch {
+        if !matches!(m.task, Task::ImageClassification | Task::ObjectDetection | Task::Raw) {
+            problems.push(SpecProblem::new(
+                ".batch",
+                format!("batching is for image-classification, object-detection and raw models, not {}", m.task),
+            ));
+        }
+        if !(1..=256).contains(&b.max_batch) {
+            problems.push(SpecProblem::new(".batch.max_batch", "must be 1..=256"));
+        }
+        if b.max_delay_us > 1_000_000 {
+            problems.push(SpecProblem::new(".batch.max_delay_us", "must be at most 1000000 (one second)"));
+        }
     }
     if m.task != Task::DocumentFields && m.document.is_some() {
         problems.push(SpecProblem::new(".document", format!("the {} task takes no 'document'", m.task)));
@@ -285,6 +399,26 @@ fn no_fields(m: &ModelSpec, fields: &[&str], task: &str) -> Vec<SpecProblem> {
 /// Compares a spec with the inputs and outputs a model declares; `labels`
 /// are the model's labels when it has a readable labels file.
 pub fn check_against_model(
+    m: &ModelSpec,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+    labels: Option<&[String]>,
+) -> Vec<SpecProblem> {
+    let mut problems = check_task_io(m, inputs, outputs, labels);
+    if m.batch.is_some_and(|b| b.max_batch > 1) {
+        for t in inputs.iter().chain(outputs) {
+            if t.shape.first().is_none_or(|d| d.is_some()) {
+                problems.push(SpecProblem::new(
+                    ".batch",
+                    format!("'{}' {} has no dynamic batch dimension to stack jobs on", t.name, t.shape_text()),
+                ));
+            }
+        }
+    }
+    problems
+}
+
+fn check_task_io(
     m: &ModelSpec,
     inputs: &[TensorInfo],
     outputs: &[TensorInfo],
