@@ -288,8 +288,33 @@ pub struct RuntimeConfig {
     /// Refuse to load a model whose first listed provider does not register or
     /// takes no node, instead of falling back (models may override it).
     pub strict_providers: bool,
-    /// Threads ONNX Runtime uses inside one operator; 0 lets ONNX Runtime choose.
+    /// Threads ONNX Runtime uses inside one operator; 0: this box's cores, at most 4
+    /// (an edge box runs several models; more threads mostly contend).
     pub intra_threads: usize,
+    /// Threads running independent parts of a graph at once; 1 runs it in order.
+    pub inter_threads: usize,
+    /// ONNX Runtime's graph optimisations: `disable`, `basic`, `extended` or `all`.
+    pub graph_optimization: GraphOptimization,
+    /// Plan memory from the first run's shapes and reuse it (best with fixed shapes).
+    pub memory_pattern: bool,
+    /// ONNX Runtime's CPU memory arena (fast reuse; holds on to its peak).
+    pub cpu_arena: bool,
+    /// Let idle ONNX Runtime threads spin waiting for work (lower latency, burns CPU; off on edge boxes).
+    pub spinning: bool,
+    /// Save each CPU-only model's optimised graph under the state directory and
+    /// load that next time (faster start; keyed by file and ONNX Runtime version).
+    pub optimized_model_cache: bool,
+}
+
+/// How much ONNX Runtime rewrites a graph before running it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GraphOptimization {
+    Disable,
+    Basic,
+    Extended,
+    #[default]
+    All,
 }
 
 impl Default for RuntimeConfig {
@@ -299,6 +324,12 @@ impl Default for RuntimeConfig {
             providers: vec![crate::backend::Provider::Cpu.into()],
             strict_providers: false,
             intra_threads: 0,
+            inter_threads: 1,
+            graph_optimization: GraphOptimization::All,
+            memory_pattern: true,
+            cpu_arena: true,
+            spinning: false,
+            optimized_model_cache: false,
         }
     }
 }

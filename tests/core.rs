@@ -677,3 +677,44 @@ fn batching_needs_a_dynamic_batch_dimension_and_a_single_graph_task() {
         "{stderr}"
     );
 }
+
+#[test]
+fn session_options_apply_and_the_optimised_graph_is_reused() {
+    let state = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.memory.state_dir = Some(state.path().to_path_buf());
+    config.runtime.optimized_model_cache = true;
+    config.runtime.intra_threads = 1;
+    config.runtime.inter_threads = 2;
+    config.runtime.cpu_arena = false;
+    config.runtime.memory_pattern = false;
+    let engine = Engine::new(config, Registry::load(&repo("models.json")).unwrap());
+    let img = std::fs::read(repo("examples/green.jpg")).unwrap();
+    let label = |engine: &Engine| {
+        let mut m = engine.load("tinycnn", &LoadOptions::default()).unwrap();
+        let out = m.infer(JobInput::Image(img.clone()), &JobOptions::default()).unwrap();
+        let JobResult::Classification { classes } = out.result else { panic!() };
+        (classes[0].index, classes[0].score)
+    };
+    let first = label(&engine);
+    let saved: Vec<_> = std::fs::read_dir(state.path().join("optimized")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let name = saved[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("tinycnn-") && name.ends_with("-ort1.31.1.onnx"), "{name}");
+    let modified = std::fs::metadata(&saved[0]).unwrap().modified().unwrap();
+    // Second load starts from the saved graph (not rewritten) and answers the same.
+    let second = label(&engine);
+    assert_eq!(first.0, second.0);
+    assert!((first.1 - second.1).abs() < 1e-5);
+    assert_eq!(std::fs::metadata(&saved[0]).unwrap().modified().unwrap(), modified);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "[runtime]\ngraph_optimization = \"extended\"\nspinning = true\ninter_threads = 2\n")
+        .unwrap();
+    let c = Config::load_from(Some(&file), std::path::Path::new("/nonexistent"), Vec::new()).unwrap();
+    assert_eq!(c.runtime.graph_optimization, inferd::config::GraphOptimization::Extended);
+    assert!(c.runtime.spinning && c.runtime.inter_threads == 2);
+    std::fs::write(&file, "[runtime]\ngraph_optimization = \"max\"\n").unwrap();
+    assert!(Config::load_from(Some(&file), std::path::Path::new("/nonexistent"), Vec::new()).is_err());
+}

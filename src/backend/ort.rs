@@ -11,11 +11,13 @@ use super::trt_cache;
 use super::{
     BackendError, BackendKind, InferenceBackend, LoadRequest, NamedTensors, Placement, Provider, check_inputs,
 };
+use crate::config::GraphOptimization;
 use crate::config::RuntimeConfig;
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use ort::environment::Environment;
 use ort::ep::ExecutionProviderDispatch;
 use ort::logging::LogLevel;
+use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, ValueType};
 use std::borrow::Cow;
@@ -327,8 +329,49 @@ fn create(
     let captured: Arc<Mutex<Vec<String>>> = Arc::default();
     let capturing = Arc::new(AtomicBool::new(true));
     let mut builder = Session::builder(&rt.env).map_err(|e| load_err(e.to_string()))?;
-    if request.runtime.intra_threads > 0 {
-        builder = builder.with_intra_threads(request.runtime.intra_threads).map_err(|e| load_err(e.to_string()))?;
+    let cfg = request.runtime;
+    let intra = match cfg.intra_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(4),
+        n => n,
+    };
+    // A CPU-only model can start from the optimised graph saved last time.
+    let optimized = (cfg.optimized_model_cache && specs.is_empty() && !request.sha256.is_empty()).then(|| {
+        request.state_dir.join("optimized").join(format!(
+            "{}-{}-ort{}.onnx",
+            request.model,
+            &request.sha256[..16.min(request.sha256.len())],
+            rt.version
+        ))
+    });
+    let reuse = optimized.as_ref().is_some_and(|p| p.is_file());
+    let level = match (reuse, cfg.graph_optimization) {
+        (true, _) | (_, GraphOptimization::Disable) => GraphOptimizationLevel::Disable,
+        (_, GraphOptimization::Basic) => GraphOptimizationLevel::Level1,
+        (_, GraphOptimization::Extended) => GraphOptimizationLevel::Level2,
+        (_, GraphOptimization::All) => GraphOptimizationLevel::All,
+    };
+    let spin = if cfg.spinning { "1" } else { "0" };
+    let e = |e: ort::Error<ort::session::builder::SessionBuilder>| load_err(e.to_string());
+    builder = builder
+        .with_intra_threads(intra)
+        .map_err(e)?
+        .with_inter_threads(cfg.inter_threads.max(1))
+        .map_err(e)?
+        .with_parallel_execution(cfg.inter_threads > 1)
+        .map_err(e)?
+        .with_optimization_level(level)
+        .map_err(e)?
+        .with_memory_pattern(cfg.memory_pattern)
+        .map_err(e)?
+        .with_config_entry("session.intra_op.allow_spinning", spin)
+        .map_err(e)?
+        .with_config_entry("session.inter_op.allow_spinning", spin)
+        .map_err(e)?;
+    if let (Some(path), false) = (&optimized, reuse) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        builder = builder.with_optimized_model_path(path).map_err(e)?;
     }
     // ONNX Runtime states node placement at verbose level while it partitions the graph.
     let (sink, on) = (captured.clone(), capturing.clone());
@@ -370,7 +413,19 @@ fn create(
         }
     }
     registered.push(Provider::Cpu.ort_name().to_string());
-    let session = builder.commit_from_file(file).map_err(|e| load_err(e.to_string()))?;
+    if !cfg.cpu_arena {
+        builder = builder
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+            .map_err(|e| load_err(e.to_string()))?;
+    }
+    let source = match (&optimized, reuse) {
+        (Some(path), true) => {
+            tracing::debug!(model = request.model, path = %path.display(), "starting from the saved optimised graph");
+            path.as_path()
+        }
+        _ => file,
+    };
+    let session = builder.commit_from_file(source).map_err(|e| load_err(e.to_string()))?;
     capturing.store(false, Ordering::Relaxed);
     let lines = std::mem::take(&mut *captured.lock().unwrap_or_else(|e| e.into_inner()));
     let nodes = parse_placement(&lines);
