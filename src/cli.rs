@@ -103,6 +103,39 @@ pub enum Command {
     },
     /// Run the daemon until SIGINT or SIGTERM.
     Serve,
+    /// Measure throughput and latency of one model: N clients over the socket
+    /// or MQTT (inferd or a peer speaking its API), or in this process.
+    Bench {
+        /// The model to drive.
+        #[arg(long)]
+        model: String,
+        /// The job payload: an image, a JSON request, or a .txt text.
+        input: PathBuf,
+        /// How jobs reach the model.
+        #[arg(long, value_enum, default_value = "socket")]
+        via: crate::bench::Via,
+        /// Concurrent clients (socket and MQTT).
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Jobs run first and not counted (loads the model).
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Socket to drive (default: the configured one).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Broker to publish jobs to (`--via mqtt`).
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        mqtt_url: String,
+        /// Topic prefix: jobs go to PREFIX/jobs/MODEL.
+        #[arg(long, default_value = "inferd")]
+        mqtt_prefix: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The registry named by `--models` or the configuration.

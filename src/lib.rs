@@ -16,6 +16,7 @@
 //! - [`cli`]: the `inferd` command line.
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

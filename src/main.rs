@@ -29,6 +29,66 @@ fn real_main() -> i32 {
         let path = socket.clone().unwrap_or_else(|| config.socket.resolved_path());
         return cli::infer_remote(&Client::new(path), &cli::InferArgs { model, top_k, json, files });
     }
+    if let Command::Bench {
+        ref model,
+        ref input,
+        via,
+        clients,
+        duration,
+        warmup,
+        ref socket,
+        ref mqtt_url,
+        ref mqtt_prefix,
+        json,
+    } = cli.command
+    {
+        let engine = match via {
+            inferd::bench::Via::Local => match cli::load_registry(&cli, &config) {
+                Ok(r) => Some(Engine::new(config.clone(), r)),
+                Err(code) => return code,
+            },
+            _ => None,
+        };
+        let args = inferd::bench::BenchArgs {
+            model: model.clone(),
+            input: input.clone(),
+            via,
+            clients: clients.max(1),
+            duration: std::time::Duration::from_secs_f64(duration.max(0.1)),
+            warmup,
+            socket: socket.clone().unwrap_or_else(|| config.socket.resolved_path()),
+            mqtt_url: mqtt_url.clone(),
+            mqtt_prefix: mqtt_prefix.clone(),
+        };
+        return match inferd::bench::run(&args, engine.as_ref()) {
+            Ok(r) if json => {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                exit::OK
+            }
+            Ok(r) => {
+                println!(
+                    "{} via {:?}, {} client(s): {} jobs in {:.1} s = {:.1} jobs/s; latency p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms{}{}; {} errors",
+                    r.model,
+                    r.via,
+                    r.clients,
+                    r.jobs,
+                    r.seconds,
+                    r.jobs_per_s,
+                    r.p50_ms,
+                    r.p95_ms,
+                    r.p99_ms,
+                    r.engine_p50_ms.map(|e| format!("; engine p50 {e:.2} ms")).unwrap_or_default(),
+                    r.overhead_p50_ms.map(|e| format!(", overhead p50 {e:.2} ms")).unwrap_or_default(),
+                    r.errors
+                );
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("inferd bench: {e}");
+                exit::FAILURE
+            }
+        };
+    }
     let registry = match cli::load_registry(&cli, &config) {
         Ok(r) => r,
         Err(code) => return code,
@@ -42,6 +102,7 @@ fn real_main() -> i32 {
             cli::infer_local(&engine, &config, options, &cli::InferArgs { model, top_k, json, files })
         }
         Command::Serve => serve(config, cli.config.clone(), cli.models),
+        Command::Bench { .. } => unreachable!("handled above"),
     }
 }
 

@@ -496,6 +496,7 @@ fn connect(
         if let Some(t) = transport {
             o.set_transport(t);
         }
+        o.set_network_options(no_delay());
         let (c, l) = rumqttc::v5::AsyncClient::new(o, 64);
         Ok((Client::V5(c), EventLoop::V5(Box::new(l))))
     } else {
@@ -511,9 +512,18 @@ fn connect(
         if let Some(t) = transport {
             o.set_transport(t);
         }
-        let (c, l) = rumqttc::AsyncClient::new(o, 64);
+        let (c, mut l) = rumqttc::AsyncClient::new(o, 64);
+        l.set_network_options(no_delay());
         Ok((Client::V4(c), EventLoop::V4(Box::new(l))))
     }
+}
+
+/// TCP without Nagle's algorithm: a result is one small write that must leave at
+/// once (with Nagle and delayed ACKs every reply waited ~40 ms).
+fn no_delay() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
 }
 
 #[cfg(not(feature = "tls"))]
