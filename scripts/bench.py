@@ -90,7 +90,7 @@ Image.fromarray(img.astype('uint8')).save('{work}/photo224.jpg', quality=90)
     try:
         port = free_port()
         conf = work / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nmax_inflight_messages 0\n")
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nmax_inflight_messages 0\nset_tcp_nodelay true\n")
         procs.append(subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL))
         time.sleep(0.3)
         # The daemon: start-to-ready (socket answering) and idle memory, before any model loads.
@@ -175,7 +175,11 @@ def write_report(out, rows, ready_ms, idle_rss, loaded_rss, seconds):
         f"{loaded_rss:.0f} MiB after these runs, with their models loaded.",
         "",
     ]
-    out.write_text("\n".join(lines))
+    # A hand-written analysis after the generated part survives a re-run.
+    kept = ""
+    if out.exists() and "\n## Analysis" in out.read_text():
+        kept = out.read_text()[out.read_text().index("\n## Analysis"):]
+    out.write_text("\n".join(lines) + kept)
     write_svg(out.parent / "benchmarks.svg", rows)
     print(f"wrote {out}")
 
