@@ -405,3 +405,37 @@ fn concurrent_jobs_are_batched_and_answered_each_with_its_own_result() {
     });
     assert_eq!(statuses, [200, 400, 200, 200]);
 }
+
+/// `inferd bench` drives the daemon and reports what it measured (no timing asserted).
+#[test]
+fn bench_drives_the_socket_and_runs_in_process() {
+    let daemon = Daemon::start(|_| {});
+    let socket = daemon.socket.to_str().unwrap().to_string();
+    for args in [
+        vec![
+            "bench",
+            "--model",
+            "color",
+            "--socket",
+            &socket,
+            "--clients",
+            "3",
+            "--duration",
+            "0.5",
+            "--json",
+            "examples/red.jpg",
+        ],
+        vec!["bench", "--model", "color", "--via", "local", "--duration", "0.5", "--json", "examples/red.jpg"],
+    ] {
+        let out = inferd(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(r["jobs"].as_u64().unwrap() > 0 && r["errors"] == 0, "{r}");
+        assert!(r["p50_ms"].as_f64().unwrap() > 0.0 && r["p99_ms"].as_f64() >= r["p50_ms"].as_f64(), "{r}");
+        assert!(r["engine_p50_ms"].as_f64().is_some(), "the engine's own time is reported: {r}");
+    }
+    let out = inferd(&["bench", "--model", "nope", "--socket", &socket, "--duration", "0.2", "examples/red.jpg"]);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("no model named 'nope'"), "{}", text(&out).1);
+}
