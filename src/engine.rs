@@ -92,7 +92,7 @@ impl Engine {
         let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
         let (i, variant_reason) = select_variant(&model.variants, options.variant.as_deref())?;
         let choice = options.backend.unwrap_or(model.backend);
-        let ort = backend::ort::status(&self.config.runtime);
+        let ort = backend::ort::status_lazy(&self.config.runtime);
         let decision = backend::decide(choice, ort.as_deref().map_err(String::as_str))?;
         Ok(Plan {
             model: model.name.clone(),
@@ -123,8 +123,15 @@ impl Engine {
     /// Loads `name` as planned: verifies the file's sha256, creates the
     /// engine session and checks models.json against what the model declares.
     pub fn load(&self, name: &str, options: &LoadOptions) -> Result<LoadedModel, InferError> {
-        let plan = self.plan(name, options)?;
+        let mut plan = self.plan(name, options)?;
         let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
+        if plan.backend.backend == backend::BackendKind::Ort {
+            // The plan saw the library's file; loading it can still fail (a broken or foreign file).
+            if let Err(why) = backend::ort::runtime(&self.config.runtime) {
+                let choice = options.backend.unwrap_or(model.backend);
+                plan.backend = backend::decide(choice, Err(why))?;
+            }
+        }
         let variant =
             model.variants.iter().find(|v| v.name == plan.variant).expect("plan names a variant of the model");
         let file = self.registry.resolve(&variant.file);

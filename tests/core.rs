@@ -718,3 +718,20 @@ fn session_options_apply_and_the_optimised_graph_is_reused() {
     std::fs::write(&file, "[runtime]\ngraph_optimization = \"max\"\n").unwrap();
     assert!(Config::load_from(Some(&file), std::path::Path::new("/nonexistent"), Vec::new()).is_err());
 }
+
+#[test]
+fn a_library_that_is_there_but_does_not_load_falls_back_to_tract_at_load() {
+    // The plan only sees the file (the daemon loads ONNX Runtime with its first model);
+    // when loading it fails, an `auto` model runs on tract and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("libonnxruntime.so.1.31.1");
+    std::fs::write(&fake, b"not a shared library").unwrap();
+    let out = inferd_env(
+        &["infer", "--local", "--model", "color", "--json", "examples/red.jpg"],
+        &[("INFERD_RUNTIME__ONNXRUNTIME", fake.to_str().unwrap())],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!((v["backend"].as_str(), v["result"]["classes"][0]["label"].as_str()), (Some("tract"), Some("red")));
+}

@@ -63,6 +63,23 @@ pub fn status(cfg: &RuntimeConfig) -> Result<String, String> {
     runtime(cfg).map(OrtRuntime::describe).map_err(str::to_string)
 }
 
+/// [`status`] without loading the library: the loaded runtime if it is,
+/// else where it would be loaded from (the daemon loads it with the first
+/// model, so it idles small and starts fast), else why there is none.
+pub fn status_lazy(cfg: &RuntimeConfig) -> Result<String, String> {
+    if let Some(loaded) = RUNTIME.get() {
+        return loaded.as_ref().map(OrtRuntime::describe).map_err(String::clone);
+    }
+    // The first place init would try, when it is a file here; otherwise (a bare
+    // name for the system's search path, or nothing) find out by loading.
+    match candidates(cfg).into_iter().next() {
+        Some((source, path)) if path.is_file() => {
+            Ok(format!("ONNX Runtime {ORT_VERSION} at {} ({source}; loads with the first model)", path.display()))
+        }
+        _ => status(cfg),
+    }
+}
+
 fn init(cfg: &RuntimeConfig) -> Result<OrtRuntime, String> {
     let mut tried = Vec::new();
     for (source, path) in candidates(cfg) {
