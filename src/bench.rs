@@ -76,6 +76,25 @@ struct Record {
     errors: usize,
 }
 
+impl Record {
+    /// Records one answered job: its latency and, where reported, the engine's share.
+    fn add(&mut self, ms: f64, engine: Option<f64>) {
+        self.latencies.push(ms);
+        if let Some(e) = engine {
+            self.engine.push(e);
+            self.overhead.push(ms - e);
+        }
+    }
+
+    /// Records one job's outcome.
+    fn record<E>(&mut self, outcome: Result<(f64, Option<f64>), E>) {
+        match outcome {
+            Ok((ms, engine)) => self.add(ms, engine),
+            Err(_) => self.errors += 1,
+        }
+    }
+}
+
 fn engine_ms(v: &serde_json::Value) -> Option<f64> {
     v["timings"]["infer_ms"].as_f64()
 }
@@ -114,16 +133,7 @@ pub fn run(args: &BenchArgs, engine: Option<&Engine>) -> Result<Report, String> 
                         s.spawn(move || {
                             let mut rec = Record::default();
                             while started.elapsed() < args.duration {
-                                match one(&c) {
-                                    Ok((ms, engine)) => {
-                                        rec.latencies.push(ms);
-                                        if let Some(e) = engine {
-                                            rec.engine.push(e);
-                                            rec.overhead.push(ms - e);
-                                        }
-                                    }
-                                    Err(_) => rec.errors += 1,
-                                }
+                                rec.record(one(&c));
                             }
                             rec
                         })
@@ -149,15 +159,8 @@ pub fn run(args: &BenchArgs, engine: Option<&Engine>) -> Result<Report, String> 
             let started = Instant::now();
             while started.elapsed() < args.duration {
                 let t = Instant::now();
-                match input(&payload).and_then(|i| m.infer(i, &JobOptions::default())) {
-                    Ok(out) => {
-                        let ms = t.elapsed().as_secs_f64() * 1000.0;
-                        rec.latencies.push(ms);
-                        rec.engine.push(out.timings.infer_ms);
-                        rec.overhead.push(ms - out.timings.infer_ms);
-                    }
-                    Err(_) => rec.errors += 1,
-                }
+                let outcome = input(&payload).and_then(|i| m.infer(i, &JobOptions::default()));
+                rec.record(outcome.map(|out| (t.elapsed().as_secs_f64() * 1000.0, Some(out.timings.infer_ms))));
             }
             vec![rec]
         }
@@ -287,16 +290,7 @@ fn mqtt(args: &BenchArgs, payload: Vec<u8>) -> Result<Vec<Record>, String> {
             tasks.spawn(async move {
                 let mut rec = Record::default();
                 while started.elapsed() < duration {
-                    match job(client.clone(), waiters.clone(), seq.clone(), payload.clone()).await {
-                        Ok((ms, engine)) => {
-                            rec.latencies.push(ms);
-                            if let Some(e) = engine {
-                                rec.engine.push(e);
-                                rec.overhead.push(ms - e);
-                            }
-                        }
-                        Err(_) => rec.errors += 1,
-                    }
+                    rec.record(job(client.clone(), waiters.clone(), seq.clone(), payload.clone()).await);
                 }
                 rec
             });
