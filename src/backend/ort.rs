@@ -239,7 +239,7 @@ impl OrtBackend {
                         model: &model,
                         sha256: &sha,
                     };
-                    let caches = Caches::prepare(&specs, &request, &rt.version);
+                    // The cache folders prepared above (GPU and TensorRT probed once per load).
                     let result = create(rt, &file, &specs, &request, &caches);
                     if result.is_ok() {
                         tracing::info!(model, seconds = started.elapsed().as_secs(), "TensorRT engine built");
