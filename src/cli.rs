@@ -444,6 +444,10 @@ fn summary(out: &JobOutput) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         JobResult::Document { fields, .. } => serde_json::to_string(fields).unwrap_or_default(),
+        JobResult::Generation { text, finish_reason, usage, .. } => format!(
+            "{text:?} ({finish_reason:?}, {} prompt + {} generated tokens)",
+            usage.prompt_tokens, usage.completion_tokens
+        ),
         JobResult::Ocr { lines } if lines.is_empty() => "no text".to_string(),
         JobResult::Ocr { lines } => lines
             .iter()

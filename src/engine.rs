@@ -117,6 +117,7 @@ impl Engine {
             state_dir,
             model: &plan.model,
             sha256,
+            instances: self.registry.get(&plan.model).map_or(1, |m| m.instances()),
         }
     }
 
@@ -168,7 +169,7 @@ impl Engine {
             }
             parts.push(pipeline::Part { role: role.clone(), file, engine });
         }
-        let pipeline = pipeline::build(model, &self.registry, engine.inputs(), parts)?;
+        let pipeline = pipeline::build(model, &self.registry, engine.inputs(), engine.outputs(), parts)?;
         tracing::info!(
             model = name,
             variant = %plan.variant,
@@ -219,6 +220,27 @@ impl LoadedModel {
             batch,
             result,
         }
+    }
+
+    /// For `text-generation`: the generator and the session its steps run on.
+    pub fn generation(&mut self) -> Option<(&crate::pipeline::generate::Generator, &mut dyn InferenceBackend)> {
+        let generator = self.pipeline.generator()?;
+        Some((generator, self.engine.as_mut()))
+    }
+
+    /// Whether this model generates text (its jobs can interleave).
+    pub fn generates(&self) -> bool {
+        self.pipeline.generator().is_some()
+    }
+
+    /// The longest text a job may carry.
+    pub fn max_text_bytes(&self) -> usize {
+        self.limits.max_text_bytes
+    }
+
+    /// The output of a job that ran outside [`LoadedModel::infer`] (interleaved generation).
+    pub fn answer(&self, timings: Timings, result: JobResult) -> JobOutput {
+        self.output(timings, None, result)
     }
 
     /// The model's dynamic batching, when it has one with more than one job per call.

@@ -16,6 +16,71 @@ pub enum JobInput {
     Tensors(NamedTensors),
     /// One or more texts, for text tasks.
     Text(Vec<String>),
+    /// An image task's input tensors, made from an image before the job
+    /// reached its worker ([`crate::pipeline::preprocess`]), with the image's size.
+    Prepared { tensors: NamedTensors, image_size: (u32, u32) },
+    /// An image decoded before the job reached its worker (OCR).
+    Pixels(image::RgbImage),
+    /// A prompt to continue, for `text-generation`.
+    Generate(GenerateRequest),
+}
+
+/// A text-generation request, as the OpenAI-style endpoints and MQTT give it.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    /// Most new tokens; default the model's `generation.max_tokens`.
+    pub max_tokens: Option<usize>,
+    /// 0 is greedy; default 1.
+    pub temperature: Option<f32>,
+    /// Sample from the `top_k` likeliest tokens only (0: all).
+    pub top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: Option<f32>,
+    /// The same seed and settings give the same tokens.
+    pub seed: Option<u64>,
+    /// The text ends before the first of these.
+    pub stop: Vec<String>,
+    /// Receives the text as it is generated, piece by piece; closed when the sequence ends.
+    pub stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+/// What to continue: plain text, or chat messages rendered by the model's template.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
+impl Default for Prompt {
+    fn default() -> Self {
+        Prompt::Text(String::new())
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Why a sequence ended, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+/// Tokens a generation used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
 }
 
 /// `"text"` in a request: one text or a batch.
@@ -79,6 +144,8 @@ pub enum JobResult {
     Document { fields: crate::pipeline::document::DocumentFields, lines: Vec<TextLine> },
     /// `ocr`: text lines in reading order.
     Ocr { lines: Vec<TextLine> },
+    /// `text-generation`: the text, why it ended, the token counts and the generated token ids.
+    Generation { text: String, finish_reason: FinishReason, usage: Usage, tokens: Vec<u32> },
 }
 
 /// One line of text found in an image.

@@ -61,6 +61,12 @@ pub struct ModelSpec {
     /// Dynamic batching: jobs gathered into one engine call (models with a dynamic batch dimension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchSpec>,
+    /// Sessions of the model serving jobs side by side, each on its own thread (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<usize>,
+    /// Tokenizer, graph names, limits and chat template (text-generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<pipeline::generate::GenerationSpec>,
     /// Receipt extraction settings (document-fields).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document: Option<pipeline::document::DocumentSpec>,
@@ -73,6 +79,16 @@ pub struct ModelSpec {
     /// Never unload for idleness or to make room for another model.
     #[serde(default)]
     pub pin: bool,
+}
+
+/// Most sessions one model may run side by side.
+pub const MAX_INSTANCES: usize = 64;
+
+impl ModelSpec {
+    /// Sessions serving this model side by side.
+    pub fn instances(&self) -> usize {
+        self.instances.unwrap_or(1).clamp(1, MAX_INSTANCES)
+    }
 }
 
 /// One size of a model: its file and what it costs.
@@ -242,6 +258,14 @@ impl Registry {
                 && !self.resolve(&text.tokenizer).is_file()
             {
                 push(at(".text.tokenizer"), format!("file {} does not exist", self.resolve(&text.tokenizer).display()));
+            }
+            if let Some(g) = &m.generation
+                && !self.resolve(&g.tokenizer).is_file()
+            {
+                push(
+                    at(".generation.tokenizer"),
+                    format!("file {} does not exist", self.resolve(&g.tokenizer).display()),
+                );
             }
             if let Some(labels) = &m.labels
                 && !self.resolve(labels).is_file()

@@ -1,7 +1,10 @@
 //! Admission and dispatch: one bounded queue and one worker thread per
 //! model. A job for a full queue is refused at once (Overloaded); a job not
 //! answered by its deadline gets Timeout; a model is loaded lazily by its
-//! worker on its first job. Async callers never run inference themselves.
+//! worker on its first job. An admitted image job is decoded and resized on
+//! the blocking pool (at most one per core at a time) while its place in the
+//! queue is held, so the worker only runs the model. Async callers never run
+//! inference themselves.
 
 use crate::config::JobsConfig;
 use crate::engine::Engine;
@@ -40,6 +43,8 @@ pub struct Scheduler {
     closed: std::sync::atomic::AtomicBool,
     evict_tx: mpsc::UnboundedSender<String>,
     evict_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// Image decodes running at once, at most one per core.
+    decoders: Arc<tokio::sync::Semaphore>,
 }
 
 impl Scheduler {
@@ -55,6 +60,9 @@ impl Scheduler {
             closed: false.into(),
             evict_tx,
             evict_rx: Mutex::new(Some(evict_rx)),
+            decoders: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            )),
         }
     }
 
@@ -252,9 +260,8 @@ impl Scheduler {
         started: Instant,
     ) -> Result<JobOutput, InferError> {
         let queue = self.queue(model)?;
-        let (reply, answer) = oneshot::channel();
-        let job = Job { input, options, enqueued: started, reply };
-        queue.try_send(Work::Job(job)).map_err(|e| match e {
+        // Hold a place in the queue first: a full queue answers at once, before any decoding.
+        let place = queue.try_reserve_owned().map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => InferError::overloaded(format!(
                 "the queue of model '{model}' is full ({} jobs waiting); try again later",
                 self.jobs.queue_capacity
@@ -264,13 +271,41 @@ impl Scheduler {
             }
         })?;
         let deadline = started + Duration::from_millis(self.jobs.timeout_ms);
-        match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(InferError::internal(format!("the worker of model '{model}' stopped without answering"))),
+        let run = async {
+            let (input, pre_ms) = self.preprocess(model, input).await?;
+            let (reply, answer) = oneshot::channel();
+            place.send(Work::Job(Job { input, options, enqueued: Instant::now(), pre_ms, reply }));
+            match answer.await {
+                Ok(result) => result,
+                Err(_) => {
+                    Err(InferError::internal(format!("the worker of model '{model}' stopped without answering")))
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(result) => result,
             Err(_) => {
                 Err(InferError::timeout(format!("no answer from model '{model}' within {} ms", self.jobs.timeout_ms)))
             }
         }
+    }
+
+    /// Decodes and resizes an image job on the blocking pool (see
+    /// [`crate::pipeline::preprocess`]); returns the input for the worker and the milliseconds it took.
+    async fn preprocess(&self, model: &str, input: JobInput) -> Result<(JobInput, f64), InferError> {
+        let engine = self.engine();
+        let Some(spec) = engine.registry().get(model).filter(|m| crate::pipeline::has_preprocessing(m, &input)) else {
+            return Ok((input, 0.0));
+        };
+        let spec = spec.clone();
+        let limits = engine.config().limits.clone();
+        let _turn = self.decoders.clone().acquire_owned().await.map_err(|_| InferError::unavailable("shutting down"))?;
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            crate::pipeline::preprocess(&spec, input, &limits).map(|i| (i, t.elapsed().as_secs_f64() * 1000.0))
+        })
+        .await
+        .unwrap_or_else(|e| Err(InferError::internal(format!("decoding the image failed: {e}"))))
     }
 
     /// Loads `model` now (if not loaded) and waits for it, up to `jobs.load_timeout_ms`.

@@ -1,8 +1,10 @@
-//! The OS thread that owns one model's engine session. It takes work from a
+//! The OS thread that owns one model's engine sessions. It takes work from a
 //! bounded queue, loads the model on first need (jobs wait in the queue
-//! meanwhile), runs jobs one at a time and publishes the model's state.
-//! A panic inside an engine is caught and answered as an internal error, so
-//! one bad job never takes the worker down.
+//! meanwhile), runs jobs and publishes the model's state. A model with one
+//! instance runs its jobs on this thread; with `instances: n` it loads n
+//! sessions, each on a thread of its own, and hands every job (or gathered
+//! batch) to the first idle one. A panic inside an engine is caught and
+//! answered as an internal error, so one bad job never takes the worker down.
 
 use crate::backend::BackendKind;
 use crate::engine::{Engine, LoadOptions, LoadedModel};
@@ -20,7 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 pub struct Job {
     pub input: JobInput,
     pub options: JobOptions,
+    /// When the job entered the queue (after its image work).
     pub enqueued: Instant,
+    /// Milliseconds of image work done before the job was queued.
+    pub pre_ms: f64,
     pub reply: oneshot::Sender<Result<JobOutput, InferError>>,
 }
 
@@ -52,6 +57,8 @@ pub enum ModelState {
     Loaded {
         variant: String,
         reason: String,
+        /// Sessions serving jobs side by side.
+        instances: usize,
         backend: BackendKind,
         provider: String,
         memory_bytes: Option<u64>,
@@ -67,12 +74,20 @@ pub enum ModelState {
 /// Shared view of a model's state.
 pub type StateCell = Arc<Mutex<ModelState>>;
 
-/// When the worker's current job started (none while idle or loading), for the watchdog.
-pub type BusyCell = Arc<Mutex<Option<Instant>>>;
+/// When each instance's current job started (none while idle or loading), for the watchdog.
+pub type BusyCell = Arc<Mutex<Vec<Option<Instant>>>>;
 
-/// When the job the worker is running started.
+/// When the oldest job running on the model's instances started.
 pub fn busy_since(cell: &BusyCell) -> Option<Instant> {
-    *cell.lock().unwrap_or_else(|e| e.into_inner())
+    cell.lock().unwrap_or_else(|e| e.into_inner()).iter().flatten().min().copied()
+}
+
+fn set_busy(cell: &BusyCell, instance: usize, since: Option<Instant>) {
+    let mut all = cell.lock().unwrap_or_else(|e| e.into_inner());
+    if all.len() <= instance {
+        all.resize(instance + 1, None);
+    }
+    all[instance] = since;
 }
 
 /// Sets the state in `cell`.
@@ -98,55 +113,52 @@ pub fn spawn(
 }
 
 fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: StateCell, busy: BusyCell) {
-    let set_busy = |v: Option<Instant>| *busy.lock().unwrap_or_else(|e| e.into_inner()) = v;
-    let mut loaded: Option<LoadedModel> = None;
+    let mut loaded: Option<Sessions> = None;
     // Work taken from the queue while gathering a batch, to do next.
     let mut next: std::collections::VecDeque<Work> = std::collections::VecDeque::new();
+    let cells = Cells { ctx: &ctx, model: &model, state: &state, busy: &busy };
     while let Some(work) = next.pop_front().or_else(|| queue.blocking_recv()) {
         match work {
             Work::Load(reply) => {
-                let _ = reply.send(ensure_loaded(&ctx, &model, &mut loaded, &state).map(|_| ()));
+                let _ = reply.send(ensure_loaded(&ctx, &model, &mut loaded, &state, &busy).map(|_| ()));
             }
-            Work::Swap(variant) => swap(&ctx, &model, &mut loaded, &state, &variant),
+            Work::Swap(variant) => swap(&ctx, &model, &mut loaded, &state, &busy, &variant),
             Work::Job(job) => {
                 if job.reply.is_closed() {
                     continue; // the client gave up (timeout or disconnect): do not spend the engine on it
                 }
-                let m = match ensure_loaded(&ctx, &model, &mut loaded, &state) {
-                    Ok(m) => m,
+                let sessions = match ensure_loaded(&ctx, &model, &mut loaded, &state, &busy) {
+                    Ok(s) => s,
                     Err(e) => {
                         let _ = job.reply.send(Err(e));
                         continue;
                     }
                 };
-                let jobs = match m.batching() {
+                if let Sessions::One(m) = sessions
+                    && m.generates()
+                {
+                    interleave(&cells, m, job, &mut queue, &mut next);
+                    continue;
+                }
+                // Wait for an idle instance before gathering, so the jobs that arrive meanwhile join the batch.
+                let instance = match sessions {
+                    Sessions::One(_) => None,
+                    Sessions::Pool(pool) => match pool.idle() {
+                        Some(i) => Some(i),
+                        None => {
+                            let _ = job.reply.send(Err(InferError::internal("every instance of the model stopped")));
+                            continue;
+                        }
+                    },
+                };
+                let jobs = match sessions.batching() {
                     Some(b) => gather(job, &mut queue, &mut next, b.max_batch, Duration::from_micros(b.max_delay_us)),
                     None => vec![job],
                 };
-                set_busy(Some(Instant::now()));
-                let queue_ms: Vec<f64> = jobs.iter().map(|j| j.enqueued.elapsed().as_secs_f64() * 1000.0).collect();
-                let (inputs, replies): (Vec<_>, Vec<_>) =
-                    jobs.into_iter().map(|j| ((j.input, j.options), j.reply)).unzip();
-                let results = catch_unwind(AssertUnwindSafe(|| {
-                    if inputs.len() == 1 {
-                        let (input, options) = inputs.into_iter().next().expect("one job");
-                        vec![m.infer(input, &options)]
-                    } else {
-                        m.infer_batch(inputs)
-                    }
-                }))
-                .unwrap_or_else(|panic| {
-                    let e = InferError::internal(format!("the engine panicked: {}", panic_text(&panic)));
-                    replies.iter().map(|_| Err(e.clone())).collect()
-                });
-                set_busy(None);
-                ctx.manager.touch(&model);
-                refresh_placement(&state, m);
-                for ((reply, result), queue_ms) in replies.into_iter().zip(results).zip(queue_ms) {
-                    let _ = reply.send(result.map(|mut out| {
-                        out.timings.queue_ms = queue_ms;
-                        out
-                    }));
+                match (sessions, instance) {
+                    (Sessions::Pool(pool), Some(i)) => pool.hand(i, jobs),
+                    (Sessions::One(m), _) => run_jobs(&cells, 0, m, jobs),
+                    (Sessions::Pool(_), None) => unreachable!("an idle instance was taken above"),
                 }
             }
         }
@@ -158,8 +170,259 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
     set_state(&state, ModelState::Unloaded);
 }
 
-/// Loads `variant` (or the one the manager picks); returns it with its measured footprint.
-fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<(LoadedModel, Option<u64>), InferError> {
+/// What the threads running a model's jobs share.
+#[derive(Clone, Copy)]
+struct Cells<'a> {
+    ctx: &'a WorkerCtx,
+    model: &'a str,
+    state: &'a StateCell,
+    busy: &'a BusyCell,
+}
+
+/// Runs `jobs` (one, or a gathered batch) on `m` and answers each.
+fn run_jobs(cells: &Cells<'_>, instance: usize, m: &mut LoadedModel, jobs: Vec<Job>) {
+    set_busy(cells.busy, instance, Some(Instant::now()));
+    let queue_ms: Vec<(f64, f64)> =
+        jobs.iter().map(|j| (j.enqueued.elapsed().as_secs_f64() * 1000.0, j.pre_ms)).collect();
+    let (inputs, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| ((j.input, j.options), j.reply)).unzip();
+    let results = catch_unwind(AssertUnwindSafe(|| {
+        if inputs.len() == 1 {
+            let (input, options) = inputs.into_iter().next().expect("one job");
+            vec![m.infer(input, &options)]
+        } else {
+            m.infer_batch(inputs)
+        }
+    }))
+    .unwrap_or_else(|panic| {
+        let e = InferError::internal(format!("the engine panicked: {}", panic_text(&panic)));
+        replies.iter().map(|_| Err(e.clone())).collect()
+    });
+    set_busy(cells.busy, instance, None);
+    cells.ctx.manager.touch(cells.model);
+    if instance == 0 {
+        refresh_placement(cells.state, m);
+    }
+    for ((reply, result), (queue_ms, pre_ms)) in replies.into_iter().zip(results).zip(queue_ms) {
+        let _ = reply.send(result.map(|mut out| {
+            out.timings.queue_ms = queue_ms;
+            out.timings.pre_ms += pre_ms;
+            out
+        }));
+    }
+}
+
+/// A generation in progress and the job it answers.
+struct Active {
+    reply: oneshot::Sender<Result<JobOutput, InferError>>,
+    seq: crate::pipeline::generate::Sequence,
+    timings: crate::job::Timings,
+    error: Option<InferError>,
+}
+
+/// Runs text generation for `first` and every job that joins it, up to the
+/// generator's `parallel`: each round advances every sequence by one token,
+/// so a long answer never holds up a short one and each keeps its own cache.
+/// Jobs admitted while others run start at the next round; other work (a
+/// swap, a load) waits in `next` until every sequence has ended.
+fn interleave(
+    cells: &Cells<'_>,
+    m: &mut LoadedModel,
+    first: Job,
+    queue: &mut mpsc::Receiver<Work>,
+    next: &mut std::collections::VecDeque<Work>,
+) {
+    let max_text = m.max_text_bytes();
+    let parallel = m.generation().map_or(1, |(g, _)| g.parallel());
+    let mut active: Vec<Active> = Vec::new();
+    let admit = |job: Job, active: &mut Vec<Active>, m: &mut LoadedModel| {
+        let timings = crate::job::Timings {
+            queue_ms: job.enqueued.elapsed().as_secs_f64() * 1000.0,
+            pre_ms: job.pre_ms,
+            ..Default::default()
+        };
+        let Some((generator, _)) = m.generation() else { return };
+        let started = crate::pipeline::generate::request_of(job.input).and_then(|r| generator.start(r, max_text));
+        match started {
+            Ok(seq) => active.push(Active { reply: job.reply, seq, timings, error: None }),
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    };
+    admit(first, &mut active, m);
+    loop {
+        while active.len() < parallel && next.is_empty() {
+            match queue.try_recv() {
+                Ok(Work::Job(j)) if j.reply.is_closed() => {}
+                Ok(Work::Job(j)) => admit(j, &mut active, m),
+                Ok(other) => next.push_back(other),
+                Err(_) => break,
+            }
+        }
+        if active.is_empty() {
+            break;
+        }
+        set_busy(cells.busy, 0, Some(Instant::now()));
+        for a in active.iter_mut() {
+            if a.reply.is_closed() || a.seq.is_abandoned() {
+                continue; // dropped below: the client went away
+            }
+            let Some((generator, engine)) = m.generation() else { break };
+            let t = Instant::now();
+            let stepped = catch_unwind(AssertUnwindSafe(|| generator.step(engine, &mut a.seq)))
+                .unwrap_or_else(|panic| Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic)))));
+            a.timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
+            a.error = stepped.err();
+        }
+        set_busy(cells.busy, 0, None);
+        cells.ctx.manager.touch(cells.model);
+        let (ended, running): (Vec<Active>, Vec<Active>) = active.into_iter().partition(|a| {
+            a.seq.is_done() || a.error.is_some() || a.reply.is_closed() || a.seq.is_abandoned()
+        });
+        active = running;
+        for a in ended {
+            let answer = match a.error {
+                Some(e) => Err(e),
+                None if a.seq.is_done() => {
+                    let result = m.generation().map(|(g, _)| g.result(a.seq));
+                    result
+                        .map(|r| m.answer(a.timings, r))
+                        .ok_or_else(|| InferError::internal("the model stopped generating"))
+                }
+                None => continue, // abandoned: nobody to answer
+            };
+            let _ = a.reply.send(answer);
+        }
+    }
+}
+
+/// A loaded model's sessions.
+enum Sessions {
+    /// One instance, run on the worker thread itself (no hand-off on the hot path).
+    One(LoadedModel),
+    /// Several, each on a thread of its own.
+    Pool(Pool),
+}
+
+impl Sessions {
+    /// The first instance's variant, engine and placement.
+    fn first(&self) -> ModelFacts {
+        match self {
+            Sessions::One(m) => ModelFacts::of(m),
+            Sessions::Pool(p) => p.facts.clone(),
+        }
+    }
+
+    fn batching(&self) -> Option<crate::registry::BatchSpec> {
+        match self {
+            Sessions::One(m) => m.batching(),
+            Sessions::Pool(p) => p.facts.batching,
+        }
+    }
+}
+
+/// What the worker keeps of a model's first instance once its session moved to a pool thread.
+#[derive(Clone)]
+struct ModelFacts {
+    variant: String,
+    reason: String,
+    backend: BackendKind,
+    provider: String,
+    placement: Option<crate::backend::Placement>,
+    batching: Option<crate::registry::BatchSpec>,
+}
+
+impl ModelFacts {
+    fn of(m: &LoadedModel) -> ModelFacts {
+        ModelFacts {
+            variant: m.plan.variant.clone(),
+            reason: m.plan.variant_reason.clone(),
+            backend: m.plan.backend.backend,
+            provider: m.provider().to_string(),
+            placement: m.placement().cloned(),
+            batching: m.batching(),
+        }
+    }
+}
+
+/// `instances` sessions of one model, each on its own thread; the worker
+/// hands a job to an idle one and learns from `done` when it is idle again.
+struct Pool {
+    facts: ModelFacts,
+    feeds: Vec<std::sync::mpsc::Sender<Vec<Job>>>,
+    idle: Vec<usize>,
+    done: std::sync::mpsc::Receiver<usize>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    fn start(
+        ctx: &WorkerCtx,
+        model: &str,
+        models: Vec<LoadedModel>,
+        state: &StateCell,
+        busy: &BusyCell,
+    ) -> std::io::Result<Pool> {
+        let facts = ModelFacts::of(&models[0]);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut pool = Pool { facts, feeds: Vec::new(), idle: Vec::new(), done, threads: Vec::new() };
+        for (i, mut m) in models.into_iter().enumerate() {
+            let (feed, jobs) = std::sync::mpsc::channel::<Vec<Job>>();
+            let (ctx, model, state, busy, done) =
+                (ctx.clone(), model.to_string(), state.clone(), busy.clone(), done_tx.clone());
+            let thread = std::thread::Builder::new().name(format!("inferd-{model}-{i}")).spawn(move || {
+                let cells = Cells { ctx: &ctx, model: &model, state: &state, busy: &busy };
+                while let Ok(batch) = jobs.recv() {
+                    run_jobs(&cells, i, &mut m, batch);
+                    if done.send(i).is_err() {
+                        break;
+                    }
+                }
+            })?;
+            pool.feeds.push(feed);
+            pool.threads.push(thread);
+            pool.idle.push(i);
+        }
+        pool.idle.reverse(); // instance 0 first
+        Ok(pool)
+    }
+
+    /// An idle instance, waiting for one if all are busy; none if every instance thread stopped.
+    fn idle(&mut self) -> Option<usize> {
+        while let Ok(i) = self.done.try_recv() {
+            self.idle.push(i);
+        }
+        self.idle.pop().or_else(|| self.done.recv().ok())
+    }
+
+    fn hand(&mut self, instance: usize, jobs: Vec<Job>) {
+        if let Err(std::sync::mpsc::SendError(jobs)) = self.feeds[instance].send(jobs) {
+            for j in jobs {
+                let _ = j.reply.send(Err(InferError::internal("the instance thread of the model stopped")));
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    /// Lets every instance finish the jobs it holds, then joins the threads.
+    fn drop(&mut self) {
+        self.feeds.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Loads `variant` (or the one the manager picks) as many times as the model
+/// has instances; returns the sessions with their measured footprint, all together.
+fn load(
+    ctx: &WorkerCtx,
+    model: &str,
+    variant: Option<&str>,
+    state: &StateCell,
+    busy: &BusyCell,
+) -> Result<(Sessions, Option<u64>), InferError> {
     let spec = ctx.engine.registry().get(model).ok_or_else(|| InferError::unknown_model(model))?.clone();
     let plan = ctx.manager.plan_load(&spec, variant)?;
     for victim in &plan.evict {
@@ -171,22 +434,36 @@ fn load(ctx: &WorkerCtx, model: &str, variant: Option<&str>) -> Result<(LoadedMo
     let before = crate::memory::process_rss_bytes();
     let started = Instant::now();
     let options = LoadOptions { variant: Some(plan.variant.clone()), ..Default::default() };
-    let outcome = catch_unwind(AssertUnwindSafe(|| ctx.engine.load(model, &options)))
-        .unwrap_or_else(|panic| Err(InferError::internal(format!("loading panicked: {}", panic_text(&panic)))));
-    let mut m = match outcome {
-        Ok(m) => m,
-        Err(e) => {
-            ctx.metrics.record_event(model, "load_failed");
-            return Err(e);
+    let instances = spec.instances();
+    let mut models = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        let outcome = catch_unwind(AssertUnwindSafe(|| ctx.engine.load(model, &options)))
+            .unwrap_or_else(|panic| Err(InferError::internal(format!("loading panicked: {}", panic_text(&panic)))));
+        match outcome {
+            Ok(mut m) => {
+                m.plan.variant_reason = plan.reason.clone();
+                models.push(m);
+            }
+            Err(e) => {
+                ctx.metrics.record_event(model, "load_failed");
+                return Err(e);
+            }
         }
-    };
+    }
     ctx.metrics.record_load_time(model, started.elapsed());
     ctx.metrics.record_event(model, "load");
     let measured = before.zip(crate::memory::process_rss_bytes()).map(|(b, a)| a.saturating_sub(b));
-    m.plan.variant_reason = plan.reason.clone();
     ctx.manager.record_load(&spec, &plan.variant, measured);
-    tracing::info!(model, variant = %plan.variant, measured_mib = measured.map(crate::memory::mib), "variant chosen: {}", plan.reason);
-    Ok((m, measured))
+    tracing::info!(model, variant = %plan.variant, instances, measured_mib = measured.map(crate::memory::mib), "variant chosen: {}", plan.reason);
+    let sessions = if models.len() == 1 {
+        Sessions::One(models.pop().expect("one model"))
+    } else {
+        Sessions::Pool(
+            Pool::start(ctx, model, models, state, busy)
+                .map_err(|e| InferError::internal(format!("cannot start an instance thread: {e}")))?,
+        )
+    };
+    Ok((sessions, measured))
 }
 
 /// Gathers jobs queued behind `first`, up to `max_batch`, waiting at most
@@ -231,29 +508,35 @@ fn refresh_placement(state: &StateCell, m: &LoadedModel) {
     }
 }
 
-fn loaded_state(m: &LoadedModel, memory_bytes: Option<u64>) -> ModelState {
+fn loaded_state(sessions: &Sessions, memory_bytes: Option<u64>) -> ModelState {
+    let f = sessions.first();
     ModelState::Loaded {
-        variant: m.plan.variant.clone(),
-        reason: m.plan.variant_reason.clone(),
-        backend: m.plan.backend.backend,
-        provider: m.provider().to_string(),
+        variant: f.variant,
+        reason: f.reason,
+        instances: match sessions {
+            Sessions::One(_) => 1,
+            Sessions::Pool(p) => p.feeds.len(),
+        },
+        backend: f.backend,
+        provider: f.provider,
         memory_bytes,
-        placement: m.placement().cloned(),
+        placement: f.placement,
     }
 }
 
 fn ensure_loaded<'a>(
     ctx: &WorkerCtx,
     model: &str,
-    loaded: &'a mut Option<LoadedModel>,
+    loaded: &'a mut Option<Sessions>,
     state: &StateCell,
-) -> Result<&'a mut LoadedModel, InferError> {
+    busy: &BusyCell,
+) -> Result<&'a mut Sessions, InferError> {
     if loaded.is_none() {
         set_state(state, ModelState::Loading);
-        match load(ctx, model, None) {
-            Ok((m, memory_bytes)) => {
-                set_state(state, loaded_state(&m, memory_bytes));
-                *loaded = Some(m);
+        match load(ctx, model, None, state, busy) {
+            Ok((s, memory_bytes)) => {
+                set_state(state, loaded_state(&s, memory_bytes));
+                *loaded = Some(s);
             }
             Err(e) => {
                 tracing::warn!(model, "cannot load: {}", e.message);
@@ -266,14 +549,22 @@ fn ensure_loaded<'a>(
 }
 
 /// Switches a loaded model to `variant`: the new one is loaded while the old
-/// one still holds, then the old one is dropped. Jobs wait in the queue for
-/// the switch, none fails; if the new variant cannot load, the old one stays.
-fn swap(ctx: &WorkerCtx, model: &str, loaded: &mut Option<LoadedModel>, state: &StateCell, variant: &str) {
+/// one still holds, then the old one is dropped (its instances finish the
+/// jobs they hold first). Jobs wait in the queue for the switch, none fails;
+/// if the new variant cannot load, the old one stays.
+fn swap(
+    ctx: &WorkerCtx,
+    model: &str,
+    loaded: &mut Option<Sessions>,
+    state: &StateCell,
+    busy: &BusyCell,
+    variant: &str,
+) {
     let Some(current) = loaded.as_ref() else { return };
-    if current.plan.variant == variant {
+    if current.first().variant == variant {
         return;
     }
-    let from = current.plan.variant.clone();
+    let from = current.first().variant;
     let quality = |name: &str| {
         ctx.engine
             .registry()
@@ -282,10 +573,11 @@ fn swap(ctx: &WorkerCtx, model: &str, loaded: &mut Option<LoadedModel>, state: &
             .map_or(0, |v| v.quality)
     };
     let event = if quality(variant) < quality(&from) { "downgrade" } else { "upgrade" };
-    match load(ctx, model, Some(variant)) {
-        Ok((m, memory_bytes)) => {
-            set_state(state, loaded_state(&m, memory_bytes));
-            *loaded = Some(m); // drops the old session
+    match load(ctx, model, Some(variant), state, busy) {
+        Ok((s, memory_bytes)) => {
+            let old = loaded.replace(s); // drops the old sessions
+            drop(old);
+            set_state(state, loaded_state(loaded.as_ref().expect("just set"), memory_bytes));
             ctx.metrics.record_event(model, event);
             tracing::info!(model, from, to = variant, "{event}d under memory pressure");
         }

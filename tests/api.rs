@@ -439,3 +439,34 @@ fn bench_drives_the_socket_and_runs_in_process() {
     assert!(!out.status.success());
     assert!(text(&out).1.contains("no model named 'nope'"), "{}", text(&out).1);
 }
+
+#[test]
+fn a_model_with_two_instances_runs_two_jobs_side_by_side() {
+    let fixture = repo("tests/fixtures/models/busy.onnx");
+    let pool = TempRegistry::new(&json!({"version": 1, "models": [{
+        "name": "busy", "task": "raw", "instances": 2,
+        "variants": [{"name": "default", "file": fixture, "sha256": sha256_of(&fixture)}]
+    }]}));
+    let daemon = Daemon::start(|c| c.models = Some(pool.path()));
+    let c = daemon.client();
+    let iterations = busy_iterations_for(&c, Duration::from_millis(1500));
+    let info = json_of(&c.get("/v1/models/busy").unwrap());
+    assert_eq!(info["instances"], 2, "{info}");
+    let answers: Vec<Value> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..2)
+            .map(|_| {
+                let c = daemon.client();
+                s.spawn(move || json_of(&c.post("/v1/models/busy/infer", "application/json", &busy_body(iterations)).unwrap()))
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    // One instance would make the second job wait out the first's whole run.
+    for a in &answers {
+        let (queue, infer) = (a["timings"]["queue_ms"].as_f64().unwrap(), a["timings"]["infer_ms"].as_f64().unwrap());
+        assert!(queue < infer / 2.0, "a job waited {queue} ms behind a {infer} ms run: {answers:?}");
+    }
+    assert_eq!(c.post("/v1/models/busy/unload", "application/json", b"").unwrap().status, 200);
+    assert_eq!(json_of(&c.get("/v1/models/busy").unwrap())["state"], "unloaded");
+    daemon.finish().unwrap();
+}

@@ -73,6 +73,8 @@ pub struct LoadRequest<'a> {
     /// The model's name and the file's sha256, for cache keys and messages.
     pub model: &'a str,
     pub sha256: &'a str,
+    /// Sessions of the model running side by side: the default thread count is shared among them.
+    pub instances: usize,
 }
 
 impl<'a> LoadRequest<'a> {
@@ -85,6 +87,7 @@ impl<'a> LoadRequest<'a> {
             state_dir: Path::new("/nonexistent"),
             model: "",
             sha256: "",
+            instances: 1,
         }
     }
 }

@@ -225,8 +225,12 @@ impl OrtBackend {
                 now.placement.building = Some("TensorRT".into());
                 let (tx, rx) = std::sync::mpsc::channel();
                 let (file, specs, model) = (file.to_path_buf(), specs.clone(), request.model.to_string());
-                let (runtime, state_dir, sha) =
-                    (request.runtime.clone(), request.state_dir.to_path_buf(), request.sha256.to_string());
+                let (runtime, state_dir, sha, instances) = (
+                    request.runtime.clone(),
+                    request.state_dir.to_path_buf(),
+                    request.sha256.to_string(),
+                    request.instances,
+                );
                 tracing::info!(model, engine = %dir.display(), "building the TensorRT engine in the background; serving on {} meanwhile", now.provider);
                 let spawned = std::thread::Builder::new().name(format!("trt-build-{model}")).spawn(move || {
                     let started = std::time::Instant::now();
@@ -238,6 +242,7 @@ impl OrtBackend {
                         state_dir: &state_dir,
                         model: &model,
                         sha256: &sha,
+                        instances,
                     };
                     // The cache folders prepared above (GPU and TensorRT probed once per load).
                     let result = create(rt, &file, &specs, &request, &caches);
@@ -334,6 +339,13 @@ impl Caches {
     }
 }
 
+/// Threads per session when the configuration leaves it to inferd: the
+/// cores shared among the model's instances, at most 4 (more rarely pays on
+/// the small graphs edge boxes run, and leaves cores for the other models).
+pub fn default_intra_threads(cores: usize, instances: usize) -> usize {
+    (cores / instances.max(1)).clamp(1, 4)
+}
+
 /// Creates one session with `specs` (CPU implied last) and reads where its nodes went.
 fn create(
     rt: &'static OrtRuntime,
@@ -348,7 +360,7 @@ fn create(
     let mut builder = Session::builder(&rt.env).map_err(|e| load_err(e.to_string()))?;
     let cfg = request.runtime;
     let intra = match cfg.intra_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(4),
+        0 => default_intra_threads(std::thread::available_parallelism().map_or(1, |n| n.get()), request.instances),
         n => n,
     };
     // A CPU-only model can start from the optimised graph saved last time.
@@ -658,6 +670,14 @@ impl InferenceBackend for OrtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_threads_share_the_cores_among_instances() {
+        // (cores, instances) -> threads per session
+        for (cores, instances, want) in [(2, 1, 2), (8, 1, 4), (8, 2, 4), (8, 4, 2), (2, 2, 1), (2, 8, 1), (1, 1, 1)] {
+            assert_eq!(default_intra_threads(cores, instances), want, "{cores} cores, {instances} instances");
+        }
+    }
 
     #[test]
     fn placement_lines_are_read_per_provider() {

@@ -39,6 +39,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{name}/infer", post(infer))
         .route("/v1/models/{name}/load", post(load))
         .route("/v1/models/{name}/unload", post(unload))
+        .route("/v1/completions", post(super::openai::completions))
+        .route("/v1/chat/completions", post(super::openai::chat))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -117,8 +119,9 @@ pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError
             info["error"] = json!(error);
             ("failed", false)
         }
-        ModelState::Loaded { variant, reason, backend, provider, memory_bytes, placement } => {
+        ModelState::Loaded { variant, reason, instances, backend, provider, memory_bytes, placement } => {
             info["variant"] = json!(variant);
+            info["instances"] = json!(instances);
             info["variant_reason"] = json!(reason);
             info["backend"] = json!(backend);
             info["provider"] = json!(provider);
@@ -220,7 +223,7 @@ async fn prepare(
     Ok((input, options))
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<axum::body::Bytes, InferError> {
+pub(super) async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<axum::body::Bytes, InferError> {
     let too_large = || {
         InferError::new(
             ErrorKind::PayloadTooLarge,

@@ -3,5 +3,6 @@
 
 pub mod http;
 pub mod mqtt;
+pub mod openai;
 pub mod topics;
 pub mod unix;

@@ -95,6 +95,51 @@ struct Envelope {
     reply_to: Option<String>,
     #[serde(default)]
     params: Option<JobOptions>,
+    /// Text generation: a prompt, or chat messages.
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<job::ChatMessage>>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Vec<String>>,
+    /// Publish the text as it is generated, before the result (`"partial": true`
+    /// messages); read by the lenient first pass.
+    #[serde(default)]
+    #[allow(dead_code)]
+    stream: bool,
+}
+
+impl Envelope {
+    /// The generation request, when the envelope carries a prompt or messages.
+    fn generation(&mut self) -> Option<Result<job::GenerateRequest, InferError>> {
+        let prompt = match (self.prompt.take(), self.messages.take()) {
+            (None, None) => return None,
+            (Some(p), None) => job::Prompt::Text(p),
+            (None, Some(m)) => job::Prompt::Chat(m),
+            (Some(_), Some(_)) => return Some(Err(InferError::bad_input("give prompt or messages, not both"))),
+        };
+        if self.image_base64.is_some() || self.inputs.is_some() || self.text.is_some() {
+            return Some(Err(InferError::bad_input("a prompt comes alone, without image_base64, inputs or text")));
+        }
+        Some(Ok(job::GenerateRequest {
+            prompt,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.params.as_ref().and_then(|p| p.top_k),
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.take().unwrap_or_default(),
+            stream: None,
+        }))
+    }
 }
 
 /// A job as read from a message: its id and reply route (known even when
@@ -103,6 +148,8 @@ struct ParsedJob {
     id: Option<String>,
     reply_to: Option<String>,
     job: Result<(JobInput, JobOptions), InferError>,
+    /// Publish generated text as it comes.
+    partials: bool,
 }
 
 fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJob {
@@ -111,26 +158,31 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             ErrorKind::PayloadTooLarge,
             format!("the payload is {} bytes, over mqtt.max_payload_mb ({} MiB)", payload.len(), max_payload >> 20),
         );
-        return ParsedJob { id: None, reply_to: None, job: Err(e) };
+        return ParsedJob { id: None, reply_to: None, job: Err(e), partials: false };
     }
     if !job::looks_like_json(payload) {
         return ParsedJob {
             id: None,
             reply_to: None,
             job: Ok((JobInput::Image(payload.to_vec()), JobOptions::default())),
+            partials: false,
         };
     }
     // Read id and reply_to leniently first, so even a bad envelope is answered where it asked.
     let loose: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
     let id = loose.get("id").and_then(id_text);
     let reply_to = loose.get("reply_to").and_then(Value::as_str).map(str::to_string);
+    let partials = loose.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let job = serde_json::from_slice::<Envelope>(payload)
         .map_err(|e| {
             InferError::bad_input(format!(
-                "invalid job envelope ({e}); expected {{\"id\", \"image_base64\" | \"inputs\" | \"text\", \"reply_to\", \"params\"}}"
+                "invalid job envelope ({e}); expected {{\"id\", \"image_base64\" | \"inputs\" | \"text\" | \"prompt\" | \"messages\", \"reply_to\", \"params\"}}"
             ))
         })
-        .and_then(|env| {
+        .and_then(|mut env| {
+            if let Some(generation) = env.generation() {
+                return generation.map(|r| (JobInput::Generate(r), JobOptions::default()));
+            }
             let request = InferRequest {
                 image_base64: env.image_base64,
                 inputs: env.inputs,
@@ -139,7 +191,7 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             };
             request.into_job(limits)
         });
-    ParsedJob { id, reply_to, job }
+    ParsedJob { id, reply_to, job, partials }
 }
 
 fn id_text(v: &Value) -> Option<String> {
@@ -603,7 +655,21 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
             ctx.scheduler.metrics().record_error(e.kind);
             Err(e)
         }
-        Ok((input, options)) => ctx.scheduler.submit(&model, input, options).await,
+        Ok((mut input, options)) => {
+            let partials = match &mut input {
+                JobInput::Generate(request) if parsed.partials => {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    request.stream = Some(tx);
+                    Some(tokio::spawn(publish_partials(ctx.clone(), reply.clone(), id.clone(), rx)))
+                }
+                _ => None,
+            };
+            let outcome = ctx.scheduler.submit(&model, input, options).await;
+            if let Some(p) = partials {
+                let _ = p.await; // every partial goes out before the result
+            }
+            outcome
+        }
     };
     let mut answer = match &outcome {
         Ok(out) => serde_json::to_value(out).unwrap_or_default(),
@@ -623,6 +689,24 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
         if let Err(e) = ctx.client.ack(&ack).await {
             tracing::warn!("cannot acknowledge a job: {e}");
         }
+    }
+}
+
+/// Publishes generated text to the reply topic as it comes, each piece as
+/// `{"id", "node", "partial": true, "index", "text"}`, until the sequence ends.
+async fn publish_partials(
+    ctx: Arc<Ctx>,
+    reply: Reply,
+    id: Option<String>,
+    mut pieces: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let mut index = 0;
+    while let Some(text) = pieces.recv().await {
+        let message = json!({"id": id, "node": ctx.topics.node, "partial": true, "index": index, "text": text});
+        if let Err(e) = ctx.client.publish(&reply.topic, message.to_string().into_bytes(), false, Some(&reply)).await {
+            tracing::debug!(id, "cannot publish a partial result: {e}");
+        }
+        index += 1;
     }
 }
 

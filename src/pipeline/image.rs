@@ -195,10 +195,21 @@ impl ImageInputSpec {
     /// Decodes `bytes` under `limits` and builds the input tensor (batch of
     /// one); also returns the original width and height.
     pub fn tensor_and_size(&self, bytes: &[u8], limits: &Limits) -> Result<(Tensor, (u32, u32)), InferError> {
-        let rgb = decode(bytes, limits)?;
-        let size = rgb.dimensions();
+        let (rgb, size) = decode_at_least(bytes, limits, |w, h| self.source_need(w, h))?;
         let resized = self.resize(rgb)?;
         Ok((self.to_tensor(&resized), size))
+    }
+
+    /// How many pixels of a `w`×`h` image the resize reads from at full
+    /// detail: below that, decoding smaller would lose what the input keeps.
+    fn source_need(&self, w: u32, h: u32) -> (u32, u32) {
+        let (fw, fh, ftw, fth) = (w as f64, h as f64, self.width as f64, self.height as f64);
+        let scale = match self.resize {
+            ResizeMode::Stretch => return (self.width.min(w), self.height.min(h)),
+            ResizeMode::CenterCrop => (ftw / fw).max(fth / fh),
+            ResizeMode::Letterbox => (ftw / fw).min(fth / fh),
+        };
+        (((fw * scale).ceil() as u32).min(w), ((fh * scale).ceil() as u32).min(h))
     }
 
     /// Maps a point in input-tensor pixels back to the original `w`×`h`
@@ -291,6 +302,65 @@ impl ImageInputSpec {
         };
         Tensor { shape, data }
     }
+}
+
+/// Decodes an image for an input that needs `need(w, h)` pixels of a `w`×`h`
+/// image: a JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8
+/// scale by a reduced IDCT (a camera frame for a 224×224 classifier is a
+/// sixteenth of the work), never below the need; anything else is decoded
+/// whole. Returns the pixels and the image's full size. Limits as [`decode`].
+pub fn decode_at_least(
+    bytes: &[u8],
+    limits: &Limits,
+    need: impl Fn(u32, u32) -> (u32, u32),
+) -> Result<(RgbImage, (u32, u32)), InferError> {
+    if let Some(decoded) = decode_jpeg_scaled(bytes, limits, need) {
+        return Ok(decoded);
+    }
+    let img = decode(bytes, limits)?;
+    let size = img.dimensions();
+    Ok((img, size))
+}
+
+/// The largest eighths `s` (1, 2 or 4; 8 is whole) such that a `w`×`h` image
+/// at `s`/8 scale still has `need` pixels each way.
+pub fn jpeg_scale_eighths(w: u32, h: u32, need: (u32, u32)) -> u32 {
+    let scaled = |len: u32, s: u32| (len * s).div_ceil(8);
+    [1, 2, 4].into_iter().find(|&s| scaled(w, s) >= need.0 && scaled(h, s) >= need.1).unwrap_or(8)
+}
+
+/// A JPEG decoded at reduced scale, or none when it is not a JPEG, would not
+/// shrink, or anything about it is unusual: the whole decoder then answers
+/// (and words any error).
+fn decode_jpeg_scaled(
+    bytes: &[u8],
+    limits: &Limits,
+    need: impl Fn(u32, u32) -> (u32, u32),
+) -> Option<(RgbImage, (u32, u32))> {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || bytes.len() > limits.max_image_bytes || !jpeg_is_complete(bytes) {
+        return None;
+    }
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    decoder.read_info().ok()?;
+    let info = decoder.info()?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels == 0 || pixels > limits.max_image_pixels || w.max(h) > limits.max_image_side {
+        return None;
+    }
+    let s = jpeg_scale_eighths(w, h, need(w, h));
+    if s == 8 {
+        return None;
+    }
+    let (sw, sh) = decoder.scale((w * s).div_ceil(8) as u16, (h * s).div_ceil(8) as u16).ok()?;
+    let data = decoder.decode().ok()?;
+    let (sw, sh) = (u32::from(sw), u32::from(sh));
+    let rgb = match decoder.info()?.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => data,
+        jpeg_decoder::PixelFormat::L8 => data.iter().flat_map(|&v| [v, v, v]).collect(),
+        _ => return None,
+    };
+    RgbImage::from_raw(sw, sh, rgb).map(|img| (img, (w, h)))
 }
 
 /// Decodes a JPEG or PNG to RGB under `limits`. Dimensions are read from the
@@ -401,6 +471,43 @@ mod tests {
         assert!(decode(&jpeg, &limits).is_ok());
         let err = decode(&jpeg[..jpeg.len() - 2], &limits).unwrap_err();
         assert!(err.message.contains("truncated JPEG"), "{err}");
+    }
+
+    fn pattern(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, ((x + y) % 7 * 30) as u8]))
+    }
+
+    #[test]
+    fn the_jpeg_scale_is_the_smallest_that_keeps_the_need_each_way() {
+        assert_eq!(jpeg_scale_eighths(1920, 1080, (224, 224)), 2, "1/4: 480x270");
+        assert_eq!(jpeg_scale_eighths(1920, 1080, (640, 360)), 4, "1/2: 960x540");
+        assert_eq!(jpeg_scale_eighths(4000, 3000, (224, 224)), 1, "1/8: 500x375");
+        assert_eq!(jpeg_scale_eighths(300, 300, (224, 224)), 8, "no smaller scale keeps 224");
+        assert_eq!(jpeg_scale_eighths(1920, 200, (224, 224)), 8, "the short side decides");
+    }
+
+    #[test]
+    fn a_large_jpeg_is_decoded_at_reduced_scale_and_gives_the_same_input() {
+        let big = pattern(1600, 1200);
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95).encode_image(&big).unwrap();
+        let s = spec(224, 224, ResizeMode::Stretch);
+        let limits = Limits::default();
+        let (scaled, size) = decode_at_least(&jpeg, &limits, |w, h| s.source_need(w, h)).unwrap();
+        assert_eq!((scaled.dimensions(), size), ((400, 300), (1600, 1200)), "1/4 scale, full size reported");
+        let fast = s.to_tensor(&s.resize(scaled).unwrap());
+        let whole = s.to_tensor(&s.resize(decode(&jpeg, &limits).unwrap()).unwrap());
+        let (TensorData::F32(a), TensorData::F32(b)) = (&fast.data, &whole.data) else { panic!("f32") };
+        let mean_diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+        assert!(mean_diff < 2.5, "mean difference {mean_diff} of 255 levels");
+        // A letterboxed 640 input needs 640 of the 1600 columns: 1/2 scale.
+        let s = spec(640, 640, ResizeMode::Letterbox);
+        let (half, _) = decode_at_least(&jpeg, &limits, |w, h| s.source_need(w, h)).unwrap();
+        assert_eq!(half.dimensions(), (800, 600));
+        // PNG and small JPEGs are decoded whole.
+        let mut png = Vec::new();
+        big.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        assert_eq!(decode_at_least(&png, &limits, |w, h| s.source_need(w, h)).unwrap().0.dimensions(), (1600, 1200));
     }
 
     #[test]

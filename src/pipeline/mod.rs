@@ -8,6 +8,7 @@ pub mod classify;
 pub mod detect;
 pub mod document;
 pub mod embed;
+pub mod generate;
 pub mod image;
 pub mod ocr;
 pub mod raw;
@@ -37,6 +38,8 @@ pub enum Task {
     Ocr,
     /// Image of a receipt in, its fields out (OCR, then layout and pattern rules).
     DocumentFields,
+    /// A prompt in, its continuation out (ONNX decoders with a KV cache).
+    TextGeneration,
     /// Named tensors in and out, for any model.
     Raw,
 }
@@ -49,6 +52,7 @@ impl fmt::Display for Task {
             Task::Embedding => "embedding",
             Task::Ocr => "ocr",
             Task::DocumentFields => "document-fields",
+            Task::TextGeneration => "text-generation",
             Task::Raw => "raw",
         })
     }
@@ -88,6 +92,12 @@ pub trait Pipeline: Send {
         options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError>;
+
+    /// The generator, for `text-generation`: its jobs advance a token at a
+    /// time so the worker can interleave them.
+    fn generator(&self) -> Option<&generate::Generator> {
+        None
+    }
 
     /// Answers several jobs; the default answers them one by one. Single-graph
     /// tasks stack them into one engine call (dynamic batching). `timings` are the batch's.
@@ -237,6 +247,56 @@ pub fn parts_of(task: Task) -> (&'static [&'static str], &'static [&'static str]
     }
 }
 
+/// `text-generation`: a whole request per run (the worker interleaves
+/// requests through [`Pipeline::generator`] instead).
+struct GeneratePipeline(generate::Generator);
+
+impl Pipeline for GeneratePipeline {
+    fn run(
+        &mut self,
+        engine: &mut dyn InferenceBackend,
+        input: JobInput,
+        limits: &Limits,
+        _options: &JobOptions,
+        timings: &mut Timings,
+    ) -> Result<JobResult, InferError> {
+        let request = generate::request_of(input)?;
+        let t = std::time::Instant::now();
+        let result = self.0.generate(engine, request, limits.max_text_bytes);
+        timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
+        result
+    }
+
+    fn generator(&self) -> Option<&generate::Generator> {
+        Some(&self.0)
+    }
+}
+
+/// Does the image work of a job before it reaches the model's worker, so
+/// decoding and resizing run beside inference instead of in front of it:
+/// image-classification and object-detection get their input tensor
+/// ([`JobInput::Prepared`]), OCR its decoded pixels ([`JobInput::Pixels`]).
+/// Other inputs pass through; errors are the ones the worker would give.
+pub fn preprocess(model: &ModelSpec, input: JobInput, limits: &Limits) -> Result<JobInput, InferError> {
+    match (model.task, input) {
+        (Task::ImageClassification | Task::ObjectDetection, JobInput::Image(bytes)) => match &model.input {
+            Some(spec) => {
+                let (tensor, image_size) = spec.tensor_and_size(&bytes, limits)?;
+                Ok(JobInput::Prepared { tensors: vec![(spec.tensor.clone(), tensor)], image_size })
+            }
+            None => Ok(JobInput::Image(bytes)),
+        },
+        (Task::Ocr | Task::DocumentFields, JobInput::Image(bytes)) => Ok(JobInput::Pixels(image::decode(&bytes, limits)?)),
+        (_, input) => Ok(input),
+    }
+}
+
+/// Whether [`preprocess`] has image work to do for this input.
+pub fn has_preprocessing(model: &ModelSpec, input: &JobInput) -> bool {
+    matches!(input, JobInput::Image(_))
+        && matches!(model.task, Task::ImageClassification | Task::ObjectDetection | Task::Ocr | Task::DocumentFields)
+}
+
 /// Decodes an image job into `spec`'s input tensor, remembering the image size;
 /// other inputs are refused naming `task`.
 fn prepare_image(
@@ -249,6 +309,9 @@ fn prepare_image(
         JobInput::Image(bytes) => {
             let (tensor, size) = spec.tensor_and_size(&bytes, limits)?;
             Ok((vec![(spec.tensor.clone(), tensor)], Context { image_size: Some(size), ..Default::default() }))
+        }
+        JobInput::Prepared { tensors, image_size } => {
+            Ok((tensors, Context { image_size: Some(image_size), ..Default::default() }))
         }
         _ => Err(InferError::bad_input(format!("{task} takes an image"))),
     }
@@ -287,8 +350,14 @@ pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
             problems.push(SpecProblem::new(".batch.max_delay_us", "must be at most 1000000 (one second)"));
         }
     }
+    if m.task != Task::TextGeneration && m.generation.is_some() {
+        problems.push(SpecProblem::new(".generation", format!("the {} task takes no 'generation'", m.task)));
+    }
     if m.task != Task::DocumentFields && m.document.is_some() {
         problems.push(SpecProblem::new(".document", format!("the {} task takes no 'document'", m.task)));
+    }
+    if m.instances.is_some_and(|n| !(1..=crate::registry::MAX_INSTANCES).contains(&n)) {
+        problems.push(SpecProblem::new(".instances", format!("must be 1..={}", crate::registry::MAX_INSTANCES)));
     }
     problems
 }
@@ -375,6 +444,14 @@ fn validate_task(m: &ModelSpec) -> Vec<SpecProblem> {
             problems.extend(no_fields(m, &["input", "output", "labels", "detection", "text"], &m.task.to_string()));
             problems
         }
+        Task::TextGeneration => {
+            let mut problems = match &m.generation {
+                Some(g) => g.validate(),
+                None => vec![SpecProblem::new(".generation", "text-generation needs a 'generation' spec with its tokenizer")],
+            };
+            problems.extend(no_fields(m, &["input", "output", "labels", "detection", "text", "batch"], "text-generation"));
+            problems
+        }
         Task::Raw => no_fields(m, &["input", "output", "labels", "detection", "text"], "raw"),
     }
 }
@@ -387,6 +464,7 @@ fn no_fields(m: &ModelSpec, fields: &[&str], task: &str) -> Vec<SpecProblem> {
         "labels" => m.labels.is_some(),
         "detection" => m.detection.is_some(),
         "text" => m.text.is_some(),
+        "batch" => m.batch.is_some(),
         _ => false,
     };
     fields
@@ -439,6 +517,9 @@ fn check_task_io(
         }
         (Task::Embedding, _) => m.text.as_ref().map(|t| t.check_against(inputs, outputs)).unwrap_or_default(),
         (Task::Ocr | Task::DocumentFields, _) => ocr::check_detector(inputs, outputs),
+        (Task::TextGeneration, _) => {
+            m.generation.as_ref().map(|g| g.check_against(inputs, outputs)).unwrap_or_default()
+        }
         _ => Vec::new(),
     }
 }
@@ -457,6 +538,7 @@ pub fn build(
     m: &ModelSpec,
     registry: &Registry,
     inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
     parts: Vec<Part>,
 ) -> Result<Box<dyn Pipeline>, InferError> {
     match (m.task, &m.input) {
@@ -492,6 +574,14 @@ pub fn build(
         }
         (Task::ImageClassification | Task::ObjectDetection, None) => {
             Err(InferError::unavailable(format!("{} needs an 'input' spec", m.task)))
+        }
+        (Task::TextGeneration, _) => {
+            let spec = m
+                .generation
+                .clone()
+                .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
+            let path = registry.resolve(&spec.tokenizer);
+            Ok(Box::new(GeneratePipeline(generate::Generator::new(spec, &path, inputs, outputs)?)))
         }
         (Task::Raw, _) => Ok(Box::new(raw::RawPipeline)),
     }

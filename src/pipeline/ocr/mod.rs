@@ -437,12 +437,13 @@ impl Pipeline for OcrPipeline {
         _options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError> {
-        let JobInput::Image(bytes) = input else {
-            return Err(InferError::bad_input("ocr takes an image"));
-        };
         let started = Instant::now();
+        let img = match input {
+            JobInput::Image(bytes) => super::image::decode(&bytes, limits)?,
+            JobInput::Pixels(img) => img,
+            _ => return Err(InferError::bad_input("ocr takes an image")),
+        };
         let mut infer_ms = 0.0;
-        let img = super::image::decode(&bytes, limits)?;
         let (raw_w, raw_h) = img.dimensions();
         let (img, rx, ry) = self.bound(img);
         let (img, band) = self.pad(img);

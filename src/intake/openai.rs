@@ -1,0 +1,347 @@
+//! OpenAI-compatible text generation on the socket: `POST /v1/completions`
+//! and `POST /v1/chat/completions`, requests and answers shaped as OpenAI's
+//! (model, choices, finish_reason, usage), with `"stream": true` answered as
+//! server-sent events (`data: {chunk}` … `data: [DONE]`). Fields OpenAI
+//! clients send that inferd has no use for (`user`, penalties) are ignored;
+//! ones it cannot honour (`n` > 1) are refused.
+
+use super::http::{AppState, error_response, read_body};
+use crate::error::InferError;
+use crate::job::{ChatMessage, FinishReason, GenerateRequest, JobInput, JobOptions, JobOutput, JobResult, Prompt};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+/// One text or a list of them (OpenAI allows both for `prompt` and `stop`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// What both endpoints share.
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    /// The newer name of `max_tokens` (chat).
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    n: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionBody {
+    #[serde(flatten)]
+    common: Common,
+    prompt: OneOrMany,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<WireMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// A message's content: a string, or parts of which only text is understood.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+fn content_text(c: Option<Content>) -> Result<String, InferError> {
+    match c {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t),
+        Some(Content::Parts(parts)) => parts
+            .iter()
+            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => Ok(t.to_string()),
+                (kind, _) => Err(InferError::bad_input(format!(
+                    "message content part of type {} is not supported; only text",
+                    kind.unwrap_or("(none)")
+                ))),
+            })
+            .collect(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let parsed = parse::<CompletionBody>(&app, &headers, body).await.and_then(|b| {
+        let prompt = match b.prompt {
+            OneOrMany::One(p) => p,
+            OneOrMany::Many(mut ps) if ps.len() == 1 => ps.remove(0),
+            OneOrMany::Many(_) => return Err(InferError::bad_input("give one prompt; a list of prompts is not supported")),
+        };
+        Ok((b.common, Prompt::Text(prompt)))
+    });
+    match parsed {
+        Ok((common, prompt)) => run(app, Kind::Completion, common, prompt).await,
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let parsed = parse::<ChatBody>(&app, &headers, body).await.and_then(|b| {
+        if b.messages.is_empty() {
+            return Err(InferError::bad_input("messages is empty"));
+        }
+        let messages = b
+            .messages
+            .into_iter()
+            .map(|m| Ok(ChatMessage { role: m.role, content: content_text(m.content)? }))
+            .collect::<Result<Vec<_>, InferError>>()?;
+        Ok((b.common, Prompt::Chat(messages)))
+    });
+    match parsed {
+        Ok((common, prompt)) => run(app, Kind::Chat, common, prompt).await,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn parse<T: serde::de::DeserializeOwned>(app: &AppState, headers: &HeaderMap, body: Body) -> Result<T, InferError> {
+    let bytes = read_body(body, headers, app.max_body_bytes).await?;
+    serde_json::from_slice(&bytes).map_err(|e| InferError::bad_input(format!("invalid request: {e}")))
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Checks the request against the model, submits it, and answers whole or as a stream.
+async fn run(app: AppState, kind: Kind, c: Common, prompt: Prompt) -> Response {
+    let engine = app.scheduler.engine();
+    let Some(spec) = engine.registry().get(&c.model) else {
+        return error_response(&InferError::unknown_model(&c.model));
+    };
+    if spec.task != crate::pipeline::Task::TextGeneration {
+        return error_response(&InferError::bad_input(format!(
+            "model '{}' is a {} model; this endpoint needs a text-generation model",
+            c.model, spec.task
+        )));
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return error_response(&InferError::bad_input("n must be 1: one choice per request"));
+    }
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) if v.len() <= 4 => v,
+        Some(OneOrMany::Many(_)) => return error_response(&InferError::bad_input("at most 4 stop strings")),
+    };
+    let mut request = GenerateRequest {
+        prompt,
+        max_tokens: c.max_tokens.or(c.max_completion_tokens),
+        temperature: c.temperature,
+        top_k: c.top_k,
+        top_p: c.top_p,
+        seed: c.seed,
+        stop,
+        stream: None,
+    };
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let meta = Meta { id, model: c.model.clone(), created: now_s(), kind };
+    if !c.stream {
+        let out = app.scheduler.submit(&c.model, JobInput::Generate(request), JobOptions::default()).await;
+        return match out {
+            Ok(out) => axum::Json(meta.whole(&out)).into_response(),
+            Err(e) => error_response(&e),
+        };
+    }
+    let (tx, mut pieces) = mpsc::unbounded_channel();
+    request.stream = Some(tx);
+    let scheduler = app.scheduler.clone();
+    let model = c.model.clone();
+    let mut job = Job(tokio::spawn(async move {
+        scheduler.submit(&model, JobInput::Generate(request), JobOptions::default()).await
+    }));
+    // Wait for the first piece (or the end), so a request refused at once gets its status code.
+    let first = tokio::select! {
+        biased;
+        piece = pieces.recv() => piece,
+        done = &mut job.0 => {
+            match flatten(done) {
+                Err(e) => return error_response(&e),
+                Ok(out) => {
+                    let rest: Vec<String> = std::iter::from_fn(|| pieces.try_recv().ok()).collect();
+                    let body = meta.opening().into_iter().chain(rest.iter().map(|p| meta.piece(p)))
+                        .chain([meta.closing(&out), "data: [DONE]\n\n".to_string()])
+                        .collect::<String>();
+                    return sse(Body::from(body));
+                }
+            }
+        }
+    };
+    let opening: Vec<String> = meta.opening().into_iter().chain(first.iter().map(|p| meta.piece(p))).collect();
+    let state = Stream { meta, pieces, job: Some(job), opening };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        if !s.opening.is_empty() {
+            let text: String = s.opening.drain(..).collect();
+            return Some((Ok::<Bytes, std::convert::Infallible>(Bytes::from(text)), s));
+        }
+        let job = s.job.as_mut()?;
+        tokio::select! {
+            biased;
+            Some(piece) = s.pieces.recv() => {
+                let text = s.meta.piece(&piece);
+                Some((Ok(Bytes::from(text)), s))
+            }
+            done = &mut job.0 => {
+                s.job = None;
+                let mut text: String = std::iter::from_fn(|| s.pieces.try_recv().ok()).map(|p| s.meta.piece(&p)).collect();
+                match flatten(done) {
+                    Ok(out) => text.push_str(&s.meta.closing(&out)),
+                    Err(e) => text.push_str(&format!("data: {}\n\n", json!({"error": e}))),
+                }
+                text.push_str("data: [DONE]\n\n");
+                Some((Ok(Bytes::from(text)), s))
+            }
+        }
+    });
+    sse(Body::from_stream(stream))
+}
+
+fn sse(body: Body) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| error_response(&InferError::internal("cannot build the stream response")))
+}
+
+/// The submitted job; aborted when the stream is dropped (the client left),
+/// which closes its reply and ends the sequence at its next step.
+struct Job(tokio::task::JoinHandle<Result<JobOutput, InferError>>);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn flatten(done: Result<Result<JobOutput, InferError>, tokio::task::JoinError>) -> Result<JobOutput, InferError> {
+    done.unwrap_or_else(|e| Err(InferError::internal(format!("the generation task failed: {e}"))))
+}
+
+struct Stream {
+    meta: Meta,
+    pieces: mpsc::UnboundedReceiver<String>,
+    job: Option<Job>,
+    opening: Vec<String>,
+}
+
+/// The id, model and time every chunk of one answer carries.
+struct Meta {
+    id: String,
+    model: String,
+    created: u64,
+    kind: Kind,
+}
+
+fn parts(out: &JobOutput) -> (&str, FinishReason, Value) {
+    match &out.result {
+        JobResult::Generation { text, finish_reason, usage, .. } => (text, *finish_reason, json!(usage)),
+        _ => ("", FinishReason::Stop, Value::Null),
+    }
+}
+
+impl Meta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn chunk(&self, choice: Value, usage: Option<Value>) -> String {
+        let mut v = json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model,
+                           "choices": [choice]});
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        format!("data: {v}\n\n")
+    }
+
+    /// Chat streams open with the assistant's role.
+    fn opening(&self) -> Option<String> {
+        (self.kind == Kind::Chat)
+            .then(|| self.chunk(json!({"index": 0, "delta": {"role": "assistant"}, "finish_reason": null}), None))
+    }
+
+    fn piece(&self, text: &str) -> String {
+        match self.kind {
+            Kind::Chat => self.chunk(json!({"index": 0, "delta": {"content": text}, "finish_reason": null}), None),
+            Kind::Completion => {
+                self.chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}), None)
+            }
+        }
+    }
+
+    fn closing(&self, out: &JobOutput) -> String {
+        let (_, reason, usage) = parts(out);
+        match self.kind {
+            Kind::Chat => self.chunk(json!({"index": 0, "delta": {}, "finish_reason": reason}), Some(usage)),
+            Kind::Completion => {
+                self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason}), Some(usage))
+            }
+        }
+    }
+
+    fn whole(&self, out: &JobOutput) -> Value {
+        let (text, reason, usage) = parts(out);
+        let choice = match self.kind {
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason})
+            }
+            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
+        };
+        json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
+               "choices": [choice], "usage": usage})
+    }
+}

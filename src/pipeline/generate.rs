@@ -1,0 +1,673 @@
+//! Text generation on ONNX decoders (the `text-generation` task): the
+//! layout torch and optimum export GPT-2/Llama-style decoders with —
+//! `input_ids`, `attention_mask`, `position_ids` and `past_key_values.{i}.key|value`
+//! in, `logits` and `present.{i}.key|value` out. A prompt is tokenised once
+//! (prefill); then each step feeds one token with the cache the last step
+//! returned, so a sequence costs one short run per token. Each request is a
+//! [`Sequence`] with its own cache, advanced a step at a time; the worker
+//! interleaves the steps of several sequences on one session.
+//!
+//! Decoding is greedy (temperature 0) or sampled (temperature, top-k, top-p,
+//! seed); a sequence ends at an end-of-sequence token, a stop string, its
+//! `max_tokens`, or the model's context length.
+
+use super::SpecProblem;
+use crate::backend::{InferenceBackend, NamedTensors};
+use crate::error::InferError;
+use crate::job::{FinishReason, GenerateRequest, JobResult, Prompt, Usage};
+use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// models.json `generation`: the tokenizer, the graph's names and the limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSpec {
+    /// A tokenizer.json (Hugging Face `tokenizers`), relative to models.json.
+    pub tokenizer: PathBuf,
+    /// Most tokens (prompt and generated) a sequence may hold.
+    pub context_length: usize,
+    /// Tokens that end a sequence, as the tokenizer spells them (`<|endoftext|>`).
+    #[serde(default)]
+    pub eos_tokens: Vec<String>,
+    /// Most new tokens one request may ask for; also the default `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// Sequences one session advances side by side (their steps interleave).
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+    /// Input and output names, `{layer}` and `{kv}` (`key`, `value`) filled in.
+    #[serde(default)]
+    pub names: GenerationNames,
+    /// How chat messages become the prompt.
+    #[serde(default)]
+    pub chat_template: ChatTemplate,
+}
+
+fn default_max_tokens() -> usize {
+    256
+}
+fn default_parallel() -> usize {
+    4
+}
+
+/// The decoder graph's tensor names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationNames {
+    pub input_ids: String,
+    /// Fed when the model has it.
+    pub attention_mask: String,
+    /// Fed when the model has it.
+    pub position_ids: String,
+    pub past: String,
+    pub present: String,
+    pub logits: String,
+}
+
+impl Default for GenerationNames {
+    fn default() -> Self {
+        GenerationNames {
+            input_ids: "input_ids".into(),
+            attention_mask: "attention_mask".into(),
+            position_ids: "position_ids".into(),
+            past: "past_key_values.{layer}.{kv}".into(),
+            present: "present.{layer}.{kv}".into(),
+            logits: "logits".into(),
+        }
+    }
+}
+
+/// A simple chat template: each message is its role's pattern with
+/// `{content}` filled in, then `generation_prompt` opens the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatTemplate {
+    pub system: String,
+    pub user: String,
+    pub assistant: String,
+    pub generation_prompt: String,
+    /// Stop strings every chat request gets (the next turn's opening).
+    pub stop: Vec<String>,
+}
+
+impl Default for ChatTemplate {
+    fn default() -> Self {
+        ChatTemplate {
+            system: "{content}\n".into(),
+            user: "User: {content}\n".into(),
+            assistant: "Assistant: {content}\n".into(),
+            generation_prompt: "Assistant:".into(),
+            stop: vec!["\nUser:".into()],
+        }
+    }
+}
+
+impl ChatTemplate {
+    /// The prompt for `messages`; an unknown role is a bad request.
+    pub fn render(&self, messages: &[crate::job::ChatMessage]) -> Result<String, InferError> {
+        let mut out = String::new();
+        for m in messages {
+            let pattern = match m.role.as_str() {
+                "system" | "developer" => &self.system,
+                "user" => &self.user,
+                "assistant" => &self.assistant,
+                other => {
+                    return Err(InferError::bad_input(format!(
+                        "unknown chat role '{other}' (system, user or assistant)"
+                    )));
+                }
+            };
+            out.push_str(&pattern.replace("{content}", &m.content));
+        }
+        out.push_str(&self.generation_prompt);
+        Ok(out)
+    }
+}
+
+impl GenerationSpec {
+    /// Checks the spec on its own.
+    pub fn validate(&self) -> Vec<SpecProblem> {
+        let mut p = Vec::new();
+        if !(2..=1 << 20).contains(&self.context_length) {
+            p.push(SpecProblem::new(".generation.context_length", "must be 2..=1048576"));
+        }
+        if self.max_tokens == 0 || self.max_tokens > self.context_length {
+            p.push(SpecProblem::new(".generation.max_tokens", "must be 1..=context_length"));
+        }
+        if !(1..=64).contains(&self.parallel) {
+            p.push(SpecProblem::new(".generation.parallel", "must be 1..=64"));
+        }
+        for (field, pattern) in [("past", &self.names.past), ("present", &self.names.present)] {
+            if !pattern.contains("{layer}") || !pattern.contains("{kv}") {
+                p.push(SpecProblem::new(
+                    &format!(".generation.names.{field}"),
+                    "must contain {layer} and {kv} (as in past_key_values.{layer}.{kv})",
+                ));
+            }
+        }
+        p
+    }
+
+    /// Compares the spec with the model's declared inputs and outputs.
+    pub fn check_against(&self, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        match Layout::read(&self.names, inputs, outputs) {
+            Ok(_) => Vec::new(),
+            Err(why) => vec![SpecProblem::new(".generation.names", why)],
+        }
+    }
+}
+
+/// What the graph looks like: layers, cache shape, optional inputs.
+#[derive(Debug, Clone)]
+struct Layout {
+    layers: usize,
+    heads: usize,
+    head_dim: usize,
+    attention_mask: bool,
+    position_ids: bool,
+}
+
+fn kv_name(pattern: &str, layer: usize, kv: &str) -> String {
+    pattern.replace("{layer}", &layer.to_string()).replace("{kv}", kv)
+}
+
+impl Layout {
+    fn read(names: &GenerationNames, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<Layout, String> {
+        let input = |n: &str| inputs.iter().find(|i| i.name == n);
+        let list = |infos: &[TensorInfo]| infos.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ");
+        let ids = input(&names.input_ids)
+            .ok_or_else(|| format!("the model has no input '{}' (inputs: {})", names.input_ids, list(inputs)))?;
+        if ids.dtype != Some(DType::I64) {
+            return Err(format!("input '{}' must be i64", ids.name));
+        }
+        if !outputs.iter().any(|o| o.name == names.logits) {
+            return Err(format!("the model has no output '{}' (outputs: {})", names.logits, list(outputs)));
+        }
+        let layers = (0..).take_while(|&l| input(&kv_name(&names.past, l, "key")).is_some()).count();
+        if layers == 0 {
+            return Err(format!(
+                "the model has no cache input '{}' (inputs: {}): export it with past key/values",
+                kv_name(&names.past, 0, "key"),
+                list(inputs)
+            ));
+        }
+        let first = input(&kv_name(&names.past, 0, "key")).expect("counted above");
+        let (heads, head_dim) = match first.shape.as_slice() {
+            [_, Some(h), _, Some(d)] => (*h, *d),
+            _ => {
+                return Err(format!(
+                    "cache input '{}' has shape {}; expected [batch, heads, past, head_dim] with heads and head_dim fixed",
+                    first.name,
+                    first.shape_text()
+                ));
+            }
+        };
+        for l in 0..layers {
+            for kv in ["key", "value"] {
+                let past = kv_name(&names.past, l, kv);
+                match input(&past) {
+                    Some(i) if i.dtype == Some(DType::F32) => {}
+                    Some(i) => return Err(format!("cache input '{}' must be f32 (got {:?})", i.name, i.dtype)),
+                    None => return Err(format!("the model has no cache input '{past}'")),
+                }
+                let present = kv_name(&names.present, l, kv);
+                if !outputs.iter().any(|o| o.name == present) {
+                    return Err(format!("the model has no cache output '{present}' (outputs: {})", list(outputs)));
+                }
+            }
+        }
+        Ok(Layout {
+            layers,
+            heads,
+            head_dim,
+            attention_mask: input(&names.attention_mask).is_some(),
+            position_ids: input(&names.position_ids).is_some(),
+        })
+    }
+}
+
+/// The generation request in a job: a prompt from the OpenAI-style
+/// endpoints, or one plain text (`inferd infer --text`, the native API) with the model's defaults.
+pub fn request_of(input: crate::job::JobInput) -> Result<GenerateRequest, InferError> {
+    use crate::job::JobInput;
+    match input {
+        JobInput::Generate(request) => Ok(request),
+        JobInput::Text(mut texts) if texts.len() == 1 => {
+            Ok(GenerateRequest { prompt: Prompt::Text(texts.remove(0)), ..Default::default() })
+        }
+        _ => Err(InferError::bad_input(
+            "text-generation takes one prompt: POST /v1/completions or /v1/chat/completions",
+        )),
+    }
+}
+
+/// The loaded tokenizer, the layout and the spec of one decoder.
+pub struct Generator {
+    spec: GenerationSpec,
+    tokenizer: tokenizers::Tokenizer,
+    layout: Layout,
+    eos: Vec<u32>,
+}
+
+/// One request's generation: its tokens, its cache and where it stands.
+pub struct Sequence {
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    /// Tokens the next step feeds (the prompt first, then the last token).
+    feed: Vec<u32>,
+    /// The cache of the tokens fed so far, `2 × layers` tensors `[1, heads, fed, head_dim]`.
+    past: Vec<Tensor>,
+    max_tokens: usize,
+    sampler: Sampler,
+    stop: Vec<String>,
+    /// The generated text, cut at a stop string once one appears.
+    text: String,
+    /// Bytes of `text` already streamed.
+    streamed: usize,
+    stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// True once the sequence has ended.
+    pub fn is_done(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// True when the client streaming this sequence went away.
+    pub fn is_abandoned(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.is_closed())
+    }
+}
+
+impl Generator {
+    /// Loads the tokenizer at `tokenizer` and reads the graph's layout.
+    pub fn new(
+        spec: GenerationSpec,
+        tokenizer: &Path,
+        inputs: &[TensorInfo],
+        outputs: &[TensorInfo],
+    ) -> Result<Generator, InferError> {
+        let layout = Layout::read(&spec.names, inputs, outputs).map_err(InferError::unavailable)?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer)
+            .map_err(|e| InferError::unavailable(format!("cannot read tokenizer {}: {e}", tokenizer.display())))?;
+        let mut eos = Vec::new();
+        for t in &spec.eos_tokens {
+            eos.push(tokenizer.token_to_id(t).ok_or_else(|| {
+                InferError::unavailable(format!("the end-of-sequence token '{t}' is not in the tokenizer's vocabulary"))
+            })?);
+        }
+        Ok(Generator { spec, tokenizer, layout, eos })
+    }
+
+    /// Most sequences to interleave on one session.
+    pub fn parallel(&self) -> usize {
+        self.spec.parallel
+    }
+
+    /// Starts a sequence: renders and tokenises the prompt and checks it against the limits.
+    pub fn start(&self, request: GenerateRequest, max_text_bytes: usize) -> Result<Sequence, InferError> {
+        let mut stop = request.stop.clone();
+        let prompt = match &request.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                stop.extend(self.spec.chat_template.stop.iter().cloned());
+                self.spec.chat_template.render(messages)?
+            }
+        };
+        if prompt.len() > max_text_bytes {
+            return Err(InferError::bad_input(format!(
+                "the prompt is {} bytes, over the limit of {max_text_bytes}",
+                prompt.len()
+            )));
+        }
+        if prompt.is_empty() {
+            return Err(InferError::bad_input("the prompt is empty"));
+        }
+        let tokens: Vec<u32> = self
+            .tokenizer
+            .encode(prompt.as_str(), false)
+            .map_err(|e| InferError::bad_input(format!("cannot tokenise the prompt: {e}")))?
+            .get_ids()
+            .to_vec();
+        let context = self.spec.context_length;
+        if tokens.is_empty() {
+            return Err(InferError::bad_input("the prompt has no tokens"));
+        }
+        if tokens.len() >= context {
+            return Err(InferError::bad_input(format!(
+                "the prompt is {} tokens; the model's context holds {context}, and at least one must be left to generate",
+                tokens.len()
+            )));
+        }
+        let max_tokens = request.max_tokens.unwrap_or(self.spec.max_tokens);
+        if max_tokens == 0 || max_tokens > self.spec.max_tokens {
+            return Err(InferError::bad_input(format!("max_tokens must be 1..={}", self.spec.max_tokens)));
+        }
+        let sampler = Sampler::new(&request)?;
+        let past = (0..2 * self.layout.layers)
+            .map(|_| Tensor { shape: vec![1, self.layout.heads, 0, self.layout.head_dim], data: TensorData::F32(vec![]) })
+            .collect();
+        stop.retain(|s| !s.is_empty());
+        Ok(Sequence {
+            prompt_tokens: tokens.len(),
+            feed: tokens.clone(),
+            tokens,
+            past,
+            max_tokens,
+            sampler,
+            stop,
+            text: String::new(),
+            streamed: 0,
+            stream: request.stream,
+            finish: None,
+        })
+    }
+
+    /// Runs one step of `seq` on `engine`: feeds what is pending with the
+    /// cache, picks the next token, and ends the sequence when it should.
+    pub fn step(&self, engine: &mut dyn InferenceBackend, seq: &mut Sequence) -> Result<(), InferError> {
+        if seq.finish.is_some() {
+            return Ok(());
+        }
+        let names = &self.spec.names;
+        let (fed, n) = (seq.tokens.len() - seq.feed.len(), seq.feed.len());
+        let mut inputs: NamedTensors = vec![(
+            names.input_ids.clone(),
+            Tensor { shape: vec![1, n], data: TensorData::I64(seq.feed.iter().map(|&t| t as i64).collect()) },
+        )];
+        if self.layout.attention_mask {
+            inputs.push((
+                names.attention_mask.clone(),
+                Tensor { shape: vec![1, fed + n], data: TensorData::I64(vec![1; fed + n]) },
+            ));
+        }
+        if self.layout.position_ids {
+            inputs.push((
+                names.position_ids.clone(),
+                Tensor { shape: vec![1, n], data: TensorData::I64((fed..fed + n).map(|p| p as i64).collect()) },
+            ));
+        }
+        let past = std::mem::take(&mut seq.past);
+        for (i, t) in past.into_iter().enumerate() {
+            inputs.push((kv_name(&names.past, i / 2, if i % 2 == 0 { "key" } else { "value" }), t));
+        }
+        let mut outputs = engine.run(inputs)?;
+        let mut take = |name: &str| -> Result<Tensor, InferError> {
+            let i = outputs
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| InferError::internal(format!("the model gave no output '{name}'")))?;
+            Ok(outputs.swap_remove(i).1)
+        };
+        let logits = take(&names.logits)?;
+        for i in 0..2 * self.layout.layers {
+            let present = take(&kv_name(&names.present, i / 2, if i % 2 == 0 { "key" } else { "value" }))?;
+            if present.shape.get(2) != Some(&(fed + n)) {
+                return Err(InferError::internal(format!(
+                    "cache output {i} has shape {:?}; expected {} positions",
+                    present.shape,
+                    fed + n
+                )));
+            }
+            seq.past.push(present);
+        }
+        let vocab = *logits.shape.last().unwrap_or(&0);
+        let TensorData::F32(all) = logits.data else {
+            return Err(InferError::internal("the logits are not f32"));
+        };
+        if vocab == 0 || all.len() < vocab {
+            return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
+        }
+        let next = seq.sampler.pick(&all[all.len() - vocab..]) as u32;
+        seq.tokens.push(next);
+        seq.feed = vec![next];
+        let generated = seq.tokens.len() - seq.prompt_tokens;
+        if self.eos.contains(&next) {
+            seq.tokens.pop(); // the end token is not part of the text
+            return self.end(seq, FinishReason::Stop);
+        }
+        self.update_text(seq)?;
+        if seq.finish.is_some() {
+            return Ok(());
+        }
+        if generated >= seq.max_tokens || seq.tokens.len() >= self.spec.context_length {
+            return self.end(seq, FinishReason::Length);
+        }
+        Ok(())
+    }
+
+    /// Decodes the generated tokens, cuts at a stop string, and streams what is settled.
+    fn update_text(&self, seq: &mut Sequence) -> Result<(), InferError> {
+        let text = self
+            .tokenizer
+            .decode(&seq.tokens[seq.prompt_tokens..], false)
+            .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
+        seq.text = text;
+        let earliest =
+            seq.stop.iter().filter_map(|s| seq.text.find(s.as_str())).min();
+        if let Some(at) = earliest {
+            seq.text.truncate(at);
+            return self.end(seq, FinishReason::Stop);
+        }
+        // Hold back a tail that may still become a stop string, or a character still being spelled byte by byte.
+        let hold = seq.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+        let mut settled = seq.text.len().saturating_sub(hold);
+        while !seq.text.is_char_boundary(settled) {
+            settled -= 1;
+        }
+        let incomplete = seq.text[..settled].trim_end_matches('\u{FFFD}').len();
+        self.send(seq, incomplete);
+        Ok(())
+    }
+
+    fn send(&self, seq: &mut Sequence, upto: usize) {
+        if upto > seq.streamed {
+            if let Some(s) = &seq.stream {
+                let _ = s.send(seq.text[seq.streamed..upto].to_string());
+            }
+            seq.streamed = upto;
+        }
+    }
+
+    fn end(&self, seq: &mut Sequence, reason: FinishReason) -> Result<(), InferError> {
+        if reason == FinishReason::Length || seq.text.is_empty() {
+            seq.text = self
+                .tokenizer
+                .decode(&seq.tokens[seq.prompt_tokens..], false)
+                .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
+            if let Some(at) = seq.stop.iter().filter_map(|s| seq.text.find(s.as_str())).min() {
+                seq.text.truncate(at);
+            }
+        }
+        seq.finish = Some(reason);
+        let all = seq.text.len();
+        self.send(seq, all);
+        seq.stream = None; // the stream ends with the sequence
+        seq.past.clear();
+        Ok(())
+    }
+
+    /// The answer of a finished sequence.
+    pub fn result(&self, seq: Sequence) -> JobResult {
+        let completion = seq.tokens.len() - seq.prompt_tokens;
+        JobResult::Generation {
+            text: seq.text,
+            finish_reason: seq.finish.unwrap_or(FinishReason::Length),
+            usage: Usage {
+                prompt_tokens: seq.prompt_tokens,
+                completion_tokens: completion,
+                total_tokens: seq.prompt_tokens + completion,
+            },
+            tokens: seq.tokens[seq.prompt_tokens..].to_vec(),
+        }
+    }
+
+    /// Runs a whole request to its end (no interleaving).
+    pub fn generate(
+        &self,
+        engine: &mut dyn InferenceBackend,
+        request: GenerateRequest,
+        max_text_bytes: usize,
+    ) -> Result<JobResult, InferError> {
+        let mut seq = self.start(request, max_text_bytes)?;
+        while !seq.is_done() {
+            if seq.is_abandoned() {
+                return Err(InferError::bad_input("the client went away"));
+            }
+            self.step(engine, &mut seq)?;
+        }
+        Ok(self.result(seq))
+    }
+}
+
+/// Picks the next token from logits: greedy, or sampled with temperature,
+/// top-k and top-p from a seeded generator (the same seed, the same tokens).
+struct Sampler {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    fn new(r: &GenerateRequest) -> Result<Sampler, InferError> {
+        let temperature = r.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(InferError::bad_input("temperature must be 0..=2"));
+        }
+        let top_p = r.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(InferError::bad_input("top_p must be in (0, 1]"));
+        }
+        let seed = r.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(Sampler { temperature, top_k: r.top_k.unwrap_or(0), top_p, rng: SplitMix64(seed) })
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> usize {
+        let argmax = || {
+            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+        };
+        if self.temperature == 0.0 || self.top_k == 1 {
+            return argmax();
+        }
+        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        if order.is_empty() {
+            return argmax();
+        }
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if self.top_k > 0 {
+            order.truncate(self.top_k);
+        }
+        let top = logits[order[0]];
+        let mut probs: Vec<f64> =
+            order.iter().map(|&i| (((logits[i] - top) / self.temperature) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if self.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|p| {
+                    acc += p;
+                    acc >= self.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+            let sum: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= sum);
+        }
+        let mut u = self.rng.next_f64();
+        for (k, p) in probs.iter().enumerate() {
+            if u < *p {
+                return order[k];
+            }
+            u -= p;
+        }
+        order[probs.len() - 1]
+    }
+}
+
+/// A small, fast generator with a fixed sequence per seed (Steele et al.'s SplitMix64).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> GenerateRequest {
+        GenerateRequest {
+            prompt: Prompt::Text("x".into()),
+            temperature: Some(temperature),
+            top_k: Some(top_k),
+            top_p: Some(top_p),
+            seed: Some(seed),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy_and_top_k_one_too() {
+        let logits = [0.1, 2.0, 1.9, -1.0];
+        assert_eq!(Sampler::new(&request(0.0, 0, 1.0, 1)).unwrap().pick(&logits), 1);
+        assert_eq!(Sampler::new(&request(1.5, 1, 1.0, 1)).unwrap().pick(&logits), 1);
+    }
+
+    #[test]
+    fn the_same_seed_samples_the_same_tokens_and_top_k_bounds_the_choice() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let draw = |seed| {
+            let mut s = Sampler::new(&request(1.0, 5, 1.0, seed)).unwrap();
+            (0..200).map(|_| s.pick(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+        let mut top5: Vec<usize> = (0..50).collect();
+        top5.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        top5.truncate(5);
+        assert!(draw(7).iter().all(|t| top5.contains(t)), "only the 5 best tokens are drawn");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_over_p() {
+        // Probabilities ~0.64, 0.24, 0.09, 0.03: top_p 0.7 keeps the first two.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut s = Sampler::new(&request(1.0, 0, 0.7, 3)).unwrap();
+        let drawn: std::collections::BTreeSet<usize> = (0..500).map(|_| s.pick(&logits)).collect();
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn out_of_range_sampling_settings_are_refused() {
+        assert!(Sampler::new(&request(2.5, 0, 1.0, 0)).is_err());
+        assert!(Sampler::new(&request(1.0, 0, 0.0, 0)).is_err());
+    }
+
+    #[test]
+    fn chat_messages_render_through_the_template() {
+        let t = ChatTemplate::default();
+        let m = |role: &str, content: &str| crate::job::ChatMessage { role: role.into(), content: content.into() };
+        let prompt = t.render(&[m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello."), m("user", "2+2?")]);
+        assert_eq!(prompt.unwrap(), "Be brief.\nUser: Hi\nAssistant: Hello.\nUser: 2+2?\nAssistant:");
+        assert!(t.render(&[m("robot", "x")]).unwrap_err().message.contains("unknown chat role"));
+    }
+}
