@@ -310,7 +310,10 @@ pub fn infer_local(engine: &Engine, config: &Config, mut options: LoadOptions, a
         let outcome = read_file(file).and_then(|bytes| {
             let (input, mut options) = if job::looks_like_json(&bytes) {
                 job::parse_json_request(&bytes, &config.limits)?
-            } else if loaded.plan.task == crate::pipeline::Task::Embedding {
+            } else if matches!(
+                loaded.plan.task,
+                crate::pipeline::Task::Embedding | crate::pipeline::Task::TextGeneration
+            ) {
                 let text = String::from_utf8(bytes).map_err(|_| InferError::bad_input("the text file is not UTF-8"))?;
                 (JobInput::Text(vec![text]), JobOptions::default())
             } else {

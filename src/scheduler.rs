@@ -277,9 +277,7 @@ impl Scheduler {
             place.send(Work::Job(Job { input, options, enqueued: Instant::now(), pre_ms, reply }));
             match answer.await {
                 Ok(result) => result,
-                Err(_) => {
-                    Err(InferError::internal(format!("the worker of model '{model}' stopped without answering")))
-                }
+                Err(_) => Err(InferError::internal(format!("the worker of model '{model}' stopped without answering"))),
             }
         };
         match tokio::time::timeout_at(deadline.into(), run).await {
@@ -299,7 +297,8 @@ impl Scheduler {
         };
         let spec = spec.clone();
         let limits = engine.config().limits.clone();
-        let _turn = self.decoders.clone().acquire_owned().await.map_err(|_| InferError::unavailable("shutting down"))?;
+        let _turn =
+            self.decoders.clone().acquire_owned().await.map_err(|_| InferError::unavailable("shutting down"))?;
         tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             crate::pipeline::preprocess(&spec, input, &limits).map(|i| (i, t.elapsed().as_secs_f64() * 1000.0))

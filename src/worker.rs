@@ -269,16 +269,18 @@ fn interleave(
             }
             let Some((generator, engine)) = m.generation() else { break };
             let t = Instant::now();
-            let stepped = catch_unwind(AssertUnwindSafe(|| generator.step(engine, &mut a.seq)))
-                .unwrap_or_else(|panic| Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic)))));
+            let stepped =
+                catch_unwind(AssertUnwindSafe(|| generator.step(engine, &mut a.seq))).unwrap_or_else(|panic| {
+                    Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
+                });
             a.timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
             a.error = stepped.err();
         }
         set_busy(cells.busy, 0, None);
         cells.ctx.manager.touch(cells.model);
-        let (ended, running): (Vec<Active>, Vec<Active>) = active.into_iter().partition(|a| {
-            a.seq.is_done() || a.error.is_some() || a.reply.is_closed() || a.seq.is_abandoned()
-        });
+        let (ended, running): (Vec<Active>, Vec<Active>) = active
+            .into_iter()
+            .partition(|a| a.seq.is_done() || a.error.is_some() || a.reply.is_closed() || a.seq.is_abandoned());
         active = running;
         for a in ended {
             let answer = match a.error {

@@ -456,7 +456,9 @@ fn a_model_with_two_instances_runs_two_jobs_side_by_side() {
         let jobs: Vec<_> = (0..2)
             .map(|_| {
                 let c = daemon.client();
-                s.spawn(move || json_of(&c.post("/v1/models/busy/infer", "application/json", &busy_body(iterations)).unwrap()))
+                s.spawn(move || {
+                    json_of(&c.post("/v1/models/busy/infer", "application/json", &busy_body(iterations)).unwrap())
+                })
             })
             .collect();
         jobs.into_iter().map(|j| j.join().unwrap()).collect()

@@ -108,7 +108,9 @@ pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: 
         let prompt = match b.prompt {
             OneOrMany::One(p) => p,
             OneOrMany::Many(mut ps) if ps.len() == 1 => ps.remove(0),
-            OneOrMany::Many(_) => return Err(InferError::bad_input("give one prompt; a list of prompts is not supported")),
+            OneOrMany::Many(_) => {
+                return Err(InferError::bad_input("give one prompt; a list of prompts is not supported"));
+            }
         };
         Ok((b.common, Prompt::Text(prompt)))
     });
@@ -137,7 +139,11 @@ pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -
     }
 }
 
-async fn parse<T: serde::de::DeserializeOwned>(app: &AppState, headers: &HeaderMap, body: Body) -> Result<T, InferError> {
+async fn parse<T: serde::de::DeserializeOwned>(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, InferError> {
     let bytes = read_body(body, headers, app.max_body_bytes).await?;
     serde_json::from_slice(&bytes).map_err(|e| InferError::bad_input(format!("invalid request: {e}")))
 }
@@ -179,11 +185,8 @@ async fn run(app: AppState, kind: Kind, c: Common, prompt: Prompt) -> Response {
         stop,
         stream: None,
     };
-    let id = format!(
-        "{}-{}",
-        if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    );
+    let id =
+        format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let meta = Meta { id, model: c.model.clone(), created: now_s(), kind };
     if !c.stream {
         let out = app.scheduler.submit(&c.model, JobInput::Generate(request), JobOptions::default()).await;
@@ -196,9 +199,10 @@ async fn run(app: AppState, kind: Kind, c: Common, prompt: Prompt) -> Response {
     request.stream = Some(tx);
     let scheduler = app.scheduler.clone();
     let model = c.model.clone();
-    let mut job = Job(tokio::spawn(async move {
-        scheduler.submit(&model, JobInput::Generate(request), JobOptions::default()).await
-    }));
+    let mut job =
+        Job(tokio::spawn(
+            async move { scheduler.submit(&model, JobInput::Generate(request), JobOptions::default()).await },
+        ));
     // Wait for the first piece (or the end), so a request refused at once gets its status code.
     let first = tokio::select! {
         biased;

@@ -236,9 +236,9 @@ pub fn request_of(input: crate::job::JobInput) -> Result<GenerateRequest, InferE
         JobInput::Text(mut texts) if texts.len() == 1 => {
             Ok(GenerateRequest { prompt: Prompt::Text(texts.remove(0)), ..Default::default() })
         }
-        _ => Err(InferError::bad_input(
-            "text-generation takes one prompt: POST /v1/completions or /v1/chat/completions",
-        )),
+        _ => {
+            Err(InferError::bad_input("text-generation takes one prompt: POST /v1/completions or /v1/chat/completions"))
+        }
     }
 }
 
@@ -348,7 +348,10 @@ impl Generator {
         }
         let sampler = Sampler::new(&request)?;
         let past = (0..2 * self.layout.layers)
-            .map(|_| Tensor { shape: vec![1, self.layout.heads, 0, self.layout.head_dim], data: TensorData::F32(vec![]) })
+            .map(|_| Tensor {
+                shape: vec![1, self.layout.heads, 0, self.layout.head_dim],
+                data: TensorData::F32(vec![]),
+            })
             .collect();
         stop.retain(|s| !s.is_empty());
         Ok(Sequence {
@@ -446,8 +449,7 @@ impl Generator {
             .decode(&seq.tokens[seq.prompt_tokens..], false)
             .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
         seq.text = text;
-        let earliest =
-            seq.stop.iter().filter_map(|s| seq.text.find(s.as_str())).min();
+        let earliest = seq.stop.iter().filter_map(|s| seq.text.find(s.as_str())).min();
         if let Some(at) = earliest {
             seq.text.truncate(at);
             return self.end(seq, FinishReason::Stop);
@@ -549,9 +551,8 @@ impl Sampler {
     }
 
     fn pick(&mut self, logits: &[f32]) -> usize {
-        let argmax = || {
-            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
-        };
+        let argmax =
+            || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
         if self.temperature == 0.0 || self.top_k == 1 {
             return argmax();
         }
@@ -666,7 +667,8 @@ mod tests {
     fn chat_messages_render_through_the_template() {
         let t = ChatTemplate::default();
         let m = |role: &str, content: &str| crate::job::ChatMessage { role: role.into(), content: content.into() };
-        let prompt = t.render(&[m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello."), m("user", "2+2?")]);
+        let prompt =
+            t.render(&[m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello."), m("user", "2+2?")]);
         assert_eq!(prompt.unwrap(), "Be brief.\nUser: Hi\nAssistant: Hello.\nUser: 2+2?\nAssistant:");
         assert!(t.render(&[m("robot", "x")]).unwrap_err().message.contains("unknown chat role"));
     }

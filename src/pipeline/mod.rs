@@ -286,7 +286,9 @@ pub fn preprocess(model: &ModelSpec, input: JobInput, limits: &Limits) -> Result
             }
             None => Ok(JobInput::Image(bytes)),
         },
-        (Task::Ocr | Task::DocumentFields, JobInput::Image(bytes)) => Ok(JobInput::Pixels(image::decode(&bytes, limits)?)),
+        (Task::Ocr | Task::DocumentFields, JobInput::Image(bytes)) => {
+            Ok(JobInput::Pixels(image::decode(&bytes, limits)?))
+        }
         (_, input) => Ok(input),
     }
 }
@@ -447,9 +449,16 @@ fn validate_task(m: &ModelSpec) -> Vec<SpecProblem> {
         Task::TextGeneration => {
             let mut problems = match &m.generation {
                 Some(g) => g.validate(),
-                None => vec![SpecProblem::new(".generation", "text-generation needs a 'generation' spec with its tokenizer")],
+                None => vec![SpecProblem::new(
+                    ".generation",
+                    "text-generation needs a 'generation' spec with its tokenizer",
+                )],
             };
-            problems.extend(no_fields(m, &["input", "output", "labels", "detection", "text", "batch"], "text-generation"));
+            problems.extend(no_fields(
+                m,
+                &["input", "output", "labels", "detection", "text", "batch"],
+                "text-generation",
+            ));
             problems
         }
         Task::Raw => no_fields(m, &["input", "output", "labels", "detection", "text"], "raw"),
