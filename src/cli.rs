@@ -32,7 +32,7 @@ pub fn exit_code(kind: ErrorKind) -> i32 {
         ErrorKind::UnknownModel => exit::UNKNOWN_MODEL,
         ErrorKind::ModelUnavailable => exit::UNAVAILABLE,
         ErrorKind::Backend | ErrorKind::Timeout | ErrorKind::Overloaded => exit::BACKEND,
-        ErrorKind::Internal | ErrorKind::NotFound => exit::FAILURE,
+        ErrorKind::Internal | ErrorKind::NotFound | ErrorKind::Unauthorized | ErrorKind::Forbidden => exit::FAILURE,
     }
 }
 
@@ -141,7 +141,7 @@ pub enum Command {
 /// The registry named by `--models` or the configuration.
 pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
     let path = cli.models.clone().unwrap_or_else(|| config.registry_path());
-    Registry::load(&path).map_err(|e| {
+    Registry::load_confined(&path, config.models_outside).map_err(|e| {
         eprintln!("inferd: {e}");
         exit::REGISTRY
     })

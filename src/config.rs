@@ -17,6 +17,9 @@ pub const DEFAULT_REGISTRY_PATH: &str = "/etc/inferd/models.json";
 pub struct Config {
     /// Path of models.json; default `./models.json` if present, else `/etc/inferd/models.json`.
     pub models: Option<PathBuf>,
+    /// Allow paths in models.json (model files, tokenizers, labels) outside its
+    /// folder: absolute, or climbing out with `..`. Off: such a registry is refused.
+    pub models_outside: bool,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     pub socket: SocketConfig,
@@ -198,9 +201,16 @@ pub struct SocketConfig {
     /// Largest request body, MiB; larger ones get 413.
     pub max_body_mb: u64,
     /// Also listen on TCP at this address (`127.0.0.1:8080`); off when unset.
+    /// Needs a bearer token (`tcp_token_file` or `tcp_token_env`).
     pub tcp: Option<String>,
-    /// Allow `tcp` on a non-loopback address (the API has no authentication).
+    /// Allow `tcp` on a non-loopback address (there is no TLS: put a proxy in front).
     pub tcp_allow_remote: bool,
+    /// File holding the bearer token TCP clients must send (first line).
+    pub tcp_token_file: Option<PathBuf>,
+    /// Environment variable holding the bearer token.
+    pub tcp_token_env: Option<String>,
+    /// Users (uids) allowed to load and unload models over the socket; empty: anyone who can reach it.
+    pub admin_uids: Vec<u32>,
 }
 
 impl Default for SocketConfig {
@@ -212,6 +222,9 @@ impl Default for SocketConfig {
             max_body_mb: 16,
             tcp: None,
             tcp_allow_remote: false,
+            tcp_token_file: None,
+            tcp_token_env: None,
+            admin_uids: Vec::new(),
         }
     }
 }
@@ -238,6 +251,28 @@ impl SocketConfig {
         u32::from_str_radix(self.mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777).ok_or_else(|| {
             ConfigError::Invalid(format!("socket.mode: '{}' is not an octal mode like \"0660\"", self.mode))
         })
+    }
+
+    /// The TCP bearer token from `tcp_token_file` or `tcp_token_env`, if any.
+    /// (Never logged: the error names the file or variable, not the value.)
+    pub fn tcp_token(&self) -> Result<Option<String>, ConfigError> {
+        let token = if let Some(file) = &self.tcp_token_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ConfigError::Invalid(format!("socket.tcp_token_file {}: {e}", file.display())))?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        } else if let Some(var) = &self.tcp_token_env {
+            Some(std::env::var(var).map_err(|_| {
+                ConfigError::Invalid(format!("socket.tcp_token_env: the variable {var} is not set"))
+            })?)
+        } else {
+            None
+        };
+        match token {
+            Some(t) if t.len() < 16 => Err(ConfigError::Invalid(
+                "socket.tcp token: must be at least 16 characters (e.g. `openssl rand -hex 32`)".into(),
+            )),
+            other => Ok(other),
+        }
     }
 
     /// The body limit in bytes.
@@ -425,6 +460,21 @@ impl Config {
         Ok(config)
     }
 
+    /// A configuration from TOML text over the defaults, validated (no file, no environment).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
+        let defaults = config::Config::try_from(&Config::default()).map_err(invalid)?;
+        let config: Config = config::Config::builder()
+            .add_source(defaults)
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(invalid)?
+            .try_deserialize()
+            .map_err(invalid)?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Checks values serde cannot: ranges and known names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 || self.limits.max_tensor_elements == 0
@@ -441,8 +491,13 @@ impl Config {
             })?;
             if !addr.ip().is_loopback() && !self.socket.tcp_allow_remote {
                 return Err(ConfigError::Invalid(format!(
-                    "socket.tcp: {addr} is not a loopback address; the API has no authentication, set socket.tcp_allow_remote = true to allow it"
+                    "socket.tcp: {addr} is not a loopback address; the API has no TLS, set socket.tcp_allow_remote = true to allow it"
                 )));
+            }
+            if self.socket.tcp_token()?.is_none() {
+                return Err(ConfigError::Invalid(
+                    "socket.tcp needs a bearer token: set socket.tcp_token_file (or tcp_token_env)".into(),
+                ));
             }
         }
         if self.mqtt.url.is_some() {

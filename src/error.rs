@@ -18,6 +18,10 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// No such endpoint (or method) in the API.
     NotFound,
+    /// The request lacks the credentials the endpoint needs (TCP bearer token).
+    Unauthorized,
+    /// The caller may not do this (admin endpoints limited to `socket.admin_uids`).
+    Forbidden,
     /// A queue is full; try again later.
     Overloaded,
     /// The model exists but cannot be loaded or run here (file, runtime, memory).
@@ -32,11 +36,13 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for metrics that list them all.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::BadInput,
         ErrorKind::UnknownModel,
         ErrorKind::PayloadTooLarge,
         ErrorKind::NotFound,
+        ErrorKind::Unauthorized,
+        ErrorKind::Forbidden,
         ErrorKind::Overloaded,
         ErrorKind::ModelUnavailable,
         ErrorKind::Backend,
@@ -49,6 +55,8 @@ impl ErrorKind {
         match self {
             ErrorKind::BadInput => 400,
             ErrorKind::UnknownModel | ErrorKind::NotFound => 404,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::Overloaded => 429,
             ErrorKind::Backend | ErrorKind::Internal => 500,
@@ -64,6 +72,8 @@ impl ErrorKind {
             ErrorKind::UnknownModel => "unknown_model",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::ModelUnavailable => "model_unavailable",
             ErrorKind::Backend => "backend",

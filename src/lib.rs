@@ -50,6 +50,8 @@ pub enum RunError {
     Tcp { addr: String, message: String },
     #[error("MQTT: {0}")]
     Mqtt(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 /// Runs the daemon with `config` until `shutdown` completes: loads and
@@ -88,7 +90,7 @@ pub async fn run_with(
     probe: Arc<dyn memory::MemoryProbe>,
     reload: Option<Reload>,
 ) -> Result<(), RunError> {
-    let registry = registry::Registry::load(&config.registry_path())?;
+    let registry = registry::Registry::load_confined(&config.registry_path(), config.models_outside)?;
     let engine = engine::Engine::new(config.clone(), registry);
     let metrics = Arc::new(metrics::Metrics::default());
     let manager = Arc::new(manager::Manager::new(config.memory.clone(), probe, engine.registry_arc()));
@@ -125,16 +127,27 @@ pub async fn run_with(
         ready: ready.clone(),
         max_body_bytes: config.socket.max_body_bytes(),
         limits: config.limits.clone(),
+        admin_uids: config.socket.admin_uids.clone(),
+        tcp_token: config.socket.tcp_token()?,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(axum::serve(listener, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
+    use intake::peer::Peer;
+    servers.spawn(
+        axum::serve(listener, app.clone().into_make_service_with_connect_info::<Peer>())
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
     if let Some(tcp) = tcp {
-        tracing::info!(addr = ?tcp.local_addr().ok(), "listening on TCP");
-        servers.spawn(axum::serve(tcp, app).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
+        tracing::info!(addr = ?tcp.local_addr().ok(), "listening on TCP (bearer token required)");
+        servers.spawn(
+            axum::serve(tcp, app.into_make_service_with_connect_info::<Peer>())
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        );
     }
     let drain = Duration::from_millis(config.jobs.drain_timeout_ms);
     let mqtt = match &config.mqtt.url {
@@ -283,7 +296,8 @@ async fn apply_reload(
     reload: &Reload,
 ) -> Result<config::Config, String> {
     let config = (reload.reread)()?;
-    let registry = registry::Registry::load(&config.registry_path()).map_err(|e| e.to_string())?;
+    let registry = registry::Registry::load_confined(&config.registry_path(), config.models_outside)
+        .map_err(|e| e.to_string())?;
     let old = scheduler.engine();
     let engine_changed = config.runtime != current.runtime || config.limits != current.limits;
     let (added, changed, removed) = registry_diff(old.registry(), &registry);

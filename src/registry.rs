@@ -208,6 +208,48 @@ impl Registry {
         if problems.is_empty() { Ok(registry) } else { Err(RegistryError { file: file.to_path_buf(), problems }) }
     }
 
+    /// Reads `file` as [`Registry::load`] does, and unless `allow_outside`
+    /// refuses paths that leave its folder (see [`Registry::escaping_paths`]).
+    pub fn load_confined(file: &Path, allow_outside: bool) -> Result<Registry, RegistryError> {
+        let registry = Self::load(file)?;
+        let problems = if allow_outside { Vec::new() } else { registry.escaping_paths() };
+        if problems.is_empty() { Ok(registry) } else { Err(RegistryError { file: file.to_path_buf(), problems }) }
+    }
+
+    /// Paths in the registry that leave its folder: absolute, or with `..`.
+    pub fn escaping_paths(&self) -> Vec<Problem> {
+        let escapes = |p: &Path| p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir);
+        let mut problems = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let mut paths: Vec<(String, &Path)> = Vec::new();
+            for (j, v) in m.variants.iter().enumerate() {
+                paths.push((format!("models[{i}].variants[{j}].file"), &v.file));
+                for (role, part) in &v.parts {
+                    paths.push((format!("models[{i}].variants[{j}].parts.{role}.file"), &part.file));
+                }
+            }
+            if let Some(l) = &m.labels {
+                paths.push((format!("models[{i}].labels"), l));
+            }
+            if let Some(t) = &m.text {
+                paths.push((format!("models[{i}].text.tokenizer"), &t.tokenizer));
+            }
+            if let Some(g) = &m.generation {
+                paths.push((format!("models[{i}].generation.tokenizer"), &g.tokenizer));
+            }
+            for (path, p) in paths.into_iter().filter(|(_, p)| escapes(p)) {
+                problems.push(Problem {
+                    path,
+                    message: format!(
+                        "{} is outside the folder of models.json; set models_outside = true in the configuration to allow it",
+                        p.display()
+                    ),
+                });
+            }
+        }
+        problems
+    }
+
     /// The model called `name`.
     pub fn get(&self, name: &str) -> Option<&ModelSpec> {
         self.models.iter().find(|m| m.name == name)

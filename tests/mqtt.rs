@@ -270,7 +270,7 @@ async fn a_daemon_killed_with_jobs_in_flight_answers_them_all_after_restart() {
     std::fs::write(
         &config,
         format!(
-            "models = \"{}\"\n[socket]\npath = \"{}\"\n[memory]\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\nnode_id = \"killed\"\nmax_in_flight = 4\nreconnect_max_s = 1\n",
+            "models = \"{}\"\nmodels_outside = true\n[socket]\npath = \"{}\"\n[memory]\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\nnode_id = \"killed\"\nmax_in_flight = 4\nreconnect_max_s = 1\n",
             registry.path().display(),
             dir.path().join("inferd.sock").display(),
             dir.path().join("state").display(),

@@ -107,7 +107,7 @@ impl Drop for Service {
 fn service_dir(extra_config: &str) -> TempRegistry {
     let dir = test_registry();
     let config = format!(
-        "models = \"{}\"\n[socket]\npath = \"{}\"\n[memory]\nstate_dir = \"{}\"\n{extra_config}",
+        "models = \"{}\"\nmodels_outside = true\n[socket]\npath = \"{}\"\n[memory]\nstate_dir = \"{}\"\n{extra_config}",
         dir.path().display(),
         dir.file("inferd.sock").display(),
         dir.file("state").display()

@@ -27,6 +27,10 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
     pub limits: crate::config::Limits,
+    /// Users allowed to load and unload (empty: anyone on the socket).
+    pub admin_uids: Vec<u32>,
+    /// The bearer token TCP clients must send.
+    pub tcp_token: Option<String>,
 }
 
 /// The API's routes.
@@ -44,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), super::peer::guard))
         .with_state(state)
 }
 

@@ -4,5 +4,6 @@
 pub mod http;
 pub mod mqtt;
 pub mod openai;
+pub mod peer;
 pub mod topics;
 pub mod unix;

@@ -152,6 +152,12 @@ struct ParsedJob {
     partials: bool,
 }
 
+/// The job in an MQTT payload (raw image bytes or a JSON envelope), or why
+/// not: what the daemon does with every message, for tools and fuzzing.
+pub fn parse_job(payload: &[u8], limits: &Limits, max_payload: usize) -> Result<(JobInput, JobOptions), InferError> {
+    parse_payload(payload, limits, max_payload).job
+}
+
 fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJob {
     if payload.len() > max_payload {
         let e = InferError::new(

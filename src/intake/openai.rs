@@ -104,25 +104,26 @@ enum Kind {
 
 /// `POST /v1/completions`.
 pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let parsed = parse::<CompletionBody>(&app, &headers, body).await.and_then(|b| {
-        let prompt = match b.prompt {
-            OneOrMany::One(p) => p,
-            OneOrMany::Many(mut ps) if ps.len() == 1 => ps.remove(0),
-            OneOrMany::Many(_) => {
-                return Err(InferError::bad_input("give one prompt; a list of prompts is not supported"));
-            }
-        };
-        Ok((b.common, Prompt::Text(prompt)))
-    });
-    match parsed {
-        Ok((common, prompt)) => run(app, Kind::Completion, common, prompt).await,
+    match read_body(body, &headers, app.max_body_bytes).await.and_then(|b| parse_request(&b, false)) {
+        Ok((model, request, stream)) => run(app, Kind::Completion, model, request, stream).await,
         Err(e) => error_response(&e),
     }
 }
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let parsed = parse::<ChatBody>(&app, &headers, body).await.and_then(|b| {
+    match read_body(body, &headers, app.max_body_bytes).await.and_then(|b| parse_request(&b, true)) {
+        Ok((model, request, stream)) => run(app, Kind::Chat, model, request, stream).await,
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Reads an OpenAI-style body (`chat`: messages, else a prompt): the model
+/// named, the generation request, and whether to stream.
+pub fn parse_request(bytes: &[u8], chat: bool) -> Result<(String, GenerateRequest, bool), InferError> {
+    let invalid = |e: serde_json::Error| InferError::bad_input(format!("invalid request: {e}"));
+    let (c, prompt) = if chat {
+        let b: ChatBody = serde_json::from_slice(bytes).map_err(invalid)?;
         if b.messages.is_empty() {
             return Err(InferError::bad_input("messages is empty"));
         }
@@ -131,51 +132,26 @@ pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -
             .into_iter()
             .map(|m| Ok(ChatMessage { role: m.role, content: content_text(m.content)? }))
             .collect::<Result<Vec<_>, InferError>>()?;
-        Ok((b.common, Prompt::Chat(messages)))
-    });
-    match parsed {
-        Ok((common, prompt)) => run(app, Kind::Chat, common, prompt).await,
-        Err(e) => error_response(&e),
-    }
-}
-
-async fn parse<T: serde::de::DeserializeOwned>(
-    app: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<T, InferError> {
-    let bytes = read_body(body, headers, app.max_body_bytes).await?;
-    serde_json::from_slice(&bytes).map_err(|e| InferError::bad_input(format!("invalid request: {e}")))
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// Checks the request against the model, submits it, and answers whole or as a stream.
-async fn run(app: AppState, kind: Kind, c: Common, prompt: Prompt) -> Response {
-    let engine = app.scheduler.engine();
-    let Some(spec) = engine.registry().get(&c.model) else {
-        return error_response(&InferError::unknown_model(&c.model));
+        (b.common, Prompt::Chat(messages))
+    } else {
+        let b: CompletionBody = serde_json::from_slice(bytes).map_err(invalid)?;
+        let prompt = match b.prompt {
+            OneOrMany::One(p) => p,
+            OneOrMany::Many(mut ps) if ps.len() == 1 => ps.remove(0),
+            OneOrMany::Many(_) => return Err(InferError::bad_input("give one prompt; a list of prompts is not supported")),
+        };
+        (b.common, Prompt::Text(prompt))
     };
-    if spec.task != crate::pipeline::Task::TextGeneration {
-        return error_response(&InferError::bad_input(format!(
-            "model '{}' is a {} model; this endpoint needs a text-generation model",
-            c.model, spec.task
-        )));
-    }
     if c.n.is_some_and(|n| n != 1) {
-        return error_response(&InferError::bad_input("n must be 1: one choice per request"));
+        return Err(InferError::bad_input("n must be 1: one choice per request"));
     }
     let stop = match c.stop {
         None => Vec::new(),
         Some(OneOrMany::One(s)) => vec![s],
         Some(OneOrMany::Many(v)) if v.len() <= 4 => v,
-        Some(OneOrMany::Many(_)) => return error_response(&InferError::bad_input("at most 4 stop strings")),
+        Some(OneOrMany::Many(_)) => return Err(InferError::bad_input("at most 4 stop strings")),
     };
-    let mut request = GenerateRequest {
+    let request = GenerateRequest {
         prompt,
         max_tokens: c.max_tokens.or(c.max_completion_tokens),
         temperature: c.temperature,
@@ -185,11 +161,32 @@ async fn run(app: AppState, kind: Kind, c: Common, prompt: Prompt) -> Response {
         stop,
         stream: None,
     };
+    Ok((c.model, request, c.stream))
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Checks the request against the model, submits it, and answers whole or as a stream.
+async fn run(app: AppState, kind: Kind, model: String, mut request: GenerateRequest, stream: bool) -> Response {
+    let engine = app.scheduler.engine();
+    let Some(spec) = engine.registry().get(&model) else {
+        return error_response(&InferError::unknown_model(&model));
+    };
+    if spec.task != crate::pipeline::Task::TextGeneration {
+        return error_response(&InferError::bad_input(format!(
+            "model '{model}' is a {} model; this endpoint needs a text-generation model",
+            spec.task
+        )));
+    }
     let id =
         format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let meta = Meta { id, model: c.model.clone(), created: now_s(), kind };
-    if !c.stream {
-        let out = app.scheduler.submit(&c.model, JobInput::Generate(request), JobOptions::default()).await;
+    let meta = Meta { id, model: model.clone(), created: now_s(), kind };
+    if !stream {
+        let out = app.scheduler.submit(&model, JobInput::Generate(request), JobOptions::default()).await;
         return match out {
             Ok(out) => axum::Json(meta.whole(&out)).into_response(),
             Err(e) => error_response(&e),
@@ -198,7 +195,6 @@ async fn run(app: AppState, kind: Kind, c: Common, prompt: Prompt) -> Response {
     let (tx, mut pieces) = mpsc::unbounded_channel();
     request.stream = Some(tx);
     let scheduler = app.scheduler.clone();
-    let model = c.model.clone();
     let mut job =
         Job(tokio::spawn(
             async move { scheduler.submit(&model, JobInput::Generate(request), JobOptions::default()).await },

@@ -31,6 +31,8 @@ pub fn inferd_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.args(args).current_dir(root()).env_remove("ORT_DYLIB_PATH").env_remove("RUST_LOG");
     // Measured footprints of this machine's own daemon must not change what the tests see.
     cmd.env("INFERD_MEMORY__STATE_DIR", std::env::temp_dir().join("inferd-tests-no-footprints"));
+    // Test registries name fixture files by absolute path.
+    cmd.env("INFERD_MODELS_OUTSIDE", "true");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -147,7 +149,9 @@ impl Daemon {
         }
         let registry = test_registry();
         let socket = registry.file("inferd.sock");
-        let mut config = inferd::config::Config { models: Some(registry.path()), ..Default::default() };
+        // Test registries name fixture files by absolute path.
+        let mut config =
+            inferd::config::Config { models: Some(registry.path()), models_outside: true, ..Default::default() };
         config.socket.path = Some(socket.clone());
         config.memory.state_dir = Some(registry.file("state"));
         edit(&mut config);

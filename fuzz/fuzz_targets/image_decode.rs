@@ -1,0 +1,19 @@
+//! Image decoding under the daemon's limits (small ones here, so a bomb is
+//! refused from its header): whole, and at reduced JPEG scale for a model input.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let limits = inferd::config::Limits {
+        max_image_bytes: 1 << 20,
+        max_image_pixels: 4_000_000,
+        max_image_side: 4096,
+        ..Default::default()
+    };
+    if let Ok(img) = inferd::pipeline::image::decode(data, &limits) {
+        assert!(u64::from(img.width()) * u64::from(img.height()) <= limits.max_image_pixels);
+    }
+    if let Ok((img, (w, h))) = inferd::pipeline::image::decode_at_least(data, &limits, |w, h| (w.min(64), h.min(64))) {
+        assert!(img.width() <= w && img.height() <= h);
+    }
+});
