@@ -256,17 +256,18 @@ impl SocketConfig {
     /// The TCP bearer token from `tcp_token_file` or `tcp_token_env`, if any.
     /// (Never logged: the error names the file or variable, not the value.)
     pub fn tcp_token(&self) -> Result<Option<String>, ConfigError> {
-        let token = if let Some(file) = &self.tcp_token_file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| ConfigError::Invalid(format!("socket.tcp_token_file {}: {e}", file.display())))?;
-            Some(text.lines().next().unwrap_or("").trim().to_string())
-        } else if let Some(var) = &self.tcp_token_env {
-            Some(std::env::var(var).map_err(|_| {
-                ConfigError::Invalid(format!("socket.tcp_token_env: the variable {var} is not set"))
-            })?)
-        } else {
-            None
-        };
+        let token =
+            if let Some(file) = &self.tcp_token_file {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| ConfigError::Invalid(format!("socket.tcp_token_file {}: {e}", file.display())))?;
+                Some(text.lines().next().unwrap_or("").trim().to_string())
+            } else if let Some(var) = &self.tcp_token_env {
+                Some(std::env::var(var).map_err(|_| {
+                    ConfigError::Invalid(format!("socket.tcp_token_env: the variable {var} is not set"))
+                })?)
+            } else {
+                None
+            };
         match token {
             Some(t) if t.len() < 16 => Err(ConfigError::Invalid(
                 "socket.tcp token: must be at least 16 characters (e.g. `openssl rand -hex 32`)".into(),

@@ -121,6 +121,13 @@ pub async fn run_with(
         ),
         None => None,
     };
+    let tcp_token = config.socket.tcp_token()?;
+    if tcp.is_some() && tcp_token.is_none() {
+        return Err(config::ConfigError::Invalid(
+            "socket.tcp needs a bearer token: set socket.tcp_token_file (or tcp_token_env)".into(),
+        )
+        .into());
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let app = intake::http::router(intake::http::AppState {
         scheduler: scheduler.clone(),
@@ -128,7 +135,7 @@ pub async fn run_with(
         max_body_bytes: config.socket.max_body_bytes(),
         limits: config.limits.clone(),
         admin_uids: config.socket.admin_uids.clone(),
-        tcp_token: config.socket.tcp_token()?,
+        tcp_token,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -296,8 +303,8 @@ async fn apply_reload(
     reload: &Reload,
 ) -> Result<config::Config, String> {
     let config = (reload.reread)()?;
-    let registry = registry::Registry::load_confined(&config.registry_path(), config.models_outside)
-        .map_err(|e| e.to_string())?;
+    let registry =
+        registry::Registry::load_confined(&config.registry_path(), config.models_outside).map_err(|e| e.to_string())?;
     let old = scheduler.engine();
     let engine_changed = config.runtime != current.runtime || config.limits != current.limits;
     let (added, changed, removed) = registry_diff(old.registry(), &registry);

@@ -353,9 +353,18 @@ fn the_cli_talks_to_the_daemon_over_its_socket() {
 #[test]
 fn a_tcp_listener_serves_the_same_api_when_configured() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _daemon = Daemon::start(|c| c.socket.tcp = Some(format!("127.0.0.1:{port}")));
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let _daemon = Daemon::start(|c| {
+        c.socket.tcp = Some(format!("127.0.0.1:{port}"));
+        c.socket.tcp_token_file = Some(token);
+    });
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer 0123456789abcdef0123456789abcdef\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
     let mut out = String::new();
     std::io::Read::read_to_string(&mut s, &mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"status\":\"ok\""), "{out}");

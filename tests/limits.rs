@@ -62,7 +62,12 @@ fn every_limit_answers_its_typed_error_and_memory_stays_bounded() {
     for round in 0..20 {
         refused(&c.post("/v1/models/color/infer", "image/png", &png_bomb).unwrap(), 400, "bad_input", "limit");
         refused(&c.post("/v1/models/color/infer", "image/jpeg", &jpeg_bomb).unwrap(), 400, "bad_input", "pixels");
-        refused(&c.post("/v1/models/color/infer", "application/json", b64_bomb.as_bytes()).unwrap(), 400, "bad_input", "pixels");
+        refused(
+            &c.post("/v1/models/color/infer", "application/json", b64_bomb.as_bytes()).unwrap(),
+            400,
+            "bad_input",
+            "pixels",
+        );
         refused(&c.post("/v1/models/color/infer", "image/jpeg", &too_big).unwrap(), 413, "payload_too_large", "4 MiB");
         // Tensors: over the element limit, a shape whose product overflows, negative and empty dims.
         refused(
@@ -72,16 +77,31 @@ fn every_limit_answers_its_typed_error_and_memory_stays_bounded() {
             "elements",
         );
         refused(
-            &c.post("/v1/models/mlp/infer", "application/json", &tensor(json!([4_611_686_018_427_387_904u64, 8]), json!([1.0])))
-                .unwrap(),
+            &c.post(
+                "/v1/models/mlp/infer",
+                "application/json",
+                &tensor(json!([4_611_686_018_427_387_904u64, 8]), json!([1.0])),
+            )
+            .unwrap(),
             400,
             "bad_input",
             "elements",
         );
-        let negative = c.post("/v1/models/mlp/infer", "application/json", &tensor(json!([-1, 4]), json!([1.0]))).unwrap();
+        let negative =
+            c.post("/v1/models/mlp/infer", "application/json", &tensor(json!([-1, 4]), json!([1.0]))).unwrap();
         assert_eq!(negative.status, 400, "{}", String::from_utf8_lossy(&negative.body));
-        refused(&c.post("/v1/models/minilm/infer", "text/plain", long_text.as_bytes()).unwrap(), 400, "bad_input", "limit");
-        refused(&c.post("/v1/models/minilm/infer", "application/json", many_texts.as_bytes()).unwrap(), 400, "bad_input", "texts");
+        refused(
+            &c.post("/v1/models/minilm/infer", "text/plain", long_text.as_bytes()).unwrap(),
+            400,
+            "bad_input",
+            "limit",
+        );
+        refused(
+            &c.post("/v1/models/minilm/infer", "application/json", many_texts.as_bytes()).unwrap(),
+            400,
+            "bad_input",
+            "texts",
+        );
         if round == 0 {
             assert_eq!(c.get("/v1/health").unwrap().status, 200);
         }

@@ -379,6 +379,32 @@ async fn a_wrong_password_keeps_the_socket_serving_and_never_connects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_signed_by_another_ca_is_refused() {
+    let broker = Broker::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=another CA"])
+        .args(["-keyout", "other.key", "-out", "other.pem"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let password = broker.tls.as_ref().unwrap().password_file.clone();
+    let other = dir.path().join("other.pem");
+    let daemon = tls_daemon(&broker, "wrong-ca", password, move |c| {
+        c.mqtt.ca_file = Some(other);
+        c.mqtt.reconnect_max_s = 1;
+    });
+    let mut c = TestClient::connect(&broker, "wrong-ca-watcher").await;
+    c.subscribe("inferd/wrong-ca/status").await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), c.recv_on("inferd/wrong-ca/status", WAIT)).await.is_err(),
+        "inferd connected to a broker its CA did not sign"
+    );
+    assert_eq!(daemon.client().post("/v1/models/color/infer", "image/jpeg", &image("red")).unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_model_queue_answers_mqtt_jobs_with_overloaded() {
     let broker = Broker::start();
     let _daemon = mqtt_daemon(&broker, "tight", |c| {

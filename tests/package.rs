@@ -60,6 +60,27 @@ fn the_units_pass_systemd_analyze_verify() {
     assert!(socket.contains("ListenStream=/run/inferd/inferd.sock"), "{socket}");
 }
 
+/// `systemd-analyze security` rates what the unit leaves exposed, 0 (locked) to 10;
+/// docs/SECURITY.md records the score, and it must not creep up.
+#[test]
+fn the_unit_exposure_score_stays_low() {
+    let (ok, stdout, stderr) = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(repo("systemd/inferd.service")));
+    let line =
+        stdout.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("{stdout}{stderr}"));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(ok || score > 0.0, "{stderr}");
+    assert!(score <= 2.0, "exposure {score} (docs/SECURITY.md records 1.7): {line}");
+    let docs = std::fs::read_to_string(repo("docs/SECURITY.md")).unwrap();
+    assert!(docs.contains(&format!("**{score:.1} OK**")), "docs/SECURITY.md should record {score:.1}");
+}
+
 #[test]
 fn the_deb_has_the_daemon_units_config_and_a_registry_that_checks_out() {
     let out = tempfile::tempdir().unwrap();

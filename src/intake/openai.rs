@@ -138,7 +138,9 @@ pub fn parse_request(bytes: &[u8], chat: bool) -> Result<(String, GenerateReques
         let prompt = match b.prompt {
             OneOrMany::One(p) => p,
             OneOrMany::Many(mut ps) if ps.len() == 1 => ps.remove(0),
-            OneOrMany::Many(_) => return Err(InferError::bad_input("give one prompt; a list of prompts is not supported")),
+            OneOrMany::Many(_) => {
+                return Err(InferError::bad_input("give one prompt; a list of prompts is not supported"));
+            }
         };
         (b.common, Prompt::Text(prompt))
     };

@@ -39,9 +39,7 @@ impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
 
 /// Whether `method path` loads or unloads a model (the admin endpoints).
 pub fn is_admin(method: &Method, path: &str) -> bool {
-    method == Method::POST
-        && path.starts_with("/v1/models/")
-        && (path.ends_with("/load") || path.ends_with("/unload"))
+    method == Method::POST && path.starts_with("/v1/models/") && (path.ends_with("/load") || path.ends_with("/unload"))
 }
 
 /// Whether `peer` may call an admin endpoint under `admin_uids`.
@@ -74,7 +72,7 @@ pub async fn guard(State(app): State<AppState>, request: Request, next: Next) ->
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !same_secret(given.as_bytes(), token.as_bytes()) {
-            tracing::info!(remote, %method, path, "refused: no valid bearer token");
+            tracing::info!(remote, %method, path = %path, "refused: no valid bearer token");
             return error_response(&InferError::new(
                 ErrorKind::Unauthorized,
                 "this listener needs `Authorization: Bearer <token>` (socket.tcp_token_file)",
@@ -83,7 +81,7 @@ pub async fn guard(State(app): State<AppState>, request: Request, next: Next) ->
     }
     let admin = is_admin(&method, &path);
     if admin && !may_administer(&peer, &app.admin_uids) {
-        tracing::info!(uid, gid, pid, remote, %method, path, "refused: not in socket.admin_uids");
+        tracing::info!(uid, gid, pid, remote, %method, path = %path, "refused: not in socket.admin_uids");
         return error_response(&InferError::new(
             ErrorKind::Forbidden,
             "loading and unloading models is limited to the users in socket.admin_uids",
@@ -93,9 +91,9 @@ pub async fn guard(State(app): State<AppState>, request: Request, next: Next) ->
     let response = next.run(request).await;
     let (status, ms) = (response.status().as_u16(), started.elapsed().as_secs_f64() * 1000.0);
     if admin {
-        tracing::info!(uid, gid, pid, remote, %method, path, status, "admin request");
+        tracing::info!(uid, gid, pid, remote, %method, path = %path, status, "admin request");
     } else {
-        tracing::debug!(uid, gid, pid, remote, %method, path, status, ms, "request");
+        tracing::debug!(uid, gid, pid, remote, %method, path = %path, status, ms, "request");
     }
     response
 }
