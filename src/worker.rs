@@ -215,6 +215,8 @@ fn run_jobs(cells: &Cells<'_>, instance: usize, m: &mut LoadedModel, jobs: Vec<J
 struct Active {
     reply: oneshot::Sender<Result<JobOutput, InferError>>,
     seq: crate::pipeline::generate::Sequence,
+    /// What its KV cache can grow to.
+    cache_bytes: u64,
     timings: crate::job::Timings,
     error: Option<InferError>,
 }
@@ -242,8 +244,27 @@ fn interleave(
         };
         let Some((generator, _)) = m.generation() else { return };
         let started = crate::pipeline::generate::request_of(job.input).and_then(|r| generator.start(r, max_text));
-        match started {
-            Ok(seq) => active.push(Active { reply: job.reply, seq, timings, error: None }),
+        let admitted = started.and_then(|seq| {
+            // The cache grows with every token: refuse now what memory cannot hold at the end.
+            let need = generator.cache_bytes(&seq);
+            let held: u64 = active.iter().map(|a| a.cache_bytes).sum();
+            match cells.ctx.manager.room() {
+                Ok(room) if need.saturating_add(held) > room => {
+                    let (need_mib, room_mib) = (crate::memory::mib(need), crate::memory::mib(room));
+                    let why = format!(
+                        "this request's KV cache needs up to {need_mib} MiB and {room_mib} MiB are free; ask for fewer max_tokens"
+                    );
+                    Err(if held > 0 {
+                        InferError::overloaded(format!("{why}, or retry when the {} running request(s) end", active.len()))
+                    } else {
+                        InferError::unavailable(why)
+                    })
+                }
+                _ => Ok((seq, need)),
+            }
+        });
+        match admitted {
+            Ok((seq, cache_bytes)) => active.push(Active { reply: job.reply, seq, cache_bytes, timings, error: None }),
             Err(e) => {
                 let _ = job.reply.send(Err(e));
             }

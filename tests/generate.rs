@@ -285,3 +285,19 @@ async fn mqtt_generation_publishes_partials_then_the_whole_text() {
     assert_eq!(result["result"]["finish_reason"], "length");
     assert_eq!(partial, text, "the partial messages add up to the text");
 }
+
+#[test]
+fn a_request_whose_cache_memory_cannot_hold_gets_a_clear_error() {
+    let probe = std::sync::Arc::new(inferd::memory::FakeProbe::new_mib(4096));
+    let d = Daemon::start_with_probe(probe.clone(), |c| c.models = Some(fixtures().join("models.json")));
+    let (status, v) = post(&d, "/v1/completions", json!({"model": "tiny-gpt", "prompt": "Hello", "max_tokens": 4}));
+    assert_eq!(status, 200, "{v}");
+    probe.set_mib(0); // the box ran out of memory since the model loaded
+    let (status, v) = post(&d, "/v1/completions", json!({"model": "tiny-gpt", "prompt": "Hello", "max_tokens": 64}));
+    assert_eq!(status, 503, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("KV cache needs up to 1 MiB and 0 MiB are free"), "{message}");
+    probe.set_mib(4096);
+    let (status, v) = post(&d, "/v1/completions", json!({"model": "tiny-gpt", "prompt": "Hello", "max_tokens": 4}));
+    assert_eq!(status, 200, "{v}");
+}

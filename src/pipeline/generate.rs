@@ -302,6 +302,15 @@ impl Generator {
         Ok(Generator { spec, tokenizer, layout, eos })
     }
 
+    /// Bytes the KV cache of `seq` can reach (its prompt plus `max_tokens`,
+    /// within the context), twice over: each step holds the cache it feeds
+    /// and the one the model returns.
+    pub fn cache_bytes(&self, seq: &Sequence) -> u64 {
+        let positions = (seq.prompt_tokens + seq.max_tokens).min(self.spec.context_length) as u64;
+        let per_position = (2 * self.layout.layers * self.layout.heads * self.layout.head_dim * 4) as u64;
+        2 * positions * per_position
+    }
+
     /// Most sequences to interleave on one session.
     pub fn parallel(&self) -> usize {
         self.spec.parallel

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fuzzes every parser that sees untrusted bytes (fuzz/fuzz_targets/): a short
+# smoke by default, or N executions per target:
+#   scripts/fuzz.sh            # 20 000 runs each
+#   scripts/fuzz.sh 1000000    # the real run
+#   scripts/fuzz.sh 1000000 image_decode
+# Needs the nightly toolchain and cargo-fuzz (installed here if missing).
+# New inputs go to fuzz/corpus/<target> (not in git); fuzz/seeds/<target> is
+# the small seed corpus kept in git. A crash leaves its input in
+# fuzz/artifacts/<target>: fix it and add it to a regression test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs="${1:-20000}"
+targets=("${@:2}")
+[ ${#targets[@]} -gt 0 ] || targets=(registry api_request mqtt_envelope image_decode prompt config)
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.1
+for target in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$target"
+  echo "== $target: $runs runs"
+  cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+    -runs="$runs" -max_len=65536 -rss_limit_mb=2048 -timeout=20 -print_final_stats=1 2>&1 \
+    | grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY|Done|INFO: Loaded)" || true
+  if ls "fuzz/artifacts/$target"/crash-* "fuzz/artifacts/$target"/oom-* "fuzz/artifacts/$target"/timeout-* >/dev/null 2>&1; then
+    echo "$target: findings in fuzz/artifacts/$target" >&2
+    exit 1
+  fi
+done
