@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 runs="${1:-20000}"
 targets=("${@:2}")
 [ ${#targets[@]} -gt 0 ] || targets=(registry api_request mqtt_envelope image_decode prompt config)
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.1
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
 for target in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$target"
   echo "== $target: $runs runs"

@@ -32,9 +32,35 @@ pub struct BenchArgs {
     pub clients: usize,
     pub duration: Duration,
     pub warmup: usize,
+    /// Jobs per second across all clients (paced); none: as fast as answered.
+    pub rate: Option<f64>,
     pub socket: PathBuf,
     pub mqtt_url: String,
     pub mqtt_prefix: String,
+}
+
+/// Spaces one client's jobs `clients / rate` seconds apart (a late job does
+/// not make the next ones bunch up: the schedule moves on).
+#[derive(Debug, Clone, Copy)]
+struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(args: &BenchArgs) -> Pacer {
+        let interval = args.rate.map(|r| Duration::from_secs_f64(args.clients as f64 / r));
+        Pacer { interval, next: Instant::now() }
+    }
+
+    /// How long to wait before the next job.
+    fn delay(&mut self) -> Duration {
+        let Some(interval) = self.interval else { return Duration::ZERO };
+        let now = Instant::now();
+        let wait = self.next.saturating_duration_since(now);
+        self.next = self.next.max(now) + interval;
+        wait
+    }
 }
 
 /// What came out.
@@ -132,7 +158,9 @@ pub fn run(args: &BenchArgs, engine: Option<&Engine>) -> Result<Report, String> 
                         let c = c.clone();
                         s.spawn(move || {
                             let mut rec = Record::default();
+                            let mut pacer = Pacer::new(args);
                             while started.elapsed() < args.duration {
+                                std::thread::sleep(pacer.delay());
                                 rec.record(one(&c));
                             }
                             rec
@@ -287,9 +315,11 @@ fn mqtt(args: &BenchArgs, payload: Vec<u8>) -> Result<Vec<Record>, String> {
             let (client, waiters, seq, payload) = (client.clone(), waiters.clone(), seq.clone(), payload.clone());
             let job = one.clone();
             let duration = args.duration;
+            let mut pacer = Pacer::new(args);
             tasks.spawn(async move {
                 let mut rec = Record::default();
                 while started.elapsed() < duration {
+                    tokio::time::sleep(pacer.delay()).await;
                     rec.record(job(client.clone(), waiters.clone(), seq.clone(), payload.clone()).await);
                 }
                 rec
@@ -307,6 +337,27 @@ fn mqtt(args: &BenchArgs, payload: Vec<u8>) -> Result<Vec<Record>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paced_client_keeps_its_schedule() {
+        let args = BenchArgs {
+            model: "m".into(),
+            input: "x".into(),
+            via: Via::Socket,
+            clients: 4,
+            duration: Duration::from_secs(1),
+            warmup: 0,
+            rate: Some(100.0),
+            socket: "s".into(),
+            mqtt_url: String::new(),
+            mqtt_prefix: String::new(),
+        };
+        let mut p = Pacer::new(&args);
+        assert_eq!(p.delay(), Duration::ZERO, "the first job goes at once");
+        let second = p.delay();
+        assert!(second > Duration::from_millis(35) && second <= Duration::from_millis(40), "{second:?}: 4 clients at 100/s");
+        assert_eq!(Pacer::new(&BenchArgs { rate: None, ..args }).delay(), Duration::ZERO);
+    }
 
     #[test]
     fn quantiles_pick_the_nearest_rank() {

@@ -123,6 +123,10 @@ pub enum Command {
         /// Jobs run first and not counted (loads the model).
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Pace the clients to this many jobs per second in all (steady load
+        /// for soak runs); unset: each client sends its next job at once.
+        #[arg(long)]
+        rate: Option<f64>,
         /// Socket to drive (default: the configured one).
         #[arg(long)]
         socket: Option<PathBuf>,
