@@ -355,7 +355,10 @@ mod tests {
         let mut p = Pacer::new(&args);
         assert_eq!(p.delay(), Duration::ZERO, "the first job goes at once");
         let second = p.delay();
-        assert!(second > Duration::from_millis(35) && second <= Duration::from_millis(40), "{second:?}: 4 clients at 100/s");
+        assert!(
+            second > Duration::from_millis(35) && second <= Duration::from_millis(40),
+            "{second:?}: 4 clients at 100/s"
+        );
         assert_eq!(Pacer::new(&BenchArgs { rate: None, ..args }).delay(), Duration::ZERO);
     }
 

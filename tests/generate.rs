@@ -301,3 +301,13 @@ fn a_request_whose_cache_memory_cannot_hold_gets_a_clear_error() {
     let (status, v) = post(&d, "/v1/completions", json!({"model": "tiny-gpt", "prompt": "Hello", "max_tokens": 4}));
     assert_eq!(status, 200, "{v}");
 }
+
+#[test]
+fn openai_clients_can_list_the_models() {
+    let d = daemon();
+    let v = d.client().get("/v1/models").unwrap().json().unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "tiny-gpt");
+    assert_eq!(v["data"][0]["object"], "model");
+    assert_eq!(v["models"][0]["task"], "text-generation", "inferd's own list is still there");
+}

@@ -145,7 +145,14 @@ pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError
 async fn list_models(State(app): State<AppState>) -> Response {
     let models: Result<Vec<Value>, InferError> =
         app.scheduler.engine().registry().models.iter().map(|m| model_info(&app.scheduler, &m.name)).collect();
-    respond(models.map(|m| json!({"models": m})))
+    // `object`/`data` as OpenAI's model list, so its clients can list the models too.
+    respond(models.map(|m| {
+        let data: Vec<Value> = m
+            .iter()
+            .map(|i| json!({"id": i["name"], "object": "model", "owned_by": "inferd", "task": i["task"]}))
+            .collect();
+        json!({"models": m, "object": "list", "data": data})
+    }))
 }
 
 async fn get_model(State(app): State<AppState>, Path(name): Path<String>) -> Response {
