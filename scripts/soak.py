@@ -70,7 +70,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="inferd-soak-"))
     port = free_port()
     (work / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\nmax_queued_messages 100000\n")
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\nmax_queued_messages 100000\nmax_inflight_messages 0\nset_tcp_nodelay true\n")
     broker = subprocess.Popen(["mosquitto", "-c", str(work / "mosquitto.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sock = work / "inferd.sock"
