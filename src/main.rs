@@ -135,7 +135,9 @@ fn serve(mut config: Config, config_file: Option<std::path::PathBuf>, models: Op
     if models.is_some() {
         config.models = models.clone();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The blocking pool (large JSON bodies, joining worker threads) stays small
+    // and steady: an edge daemon's thread count should not drift with load.
+    let runtime = match tokio::runtime::Builder::new_multi_thread().max_blocking_threads(16).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("inferd: cannot start the async runtime: {e}");

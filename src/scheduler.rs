@@ -43,8 +43,8 @@ pub struct Scheduler {
     closed: std::sync::atomic::AtomicBool,
     evict_tx: mpsc::UnboundedSender<String>,
     evict_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
-    /// Image decodes running at once, at most one per core.
-    decoders: Arc<tokio::sync::Semaphore>,
+    /// Threads that decode and resize images, one per core (started on first use).
+    decoders: std::sync::OnceLock<DecodePool>,
 }
 
 impl Scheduler {
@@ -60,9 +60,7 @@ impl Scheduler {
             closed: false.into(),
             evict_tx,
             evict_rx: Mutex::new(Some(evict_rx)),
-            decoders: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            )),
+            decoders: std::sync::OnceLock::new(),
         }
     }
 
@@ -297,14 +295,13 @@ impl Scheduler {
         };
         let spec = spec.clone();
         let limits = engine.config().limits.clone();
-        let _turn =
-            self.decoders.clone().acquire_owned().await.map_err(|_| InferError::unavailable("shutting down"))?;
-        tokio::task::spawn_blocking(move || {
+        let (reply, answer) = oneshot::channel();
+        self.decoders.get_or_init(DecodePool::start).run(Box::new(move || {
             let t = Instant::now();
-            crate::pipeline::preprocess(&spec, input, &limits).map(|i| (i, t.elapsed().as_secs_f64() * 1000.0))
-        })
-        .await
-        .unwrap_or_else(|e| Err(InferError::internal(format!("decoding the image failed: {e}"))))
+            let done = crate::pipeline::preprocess(&spec, input, &limits);
+            let _ = reply.send(done.map(|i| (i, t.elapsed().as_secs_f64() * 1000.0)));
+        }))?;
+        answer.await.unwrap_or_else(|_| Err(InferError::internal("decoding the image failed (the decoder stopped)")))
     }
 
     /// Loads `model` now (if not loaded) and waits for it, up to `jobs.load_timeout_ms`.
@@ -386,6 +383,44 @@ impl Scheduler {
         if tokio::time::timeout(deadline, all).await.is_err() {
             tracing::warn!("workers still busy after {} ms; stopping without them", deadline.as_millis());
         }
+    }
+}
+
+type Task = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads for image work, one per core: as many threads in
+/// the hundredth hour as in the first (tokio's blocking pool grows and
+/// shrinks with load), and never more decodes at once than cores. Tasks wait
+/// in an unbounded channel, bounded in practice by the queues' admission.
+struct DecodePool {
+    tasks: std::sync::mpsc::Sender<Task>,
+}
+
+impl DecodePool {
+    fn start() -> DecodePool {
+        let (tasks, rx) = std::sync::mpsc::channel::<Task>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("inferd-decode-{i}")).spawn(move || {
+                loop {
+                    let task = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match task {
+                        // A panic in a decoder must not take the thread: the task's reply just closes.
+                        Ok(task) => drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))),
+                        Err(_) => return,
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a decode thread: {e}");
+            }
+        }
+        DecodePool { tasks }
+    }
+
+    fn run(&self, task: Task) -> Result<(), InferError> {
+        self.tasks.send(task).map_err(|_| InferError::internal("no decode thread is running"))
     }
 }
 

@@ -122,8 +122,18 @@ async fn no_mqtt_job_is_lost_through_broker_restarts_and_daemon_kills() {
             let job = json!({"id": format!("c-{i}"), "image_base64": image, "reply_to": "replies/chaos"});
             device.publish(&format!("inferd/{NODE}/jobs/color"), job.to_string()).await;
         }
-        // Strike while this round's jobs are in flight: some taken, some answered, some queued.
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // A job is sent once the broker has it (PUBACK): wait for that, not for answers,
+        // then strike while this round's jobs are in flight: some taken, some answered, some queued.
+        let sent = (round + 1) * jobs / rounds;
+        let wait = Instant::now();
+        while device.acked.load(Ordering::SeqCst) < sent {
+            assert!(
+                wait.elapsed() < Duration::from_secs(30),
+                "the broker took {} of {sent} jobs",
+                device.acked.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         while let Ok(r) = device.rx.try_recv() {
             if r.topic == "replies/chaos" {
                 *answered.entry(r.json()["id"].as_str().unwrap().to_string()).or_default() += 1;
@@ -166,6 +176,11 @@ async fn no_mqtt_job_is_lost_through_broker_restarts_and_daemon_kills() {
         refused.load(Ordering::SeqCst),
         slowest_ms.load(Ordering::SeqCst)
     );
+    if lost > 0 {
+        let dump = std::env::temp_dir().join("chaos-broker.log");
+        std::fs::write(&dump, broker.log()).unwrap();
+        eprintln!("broker log in {} (verbose with TEST_BROKER_LOG=1)", dump.display());
+    }
     assert_eq!(
         lost,
         0,

@@ -220,7 +220,7 @@ async fn a_broker_restart_mid_stream_loses_no_job() {
     while seen.len() < total {
         let Ok(r) = tokio::time::timeout(Duration::from_secs(40), c.recv_on("replies/restart", WAIT * 4)).await else {
             let missing: Vec<String> = (0..total).map(|i| format!("r-{i}")).filter(|id| !seen.contains(id)).collect();
-            if std::env::var_os("INFERD_TEST_BROKER_LOG").is_some() {
+            if std::env::var_os("TEST_BROKER_LOG").is_some() {
                 std::fs::write("/tmp/broker-restart.log", broker.log()).unwrap();
             }
             panic!("jobs never answered: {missing:?}");

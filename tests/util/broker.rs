@@ -136,7 +136,7 @@ impl Broker {
         b
     }
 
-    /// The broker's log file (verbose with INFERD_TEST_BROKER_LOG set).
+    /// The broker's log file (verbose with TEST_BROKER_LOG set).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
@@ -148,7 +148,7 @@ impl Broker {
             "per_listener_settings true\npersistence true\npersistence_location {d}/\nuser root\n\
              max_queued_messages 10000\nlog_dest file {d}/mosquitto.log\nlog_type {}\n\
              listener {} 127.0.0.1\nallow_anonymous true\n",
-            if std::env::var_os("INFERD_TEST_BROKER_LOG").is_some() { "all" } else { "error" },
+            if std::env::var_os("TEST_BROKER_LOG").is_some() { "all" } else { "error" },
             self.port,
         );
         if let Some(tls) = &self.tls {
@@ -220,6 +220,8 @@ impl Received {
 pub struct TestClient {
     pub client: AsyncClient,
     pub rx: tokio::sync::mpsc::UnboundedReceiver<Received>,
+    /// PUBACKs received: publishes the broker has taken.
+    pub acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl TestClient {
@@ -229,6 +231,8 @@ impl TestClient {
         o.set_max_packet_size(Some(64 << 20));
         let (client, mut events) = AsyncClient::new(o, 1000);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let acks = acked.clone();
         tokio::spawn(async move {
             loop {
                 match events.poll().await {
@@ -248,12 +252,15 @@ impl TestClient {
                             return;
                         }
                     }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        TestClient { client, rx }
+        TestClient { client, rx, acked }
     }
 
     pub async fn subscribe(&self, filter: &str) {
