@@ -316,7 +316,8 @@ fn a_stale_socket_is_replaced_but_a_live_daemon_is_not() {
     assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o660);
     assert_eq!(daemon.client().get("/v1/health").unwrap().status, 200);
 
-    let mut config = inferd::config::Config { models: Some(registry.path()), ..Default::default() };
+    let mut config =
+        inferd::config::Config { models: Some(registry.path()), models_outside: true, ..Default::default() };
     config.socket.path = Some(socket.clone());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let err = rt.block_on(inferd::run(config, std::future::pending())).unwrap_err();

@@ -227,7 +227,7 @@ pub fn busy_iterations_for(client: &inferd::client::Client, target: std::time::D
             .fold(f64::INFINITY, f64::min)
     };
     // Two sizes, so the fixed cost of a request drops out of the per-iteration time.
-    let (small, large) = (5_000, 50_000);
+    let (small, large) = (5_000, 20_000); // both well inside a 300 ms job timeout, even on a loaded box
     let (t_small, t_large) = (fastest(small), fastest(large));
     let per_iteration = ((t_large - t_small) / (large - small) as f64).max(t_large / large as f64 / 4.0);
     ((target.as_secs_f64() / per_iteration) as i64).max(small)
