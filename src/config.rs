@@ -532,6 +532,17 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_documented_example_with_the_defaults_parses_and_is_the_default() {
+        let doc = include_str!("../docs/configuration.md");
+        let start = doc.find("## Full example with the defaults").expect("the section");
+        let block = &doc[start..];
+        let block = &block[block.find("```toml\n").expect("a toml block") + 8..];
+        let block = &block[..block.find("```").expect("its end")];
+        let parsed = Config::from_toml_str(block).unwrap_or_else(|e| panic!("docs/configuration.md: {e}"));
+        assert_eq!(parsed, Config::default(), "the example states the defaults");
+    }
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
