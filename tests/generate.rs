@@ -75,6 +75,26 @@ fn the_kv_cache_loop_gives_exactly_the_reference_tokens() {
 }
 
 #[test]
+fn tract_runs_the_same_cache_loop_to_the_same_tokens() {
+    let registry = inferd::registry::Registry::load(&fixtures().join("models.json")).unwrap();
+    let engine = Engine::new(inferd::config::Config::default(), registry);
+    let options = LoadOptions { backend: Some(inferd::backend::BackendChoice::Tract), ..Default::default() };
+    let mut model = engine.load("tiny-gpt", &options).unwrap();
+    for (prompt, tokens, _) in cases().into_iter().take(2) {
+        let request = GenerateRequest {
+            prompt: Prompt::Text(prompt.clone()),
+            max_tokens: Some(tokens.len()),
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        let out = model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap();
+        assert_eq!(out.backend, inferd::backend::BackendKind::Tract);
+        let JobResult::Generation { tokens: got, .. } = out.result else { panic!("{out:?}") };
+        assert_eq!(got.into_iter().map(u64::from).collect::<Vec<_>>(), tokens, "{prompt:?} on tract");
+    }
+}
+
+#[test]
 fn completions_answer_as_openai_does_whole_and_streamed_with_the_same_text() {
     let d = daemon();
     let (prompt, tokens, text) = cases().remove(0);
