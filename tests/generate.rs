@@ -51,6 +51,17 @@ fn events(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// `prompt` continued greedily for `n` tokens on a model loaded in this process.
+fn greedy(model: &mut inferd::engine::LoadedModel, prompt: &str, n: usize) -> inferd::job::JobOutput {
+    let request = GenerateRequest {
+        prompt: Prompt::Text(prompt.to_string()),
+        max_tokens: Some(n),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap()
+}
+
 #[test]
 fn the_kv_cache_loop_gives_exactly_the_reference_tokens() {
     let registry = inferd::registry::Registry::load(&fixtures().join("models.json")).unwrap();
@@ -59,13 +70,7 @@ fn the_kv_cache_loop_gives_exactly_the_reference_tokens() {
     let all = cases();
     assert!(all.len() >= 5, "the fixture has its prompts");
     for (prompt, tokens, text) in all {
-        let request = GenerateRequest {
-            prompt: Prompt::Text(prompt.clone()),
-            max_tokens: Some(tokens.len()),
-            temperature: Some(0.0),
-            ..Default::default()
-        };
-        let out = model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap();
+        let out = greedy(&mut model, &prompt, tokens.len());
         let JobResult::Generation { tokens: got, text: got_text, usage, .. } = out.result else { panic!("{out:?}") };
         let got: Vec<u64> = got.into_iter().map(u64::from).collect();
         assert_eq!(got, tokens, "{prompt:?}");
@@ -81,13 +86,7 @@ fn tract_runs_the_same_cache_loop_to_the_same_tokens() {
     let options = LoadOptions { backend: Some(inferd::backend::BackendChoice::Tract), ..Default::default() };
     let mut model = engine.load("tiny-gpt", &options).unwrap();
     for (prompt, tokens, _) in cases().into_iter().take(2) {
-        let request = GenerateRequest {
-            prompt: Prompt::Text(prompt.clone()),
-            max_tokens: Some(tokens.len()),
-            temperature: Some(0.0),
-            ..Default::default()
-        };
-        let out = model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap();
+        let out = greedy(&mut model, &prompt, tokens.len());
         assert_eq!(out.backend, inferd::backend::BackendKind::Tract);
         let JobResult::Generation { tokens: got, .. } = out.result else { panic!("{out:?}") };
         assert_eq!(got.into_iter().map(u64::from).collect::<Vec<_>>(), tokens, "{prompt:?} on tract");

@@ -458,9 +458,7 @@ impl Generator {
             .decode(&seq.tokens[seq.prompt_tokens..], false)
             .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
         seq.text = text;
-        let earliest = seq.stop.iter().filter_map(|s| seq.text.find(s.as_str())).min();
-        if let Some(at) = earliest {
-            seq.text.truncate(at);
+        if cut_at_stop(&mut seq.text, &seq.stop) {
             return self.end(seq, FinishReason::Stop);
         }
         // Hold back a tail that may still become a stop string, or a character still being spelled byte by byte.
@@ -489,9 +487,7 @@ impl Generator {
                 .tokenizer
                 .decode(&seq.tokens[seq.prompt_tokens..], false)
                 .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
-            if let Some(at) = seq.stop.iter().filter_map(|s| seq.text.find(s.as_str())).min() {
-                seq.text.truncate(at);
-            }
+            cut_at_stop(&mut seq.text, &seq.stop);
         }
         seq.finish = Some(reason);
         let all = seq.text.len();
@@ -531,6 +527,17 @@ impl Generator {
             self.step(engine, &mut seq)?;
         }
         Ok(self.result(seq))
+    }
+}
+
+/// Cuts `text` before the first of `stop` in it; says whether one was found.
+fn cut_at_stop(text: &mut String, stop: &[String]) -> bool {
+    match stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        Some(at) => {
+            text.truncate(at);
+            true
+        }
+        None => false,
     }
 }
 
