@@ -434,9 +434,9 @@ impl Config {
         default_path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
-        let defaults = config::Config::try_from(&Config::default()).map_err(invalid)?;
-        let mut builder = config::Config::builder().add_source(defaults);
+        // Every section is `serde(default)`: what no layer sets keeps its
+        // default without a defaults layer (which cost more than the parse).
+        let mut builder = config::Config::builder();
         match explicit {
             Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_path_buf())),
             Some(path) => builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml)),
@@ -456,6 +456,11 @@ impl Config {
                 .with_list_parse_key("memory.preload")
                 .source(Some(env)),
         );
+        Self::finish(builder)
+    }
+
+    fn finish(builder: config::ConfigBuilder<config::builder::DefaultState>) -> Result<Config, ConfigError> {
+        let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
         let config: Config = builder.build().map_err(invalid)?.try_deserialize().map_err(invalid)?;
         config.validate()?;
         Ok(config)
@@ -463,17 +468,7 @@ impl Config {
 
     /// A configuration from TOML text over the defaults, validated (no file, no environment).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
-        let defaults = config::Config::try_from(&Config::default()).map_err(invalid)?;
-        let config: Config = config::Config::builder()
-            .add_source(defaults)
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .map_err(invalid)?
-            .try_deserialize()
-            .map_err(invalid)?;
-        config.validate()?;
-        Ok(config)
+        Self::finish(config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml)))
     }
 
     /// Checks values serde cannot: ranges and known names.
