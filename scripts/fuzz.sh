@@ -20,7 +20,7 @@ for target in "${targets[@]}"; do
   cargo +nightly fuzz run -O "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
     -runs="$runs" -max_len=65536 -rss_limit_mb=2048 -timeout=20 -print_final_stats=1 2>&1 \
     | grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY|Done|INFO: Loaded)" || true
-  if ls "fuzz/artifacts/$target"/crash-* "fuzz/artifacts/$target"/oom-* "fuzz/artifacts/$target"/timeout-* >/dev/null 2>&1; then
+  if find "fuzz/artifacts/$target" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'oom-*' -o -name 'timeout-*' \) 2>/dev/null | grep -q .; then
     echo "$target: findings in fuzz/artifacts/$target" >&2
     exit 1
   fi

@@ -388,39 +388,35 @@ impl Scheduler {
 
 type Task = Box<dyn FnOnce() + Send>;
 
-/// A fixed set of threads for image work, one per core: as many threads in
-/// the hundredth hour as in the first (tokio's blocking pool grows and
-/// shrinks with load), and never more decodes at once than cores. Tasks wait
-/// in an unbounded channel, bounded in practice by the queues' admission.
+/// A fixed set of threads for image work, one per core, started on first
+/// use: as many threads in the hundredth hour as in the first (tokio's
+/// blocking pool grows and shrinks with load), and never more decoding at
+/// once than cores. A rayon pool, so the JPEG decoder's per-component work
+/// runs on these same threads (it uses the pool it is called from) instead
+/// of spawning threads of its own for each image. Tasks wait in the pool's
+/// unbounded queue, bounded in practice by the queues' admission.
 struct DecodePool {
-    tasks: std::sync::mpsc::Sender<Task>,
+    pool: Result<rayon::ThreadPool, String>,
 }
 
 impl DecodePool {
     fn start() -> DecodePool {
-        let (tasks, rx) = std::sync::mpsc::channel::<Task>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new().name(format!("inferd-decode-{i}")).spawn(move || {
-                loop {
-                    let task = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match task {
-                        // A panic in a decoder must not take the thread: the task's reply just closes.
-                        Ok(task) => drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))),
-                        Err(_) => return,
-                    }
-                }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .thread_name(|i| format!("inferd-decode-{i}"))
+            .build()
+            .map_err(|e| {
+                tracing::error!("cannot start the decode threads: {e}");
+                e.to_string()
             });
-            if let Err(e) = spawned {
-                tracing::warn!("cannot start a decode thread: {e}");
-            }
-        }
-        DecodePool { tasks }
+        DecodePool { pool }
     }
 
     fn run(&self, task: Task) -> Result<(), InferError> {
-        self.tasks.send(task).map_err(|_| InferError::internal("no decode thread is running"))
+        let pool = self.pool.as_ref().map_err(|e| InferError::internal(format!("no decode thread is running: {e}")))?;
+        // A panic in a decoder must not reach rayon (which would abort): the task's reply just closes.
+        pool.spawn(move || drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))));
+        Ok(())
     }
 }
 

@@ -125,3 +125,53 @@ fn a_job_over_its_time_limit_times_out_and_the_next_one_runs() {
     let r = c.post("/v1/models/busy/infer", "application/json", &busy_body(10)).unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
+
+/// Names of this process's threads now (the daemon runs in the test process).
+fn thread_names() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect()
+}
+
+#[test]
+fn large_jpegs_are_decoded_on_the_fixed_decode_threads_only() {
+    let daemon = Daemon::start(|_| {});
+    let mut big = Vec::new();
+    // Large enough that the reduced decode's output is past the size where
+    // the JPEG decoder goes parallel over the colour components.
+    image::codecs::jpeg::JpegEncoder::new(&mut big)
+        .encode_image(&image::RgbImage::from_pixel(2400, 1800, image::Rgb([220, 20, 20])))
+        .unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.extend(thread_names());
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            seen
+        });
+        std::thread::scope(|clients| {
+            for _ in 0..4 {
+                clients.spawn(|| {
+                    let c = daemon.client();
+                    for _ in 0..8 {
+                        let v = json_of(&c.post("/v1/models/color/infer", "image/jpeg", &big).unwrap());
+                        assert_eq!(v["result"]["classes"][0]["label"], "red", "{v}");
+                    }
+                });
+            }
+        });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let decoders = seen.iter().filter(|n| n.starts_with("inferd-decode")).count();
+    assert!((1..=cores).contains(&decoders), "decode threads: {seen:?}");
+    let strays: Vec<_> = seen.iter().filter(|n| n.starts_with("worker thread")).collect();
+    assert!(strays.is_empty(), "the JPEG decoder started threads of its own: {strays:?}");
+}
