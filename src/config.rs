@@ -527,6 +527,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_documented_example_with_the_defaults_parses_and_is_the_default() {
@@ -538,7 +539,6 @@ mod tests {
         let parsed = Config::from_toml_str(block).unwrap_or_else(|e| panic!("docs/configuration.md: {e}"));
         assert_eq!(parsed, Config::default(), "the example states the defaults");
     }
-    use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

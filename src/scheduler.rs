@@ -296,11 +296,11 @@ impl Scheduler {
         let spec = spec.clone();
         let limits = engine.config().limits.clone();
         let (reply, answer) = oneshot::channel();
-        self.decoders.get_or_init(DecodePool::start).run(Box::new(move || {
+        self.decoders.get_or_init(DecodePool::start).run(move || {
             let t = Instant::now();
             let done = crate::pipeline::preprocess(&spec, input, &limits);
             let _ = reply.send(done.map(|i| (i, t.elapsed().as_secs_f64() * 1000.0)));
-        }))?;
+        })?;
         answer.await.unwrap_or_else(|_| Err(InferError::internal("decoding the image failed (the decoder stopped)")))
     }
 
@@ -386,8 +386,6 @@ impl Scheduler {
     }
 }
 
-type Task = Box<dyn FnOnce() + Send>;
-
 /// A fixed set of threads for image work, one per core, started on first
 /// use: as many threads in the hundredth hour as in the first (tokio's
 /// blocking pool grows and shrinks with load), and never more decoding at
@@ -412,7 +410,7 @@ impl DecodePool {
         DecodePool { pool }
     }
 
-    fn run(&self, task: Task) -> Result<(), InferError> {
+    fn run(&self, task: impl FnOnce() + Send + 'static) -> Result<(), InferError> {
         let pool = self.pool.as_ref().map_err(|e| InferError::internal(format!("no decode thread is running: {e}")))?;
         // A panic in a decoder must not reach rayon (which would abort): the task's reply just closes.
         pool.spawn(move || drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))));
