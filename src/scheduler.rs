@@ -2,7 +2,7 @@
 //! model. A job for a full queue is refused at once (Overloaded); a job not
 //! answered by its deadline gets Timeout; a model is loaded lazily by its
 //! worker on its first job. An admitted image job is decoded and resized on
-//! the blocking pool (at most one per core at a time) while its place in the
+//! the decode threads (one per core) while its place in the
 //! queue is held, so the worker only runs the model. Async callers never run
 //! inference themselves.
 
@@ -286,7 +286,7 @@ impl Scheduler {
         }
     }
 
-    /// Decodes and resizes an image job on the blocking pool (see
+    /// Decodes and resizes an image job on the decode threads (see
     /// [`crate::pipeline::preprocess`]); returns the input for the worker and the milliseconds it took.
     async fn preprocess(&self, model: &str, input: JobInput) -> Result<(JobInput, f64), InferError> {
         let engine = self.engine();
