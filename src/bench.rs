@@ -173,24 +173,36 @@ pub fn run(args: &BenchArgs, engine: Option<&Engine>) -> Result<Report, String> 
         Via::Mqtt => mqtt(args, payload)?,
         Via::Local => {
             let engine = engine.ok_or("local needs the registry")?;
-            let mut m = engine.load(&args.model, &LoadOptions::default()).map_err(|e| e.to_string())?;
-            let input = |bytes: &[u8]| match content_type {
-                "application/json" => crate::job::parse_json_request(bytes, &engine.config().limits).map(|(i, _)| i),
-                "text/plain" => Ok(JobInput::Text(vec![String::from_utf8_lossy(bytes).into_owned()])),
-                _ => Ok(JobInput::Image(bytes.to_vec())),
-            };
-            for _ in 0..args.warmup {
-                m.infer(input(&payload).map_err(|e| e.to_string())?, &JobOptions::default())
-                    .map_err(|e| e.to_string())?;
-            }
-            let mut rec = Record::default();
-            let started = Instant::now();
-            while started.elapsed() < args.duration {
-                let t = Instant::now();
-                let outcome = input(&payload).and_then(|i| m.infer(i, &JobOptions::default()));
-                rec.record(outcome.map(|out| (t.elapsed().as_secs_f64() * 1000.0, Some(out.timings.infer_ms))));
-            }
-            vec![rec]
+            // The daemon decodes images on its rayon decode threads, where the JPEG
+            // decoder's row work stays on the thread that decodes. Run the loop on
+            // such a thread too, not hand every image's rows to rayon's global pool.
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "inferd-bench".into())
+                .build()
+                .map_err(|e| e.to_string())?;
+            pool.install(|| -> Result<Vec<Record>, String> {
+                let mut m = engine.load(&args.model, &LoadOptions::default()).map_err(|e| e.to_string())?;
+                let input = |bytes: &[u8]| match content_type {
+                    "application/json" => {
+                        crate::job::parse_json_request(bytes, &engine.config().limits).map(|(i, _)| i)
+                    }
+                    "text/plain" => Ok(JobInput::Text(vec![String::from_utf8_lossy(bytes).into_owned()])),
+                    _ => Ok(JobInput::Image(bytes.to_vec())),
+                };
+                for _ in 0..args.warmup {
+                    m.infer(input(&payload).map_err(|e| e.to_string())?, &JobOptions::default())
+                        .map_err(|e| e.to_string())?;
+                }
+                let mut rec = Record::default();
+                let started = Instant::now();
+                while started.elapsed() < args.duration {
+                    let t = Instant::now();
+                    let outcome = input(&payload).and_then(|i| m.infer(i, &JobOptions::default()));
+                    rec.record(outcome.map(|out| (t.elapsed().as_secs_f64() * 1000.0, Some(out.timings.infer_ms))));
+                }
+                Ok(vec![rec])
+            })?
         }
     };
     let seconds = started.elapsed().as_secs_f64().min(args.duration.as_secs_f64() + 60.0).max(1e-9);
