@@ -115,13 +115,18 @@ pub struct MqttConfig {
     /// Client certificate and key (PEM) for mutual TLS.
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
-    /// Jobs taken from MQTT at once (advertised as MQTT 5 receive-maximum).
+    /// Jobs taken from MQTT at once (advertised as MQTT 5 receive-maximum); while
+    /// this many are held, inferd reads nothing more from the broker.
     pub max_in_flight: u16,
+    /// Payload bytes of the jobs held at once, MiB; while over it, inferd reads
+    /// nothing more from the broker (the broker keeps the backlog).
+    pub max_held_mb: u64,
     /// Largest job payload, MiB; larger ones get an error result.
     pub max_payload_mb: u64,
     /// How long the broker keeps this daemon's session (and its unacknowledged jobs) while it is away.
     pub session_expiry_s: u32,
-    /// Job ids remembered to answer redeliveries without computing twice.
+    /// Answers remembered (also across restarts, in the state directory) to
+    /// answer redeliveries without computing twice.
     pub dedup_window: usize,
     /// Longest wait between reconnection attempts.
     pub reconnect_max_s: u64,
@@ -144,6 +149,7 @@ impl Default for MqttConfig {
             client_cert: None,
             client_key: None,
             max_in_flight: 16,
+            max_held_mb: 64,
             max_payload_mb: 16,
             session_expiry_s: 3600,
             dedup_window: 4096,
@@ -172,6 +178,37 @@ impl MqttConfig {
             None => Ok(None),
         }
     }
+}
+
+/// `/tmp/inferd-<uid>`: a user's own folder for the default socket without `$XDG_RUNTIME_DIR`.
+fn private_socket_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    std::env::temp_dir().join(format!("inferd-{}", unsafe { libc::geteuid() }))
+}
+
+/// Checks that `dir` is a real folder (not a link), owned by this user and closed to everyone else.
+pub fn check_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is not a private folder of this user (owner uid {}, mode {:o}, {}); another user may have \
+             made it: remove it, or set socket.path or XDG_RUNTIME_DIR",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o777,
+            if meta.file_type().is_symlink() {
+                "a symbolic link"
+            } else if meta.is_dir() {
+                "a folder"
+            } else {
+                "a file"
+            }
+        ));
+    }
+    Ok(())
 }
 
 /// This machine's hostname, or `inferd` when it has none.
@@ -211,6 +248,18 @@ pub struct SocketConfig {
     pub tcp_token_env: Option<String>,
     /// Users (uids) allowed to load and unload models over the socket; empty: anyone who can reach it.
     pub admin_uids: Vec<u32>,
+    /// Connections open at once (Unix socket and TCP each); at the cap a new
+    /// connection closes the one idle the longest, or gets 503 if none idles.
+    pub max_connections: usize,
+    /// A connection with no request running closes after this long without bytes, seconds.
+    pub idle_timeout_s: u64,
+    /// A request's headers must be complete this long after its first byte, seconds.
+    pub header_timeout_s: u64,
+    /// A request body must arrive, and a response be read by the client, within this, seconds.
+    pub body_timeout_s: u64,
+    /// Request bodies held at once (being read, or waiting for their job), MiB;
+    /// when full, a request waits for room (up to `body_timeout_s`, then 429).
+    pub max_bodies_mb: u64,
 }
 
 impl Default for SocketConfig {
@@ -225,6 +274,11 @@ impl Default for SocketConfig {
             tcp_token_file: None,
             tcp_token_env: None,
             admin_uids: Vec::new(),
+            max_connections: 512,
+            idle_timeout_s: 60,
+            header_timeout_s: 10,
+            body_timeout_s: 30,
+            max_bodies_mb: 256,
         }
     }
 }
@@ -241,9 +295,26 @@ impl SocketConfig {
         }
         match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
             Some(dir) => PathBuf::from(dir).join("inferd.sock"),
-            // SAFETY: as above.
-            None => std::env::temp_dir().join(format!("inferd-{}.sock", unsafe { libc::geteuid() })),
+            None => private_socket_dir().join("inferd.sock"),
         }
+    }
+
+    /// The private folder the default socket lives in when there is no
+    /// `$XDG_RUNTIME_DIR` (`/tmp/inferd-<uid>`), if that is the socket in force.
+    pub fn private_default_dir(&self) -> Option<PathBuf> {
+        let dir = private_socket_dir();
+        (self.resolved_path().parent() == Some(dir.as_path())).then_some(dir)
+    }
+
+    /// The socket path a client should use: the resolved one, after checking
+    /// that a private default folder really is this user's (not another's, squatted).
+    pub fn client_path(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(dir) = self.private_default_dir()
+            && dir.exists()
+        {
+            check_private_dir(&dir).map_err(ConfigError::Invalid)?;
+        }
+        Ok(self.resolved_path())
     }
 
     /// The socket file mode parsed from its octal string.
@@ -454,6 +525,7 @@ impl Config {
                 .list_separator(",")
                 .with_list_parse_key("runtime.providers")
                 .with_list_parse_key("memory.preload")
+                .with_list_parse_key("socket.admin_uids")
                 .source(Some(env)),
         );
         Self::finish(builder)
@@ -467,6 +539,25 @@ impl Config {
     }
 
     /// A configuration from TOML text over the defaults, validated (no file, no environment).
+    /// Secret files that other users can read (a token or password file should be 0600 or 0640).
+    pub fn readable_secret_files(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        [("socket.tcp_token_file", &self.socket.tcp_token_file), ("mqtt.password_file", &self.mqtt.password_file)]
+            .into_iter()
+            .filter_map(|(key, file)| {
+                let file = file.as_ref()?;
+                let mode = std::fs::metadata(file).ok()?.permissions().mode();
+                (mode & 0o004 != 0).then(|| {
+                    format!(
+                        "{key} {} is readable by every user (mode {:o}); chmod 600 it",
+                        file.display(),
+                        mode & 0o777
+                    )
+                })
+            })
+            .collect()
+    }
+
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         Self::finish(config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml)))
     }
@@ -480,6 +571,19 @@ impl Config {
         self.socket.mode_bits()?;
         if self.socket.max_body_mb == 0 {
             return Err(ConfigError::Invalid("socket.max_body_mb must be above 0".into()));
+        }
+        if self.socket.max_bodies_mb < self.socket.max_body_mb {
+            return Err(ConfigError::Invalid(format!(
+                "socket.max_bodies_mb ({}) must be at least socket.max_body_mb ({})",
+                self.socket.max_bodies_mb, self.socket.max_body_mb
+            )));
+        }
+        if self.socket.max_connections == 0
+            || self.socket.idle_timeout_s == 0
+            || self.socket.header_timeout_s == 0
+            || self.socket.body_timeout_s == 0
+        {
+            return Err(ConfigError::Invalid("socket.max_connections and the socket timeouts must be above 0".into()));
         }
         if let Some(tcp) = &self.socket.tcp {
             let addr: std::net::SocketAddr = tcp.parse().map_err(|e| {
@@ -498,6 +602,22 @@ impl Config {
         }
         if self.mqtt.url.is_some() {
             crate::intake::mqtt::Broker::parse(&self.mqtt).map_err(ConfigError::Invalid)?;
+            // Secrets and certificates are read now, so a missing or unreadable
+            // file stops the start (or the reload) instead of MQTT silently never connecting.
+            self.mqtt.password()?;
+            for (key, file) in [
+                ("mqtt.ca_file", &self.mqtt.ca_file),
+                ("mqtt.client_cert", &self.mqtt.client_cert),
+                ("mqtt.client_key", &self.mqtt.client_key),
+            ] {
+                if let Some(file) = file {
+                    let text = std::fs::read(file)
+                        .map_err(|e| ConfigError::Invalid(format!("{key} {}: {e}", file.display())))?;
+                    if !text.windows(11).any(|w| w == b"-----BEGIN ") {
+                        return Err(ConfigError::Invalid(format!("{key} {}: not a PEM file", file.display())));
+                    }
+                }
+            }
         }
         if self.memory.low_watermark_mb > self.memory.high_watermark_mb {
             return Err(ConfigError::Invalid(

@@ -130,7 +130,7 @@ impl Engine {
             // The plan saw the library's file; loading it can still fail (a broken or foreign file).
             if let Err(why) = backend::ort::runtime(&self.config.runtime) {
                 let choice = options.backend.unwrap_or(model.backend);
-                plan.backend = backend::decide(choice, Err(why))?;
+                plan.backend = backend::decide(choice, Err(why.as_str()))?;
             }
         }
         let variant =

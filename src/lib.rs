@@ -34,7 +34,7 @@ pub mod systemd;
 pub mod tensor;
 pub mod worker;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -90,6 +90,11 @@ pub async fn run_with(
     probe: Arc<dyn memory::MemoryProbe>,
     reload: Option<Reload>,
 ) -> Result<(), RunError> {
+    config.validate()?;
+    memory::tune_allocator();
+    for warning in config.readable_secret_files() {
+        tracing::warn!("{warning}");
+    }
     let registry = registry::Registry::load_confined(&config.registry_path(), config.models_outside)?;
     let engine = engine::Engine::new(config.clone(), registry);
     let metrics = Arc::new(metrics::Metrics::default());
@@ -112,7 +117,8 @@ pub async fn run_with(
         }
     }
     let scheduler = Arc::new(scheduler::Scheduler::new(engine, config.jobs.clone(), metrics, manager));
-    let (listener, socket_path, inherited) = intake::unix::bind_or_inherit(&config.socket)?;
+    let (listener, socket_path, socket_lock) = intake::unix::bind_or_inherit(&config.socket)?;
+    let inherited = socket_lock.is_none();
     let tcp = match &config.socket.tcp {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -133,28 +139,21 @@ pub async fn run_with(
         scheduler: scheduler.clone(),
         ready: ready.clone(),
         max_body_bytes: config.socket.max_body_bytes(),
+        bodies: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.socket.max_bodies_mb.saturating_mul(1024)).unwrap_or(usize::MAX >> 4),
+        )),
+        body_timeout: Duration::from_secs(config.socket.body_timeout_s),
         limits: config.limits.clone(),
         admin_uids: config.socket.admin_uids.clone(),
         tcp_token,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
     let mut servers = tokio::task::JoinSet::new();
-    use intake::peer::Peer;
-    servers.spawn(
-        axum::serve(listener, app.clone().into_make_service_with_connect_info::<Peer>())
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let limits = intake::conn::ConnLimits::from_config(&config.socket);
+    servers.spawn(intake::conn::serve(listener, app.clone(), limits, stop_rx.clone()));
     if let Some(tcp) = tcp {
         tracing::info!(addr = ?tcp.local_addr().ok(), "listening on TCP (bearer token required)");
-        servers.spawn(
-            axum::serve(tcp, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
-                .into_future(),
-        );
+        servers.spawn(intake::conn::serve(tcp, app, limits, stop_rx.clone()));
     }
     let drain = Duration::from_millis(config.jobs.drain_timeout_ms);
     let mqtt = match &config.mqtt.url {
@@ -166,6 +165,7 @@ pub async fn run_with(
                 scheduler.clone(),
                 stop_rx.clone(),
                 drain,
+                Some(config.memory.resolved_state_dir()),
             );
             Some(tokio::spawn(task))
         }
@@ -212,12 +212,17 @@ pub async fn run_with(
         }
     }
     scheduler.shutdown(drain).await;
+    drop(socket_lock);
     tracing::info!("inferd stopped");
     Ok(())
 }
 
 fn status_line(scheduler: &scheduler::Scheduler, jobs_per_s: f64) -> String {
-    systemd::status_line(&scheduler.loaded_models(), jobs_per_s, scheduler.metrics().mqtt_connected())
+    let line = systemd::status_line(&scheduler.loaded_models(), jobs_per_s, scheduler.metrics().mqtt_connected());
+    match scheduler.metrics().mqtt_problem() {
+        Some(problem) => format!("{line} ({problem})"),
+        None => line,
+    }
 }
 
 /// Keeps systemd's `STATUS=` current: loaded models, job rate, MQTT.
@@ -230,6 +235,7 @@ async fn report_status(scheduler: Arc<scheduler::Scheduler>, mut stop: tokio::sy
             _ = tokio::time::sleep(EVERY) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        memory::trim_heap();
         let now = (scheduler.metrics().jobs_total(), std::time::Instant::now());
         let rate = now.0.saturating_sub(last.0) as f64 / (now.1 - last.1).as_secs_f64().max(1e-3);
         last = now;
@@ -308,6 +314,19 @@ async fn apply_reload(
     let old = scheduler.engine();
     let engine_changed = config.runtime != current.runtime || config.limits != current.limits;
     let (added, changed, removed) = registry_diff(old.registry(), &registry);
+    // Every file a reload brings in is verified (sha256, declared inputs and
+    // outputs) before anything is swapped: a bad one keeps the old set serving.
+    let incoming: std::collections::HashSet<String> = added.iter().chain(&changed).cloned().collect();
+    let registry = Arc::new(registry);
+    let checked = registry.clone();
+    let problems = tokio::task::spawn_blocking(move || checked.check_models(|name| incoming.contains(name)))
+        .await
+        .map_err(|e| format!("the registry check failed: {e}"))?;
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        return Err(format!("{} is not valid: {}", config.registry_path().display(), list.join("; ")));
+    }
+    let registry = Arc::try_unwrap(registry).map_err(|_| "the registry is still shared".to_string())?;
     let stale: Vec<String> = if engine_changed {
         old.registry().models.iter().map(|m| m.name.clone()).collect()
     } else {

@@ -26,7 +26,13 @@ fn real_main() -> i32 {
     init_logging(level, serving && inferd::systemd::stderr_is_journal());
 
     if let Command::Infer { local: false, ref model, ref socket, top_k, json, ref files, .. } = cli.command {
-        let path = socket.clone().unwrap_or_else(|| config.socket.resolved_path());
+        let path = match socket.clone().map_or_else(|| config.socket.client_path(), Ok) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("inferd: {e}");
+                return exit::CONFIG;
+            }
+        };
         return cli::infer_remote(&Client::new(path), &cli::InferArgs { model, top_k, json, files });
     }
     if let Command::Bench {

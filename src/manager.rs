@@ -186,7 +186,10 @@ pub fn pressure(available: u64, low: u64, high: u64, min_residency: Duration, lo
 
 struct Loaded {
     variant: String,
+    /// What it is charged against the budget.
     bytes: u64,
+    /// Its RSS growth while loading.
+    bytes_at_load: u64,
     last_used: Instant,
     since: Instant,
 }
@@ -198,6 +201,11 @@ pub struct Manager {
     footprints: Footprints,
     registry: std::sync::RwLock<Arc<Registry>>,
     loaded: Mutex<HashMap<String, Loaded>>,
+    /// Room held for loads in progress (model → bytes), so loads that start
+    /// together do not all see the same free room.
+    reserved: Mutex<HashMap<String, u64>>,
+    /// One reservation decided at a time.
+    reserving: Mutex<()>,
 }
 
 /// A load plan: the variant, why, and who must make room.
@@ -228,6 +236,8 @@ impl Manager {
             footprints,
             registry: std::sync::RwLock::new(registry),
             loaded: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(HashMap::new()),
+            reserving: Mutex::new(()),
         }
     }
 
@@ -249,12 +259,90 @@ impl Manager {
     /// loaded models use when a budget is set, else what the probe reports.
     pub fn room(&self) -> Result<u64, InferError> {
         match self.cfg.budget_mb {
-            Some(budget) => {
-                let used: u64 = self.loaded().values().map(|l| l.bytes).sum();
-                Ok((budget << 20).saturating_sub(used))
-            }
+            Some(budget) => Ok((budget << 20).saturating_sub(self.used())),
             None => self.probe.available_bytes().map_err(|e| InferError::unavailable(format!("memory probe: {e}"))),
         }
+    }
+
+    /// What loaded models are charged plus the room held for loads in progress, bytes.
+    pub fn used(&self) -> u64 {
+        let loaded: u64 = self.loaded().values().map(|l| l.bytes).sum();
+        let reserved: u64 = self.reserved.lock().unwrap_or_else(|e| e.into_inner()).values().sum();
+        loaded + reserved
+    }
+
+    /// What each loaded model is charged now, bytes.
+    pub fn charges(&self) -> Vec<(String, u64)> {
+        self.loaded().iter().map(|(name, l)| (name.clone(), l.bytes)).collect()
+    }
+
+    /// [`Manager::plan_load`] for a load about to happen: the planned evictions
+    /// are taken off the books and the variant's need is held until
+    /// [`Manager::record_load`] or [`Manager::cancel_load`], so a load that
+    /// starts meanwhile plans with the room that is really left.
+    pub fn reserve_load(&self, model: &ModelSpec, requested: Option<&str>) -> Result<LoadPlan, InferError> {
+        let _one = self.reserving.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = self.plan_load(model, requested)?;
+        let need = self.needs(model).iter().find(|n| n.name == plan.variant).map_or(0, |n| n.bytes);
+        {
+            let mut loaded = self.loaded();
+            for victim in &plan.evict {
+                loaded.remove(victim);
+            }
+        }
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner()).insert(model.name.clone(), need);
+        Ok(plan)
+    }
+
+    /// A reserved load failed: its room is free again.
+    pub fn cancel_load(&self, model: &str) {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner()).remove(model);
+    }
+
+    /// Records what `model` holds once it has run (the process's growth from
+    /// before its load to after its first job: sessions, arenas, buffers), keeps
+    /// it as the variant's footprint, and returns the idle models to unload so
+    /// that a budget still holds (least recently used first, never pinned ones).
+    pub fn record_run(&self, model: &ModelSpec, bytes: u64) -> Vec<String> {
+        let Some(variant) = self.loaded().get(&model.name).map(|l| l.variant.clone()) else { return Vec::new() };
+        let spec = model.variants.iter().find(|v| v.name == variant);
+        // The growth can read low (memory another model gave back is reused), so the
+        // footprint only ever rises, and models.json's estimate stays a floor.
+        let footprint =
+            spec.and_then(|v| self.footprints.get(&model.name, &variant, &v.sha256)).unwrap_or(0).max(bytes);
+        if let Some(v) = spec {
+            self.footprints.record(&model.name, &variant, &v.sha256, footprint);
+        }
+        let estimate = spec.and_then(|v| v.memory_mb).map_or(0, |mb| mb << 20);
+        if let Some(l) = self.loaded().get_mut(&model.name) {
+            l.bytes = l.bytes_at_load.max(footprint).max(estimate);
+        }
+        let Some(budget) = self.cfg.budget_mb.map(|b| b << 20) else { return Vec::new() };
+        let used = self.used();
+        if used <= budget {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let residents: Vec<Resident> = self
+            .loaded()
+            .iter()
+            .filter(|(name, _)| *name != &model.name)
+            .map(|(name, l)| Resident {
+                model: name.clone(),
+                bytes: l.bytes,
+                idle: now - l.last_used,
+                pinned: self.registry().get(name).is_some_and(|m| m.pin),
+            })
+            .collect();
+        let victims = evictions(&residents, 0, used - budget).unwrap_or_else(|| {
+            // Even all idle ones would not do: unload them all; the rest is pinned or this model.
+            residents.iter().filter(|r| !r.pinned).map(|r| r.model.clone()).collect()
+        });
+        let mut loaded = self.loaded();
+        for victim in &victims {
+            loaded.remove(victim);
+        }
+        victims
     }
 
     /// The needs of every variant of `model`.
@@ -311,19 +399,25 @@ impl Manager {
         Ok(LoadPlan { variant: needs[index].name.clone(), reason, evict })
     }
 
-    /// Records that `model` is loaded as `variant`, measured at `bytes`.
+    /// Records that `model` is loaded as `variant`, its RSS growth while loading
+    /// `bytes`. It is charged the larger of that and the variant's need (what it
+    /// held after running, measured before, else models.json's estimate): a
+    /// session holds little at load and far more once it runs.
     pub fn record_load(&self, model: &ModelSpec, variant: &str, bytes: Option<u64>) {
-        let v = model.variants.iter().find(|v| v.name == variant);
-        let bytes = match (bytes, v) {
-            (Some(b), Some(v)) if b > 0 => {
-                self.footprints.record(&model.name, variant, &v.sha256, b);
-                b
-            }
-            _ => self.needs(model).iter().find(|n| n.name == variant).map_or(0, |n| n.bytes),
-        };
+        let need = self.needs(model).iter().find(|n| n.name == variant).map_or(0, |n| n.bytes);
+        let at_load = bytes.unwrap_or(0);
         let now = Instant::now();
-        self.loaded()
-            .insert(model.name.clone(), Loaded { variant: variant.to_string(), bytes, last_used: now, since: now });
+        self.loaded().insert(
+            model.name.clone(),
+            Loaded {
+                variant: variant.to_string(),
+                bytes: at_load.max(need),
+                bytes_at_load: at_load,
+                last_used: now,
+                since: now,
+            },
+        );
+        self.cancel_load(&model.name);
     }
 
     /// Records that `model` is no longer loaded.

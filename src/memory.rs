@@ -140,6 +140,29 @@ pub fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
 
+/// Sets the allocator up for a daemon that handles large, short-lived
+/// buffers (request bodies, images, tensors): with glibc, allocations of 1 MiB
+/// and more are mapped on their own and go back to the system when freed.
+/// (glibc's default threshold rises with each large free, up to 32 MiB, after
+/// which such buffers stay on the heap and RSS keeps the high-water mark.)
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Gives memory freed on the heap back to the system (glibc keeps freed
+/// pages of its arenas otherwise); called every few seconds by the daemon.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resident set size of this process in bytes, from `/proc/self/statm`;
 /// `None` where that file does not exist (not Linux).
 pub fn process_rss_bytes() -> Option<u64> {
@@ -181,8 +204,10 @@ impl Footprints {
         Footprints { file, figures: Mutex::new(figures) }
     }
 
+    /// Figures are what a variant held after its first job (`/run`); earlier
+    /// versions kept the growth while loading, far less, under the bare key.
     fn key(model: &str, variant: &str, sha256: &str) -> String {
-        format!("{model}/{variant}/{sha256}")
+        format!("{model}/{variant}/{sha256}/run")
     }
 
     /// The measured bytes of a variant, if it was ever loaded here.

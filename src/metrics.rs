@@ -35,6 +35,8 @@ pub struct Metrics {
     inner: Mutex<Inner>,
     /// 0: MQTT not configured, 1: disconnected, 2: connected.
     mqtt: std::sync::atomic::AtomicU8,
+    /// What keeps MQTT from working, when known (e.g. another client took the session).
+    mqtt_problem: Mutex<Option<String>>,
 }
 
 /// A model's gauges at scrape time.
@@ -89,6 +91,16 @@ impl Metrics {
         }
     }
 
+    /// Records (or clears) what keeps MQTT from working.
+    pub fn set_mqtt_problem(&self, problem: Option<String>) {
+        *self.mqtt_problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    /// What keeps MQTT from working, if anything is known.
+    pub fn mqtt_problem(&self) -> Option<String> {
+        self.mqtt_problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Records an error answered before any job existed (bad request, unknown model...).
     pub fn record_error(&self, kind: ErrorKind) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -136,6 +148,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP inferd_mqtt_connected Whether the MQTT connection is up.");
             let _ = writeln!(out, "# TYPE inferd_mqtt_connected gauge");
             let _ = writeln!(out, "inferd_mqtt_connected {}", u8::from(up));
+            let _ = writeln!(
+                out,
+                "# HELP inferd_mqtt_session_conflict Whether another client seems to use this daemon's MQTT client id."
+            );
+            let _ = writeln!(out, "# TYPE inferd_mqtt_session_conflict gauge");
+            let _ = writeln!(out, "inferd_mqtt_session_conflict {}", u8::from(self.mqtt_problem().is_some()));
         }
         let _ = writeln!(out, "# HELP inferd_jobs_total Jobs finished, by model and outcome (ok or an error kind).");
         let _ = writeln!(out, "# TYPE inferd_jobs_total counter");

@@ -323,8 +323,14 @@ impl Registry {
     /// Deep check of every model: sha256 of every variant file, and each
     /// spec against the inputs/outputs the ONNX file declares. Returns every problem found.
     pub fn check(&self) -> Vec<Problem> {
+        self.check_models(|_| true)
+    }
+
+    /// [`Registry::check`] of the models whose name `pick` accepts (a reload
+    /// checks the models it adds or changes before it swaps them in).
+    pub fn check_models(&self, pick: impl Fn(&str) -> bool) -> Vec<Problem> {
         let mut problems = Vec::new();
-        for (i, m) in self.models.iter().enumerate() {
+        for (i, m) in self.models.iter().enumerate().filter(|(_, m)| pick(&m.name)) {
             for (j, v) in m.variants.iter().enumerate() {
                 let at = |field: &str| format!("models[{i}].variants[{j}]{field}");
                 let file = self.resolve(&v.file);

@@ -237,6 +237,18 @@ impl Scheduler {
         Ok(tx)
     }
 
+    /// Refuses at once, before any body is read, a job for an unknown model or
+    /// for a model whose queue is full.
+    pub fn admit(&self, model: &str) -> Result<(), InferError> {
+        if self.queue(model)?.capacity() == 0 {
+            return Err(InferError::overloaded(format!(
+                "the queue of model '{model}' is full ({} jobs waiting); try again later",
+                self.jobs.queue_capacity
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs one job on `model`: refused at once when its queue is full,
     /// answered with Timeout after `jobs.timeout_ms`.
     pub async fn submit(&self, model: &str, input: JobInput, options: JobOptions) -> Result<JobOutput, InferError> {
@@ -257,6 +269,9 @@ impl Scheduler {
         options: JobOptions,
         started: Instant,
     ) -> Result<JobOutput, InferError> {
+        if let Some(spec) = self.engine().registry().get(model) {
+            crate::pipeline::admits(spec.task, &input)?;
+        }
         let queue = self.queue(model)?;
         // Hold a place in the queue first: a full queue answers at once, before any decoding.
         let place = queue.try_reserve_owned().map_err(|e| match e {

@@ -127,6 +127,8 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                 if job.reply.is_closed() {
                     continue; // the client gave up (timeout or disconnect): do not spend the engine on it
                 }
+                let fresh = loaded.is_none();
+                let rss_before = crate::memory::process_rss_bytes();
                 let sessions = match ensure_loaded(&ctx, &model, &mut loaded, &state, &busy) {
                     Ok(s) => s,
                     Err(e) => {
@@ -134,10 +136,15 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                         continue;
                     }
                 };
+                // Measured after its first job on this thread (a pool runs jobs elsewhere).
+                let measure_from = rss_before.filter(|_| fresh && matches!(sessions, Sessions::One(_)));
                 if let Sessions::One(m) = sessions
                     && m.generates()
                 {
                     interleave(&cells, m, job, &mut queue, &mut next);
+                    if let Some(before) = measure_from {
+                        charge_after_first_run(&ctx, &model, before);
+                    }
                     continue;
                 }
                 // Wait for an idle instance before gathering, so the jobs that arrive meanwhile join the batch.
@@ -160,11 +167,15 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                     (Sessions::One(m), _) => run_jobs(&cells, 0, m, jobs),
                     (Sessions::Pool(_), None) => unreachable!("an idle instance was taken above"),
                 }
+                if let Some(before) = measure_from {
+                    charge_after_first_run(&ctx, &model, before);
+                }
             }
         }
     }
     if loaded.take().is_some() {
         tracing::info!(model, "model unloaded");
+        crate::memory::trim_heap(); // its sessions' memory goes back to the system now
     }
     ctx.manager.record_unload(&model);
     set_state(&state, ModelState::Unloaded);
@@ -447,12 +458,10 @@ fn load(
     busy: &BusyCell,
 ) -> Result<(Sessions, Option<u64>), InferError> {
     let spec = ctx.engine.registry().get(model).ok_or_else(|| InferError::unknown_model(model))?.clone();
-    let plan = ctx.manager.plan_load(&spec, variant)?;
+    let plan = ctx.manager.reserve_load(&spec, variant)?;
     for victim in &plan.evict {
         tracing::info!(model = victim, "unloading to make room for {model}");
-        ctx.metrics.record_event(victim, "evict");
-        ctx.manager.record_unload(victim);
-        let _ = ctx.evict.send(victim.clone());
+        evict(ctx, victim);
     }
     let before = crate::memory::process_rss_bytes();
     let started = Instant::now();
@@ -469,6 +478,7 @@ fn load(
             }
             Err(e) => {
                 ctx.metrics.record_event(model, "load_failed");
+                ctx.manager.cancel_load(model);
                 return Err(e);
             }
         }
@@ -487,6 +497,30 @@ fn load(
         )
     };
     Ok((sessions, measured))
+}
+
+fn evict(ctx: &WorkerCtx, victim: &str) {
+    ctx.metrics.record_event(victim, "evict");
+    ctx.manager.record_unload(victim);
+    let _ = ctx.evict.send(victim.to_string());
+}
+
+/// After a freshly loaded model's first job: charge it what the process grew
+/// by since before its load, and unload idle models if the budget no longer holds.
+fn charge_after_first_run(ctx: &WorkerCtx, model: &str, rss_before_load: u64) {
+    let (Some(spec), Some(now)) = (ctx.engine.registry().get(model).cloned(), crate::memory::process_rss_bytes())
+    else {
+        return;
+    };
+    let held = now.saturating_sub(rss_before_load);
+    for victim in ctx.manager.record_run(&spec, held) {
+        tracing::info!(
+            model = victim,
+            "unloading: {model} holds {} MiB after its first job, over the budget",
+            crate::memory::mib(held)
+        );
+        evict(ctx, &victim);
+    }
 }
 
 /// Gathers jobs queued behind `first`, up to `max_batch`, waiting at most

@@ -49,18 +49,53 @@ impl OrtRuntime {
     }
 }
 
-static RUNTIME: OnceLock<Result<OrtRuntime, String>> = OnceLock::new();
+static RUNTIME: OnceLock<OrtRuntime> = OnceLock::new();
+/// The last failed attempt to load ONNX Runtime: when, and why.
+static LAST_FAILURE: Mutex<Option<(std::time::Instant, String)>> = Mutex::new(None);
+/// A failed load is tried again after this long (a failure can be passing:
+/// out of file descriptors, a library being upgraded).
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The process-wide ONNX Runtime, loaded on first call from the first
-/// candidate of [`candidates`] that loads. A process loads it at most once;
-/// later calls return the first outcome. `Err` says every place tried and why.
-pub fn runtime(cfg: &RuntimeConfig) -> Result<&'static OrtRuntime, &'static str> {
-    RUNTIME.get_or_init(|| init(cfg)).as_ref().map_err(String::as_str)
+/// candidate of [`candidates`] that loads. Once loaded it stays; a failed
+/// load is tried again on a call at least 10 s later (until then the call
+/// returns the failure). `Err` says every place tried and why.
+pub fn runtime(cfg: &RuntimeConfig) -> Result<&'static OrtRuntime, String> {
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let mut last = LAST_FAILURE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    if let Some((when, why)) = last.as_ref()
+        && when.elapsed() < RETRY_AFTER
+    {
+        return Err(why.clone());
+    }
+    match init(cfg) {
+        Ok(rt) => {
+            *last = None;
+            Ok(RUNTIME.get_or_init(|| rt))
+        }
+        Err(why) => {
+            *last = Some((std::time::Instant::now(), why.clone()));
+            Err(why)
+        }
+    }
+}
+
+/// Why the last attempt to load ONNX Runtime failed, while it is not loaded.
+pub fn load_failure() -> Option<String> {
+    if RUNTIME.get().is_some() {
+        return None;
+    }
+    LAST_FAILURE.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, why)| why.clone())
 }
 
 /// Whether ONNX Runtime is usable, as `decide` wants it: a description or why not.
 pub fn status(cfg: &RuntimeConfig) -> Result<String, String> {
-    runtime(cfg).map(OrtRuntime::describe).map_err(str::to_string)
+    runtime(cfg).map(OrtRuntime::describe)
 }
 
 /// [`status`] without loading the library: the loaded runtime if it is,
@@ -68,7 +103,13 @@ pub fn status(cfg: &RuntimeConfig) -> Result<String, String> {
 /// model, so it idles small and starts fast), else why there is none.
 pub fn status_lazy(cfg: &RuntimeConfig) -> Result<String, String> {
     if let Some(loaded) = RUNTIME.get() {
-        return loaded.as_ref().map(OrtRuntime::describe).map_err(String::clone);
+        return Ok(loaded.describe());
+    }
+    // A recent failure stands; an older one is tried again by the next load.
+    if let Some((when, why)) = LAST_FAILURE.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+        && when.elapsed() < RETRY_AFTER
+    {
+        return Err(why.clone());
     }
     // The first place init would try, when it is a file here; otherwise (a bare
     // name for the system's search path, or nothing) find out by loading.

@@ -26,6 +26,11 @@ pub struct AppState {
     /// True once every front-end listens (GET /v1/ready).
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
+    /// Room for the request bodies held at once (being read, or waiting for
+    /// their job), in KiB permits: `socket.max_bodies_mb`.
+    pub bodies: Arc<tokio::sync::Semaphore>,
+    /// A request body must arrive within this (`socket.body_timeout_s`).
+    pub body_timeout: std::time::Duration,
     pub limits: crate::config::Limits,
     /// Users allowed to load and unload (empty: anyone on the socket).
     pub admin_uids: Vec<u32>,
@@ -65,19 +70,43 @@ fn respond(result: Result<Value, InferError>) -> Response {
     }
 }
 
-async fn health() -> Response {
-    axum::Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})).into_response()
+async fn health(State(app): State<AppState>) -> Response {
+    let mut v = json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")});
+    let metrics = app.scheduler.metrics();
+    if let Some(connected) = metrics.mqtt_connected() {
+        v["mqtt"] = json!({"connected": connected, "problem": metrics.mqtt_problem()});
+    }
+    axum::Json(v).into_response()
 }
 
 async fn ready(State(app): State<AppState>) -> Response {
     if app.ready.load(Ordering::SeqCst) {
         // Ready while engines build: those models serve on their next provider meanwhile.
         let building = app.scheduler.building_engines();
-        if building.is_empty() {
-            axum::Json(json!({"ready": true})).into_response()
-        } else {
-            axum::Json(json!({"ready": true, "building_engines": building})).into_response()
+        let mut v = json!({"ready": true});
+        if !building.is_empty() {
+            v["building_engines"] = json!(building);
         }
+        // Models whose last load failed (they are tried again on their next job),
+        // and ONNX Runtime when it failed to load (tried again 10 s later).
+        let failed: Vec<Value> = app
+            .scheduler
+            .engine()
+            .registry()
+            .models
+            .iter()
+            .filter_map(|m| match app.scheduler.status(&m.name).state {
+                ModelState::Failed { error } => Some(json!({"model": m.name, "error": error})),
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty() {
+            v["cannot_load"] = json!(failed);
+        }
+        if let Some(why) = crate::backend::ort::load_failure() {
+            v["onnxruntime_error"] = json!(why);
+        }
+        axum::Json(v).into_response()
     } else {
         error_response(&InferError::unavailable("inferd is starting or stopping"))
     }
@@ -131,6 +160,10 @@ pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError
             info["backend"] = json!(backend);
             info["provider"] = json!(provider);
             info["memory_bytes"] = json!(memory_bytes);
+            // What it counts against memory.budget_mb: at least its need, and what it held after its first job.
+            if let Some((_, charged)) = manager.charges().into_iter().find(|(m, _)| m == name) {
+                info["charged_bytes"] = json!(charged);
+            }
             if let Some(p) = placement {
                 info["placement"] = json!(p);
             }
@@ -186,7 +219,19 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let prepared = prepare(&app, &name, query, &headers, body).await;
+    // Model, queue room and Content-Length are checked before a byte of the body is read.
+    let body = match admit(&app, &name, &headers) {
+        Ok(()) => read_body(&app, body, &headers).await,
+        Err(e) => Err(e),
+    };
+    let (bytes, _held) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            app.scheduler.metrics().record_error(e.kind);
+            return error_response(&e);
+        }
+    };
+    let prepared = prepare(&app, query, &headers, bytes).await;
     let result = match prepared {
         Ok((input, options)) => app.scheduler.submit(&name, input, options).await,
         Err(e) => {
@@ -200,20 +245,26 @@ async fn infer(
     }
 }
 
-/// Turns a request into a job without touching the engine: model known,
-/// body within the limit, content decoded by type.
-async fn prepare(
-    app: &AppState,
-    name: &str,
-    query: Result<Query<InferQuery>, axum::extract::rejection::QueryRejection>,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(JobInput, JobOptions), InferError> {
+/// Refuses a request before its body is read: unknown model, full queue, or a
+/// `Content-Length` over the limit.
+fn admit(app: &AppState, name: &str, headers: &HeaderMap) -> Result<(), InferError> {
     if app.scheduler.engine().registry().get(name).is_none() {
         return Err(InferError::unknown_model(name));
     }
+    if declared_length(headers).is_some_and(|n| n > app.max_body_bytes as u64) {
+        return Err(body_too_large(app.max_body_bytes));
+    }
+    app.scheduler.admit(name)
+}
+
+/// Turns a request body into a job without touching the engine: content decoded by type.
+async fn prepare(
+    app: &AppState,
+    query: Result<Query<InferQuery>, axum::extract::rejection::QueryRejection>,
+    headers: &HeaderMap,
+    bytes: axum::body::Bytes,
+) -> Result<(JobInput, JobOptions), InferError> {
     let Query(query) = query.map_err(|e| InferError::bad_input(format!("bad query string: {e}")))?;
-    let bytes = read_body(body, headers, app.max_body_bytes).await?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let is_json =
         content_type.starts_with("application/json") || (content_type.is_empty() && job::looks_like_json(&bytes));
@@ -227,7 +278,7 @@ async fn prepare(
             String::from_utf8(bytes.to_vec()).map_err(|_| InferError::bad_input("text/plain body is not UTF-8"))?;
         (JobInput::Text(vec![text]), JobOptions::default())
     } else {
-        (JobInput::Image(bytes.to_vec()), JobOptions::default())
+        (JobInput::Image(Vec::from(bytes)), JobOptions::default())
     };
     if query.top_k.is_some() {
         options.top_k = query.top_k;
@@ -235,22 +286,53 @@ async fn prepare(
     Ok((input, options))
 }
 
-pub(super) async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<axum::body::Bytes, InferError> {
-    let too_large = || {
-        InferError::new(
-            ErrorKind::PayloadTooLarge,
-            format!("the request body is over the limit of {} MiB (socket.max_body_mb)", max >> 20),
-        )
-    };
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
+fn body_too_large(max: usize) -> InferError {
+    InferError::new(
+        ErrorKind::PayloadTooLarge,
+        format!("the request body is over the limit of {} MiB (socket.max_body_mb)", max >> 20),
+    )
+}
+
+/// Room taken for one request body in `socket.max_bodies_mb`; given back when dropped.
+pub(super) type BodyRoom = tokio::sync::OwnedSemaphorePermit;
+
+/// Reads a request body within the limits: a `Content-Length` over the limit
+/// is refused before a byte is read; room for the body (its declared length,
+/// else the limit) is taken from `socket.max_bodies_mb` first, waiting at most
+/// the body timeout; the body must arrive within `socket.body_timeout_s`.
+/// The room is held while the returned guard lives (the caller keeps it until its job ends).
+pub(super) async fn read_body(
+    app: &AppState,
+    body: Body,
+    headers: &HeaderMap,
+) -> Result<(axum::body::Bytes, BodyRoom), InferError> {
+    let max = app.max_body_bytes;
+    let declared = declared_length(headers);
     if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
+        return Err(body_too_large(max));
     }
-    match http_body_util::Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(InferError::bad_input(format!("the request body could not be read: {e}"))),
+    let kib = u32::try_from(declared.unwrap_or(max as u64).div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let room = match tokio::time::timeout(app.body_timeout, app.bodies.clone().acquire_many_owned(kib)).await {
+        Ok(Ok(room)) => room,
+        _ => {
+            return Err(InferError::overloaded(
+                "too many request bodies held at once (socket.max_bodies_mb); try again later",
+            ));
+        }
+    };
+    let read = tokio::time::timeout(app.body_timeout, http_body_util::Limited::new(body, max).collect());
+    match read.await {
+        Ok(Ok(collected)) => Ok((collected.to_bytes(), room)),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(body_too_large(max)),
+        Ok(Err(e)) => Err(InferError::bad_input(format!("the request body could not be read: {e}"))),
+        Err(_) => Err(InferError::bad_input(format!(
+            "the request body did not arrive within {} s (socket.body_timeout_s)",
+            app.body_timeout.as_secs()
+        ))),
     }
 }
 

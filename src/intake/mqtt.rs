@@ -5,14 +5,19 @@
 //!
 //! At-least-once: jobs are taken at QoS 1 on a persistent session, and a job
 //! is acknowledged only after its result has been handed to the broker, so a
-//! job in flight when the daemon dies is redelivered. Redeliveries of a job
-//! still running, or of a job id answered recently, are not computed twice.
-//! At most `max_in_flight` jobs run at once (advertised as MQTT 5
-//! receive-maximum, so the broker holds the rest); a job for a model whose
-//! queue is full gets an `overloaded` error result. The broker being down
+//! job in flight when the daemon dies is redelivered. Redeliveries (see
+//! [`super::redelivery`] for what makes a message one) of a job still running
+//! or answered recently are not computed twice.
+//!
+//! Intake is bounded: at most `max_in_flight` jobs and `max_held_mb` of their
+//! payloads are held at once; while full, inferd stops reading from the broker
+//! (TCP backpressure) instead of buffering. A job for a model whose queue is
+//! full gets an `overloaded` error result. A reply route is never a topic
+//! inferd consumes, and a result is never taken as a job. The broker being down
 //! never stops the daemon: the loop reconnects with capped exponential backoff.
 
-use super::topics::{Topics, valid_reply_topic};
+use super::redelivery::{Answer, Key, Redelivery, Seen};
+use super::topics::Topics;
 use crate::config::{Limits, MqttConfig};
 use crate::error::{ErrorKind, InferError};
 use crate::job::{self, InferRequest, JobInput, JobOptions};
@@ -21,10 +26,9 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5 as m5;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::Semaphore;
+use std::time::{Duration, Instant};
 
 /// Where the broker is and how to reach it, parsed from the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,8 +72,8 @@ impl Broker {
         if cfg.client_cert.is_some() != cfg.client_key.is_some() {
             return Err("mqtt.client_cert and mqtt.client_key go together".into());
         }
-        if cfg.max_in_flight == 0 || cfg.max_payload_mb == 0 {
-            return Err("mqtt.max_in_flight and mqtt.max_payload_mb must be above 0".into());
+        if cfg.max_in_flight == 0 || cfg.max_payload_mb == 0 || cfg.max_held_mb == 0 {
+            return Err("mqtt.max_in_flight, mqtt.max_payload_mb and mqtt.max_held_mb must be above 0".into());
         }
         Ok(Broker { host: host.to_string(), port, tls, v5 })
     }
@@ -150,6 +154,9 @@ struct ParsedJob {
     job: Result<(JobInput, JobOptions), InferError>,
     /// Publish generated text as it comes.
     partials: bool,
+    /// The payload is an inferd result (`node` with `result`, `error` or
+    /// `partial`), not a job: it is never run or answered.
+    is_result: bool,
 }
 
 /// The job in an MQTT payload (raw image bytes or a JSON envelope), or why
@@ -164,7 +171,7 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             ErrorKind::PayloadTooLarge,
             format!("the payload is {} bytes, over mqtt.max_payload_mb ({} MiB)", payload.len(), max_payload >> 20),
         );
-        return ParsedJob { id: None, reply_to: None, job: Err(e), partials: false };
+        return ParsedJob { id: None, reply_to: None, job: Err(e), partials: false, is_result: false };
     }
     if !job::looks_like_json(payload) {
         return ParsedJob {
@@ -172,6 +179,7 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             reply_to: None,
             job: Ok((JobInput::Image(payload.to_vec()), JobOptions::default())),
             partials: false,
+            is_result: false,
         };
     }
     // Read id and reply_to leniently first, so even a bad envelope is answered where it asked.
@@ -179,6 +187,8 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
     let id = loose.get("id").and_then(id_text);
     let reply_to = loose.get("reply_to").and_then(Value::as_str).map(str::to_string);
     let partials = loose.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let is_result = loose.get("node").is_some_and(Value::is_string)
+        && ["result", "error", "partial"].iter().any(|k| loose.get(k).is_some());
     let job = serde_json::from_slice::<Envelope>(payload)
         .map_err(|e| {
             InferError::bad_input(format!(
@@ -197,7 +207,7 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             };
             request.into_job(limits)
         });
-    ParsedJob { id, reply_to, job, partials }
+    ParsedJob { id, reply_to, job, partials, is_result }
 }
 
 fn id_text(v: &Value) -> Option<String> {
@@ -216,6 +226,7 @@ struct Message {
     correlation: Option<Bytes>,
     user_properties: Vec<(String, String)>,
     dup: bool,
+    qos0: bool,
     pkid: u16,
     ack: Ack,
 }
@@ -251,25 +262,37 @@ enum EventLoop {
 enum Event {
     Connected,
     Message(Box<Message>),
+    /// A publish of ours left with this packet id.
+    Sent(u16),
+    /// The broker acknowledged our publish with this packet id.
+    Acked(u16),
     Other,
 }
 
+fn v5_props(reply: Option<&Reply>) -> m5::PublishProperties {
+    m5::PublishProperties {
+        correlation_data: reply.and_then(|r| r.correlation.clone()),
+        user_properties: reply.map(|r| r.user_properties.clone()).unwrap_or_default(),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    }
+}
+
 impl Client {
-    async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool, reply: Option<&Reply>) -> Result<(), String> {
+    /// Publishes at QoS 1 without waiting for room in the request queue.
+    fn try_publish(&self, topic: &str, payload: Vec<u8>, retain: bool, reply: Option<&Reply>) -> Result<(), String> {
         match self {
-            Client::V5(c) => {
-                let props = m5::PublishProperties {
-                    correlation_data: reply.and_then(|r| r.correlation.clone()),
-                    user_properties: reply.map(|r| r.user_properties.clone()).unwrap_or_default(),
-                    content_type: Some("application/json".into()),
-                    ..Default::default()
-                };
-                c.publish_with_properties(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, retain, payload, props)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            Client::V5(c) => c
+                .try_publish_with_properties(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    retain,
+                    payload,
+                    v5_props(reply),
+                )
+                .map_err(|e| e.to_string()),
             Client::V4(c) => {
-                c.publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload).await.map_err(|e| e.to_string())
+                c.try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload).map_err(|e| e.to_string())
             }
         }
     }
@@ -315,10 +338,13 @@ impl EventLoop {
                         correlation: props.correlation_data,
                         user_properties: props.user_properties,
                         dup: p.dup,
+                        qos0: p.qos == rumqttc::v5::mqttbytes::QoS::AtMostOnce,
                         pkid: p.pkid,
                         ack: Ack::V5(ack),
                     })))
                 }
+                rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ok(Event::Sent(pkid)),
+                rumqttc::v5::Event::Incoming(m5::Packet::PubAck(a)) => Ok(Event::Acked(a.pkid)),
                 _ => Ok(Event::Other),
             },
             EventLoop::V4(l) => match l.poll().await.map_err(|e| e.to_string())? {
@@ -333,141 +359,246 @@ impl EventLoop {
                         correlation: None,
                         user_properties: Vec::new(),
                         dup: p.dup,
+                        qos0: p.qos == rumqttc::QoS::AtMostOnce,
                         pkid: p.pkid,
                         ack: Ack::V4(ack),
                     })))
                 }
+                rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ok(Event::Sent(pkid)),
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Ok(Event::Acked(a.pkid)),
                 _ => Ok(Event::Other),
             },
         }
     }
 }
 
-/// Remembers jobs in flight and recently answered, by envelope id, so a
-/// redelivery is neither computed twice nor lost.
+/// Results and status go out on a connection of their own (client id
+/// `{client_id}-results`), which is never throttled: its publishes wait for
+/// the broker's PUBACKs, and those must not queue behind a job backlog that
+/// the intake connection holds back. A job is acknowledged on the intake
+/// connection once the broker has acknowledged its result here.
+struct Outbox {
+    client: Client,
+    waiting: Mutex<Waiting>,
+}
+
 #[derive(Default)]
-struct Dedup {
-    window: usize,
-    /// id → acknowledgements waiting for the running job (the first is the job's own).
-    running: HashMap<String, Vec<Ack>>,
-    /// Packet ids of messages still unacknowledged (a DUP redelivery of one of these is the same job).
-    running_pkids: HashMap<u16, Vec<Ack>>,
-    /// id → (reply route, result payload) of recent answers.
-    answered: HashMap<String, (Reply, Vec<u8>)>,
-    order: VecDeque<String>,
+struct Waiting {
+    /// Publishes queued for the event loop, in order; each wants to hear of its PUBACK (or not).
+    queued: VecDeque<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Publishes sent, by packet id.
+    sent: std::collections::HashMap<u16, Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
-enum Seen {
-    /// A new job: run it.
-    New,
-    /// The same job is running: its acknowledgement will be sent when it finishes.
-    Running,
-    /// Answered recently: publish this again and acknowledge.
-    Answered(Reply, Vec<u8>),
-}
+impl Outbox {
+    /// Queues a publish without waiting; the receiver completes when the broker acknowledges it.
+    fn send(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        reply: Option<&Reply>,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // One lock around queueing and noting it, so the notes stay in the loop's order.
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        self.client.try_publish(topic, payload, retain, reply)?;
+        w.queued.push_back(Some(tx));
+        Ok(rx)
+    }
 
-impl Dedup {
-    fn check(&mut self, id: Option<&str>, msg: &Message) -> Seen {
-        if let Some(id) = id {
-            if let Some((reply, payload)) = self.answered.get(id) {
-                return Seen::Answered(reply.clone(), payload.clone());
+    /// Publishes and waits (up to `wait`) for the broker's acknowledgement.
+    async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        reply: Option<&Reply>,
+        wait: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + wait;
+        let acked = loop {
+            match self.send(topic, payload.clone(), retain, reply) {
+                Ok(rx) => break rx,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // the request queue is full
             }
-            if let Some(waiting) = self.running.get_mut(id) {
-                waiting.push(msg.ack.clone());
-                return Seen::Running;
-            }
-            self.running.insert(id.to_string(), vec![msg.ack.clone()]);
-            return Seen::New;
+        };
+        match tokio::time::timeout_at(deadline.into(), acked).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the results connection lost the publish".into()),
+            Err(_) => Err(format!("the broker did not acknowledge the result within {} s", wait.as_secs())),
         }
-        if msg.dup
-            && let Some(waiting) = self.running_pkids.get_mut(&msg.pkid)
+    }
+
+    /// The event loop sent publish `pkid` (a resend after a reconnect keeps its note).
+    fn sent(&self, pkid: u16) {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if !w.sent.contains_key(&pkid)
+            && let Some(note) = w.queued.pop_front()
         {
-            waiting.push(msg.ack.clone());
-            return Seen::Running;
+            w.sent.insert(pkid, note);
         }
-        self.running_pkids.insert(msg.pkid, vec![msg.ack.clone()]);
-        Seen::New
     }
 
-    /// The job finished: remember its answer; returns every acknowledgement to send.
-    fn finish(&mut self, id: Option<&str>, pkid: u16, answer: (Reply, Vec<u8>)) -> Vec<Ack> {
-        match id {
-            Some(id) => {
-                let acks = self.running.remove(id).unwrap_or_default();
-                if self.window > 0 {
-                    self.answered.insert(id.to_string(), answer);
-                    self.order.push_back(id.to_string());
-                    while self.order.len() > self.window {
-                        if let Some(old) = self.order.pop_front() {
-                            self.answered.remove(&old);
-                        }
-                    }
-                }
-                acks
-            }
-            None => self
-                .running_pkids
-                .remove(&pkid)
-                .map(|mut acks| {
-                    acks.truncate(1); // redeliveries share the packet id: one PUBACK answers them all
-                    acks
-                })
-                .unwrap_or_default(),
+    /// The broker acknowledged publish `pkid`.
+    fn acked(&self, pkid: u16) {
+        let note = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).sent.remove(&pkid);
+        if let Some(Some(tx)) = note {
+            let _ = tx.send(());
         }
     }
 }
+
+/// Serves the results connection until `stop`: reconnects with backoff, notes what was sent and acknowledged.
+async fn run_outbox(
+    outbox: Arc<Outbox>,
+    mut events: EventLoop,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    max_backoff: Duration,
+) {
+    let mut backoff = Duration::from_millis(250);
+    let mut connected_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = until_stopped(&mut stop) => break,
+            event = events.poll() => match event {
+                Ok(Event::Sent(pkid)) => outbox.sent(pkid),
+                Ok(Event::Acked(pkid)) => outbox.acked(pkid),
+                Ok(Event::Connected) => connected_at = Some(Instant::now()),
+                Ok(_) => {}
+                Err(e) => {
+                    // As on the intake: only a session that lived a while resets the backoff.
+                    if connected_at.take().is_some_and(|t| t.elapsed() >= SHORT_SESSION) {
+                        backoff = Duration::from_millis(250);
+                    }
+                    tracing::debug!("MQTT results connection lost: {e}; retrying in {} ms", backoff.as_millis());
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = until_stopped(&mut stop) => break,
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+    }
+    outbox.client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async { while events.poll().await.is_ok() {} }).await;
+}
+
+/// How long a result may wait for the broker's acknowledgement before its job
+/// is left unacknowledged (the broker delivers it again after a reconnect).
+const RESULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
 struct Ctx {
+    /// The intake connection: subscriptions and acknowledgements.
     client: Client,
+    outbox: Arc<Outbox>,
     topics: Topics,
     scheduler: Arc<Scheduler>,
     limits: Limits,
     max_payload: usize,
-    in_flight: Arc<Semaphore>,
-    dedup: Mutex<Dedup>,
+    redelivery: Mutex<Redelivery<Ack>>,
+    /// Jobs submitted at once (`max_in_flight`); small jobs read past the gate wait here.
+    running: tokio::sync::Semaphore,
+}
+
+/// Bytes of answers kept for redeliveries, at most.
+const ANSWERS_MAX_BYTES: usize = 16 << 20;
+
+/// A connection that the broker closes this soon after it opened counts as short;
+/// several in a row mean another client is taking the session.
+const SHORT_SESSION: Duration = Duration::from_secs(10);
+const SHORT_SESSIONS_FOR_CONFLICT: u32 = 3;
+const CONFLICT_CLEARS: Duration = Duration::from_secs(60);
+
+/// Where the answers of a client id are kept across restarts.
+fn answers_file(state_dir: Option<&std::path::Path>, client_id: &str) -> Option<std::path::PathBuf> {
+    let dir = state_dir?;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), "cannot keep MQTT answers across restarts: {e}");
+        return None;
+    }
+    let safe: String = client_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    Some(dir.join(format!("mqtt-answers-{safe}.jsonl")))
 }
 
 /// Connects and serves MQTT jobs until `stop` fires; then waits for jobs in
 /// flight (up to `drain`), publishes the offline status and disconnects.
 /// Never returns an error for the broker being away: it keeps retrying.
+/// Answers for redeliveries are kept in `state_dir` across restarts.
 pub async fn serve(
     cfg: MqttConfig,
     limits: Limits,
     scheduler: Arc<Scheduler>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
+    state_dir: Option<std::path::PathBuf>,
 ) -> Result<(), String> {
     let broker = Broker::parse(&cfg)?;
     let node = cfg.node();
     let topics = Topics { prefix: cfg.prefix.clone(), node: node.clone(), group: cfg.group.clone() };
     let client_id = cfg.client_id.clone().unwrap_or_else(|| node.clone());
     let max_payload = (cfg.max_payload_mb as usize).saturating_mul(1 << 20);
+    let max_held_jobs = usize::from(cfg.max_in_flight);
+    let max_held_bytes = (cfg.max_held_mb as usize).saturating_mul(1 << 20);
     let offline = serde_json::to_vec(&json!({"online": false, "node": node})).unwrap_or_default();
-    let (client, mut events) = connect(&cfg, &broker, &client_id, &topics, offline.clone(), max_payload)?;
+    let link = super::link::start(&broker, &cfg).inspect_err(|e| tracing::error!("MQTT cannot start: {e}"))?;
+    let results_link = super::link::start(&broker, &cfg)?;
+    let (client, mut events) = connect(&cfg, &link.path, &client_id, Some(&topics), offline.clone(), max_payload)?;
+    let (results, results_events) =
+        connect(&cfg, &results_link.path, &format!("{client_id}-results"), None, Vec::new(), max_payload)?;
+    let outbox = Arc::new(Outbox { client: results, waiting: Mutex::default() });
+    let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));
+    // The results connection outlives the intake: it carries the last results and the offline status.
+    let (outbox_stop, outbox_stopped) = tokio::sync::watch::channel(false);
+    let outbox_task = tokio::spawn(run_outbox(outbox.clone(), results_events, outbox_stopped, max_backoff));
+    let answers = answers_file(state_dir.as_deref(), &client_id);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
+        outbox,
         topics,
         scheduler,
         limits,
         max_payload,
-        in_flight: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
-        dedup: Mutex::new(Dedup { window: cfg.dedup_window, ..Default::default() }),
+        redelivery: Mutex::new(Redelivery::new(cfg.dedup_window, ANSWERS_MAX_BYTES, answers)),
+        running: tokio::sync::Semaphore::new(max_held_jobs),
     });
     ctx.scheduler.metrics().set_mqtt_connected(false);
     tracing::info!(broker = %format!("{}:{}", broker.host, broker.port), client_id, node, v5 = broker.v5, "MQTT starting");
     let mut backoff = Duration::from_millis(250);
-    let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));
     let mut status_every = tokio::time::interval(Duration::from_secs(30));
+    // Each job task gives back the payload bytes it held.
     let mut jobs = tokio::task::JoinSet::new();
+    let mut held: std::collections::HashMap<tokio::task::Id, usize> = std::collections::HashMap::new();
+    let mut held_bytes = 0usize;
+    let mut connected_at: Option<Instant> = None;
+    let mut short_sessions = 0u32;
     let mut stop_while_waiting = stop.clone();
     loop {
+        // Full: read nothing more from the broker until a job finishes (TCP
+        // backpressure holds the rest in the broker, not in this process).
+        let room = jobs.len() < max_held_jobs && held_bytes < max_held_bytes;
+        // Full: the link reads nothing more from the broker (TCP backpressure keeps
+        // the backlog there), while results and acknowledgements still go out.
+        link.set_open(room);
         tokio::select! {
             _ = until_stopped(&mut stop) => break,
-            _ = status_every.tick() => publish_status(&ctx, true).await,
-            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+            _ = status_every.tick() => {
+                // A session that holds a minute ends a suspected conflict.
+                if connected_at.is_some_and(|t| t.elapsed() >= CONFLICT_CLEARS) {
+                    short_sessions = 0;
+                    ctx.scheduler.metrics().set_mqtt_problem(None);
+                }
+                publish_status(&ctx, true).await
+            }
+            Some(done) = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                let id = done.map_or_else(|e| e.id(), |(id, ())| id);
+                held_bytes -= held.remove(&id).unwrap_or(0);
+            }
             event = events.poll() => match event {
                 Ok(Event::Connected) => {
-                    backoff = Duration::from_millis(250);
+                    connected_at = Some(Instant::now());
                     ctx.scheduler.metrics().set_mqtt_connected(true);
                     tracing::info!("MQTT connected");
                     for filter in ctx.topics.subscriptions() {
@@ -479,11 +610,35 @@ pub async fn serve(
                 }
                 Ok(Event::Message(msg)) => {
                     let ctx = ctx.clone();
-                    jobs.spawn(async move { handle(ctx, *msg).await });
+                    let bytes = msg.payload.len();
+                    held_bytes += bytes;
+                    let task = jobs.spawn(handle(ctx, *msg));
+                    held.insert(task.id(), bytes);
                 }
-                Ok(Event::Other) => {}
+                Ok(Event::Other | Event::Sent(_) | Event::Acked(_)) => {}
                 Err(e) => {
                     ctx.scheduler.metrics().set_mqtt_connected(false);
+                    // A session that lived a while resets the backoff; one the broker
+                    // keeps closing at once, or hands to another client, does not.
+                    let lived = connected_at.take().map(|t| t.elapsed());
+                    let taken_over = e.contains("SessionTakenOver");
+                    if taken_over || lived.is_some_and(|l| l < SHORT_SESSION) {
+                        short_sessions += 1;
+                    } else if lived.is_some() {
+                        short_sessions = 0;
+                        backoff = Duration::from_millis(250);
+                    }
+                    if taken_over || short_sessions >= SHORT_SESSIONS_FOR_CONFLICT {
+                        let problem = format!(
+                            "MQTT session conflict: the broker keeps closing client id '{client_id}' soon after it \
+                             connects; another client (a second inferd with the same node id?) uses it"
+                        );
+                        if ctx.scheduler.metrics().mqtt_problem().is_none() {
+                            tracing::error!("{problem}; set a unique mqtt.node_id (or mqtt.client_id)");
+                        }
+                        ctx.scheduler.metrics().set_mqtt_problem(Some(problem));
+                        backoff = backoff.max(Duration::from_secs(2));
+                    }
                     tracing::warn!("MQTT connection lost: {e}; retrying in {} ms", backoff.as_millis());
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -506,8 +661,10 @@ pub async fn serve(
     if tokio::time::timeout(drain, finishing).await.is_err() {
         tracing::warn!("MQTT jobs still running after {} ms; they will be redelivered", drain.as_millis());
     }
-    let _ = ctx.client.publish(&ctx.topics.status(), offline, true, None).await;
+    let _ = ctx.outbox.publish(&ctx.topics.status(), offline, true, None, Duration::from_secs(2)).await;
     ctx.client.disconnect().await;
+    let _ = outbox_stop.send(true);
+    let _ = outbox_task.await;
     // Let the offline status and the DISCONNECT reach the broker.
     let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
     tracing::info!("MQTT stopped");
@@ -519,22 +676,24 @@ async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
+/// The MQTT client and its event loop, connecting through the link at `link`.
 fn connect(
     cfg: &MqttConfig,
-    broker: &Broker,
+    link: &std::path::Path,
     client_id: &str,
-    topics: &Topics,
+    will: Option<&Topics>,
     offline: Vec<u8>,
     max_payload: usize,
 ) -> Result<(Client, EventLoop), String> {
     let password = cfg.password().map_err(|e| e.to_string())?;
-    let transport = if broker.tls { Some(tls_transport(cfg)?) } else { None };
+    let link = link.to_string_lossy().into_owned();
+    let v5 = Broker::parse(cfg)?.v5;
     let keep_alive = Duration::from_secs(cfg.keep_alive_s.max(5));
     // Payloads up to twice the limit still arrive, so they can be answered
     // with an error; larger packets the broker drops (MQTT 5 maximum packet size).
     let max_packet = max_payload.saturating_mul(2).saturating_add(64 << 10);
-    if broker.v5 {
-        let mut o = rumqttc::v5::MqttOptions::new(client_id, &broker.host, broker.port);
+    if v5 {
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, &link, 0);
         o.set_keep_alive(keep_alive)
             .set_clean_start(false)
             .set_session_expiry_interval(Some(cfg.session_expiry_s))
@@ -543,71 +702,50 @@ fn connect(
             // connect: the default (65535) costs ~14 MB of RSS for nothing.
             .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
             .set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)))
-            .set_manual_acks(true)
-            .set_last_will(m5::LastWill::new(
+            .set_manual_acks(true);
+        if let Some(topics) = will {
+            o.set_last_will(m5::LastWill::new(
                 topics.status(),
                 offline,
                 rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
                 true,
                 None,
             ));
+        }
         if let Some(user) = &cfg.username {
             o.set_credentials(user.clone(), password.unwrap_or_default());
         }
-        if let Some(t) = transport {
-            o.set_transport(t);
-        }
-        o.set_network_options(no_delay());
-        let (c, l) = rumqttc::v5::AsyncClient::new(o, 64);
+        o.set_transport(rumqttc::Transport::Unix);
+        let (c, l) = rumqttc::v5::AsyncClient::new(o, request_capacity(cfg));
         Ok((Client::V5(c), EventLoop::V5(Box::new(l))))
     } else {
-        let mut o = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
+        let mut o = rumqttc::MqttOptions::new(client_id, &link, 0);
         o.set_keep_alive(keep_alive)
             .set_clean_session(false)
             .set_inflight(OUTGOING_IN_FLIGHT)
             .set_max_packet_size(max_packet, max_packet)
-            .set_manual_acks(true)
-            .set_last_will(rumqttc::LastWill::new(topics.status(), offline, rumqttc::QoS::AtLeastOnce, true));
+            .set_manual_acks(true);
+        if let Some(topics) = will {
+            o.set_last_will(rumqttc::LastWill::new(topics.status(), offline, rumqttc::QoS::AtLeastOnce, true));
+        }
         if let Some(user) = &cfg.username {
             o.set_credentials(user.clone(), password.unwrap_or_default());
         }
-        if let Some(t) = transport {
-            o.set_transport(t);
-        }
-        let (c, mut l) = rumqttc::AsyncClient::new(o, 64);
-        l.set_network_options(no_delay());
+        o.set_transport(rumqttc::Transport::Unix);
+        let (c, l) = rumqttc::AsyncClient::new(o, request_capacity(cfg));
         Ok((Client::V4(c), EventLoop::V4(Box::new(l))))
     }
 }
 
-/// TCP without Nagle's algorithm: a result is one small write that must leave at
-/// once (with Nagle and delayed ACKs every reply waited ~40 ms).
+/// Room in a client's request queue: results, acknowledgements, partial
+/// results (dropped when it is full) and status.
+fn request_capacity(cfg: &MqttConfig) -> usize {
+    usize::from(cfg.max_in_flight) * 16 + 256
+}
+
 /// Results (and partial results) published at QoS 1 awaiting the broker's
 /// acknowledgement; more wait in the client's queue.
 const OUTGOING_IN_FLIGHT: u16 = 256;
-
-fn no_delay() -> rumqttc::NetworkOptions {
-    let mut n = rumqttc::NetworkOptions::new();
-    n.set_tcp_nodelay(true);
-    n
-}
-
-#[cfg(not(feature = "tls"))]
-fn tls_transport(_cfg: &MqttConfig) -> Result<rumqttc::Transport, String> {
-    Err("this inferd was built without the `tls` feature; mqtts:// is not available".into())
-}
-
-#[cfg(feature = "tls")]
-fn tls_transport(cfg: &MqttConfig) -> Result<rumqttc::Transport, String> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-    let ca = read(cfg.ca_file.as_deref().ok_or("mqtt.ca_file is required for mqtts://")?)?;
-    let client_auth = match (&cfg.client_cert, &cfg.client_key) {
-        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
-        _ => None,
-    };
-    Ok(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple { ca, alpn: None, client_auth }))
-}
 
 async fn publish_status(ctx: &Ctx, online: bool) {
     let models: Vec<Value> = ctx
@@ -628,7 +766,7 @@ async fn publish_status(ctx: &Ctx, online: bool) {
         "version": env!("CARGO_PKG_VERSION"),
         "models": models,
     });
-    if let Err(e) = ctx.client.publish(&ctx.topics.status(), status.to_string().into_bytes(), true, None).await {
+    if let Err(e) = ctx.outbox.send(&ctx.topics.status(), status.to_string().into_bytes(), true, None) {
         tracing::warn!("cannot publish status: {e}");
     }
 }
@@ -641,30 +779,55 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
     };
     let parsed = parse_payload(&msg.payload, &ctx.limits, ctx.max_payload);
     let id = parsed.id.clone();
-    // The reply route: MQTT 5 response topic, else the envelope's reply_to, else the default.
-    let topic = match (&msg.response_topic, &parsed.reply_to) {
-        (Some(t), _) if valid_reply_topic(t) => t.clone(),
-        (_, Some(t)) if valid_reply_topic(t) => t.clone(),
+    if parsed.is_result {
+        tracing::warn!(topic = msg.topic, id, "an inferd result arrived on a job topic; acknowledged and ignored");
+        let _ = ctx.client.ack(&msg.ack).await;
+        return;
+    }
+    // The reply route: MQTT 5 response topic, else the envelope's reply_to, else
+    // the default; a route inferd may not publish to is answered there with the reason.
+    let asked = msg.response_topic.as_ref().or(parsed.reply_to.as_ref());
+    let refusal = asked.and_then(|t| ctx.topics.reply_route_refusal(t));
+    let topic = match asked {
+        Some(t) if refusal.is_none() => t.clone(),
         _ => ctx.topics.result(&model),
     };
     let reply = Reply { topic, correlation: msg.correlation.clone(), user_properties: msg.user_properties.clone() };
     tracing::debug!(id, model, pkid = msg.pkid, dup = msg.dup, bytes = msg.payload.len(), "MQTT job received");
-    let seen = ctx.dedup.lock().unwrap_or_else(|e| e.into_inner()).check(id.as_deref(), &msg);
+    let key = Key::of(
+        id.is_some(),
+        msg.qos0,
+        msg.pkid,
+        &model,
+        &reply.topic,
+        reply.correlation.as_deref().unwrap_or_default(),
+        &msg.payload,
+    );
+    let seen = ctx.redelivery.lock().unwrap_or_else(|e| e.into_inner()).check(&key, msg.dup, msg.ack.clone());
     match seen {
         Seen::Running => return,
-        Seen::Answered(reply, payload) => {
+        Seen::Answered(answer) => {
             tracing::debug!(id, "redelivered job already answered; publishing its result again");
-            if ctx.client.publish(&reply.topic, payload, false, Some(&reply)).await.is_ok() {
+            let again = Reply {
+                topic: answer.topic,
+                correlation: answer.correlation.map(Bytes::from),
+                user_properties: answer.user_properties,
+            };
+            let published =
+                ctx.outbox.publish(&again.topic, answer.payload.into_bytes(), false, Some(&again), RESULT_ACK_WAIT);
+            if published.await.is_ok() {
                 let _ = ctx.client.ack(&msg.ack).await;
             }
             return;
         }
         Seen::New => {}
     }
-    // At most max_in_flight jobs run at once; the broker's in-flight window
-    // (receive-maximum in MQTT 5) bounds how many can wait here.
-    let _permit = ctx.in_flight.clone().acquire_owned().await;
-    let outcome = match parsed.job {
+    let job = match refusal {
+        Some(why) => Err(InferError::bad_input(why)),
+        None => parsed.job,
+    };
+    let _running = ctx.running.acquire().await;
+    let outcome = match job {
         Err(e) => {
             ctx.scheduler.metrics().record_error(e.kind);
             Err(e)
@@ -691,13 +854,23 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
     };
     answer["id"] = id.clone().map_or(Value::Null, Value::String);
     answer["node"] = Value::String(ctx.topics.node.clone());
-    let payload = answer.to_string().into_bytes();
-    if let Err(e) = ctx.client.publish(&reply.topic, payload.clone(), false, Some(&reply)).await {
-        // Not acknowledged: the broker will deliver the job again.
-        tracing::warn!(id, "cannot publish the result: {e}");
-        return;
-    }
-    let acks = ctx.dedup.lock().unwrap_or_else(|e| e.into_inner()).finish(id.as_deref(), msg.pkid, (reply, payload));
+    let payload = answer.to_string();
+    let published =
+        ctx.outbox.publish(&reply.topic, payload.clone().into_bytes(), false, Some(&reply), RESULT_ACK_WAIT).await;
+    let kept = match published {
+        Ok(()) => Some(Answer {
+            topic: reply.topic,
+            correlation: reply.correlation.map(|c| c.to_vec()),
+            user_properties: reply.user_properties,
+            payload,
+        }),
+        Err(e) => {
+            // Not acknowledged: the broker will deliver the job again.
+            tracing::warn!(id, "cannot publish the result: {e}");
+            None
+        }
+    };
+    let acks = ctx.redelivery.lock().unwrap_or_else(|e| e.into_inner()).finish(&key, kept);
     tracing::debug!(id, acks = acks.len(), "MQTT job answered");
     for ack in acks {
         if let Err(e) = ctx.client.ack(&ack).await {
@@ -717,8 +890,9 @@ async fn publish_partials(
     let mut index = 0;
     while let Some(text) = pieces.recv().await {
         let message = json!({"id": id, "node": ctx.topics.node, "partial": true, "index": index, "text": text});
-        if let Err(e) = ctx.client.publish(&reply.topic, message.to_string().into_bytes(), false, Some(&reply)).await {
-            tracing::debug!(id, "cannot publish a partial result: {e}");
+        // Never waits: a partial that finds the request queue full is dropped (the result is not).
+        if let Err(e) = ctx.outbox.send(&reply.topic, message.to_string().into_bytes(), false, Some(&reply)) {
+            tracing::debug!(id, "partial result dropped: {e}");
         }
         index += 1;
     }

@@ -104,7 +104,7 @@ enum Kind {
 
 /// `POST /v1/completions`.
 pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(body, &headers, app.max_body_bytes).await.and_then(|b| parse_request(&b, false)) {
+    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, false)) {
         Ok((model, request, stream)) => run(app, Kind::Completion, model, request, stream).await,
         Err(e) => error_response(&e),
     }
@@ -112,7 +112,7 @@ pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: 
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(body, &headers, app.max_body_bytes).await.and_then(|b| parse_request(&b, true)) {
+    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, true)) {
         Ok((model, request, stream)) => run(app, Kind::Chat, model, request, stream).await,
         Err(e) => error_response(&e),
     }

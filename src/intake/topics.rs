@@ -3,6 +3,10 @@
 //! - `{prefix}/{node}/jobs/{model}`: jobs for this box;
 //! - `{prefix}/{node}/results/{model}`: results when a job names no reply route;
 //! - `{prefix}/{node}/status`: retained online/offline status.
+//!
+//! A reply route may never be a topic that inferd consumes or owns (any
+//! node's jobs or status): a result published there would come back as a
+//! job, or overwrite a node's status.
 
 /// The topics of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,9 +41,30 @@ impl Topics {
     }
 }
 
-/// Whether a client may name `topic` as a reply route: a plain topic, no wildcards, not `$`-reserved.
-pub fn valid_reply_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 1024 && !topic.contains(['+', '#', '\0']) && !topic.starts_with('$')
+impl Topics {
+    /// Whether a client may name `topic` as a reply route, or why not: a plain
+    /// topic (no wildcards, not `$`-reserved), and not one inferd consumes or
+    /// owns — the jobs of any node or of the fleet, or any node's status.
+    pub fn reply_route_refusal(&self, topic: &str) -> Option<String> {
+        if topic.is_empty() || topic.len() > 1024 || topic.contains(['+', '#', '\0']) || topic.starts_with('$') {
+            return Some(format!(
+                "reply route '{}' is not a plain topic (empty, too long, a wildcard or $-reserved)",
+                topic.chars().take(128).collect::<String>()
+            ));
+        }
+        let rest = topic.strip_prefix(self.prefix.as_str()).and_then(|r| r.strip_prefix('/'))?;
+        let levels: Vec<&str> = rest.split('/').collect();
+        let consumed = levels.first() == Some(&"jobs")
+            || levels.get(1) == Some(&"jobs")
+            || (levels.len() == 2 && levels[1] == "status");
+        consumed.then(|| {
+            format!(
+                "reply route '{topic}' is a topic inferd consumes or owns (jobs or status under '{}/'); \
+                 results never go there",
+                self.prefix
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -74,10 +99,25 @@ mod tests {
     }
 
     #[test]
-    fn reply_topics_may_not_be_wildcards_or_reserved() {
-        assert!(valid_reply_topic("cams/7/answers"));
-        assert!(!valid_reply_topic("cams/+/answers"));
-        assert!(!valid_reply_topic("$SYS/x"));
-        assert!(!valid_reply_topic(""));
+    fn reply_routes_may_not_be_wildcards_reserved_or_topics_inferd_consumes() {
+        let t = topics();
+        for ok in ["cams/7/answers", "inferd/cam-box-1/results/color", "inferd/other/results/x", "inferdx/jobs/color"] {
+            assert_eq!(t.reply_route_refusal(ok), None, "{ok}");
+        }
+        for refused in [
+            "cams/+/answers",
+            "cams/#",
+            "$SYS/x",
+            "",
+            "inferd/jobs/color",
+            "inferd/cam-box-1/jobs/color",
+            "inferd/other-box/jobs/color",
+            "inferd/cam-box-1/jobs/color/extra",
+            "inferd/jobs",
+            "inferd/cam-box-1/status",
+            "inferd/other-box/status",
+        ] {
+            assert!(t.reply_route_refusal(refused).is_some(), "{refused} must be refused");
+        }
     }
 }

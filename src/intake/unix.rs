@@ -1,5 +1,11 @@
 //! The Unix socket the local API listens on: default path, stale-file
 //! removal (but never from under a live daemon), permissions and group.
+//!
+//! Two daemons started at once on one path cannot both come up: each takes an
+//! exclusive lock on `<socket>.lock` before it looks at the socket file. A
+//! user's default socket outside `$XDG_RUNTIME_DIR` lives in a private folder
+//! (`/tmp/inferd-<uid>/`, mode 0700) that must be owned by that user, so no
+//! other user can put a socket of their own in its place.
 
 use crate::config::SocketConfig;
 use std::io;
@@ -14,20 +20,61 @@ pub enum SocketError {
     Setup { path: PathBuf, message: String },
 }
 
-/// Binds the configured socket: removes a stale socket file, refuses when a
-/// live daemon answers on it, creates the folder, applies mode and group.
-pub fn bind(cfg: &SocketConfig) -> Result<(tokio::net::UnixListener, PathBuf), SocketError> {
+/// The exclusive lock on a socket path, held while the daemon listens there.
+#[derive(Debug)]
+pub struct SocketLock(#[allow(dead_code)] Option<std::fs::File>);
+
+/// Takes the exclusive lock on `<path>.lock`, or says another daemon holds it.
+fn lock(path: &Path) -> Result<SocketLock, SocketError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    use std::os::unix::fs::OpenOptionsExt;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path).map_err(
+            |e| SocketError::Setup {
+                path: path.to_path_buf(),
+                message: format!("cannot open the lock file {}: {e}", lock_path.display()),
+            },
+        )?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(SocketError::InUse(path.to_path_buf()));
+    }
+    Ok(SocketLock(Some(file)))
+}
+
+/// Makes (or checks) the user's private folder for the default socket.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    crate::config::check_private_dir(dir)
+}
+
+/// Binds the configured socket: takes the path's lock, removes a stale socket
+/// file, refuses when a live daemon answers on it, creates the folder, applies
+/// mode and group. The lock is held while the returned [`SocketLock`] lives.
+pub fn bind(cfg: &SocketConfig) -> Result<(tokio::net::UnixListener, PathBuf, SocketLock), SocketError> {
     let path = cfg.resolved_path();
     let setup = |message: String| SocketError::Setup { path: path.clone(), message };
+    if let Some(dir) = cfg.private_default_dir() {
+        private_dir(&dir).map_err(&setup)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| setup(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let lock = lock(&path)?;
     if path.exists() || path.symlink_metadata().is_ok() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
             return Err(SocketError::InUse(path));
         }
         tracing::info!(path = %path.display(), "removing stale socket file");
         std::fs::remove_file(&path).map_err(|e| setup(format!("cannot remove the stale socket file: {e}")))?;
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| setup(format!("cannot create {}: {e}", dir.display())))?;
     }
     let listener = tokio::net::UnixListener::bind(&path).map_err(|e| setup(format!("cannot listen: {e}")))?;
     let mode = cfg.mode_bits().map_err(|e| setup(e.to_string()))?;
@@ -39,17 +86,19 @@ pub fn bind(cfg: &SocketConfig) -> Result<(tokio::net::UnixListener, PathBuf), S
         std::os::unix::fs::chown(&path, None, Some(gid))
             .map_err(|e| setup(format!("cannot give it to group {group}: {e}")))?;
     }
-    Ok((listener, path))
+    Ok((listener, path, lock))
 }
 
 /// The socket systemd passed (socket activation, `LISTEN_FDS`), else the
 /// configured one bound by [`bind`]; the flag says whether it was passed.
-pub fn bind_or_inherit(cfg: &SocketConfig) -> Result<(tokio::net::UnixListener, PathBuf, bool), SocketError> {
+pub fn bind_or_inherit(
+    cfg: &SocketConfig,
+) -> Result<(tokio::net::UnixListener, PathBuf, Option<SocketLock>), SocketError> {
     let inherited = crate::systemd::listen_fd()
         .map_err(|e| SocketError::Setup { path: cfg.resolved_path(), message: format!("LISTEN_FDS: {e}") })?;
     let Some(fd) = inherited else {
-        let (listener, path) = bind(cfg)?;
-        return Ok((listener, path, false));
+        let (listener, path, lock) = bind(cfg)?;
+        return Ok((listener, path, Some(lock)));
     };
     let fail = |message: String| SocketError::Setup { path: PathBuf::from(format!("fd {fd}")), message };
     use std::os::fd::FromRawFd;
@@ -64,7 +113,7 @@ pub fn bind_or_inherit(cfg: &SocketConfig) -> Result<(tokio::net::UnixListener, 
     std_listener.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| fail(e.to_string()))?;
     tracing::info!(path = %path.display(), "listening on the socket systemd passed (socket activation)");
-    Ok((listener, path, true))
+    Ok((listener, path, None))
 }
 
 /// Removes the socket file at `path` if it is still a socket.

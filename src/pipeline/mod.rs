@@ -293,6 +293,26 @@ pub fn preprocess(model: &ModelSpec, input: JobInput, limits: &Limits) -> Result
     }
 }
 
+/// Whether `task` takes this kind of input at all: checked before a job is
+/// queued, so a wrong body is refused without loading the model.
+pub fn admits(task: Task, input: &JobInput) -> Result<(), InferError> {
+    let (ok, wanted) = match task {
+        Task::ImageClassification | Task::ObjectDetection => {
+            (matches!(input, JobInput::Image(_) | JobInput::Prepared { .. }), "an image")
+        }
+        Task::Ocr | Task::DocumentFields => (matches!(input, JobInput::Image(_) | JobInput::Pixels(_)), "an image"),
+        Task::Embedding => {
+            (matches!(input, JobInput::Text(_)), "text: {\"text\": \"...\"} or {\"text\": [\"...\", ...]}")
+        }
+        Task::TextGeneration => (
+            matches!(input, JobInput::Generate(_) | JobInput::Text(_)),
+            "a prompt: POST /v1/completions or /v1/chat/completions",
+        ),
+        Task::Raw => (matches!(input, JobInput::Tensors(_)), "named tensors: {\"inputs\": {...}}"),
+    };
+    if ok { Ok(()) } else { Err(InferError::bad_input(format!("the {task} task takes {wanted}"))) }
+}
+
 /// Whether [`preprocess`] has image work to do for this input.
 pub fn has_preprocessing(model: &ModelSpec, input: &JobInput) -> bool {
     matches!(input, JobInput::Image(_))

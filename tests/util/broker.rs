@@ -16,6 +16,8 @@ pub struct Broker {
     pub tls: Option<TlsListener>,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Log every connection (for tests that count them).
+    verbose: bool,
 }
 
 /// What a client needs for the TLS listener.
@@ -48,7 +50,16 @@ fn mosquitto() -> PathBuf {
 impl Broker {
     /// Starts a broker on a free port.
     pub fn start() -> Broker {
-        let mut b = Broker { port: free_port(), tls: None, dir: tempfile::tempdir().unwrap(), child: None };
+        let mut b =
+            Broker { port: free_port(), tls: None, dir: tempfile::tempdir().unwrap(), child: None, verbose: false };
+        b.launch();
+        b
+    }
+
+    /// Starts a broker that logs every connection.
+    pub fn start_verbose() -> Broker {
+        let mut b =
+            Broker { port: free_port(), tls: None, dir: tempfile::tempdir().unwrap(), child: None, verbose: true };
         b.launch();
         b
     }
@@ -131,7 +142,7 @@ impl Broker {
             username: "inferd".into(),
             password_file: d.join("password"),
         };
-        let mut b = Broker { port: free_port(), tls: Some(tls), dir, child: None };
+        let mut b = Broker { port: free_port(), tls: Some(tls), dir, child: None, verbose: false };
         b.launch();
         b
     }
@@ -148,7 +159,7 @@ impl Broker {
             "per_listener_settings true\npersistence true\npersistence_location {d}/\nuser root\n\
              max_queued_messages 10000\nlog_dest file {d}/mosquitto.log\nlog_type {}\n\
              listener {} 127.0.0.1\nallow_anonymous true\n",
-            if std::env::var_os("TEST_BROKER_LOG").is_some() { "all" } else { "error" },
+            if self.verbose || std::env::var_os("TEST_BROKER_LOG").is_some() { "all" } else { "error" },
             self.port,
         );
         if let Some(tls) = &self.tls {

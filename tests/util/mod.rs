@@ -254,3 +254,121 @@ pub fn detector_registry() -> TempRegistry {
         .collect();
     TempRegistry::new(&serde_json::json!({"models": models}))
 }
+
+/// The real `inferd serve` binary as a child process, over [`test_registry`]
+/// (or a registry given), with a config file made of the defaults for tests plus `extra` TOML.
+pub struct Process {
+    pub dir: tempfile::TempDir,
+    pub registry: TempRegistry,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub child: Option<std::process::Child>,
+}
+
+impl Process {
+    /// Starts the daemon with `extra` appended to its config file (sections
+    /// `[socket]`, `[memory]` are written first; give other sections in `extra`,
+    /// or keys of those two through `socket_extra` and `memory_extra`).
+    pub fn start(socket_extra: &str, memory_extra: &str, extra: &str) -> Process {
+        Self::start_with(test_registry(), socket_extra, memory_extra, extra)
+    }
+
+    /// [`Process::start`] over `registry`.
+    pub fn start_with(registry: TempRegistry, socket_extra: &str, memory_extra: &str, extra: &str) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("inferd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "models = \"{}\"\nmodels_outside = true\n[socket]\npath = \"{}\"\n{socket_extra}\n\
+                 [memory]\nstate_dir = \"{}\"\n{memory_extra}\n{extra}\n",
+                registry.path().display(),
+                socket.display(),
+                dir.path().join("state").display(),
+            ),
+        )
+        .unwrap();
+        let mut p = Process { dir, registry, socket, config, child: None };
+        p.launch();
+        p
+    }
+
+    /// Starts the binary on the existing config (again, after `kill`).
+    pub fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("inferd.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_inferd"))
+            .args(["--config", self.config.to_str().unwrap(), "serve"])
+            .env_remove("ORT_DYLIB_PATH")
+            .env_remove("RUST_LOG")
+            .env_remove("INFERD_LOG__LEVEL")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        if inferd::intake::unix::wait_for(&self.socket, std::time::Duration::from_secs(30)).is_err() {
+            panic!("the daemon did not come up: {}", self.log());
+        }
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("inferd.log")).unwrap_or_default()
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The daemon's resident set size, MiB.
+    pub fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// A client for the daemon's socket.
+    pub fn client(&self) -> inferd::client::Client {
+        inferd::client::Client::new(&self.socket).with_timeout(std::time::Duration::from_secs(60))
+    }
+
+    /// SIGKILLs the daemon.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
