@@ -180,6 +180,33 @@ impl MqttConfig {
     }
 }
 
+/// A list of uids, or one uid (what a single value in the environment parses
+/// as); numbers or their text (the environment's list items are text).
+fn one_or_many_uids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Uid {
+        Number(u32),
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Uids {
+        One(Uid),
+        Many(Vec<Uid>),
+    }
+    let uids = match Uids::deserialize(d)? {
+        Uids::One(uid) => vec![uid],
+        Uids::Many(uids) => uids,
+    };
+    uids.into_iter()
+        .map(|u| match u {
+            Uid::Number(n) => Ok(n),
+            Uid::Text(t) => t.trim().parse().map_err(|_| serde::de::Error::custom(format!("'{t}' is not a uid"))),
+        })
+        .collect()
+}
+
 /// `/tmp/inferd-<uid>`: a user's own folder for the default socket without `$XDG_RUNTIME_DIR`.
 fn private_socket_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -247,6 +274,8 @@ pub struct SocketConfig {
     /// Environment variable holding the bearer token.
     pub tcp_token_env: Option<String>,
     /// Users (uids) allowed to load and unload models over the socket; empty: anyone who can reach it.
+    /// (`INFERD_SOCKET__ADMIN_UIDS=0,1000` in the environment; one uid alone is a list of one.)
+    #[serde(deserialize_with = "one_or_many_uids")]
     pub admin_uids: Vec<u32>,
     /// Connections open at once (Unix socket and TCP each); at the cap a new
     /// connection closes the one idle the longest, or gets 503 if none idles.
@@ -662,6 +691,38 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn admin_uids_come_from_the_environment_too() {
+        let c = Config::load_from(None, Path::new("/x"), env(&[("INFERD_SOCKET__ADMIN_UIDS", "0,1000")])).unwrap();
+        assert_eq!(c.socket.admin_uids, [0, 1000]);
+        let c = Config::load_from(None, Path::new("/x"), env(&[("INFERD_SOCKET__ADMIN_UIDS", "1000")])).unwrap();
+        assert_eq!(c.socket.admin_uids, [1000]);
+    }
+
+    #[test]
+    fn a_private_socket_folder_must_be_this_users_and_closed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("inferd-me");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(check_private_dir(&private), Ok(()));
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_private_dir(&private).unwrap_err().contains("mode 755"));
+        let link = dir.path().join("inferd-link");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        assert!(check_private_dir(&link).unwrap_err().contains("symbolic link"));
+        // Another user's folder (making one needs root).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let other = dir.path().join("inferd-other");
+            std::fs::create_dir(&other).unwrap();
+            std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&other, Some(65534), None).unwrap();
+            assert!(check_private_dir(&other).unwrap_err().contains("owner uid 65534"));
+        }
     }
 
     #[test]

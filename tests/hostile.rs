@@ -596,3 +596,31 @@ fn a_failed_onnx_runtime_load_is_tried_again_and_readiness_says_so() {
     assert!(ready.get("onnxruntime_error").is_none(), "{ready}");
     daemon.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_survives_a_daemon_kill_and_a_redelivery_is_not_computed_again() {
+    let broker = Broker::start();
+    let mqtt = format!("[mqtt]\nurl = \"{}\"\nnode_id = \"survivor\"\n", broker.url());
+    let mut daemon = Process::start("", "", &mqtt);
+    let mut c = TestClient::connect(&broker, "survivor-device").await;
+    wait_online(&mut c, "survivor").await;
+    c.subscribe("dev/survivor").await;
+    let job = json!({"id": "s-1", "image_base64": b64(&image("green")), "reply_to": "dev/survivor"}).to_string();
+    c.publish("inferd/survivor/jobs/color", job.clone()).await;
+    let first = c.recv_on("dev/survivor", WAIT).await;
+    assert_eq!(first.json()["result"]["classes"][0]["label"], "green");
+    // Killed without a goodbye, started again; the same job comes again (as a
+    // redelivery would): the stored answer goes out, byte for byte, not a second run.
+    daemon.kill();
+    daemon.launch();
+    wait_online(&mut c, "survivor").await;
+    c.publish("inferd/survivor/jobs/color", job).await;
+    let again = c.recv_on("dev/survivor", WAIT).await;
+    assert_eq!(
+        String::from_utf8_lossy(&again.payload),
+        String::from_utf8_lossy(&first.payload),
+        "the answer kept in the state directory, not a new computation"
+    );
+    let metrics = String::from_utf8_lossy(&daemon.client().get("/metrics").unwrap().body).into_owned();
+    assert!(!metrics.contains("inferd_jobs_total{model=\"color\""), "the model did not run: {metrics}");
+}

@@ -318,8 +318,13 @@ pub async fn serve<L: Accept>(
                 limits.max_connections
             ));
             tasks.spawn(async move {
-                use tokio::io::AsyncWriteExt;
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                // Take the request's first bytes (so the client's write does not fail
+                // on a closed socket before it can read the answer), answer, close.
+                let mut head = [0u8; 4096];
+                let _ = tokio::time::timeout(Duration::from_millis(500), io.read(&mut head)).await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(&busy_response())).await;
+                let _ = io.shutdown().await;
             });
             continue;
         };

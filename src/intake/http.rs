@@ -227,7 +227,12 @@ async fn infer(
     let (bytes, _held) = match body {
         Ok(b) => b,
         Err(e) => {
-            app.scheduler.metrics().record_error(e.kind);
+            // Refused before it became a job: counted as the model's outcome all the same.
+            let metrics = app.scheduler.metrics();
+            match app.scheduler.engine().registry().get(&name) {
+                Some(_) => metrics.record_job(&name, &Err::<(), _>(e.clone()), std::time::Duration::ZERO),
+                None => metrics.record_error(e.kind),
+            }
             return error_response(&e);
         }
     };
