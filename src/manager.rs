@@ -322,18 +322,7 @@ impl Manager {
         if used <= budget {
             return Vec::new();
         }
-        let now = Instant::now();
-        let residents: Vec<Resident> = self
-            .loaded()
-            .iter()
-            .filter(|(name, _)| *name != &model.name)
-            .map(|(name, l)| Resident {
-                model: name.clone(),
-                bytes: l.bytes,
-                idle: now - l.last_used,
-                pinned: self.registry().get(name).is_some_and(|m| m.pin),
-            })
-            .collect();
+        let residents = self.residents_except(&model.name);
         let victims = evictions(&residents, 0, used - budget).unwrap_or_else(|| {
             // Even all idle ones would not do: unload them all; the rest is pinned or this model.
             residents.iter().filter(|r| !r.pinned).map(|r| r.model.clone()).collect()
@@ -343,6 +332,22 @@ impl Manager {
             loaded.remove(victim);
         }
         victims
+    }
+
+    /// The loaded models other than `model`, as eviction sees them.
+    fn residents_except(&self, model: &str) -> Vec<Resident> {
+        let now = Instant::now();
+        let registry = self.registry();
+        self.loaded()
+            .iter()
+            .filter(|(name, _)| *name != model)
+            .map(|(name, l)| Resident {
+                model: name.clone(),
+                bytes: l.bytes,
+                idle: now - l.last_used,
+                pinned: registry.get(name).is_some_and(|m| m.pin),
+            })
+            .collect()
     }
 
     /// The needs of every variant of `model`.
@@ -366,19 +371,7 @@ impl Manager {
         let needs = self.needs(model);
         let room = self.room()?;
         let headroom = self.cfg.headroom_mb << 20;
-        let residents: Vec<Resident> = {
-            let now = Instant::now();
-            self.loaded()
-                .iter()
-                .filter(|(name, _)| *name != &model.name)
-                .map(|(name, l)| Resident {
-                    model: name.clone(),
-                    bytes: l.bytes,
-                    idle: now - l.last_used,
-                    pinned: self.registry().get(name).is_some_and(|m| m.pin),
-                })
-                .collect()
-        };
+        let residents = self.residents_except(&model.name);
         let evictable: u64 = residents.iter().filter(|r| !r.pinned).map(|r| r.bytes).sum();
         let (index, reason) = match requested {
             Some(name) => {
