@@ -5,6 +5,7 @@ pub mod conn;
 pub mod http;
 pub(crate) mod link;
 pub mod mqtt;
+mod mqtt_client;
 pub mod openai;
 pub mod peer;
 pub(crate) mod redelivery;

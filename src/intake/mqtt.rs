@@ -16,6 +16,9 @@
 //! inferd consumes, and a result is never taken as a job. The broker being down
 //! never stops the daemon: the loop reconnects with capped exponential backoff.
 
+use super::mqtt_client::{
+    Ack, Client, Event, Message, Outbox, RESULT_ACK_WAIT, Reply, SHORT_SESSION, connect, run_outbox, until_stopped,
+};
 use super::redelivery::{Answer, Key, Redelivery, Seen};
 use super::topics::Topics;
 use crate::config::{Limits, MqttConfig};
@@ -23,10 +26,9 @@ use crate::error::{ErrorKind, InferError};
 use crate::job::{self, InferRequest, JobInput, JobOptions};
 use crate::scheduler::Scheduler;
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5 as m5;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -218,278 +220,6 @@ fn id_text(v: &Value) -> Option<String> {
     }
 }
 
-/// A received job message, whichever protocol version carried it.
-struct Message {
-    topic: String,
-    payload: Bytes,
-    response_topic: Option<String>,
-    correlation: Option<Bytes>,
-    user_properties: Vec<(String, String)>,
-    dup: bool,
-    qos0: bool,
-    pkid: u16,
-    ack: Ack,
-}
-
-/// What acknowledging a message needs.
-#[derive(Clone)]
-enum Ack {
-    V5(m5::Publish),
-    V4(rumqttc::Publish),
-}
-
-/// Where a result goes: topic, plus the MQTT 5 correlation data and user
-/// properties of the request, echoed.
-#[derive(Debug, Clone, Default)]
-struct Reply {
-    topic: String,
-    correlation: Option<Bytes>,
-    user_properties: Vec<(String, String)>,
-}
-
-/// The MQTT client of either protocol version.
-#[derive(Clone)]
-enum Client {
-    V5(rumqttc::v5::AsyncClient),
-    V4(rumqttc::AsyncClient),
-}
-
-enum EventLoop {
-    V5(Box<rumqttc::v5::EventLoop>),
-    V4(Box<rumqttc::EventLoop>),
-}
-
-enum Event {
-    Connected,
-    Message(Box<Message>),
-    /// A publish of ours left with this packet id.
-    Sent(u16),
-    /// The broker acknowledged our publish with this packet id.
-    Acked(u16),
-    Other,
-}
-
-fn v5_props(reply: Option<&Reply>) -> m5::PublishProperties {
-    m5::PublishProperties {
-        correlation_data: reply.and_then(|r| r.correlation.clone()),
-        user_properties: reply.map(|r| r.user_properties.clone()).unwrap_or_default(),
-        content_type: Some("application/json".into()),
-        ..Default::default()
-    }
-}
-
-impl Client {
-    /// Publishes at QoS 1 without waiting for room in the request queue.
-    fn try_publish(&self, topic: &str, payload: Vec<u8>, retain: bool, reply: Option<&Reply>) -> Result<(), String> {
-        match self {
-            Client::V5(c) => c
-                .try_publish_with_properties(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    retain,
-                    payload,
-                    v5_props(reply),
-                )
-                .map_err(|e| e.to_string()),
-            Client::V4(c) => {
-                c.try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload).map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    async fn ack(&self, ack: &Ack) -> Result<(), String> {
-        match (self, ack) {
-            (Client::V5(c), Ack::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            (Client::V4(c), Ack::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            _ => Err("acknowledgement of another protocol version".into()),
-        }
-    }
-
-    async fn subscribe(&self, filter: &str) -> Result<(), String> {
-        match self {
-            Client::V5(c) => {
-                c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.map_err(|e| e.to_string())
-            }
-            Client::V4(c) => c.subscribe(filter, rumqttc::QoS::AtLeastOnce).await.map_err(|e| e.to_string()),
-        }
-    }
-
-    async fn disconnect(&self) {
-        let _ = match self {
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
-        };
-    }
-}
-
-impl EventLoop {
-    async fn poll(&mut self) -> Result<Event, String> {
-        match self {
-            EventLoop::V5(l) => match l.poll().await.map_err(|e| e.to_string())? {
-                rumqttc::v5::Event::Incoming(m5::Packet::ConnAck(_)) => Ok(Event::Connected),
-                rumqttc::v5::Event::Incoming(m5::Packet::Publish(p)) => {
-                    let props = p.properties.clone().unwrap_or_default();
-                    let mut ack = p.clone();
-                    ack.payload = Bytes::new();
-                    Ok(Event::Message(Box::new(Message {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload,
-                        response_topic: props.response_topic,
-                        correlation: props.correlation_data,
-                        user_properties: props.user_properties,
-                        dup: p.dup,
-                        qos0: p.qos == rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                        pkid: p.pkid,
-                        ack: Ack::V5(ack),
-                    })))
-                }
-                rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ok(Event::Sent(pkid)),
-                rumqttc::v5::Event::Incoming(m5::Packet::PubAck(a)) => Ok(Event::Acked(a.pkid)),
-                _ => Ok(Event::Other),
-            },
-            EventLoop::V4(l) => match l.poll().await.map_err(|e| e.to_string())? {
-                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Ok(Event::Connected),
-                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
-                    let mut ack = p.clone();
-                    ack.payload = Bytes::new();
-                    Ok(Event::Message(Box::new(Message {
-                        topic: p.topic.clone(),
-                        payload: p.payload,
-                        response_topic: None,
-                        correlation: None,
-                        user_properties: Vec::new(),
-                        dup: p.dup,
-                        qos0: p.qos == rumqttc::QoS::AtMostOnce,
-                        pkid: p.pkid,
-                        ack: Ack::V4(ack),
-                    })))
-                }
-                rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ok(Event::Sent(pkid)),
-                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Ok(Event::Acked(a.pkid)),
-                _ => Ok(Event::Other),
-            },
-        }
-    }
-}
-
-/// Results and status go out on a connection of their own (client id
-/// `{client_id}-results`), which is never throttled: its publishes wait for
-/// the broker's PUBACKs, and those must not queue behind a job backlog that
-/// the intake connection holds back. A job is acknowledged on the intake
-/// connection once the broker has acknowledged its result here.
-struct Outbox {
-    client: Client,
-    waiting: Mutex<Waiting>,
-}
-
-#[derive(Default)]
-struct Waiting {
-    /// Publishes queued for the event loop, in order; each wants to hear of its PUBACK (or not).
-    queued: VecDeque<Option<tokio::sync::oneshot::Sender<()>>>,
-    /// Publishes sent, by packet id.
-    sent: std::collections::HashMap<u16, Option<tokio::sync::oneshot::Sender<()>>>,
-}
-
-impl Outbox {
-    /// Queues a publish without waiting; the receiver completes when the broker acknowledges it.
-    fn send(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        retain: bool,
-        reply: Option<&Reply>,
-    ) -> Result<tokio::sync::oneshot::Receiver<()>, String> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        // One lock around queueing and noting it, so the notes stay in the loop's order.
-        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        self.client.try_publish(topic, payload, retain, reply)?;
-        w.queued.push_back(Some(tx));
-        Ok(rx)
-    }
-
-    /// Publishes and waits (up to `wait`) for the broker's acknowledgement.
-    async fn publish(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        retain: bool,
-        reply: Option<&Reply>,
-        wait: Duration,
-    ) -> Result<(), String> {
-        let deadline = Instant::now() + wait;
-        let acked = loop {
-            match self.send(topic, payload.clone(), retain, reply) {
-                Ok(rx) => break rx,
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // the request queue is full
-            }
-        };
-        match tokio::time::timeout_at(deadline.into(), acked).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err("the results connection lost the publish".into()),
-            Err(_) => Err(format!("the broker did not acknowledge the result within {} s", wait.as_secs())),
-        }
-    }
-
-    /// The event loop sent publish `pkid` (a resend after a reconnect keeps its note).
-    fn sent(&self, pkid: u16) {
-        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        if !w.sent.contains_key(&pkid)
-            && let Some(note) = w.queued.pop_front()
-        {
-            w.sent.insert(pkid, note);
-        }
-    }
-
-    /// The broker acknowledged publish `pkid`.
-    fn acked(&self, pkid: u16) {
-        let note = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).sent.remove(&pkid);
-        if let Some(Some(tx)) = note {
-            let _ = tx.send(());
-        }
-    }
-}
-
-/// Serves the results connection until `stop`: reconnects with backoff, notes what was sent and acknowledged.
-async fn run_outbox(
-    outbox: Arc<Outbox>,
-    mut events: EventLoop,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    max_backoff: Duration,
-) {
-    let mut backoff = Duration::from_millis(250);
-    let mut connected_at: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = until_stopped(&mut stop) => break,
-            event = events.poll() => match event {
-                Ok(Event::Sent(pkid)) => outbox.sent(pkid),
-                Ok(Event::Acked(pkid)) => outbox.acked(pkid),
-                Ok(Event::Connected) => connected_at = Some(Instant::now()),
-                Ok(_) => {}
-                Err(e) => {
-                    // As on the intake: only a session that lived a while resets the backoff.
-                    if connected_at.take().is_some_and(|t| t.elapsed() >= SHORT_SESSION) {
-                        backoff = Duration::from_millis(250);
-                    }
-                    tracing::debug!("MQTT results connection lost: {e}; retrying in {} ms", backoff.as_millis());
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = until_stopped(&mut stop) => break,
-                    }
-                    backoff = (backoff * 2).min(max_backoff);
-                }
-            }
-        }
-    }
-    outbox.client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async { while events.poll().await.is_ok() {} }).await;
-}
-
-/// How long a result may wait for the broker's acknowledgement before its job
-/// is left unacknowledged (the broker delivers it again after a reconnect).
-const RESULT_ACK_WAIT: Duration = Duration::from_secs(30);
-
 struct Ctx {
     /// The intake connection: subscriptions and acknowledgements.
     client: Client,
@@ -506,9 +236,7 @@ struct Ctx {
 /// Bytes of answers kept for redeliveries, at most.
 const ANSWERS_MAX_BYTES: usize = 16 << 20;
 
-/// A connection that the broker closes this soon after it opened counts as short;
-/// several in a row mean another client is taking the session.
-const SHORT_SESSION: Duration = Duration::from_secs(10);
+/// Several short sessions in a row mean another client is taking the session.
 const SHORT_SESSIONS_FOR_CONFLICT: u32 = 3;
 const CONFLICT_CLEARS: Duration = Duration::from_secs(60);
 
@@ -548,7 +276,7 @@ pub async fn serve(
     let (client, mut events) = connect(&cfg, &link.path, &client_id, Some(&topics), offline.clone(), max_payload)?;
     let (results, results_events) =
         connect(&cfg, &results_link.path, &format!("{client_id}-results"), None, Vec::new(), max_payload)?;
-    let outbox = Arc::new(Outbox { client: results, waiting: Mutex::default() });
+    let outbox = Arc::new(Outbox::new(results));
     let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));
     // The results connection outlives the intake: it carries the last results and the offline status.
     let (outbox_stop, outbox_stopped) = tokio::sync::watch::channel(false);
@@ -568,7 +296,7 @@ pub async fn serve(
     tracing::info!(broker = %format!("{}:{}", broker.host, broker.port), client_id, node, v5 = broker.v5, "MQTT starting");
     let mut backoff = Duration::from_millis(250);
     let mut status_every = tokio::time::interval(Duration::from_secs(30));
-    // Each job task gives back the payload bytes it held.
+    // The jobs held, and the payload bytes of each.
     let mut jobs = tokio::task::JoinSet::new();
     let mut held: std::collections::HashMap<tokio::task::Id, usize> = std::collections::HashMap::new();
     let mut held_bytes = 0usize;
@@ -576,11 +304,10 @@ pub async fn serve(
     let mut short_sessions = 0u32;
     let mut stop_while_waiting = stop.clone();
     loop {
-        // Full: read nothing more from the broker until a job finishes (TCP
-        // backpressure holds the rest in the broker, not in this process).
+        // Full: the link reads nothing more from the broker until a job finishes
+        // (TCP backpressure keeps the backlog there, not in this process), while
+        // results and acknowledgements still go out.
         let room = jobs.len() < max_held_jobs && held_bytes < max_held_bytes;
-        // Full: the link reads nothing more from the broker (TCP backpressure keeps
-        // the backlog there), while results and acknowledgements still go out.
         link.set_open(room);
         tokio::select! {
             _ = until_stopped(&mut stop) => break,
@@ -670,82 +397,6 @@ pub async fn serve(
     tracing::info!("MQTT stopped");
     Ok(())
 }
-
-/// Completes when `stop` turns true (or its sender is gone), holding no borrow afterwards.
-async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
-}
-
-/// The MQTT client and its event loop, connecting through the link at `link`.
-fn connect(
-    cfg: &MqttConfig,
-    link: &std::path::Path,
-    client_id: &str,
-    will: Option<&Topics>,
-    offline: Vec<u8>,
-    max_payload: usize,
-) -> Result<(Client, EventLoop), String> {
-    let password = cfg.password().map_err(|e| e.to_string())?;
-    let link = link.to_string_lossy().into_owned();
-    let v5 = Broker::parse(cfg)?.v5;
-    let keep_alive = Duration::from_secs(cfg.keep_alive_s.max(5));
-    // Payloads up to twice the limit still arrive, so they can be answered
-    // with an error; larger packets the broker drops (MQTT 5 maximum packet size).
-    let max_packet = max_payload.saturating_mul(2).saturating_add(64 << 10);
-    if v5 {
-        let mut o = rumqttc::v5::MqttOptions::new(client_id, &link, 0);
-        o.set_keep_alive(keep_alive)
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(cfg.session_expiry_s))
-            .set_receive_maximum(Some(cfg.max_in_flight))
-            // rumqttc keeps a slot per outgoing packet id up to this limit, filled at
-            // connect: the default (65535) costs ~14 MB of RSS for nothing.
-            .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
-            .set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)))
-            .set_manual_acks(true);
-        if let Some(topics) = will {
-            o.set_last_will(m5::LastWill::new(
-                topics.status(),
-                offline,
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                true,
-                None,
-            ));
-        }
-        if let Some(user) = &cfg.username {
-            o.set_credentials(user.clone(), password.unwrap_or_default());
-        }
-        o.set_transport(rumqttc::Transport::Unix);
-        let (c, l) = rumqttc::v5::AsyncClient::new(o, request_capacity(cfg));
-        Ok((Client::V5(c), EventLoop::V5(Box::new(l))))
-    } else {
-        let mut o = rumqttc::MqttOptions::new(client_id, &link, 0);
-        o.set_keep_alive(keep_alive)
-            .set_clean_session(false)
-            .set_inflight(OUTGOING_IN_FLIGHT)
-            .set_max_packet_size(max_packet, max_packet)
-            .set_manual_acks(true);
-        if let Some(topics) = will {
-            o.set_last_will(rumqttc::LastWill::new(topics.status(), offline, rumqttc::QoS::AtLeastOnce, true));
-        }
-        if let Some(user) = &cfg.username {
-            o.set_credentials(user.clone(), password.unwrap_or_default());
-        }
-        o.set_transport(rumqttc::Transport::Unix);
-        let (c, l) = rumqttc::AsyncClient::new(o, request_capacity(cfg));
-        Ok((Client::V4(c), EventLoop::V4(Box::new(l))))
-    }
-}
-
-/// Room in a client's request queue: results, acknowledgements, partial
-/// results (dropped when it is full) and status.
-fn request_capacity(cfg: &MqttConfig) -> usize {
-    usize::from(cfg.max_in_flight) * 16 + 256
-}
-
-/// Results (and partial results) published at QoS 1 awaiting the broker's
-/// acknowledgement; more wait in the client's queue.
-const OUTGOING_IN_FLIGHT: u16 = 256;
 
 async fn publish_status(ctx: &Ctx, online: bool) {
     let models: Vec<Value> = ctx
