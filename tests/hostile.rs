@@ -609,8 +609,15 @@ async fn an_answer_survives_a_daemon_kill_and_a_redelivery_is_not_computed_again
     c.publish("inferd/survivor/jobs/color", job.clone()).await;
     let first = c.recv_on("dev/survivor", WAIT).await;
     assert_eq!(first.json()["result"]["classes"][0]["label"], "green");
-    // Killed without a goodbye, started again; the same job comes again (as a
-    // redelivery would): the stored answer goes out, byte for byte, not a second run.
+    // Once the answer is kept (the broker acknowledged it; the job is acknowledged
+    // next), the daemon is killed without a goodbye and started again; the same job
+    // comes again (as a redelivery would): the stored answer goes out, byte for byte.
+    let kept = daemon.dir.path().join("state/mqtt-answers-survivor.jsonl");
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&kept).unwrap_or_default().contains("s-1") {
+        assert!(Instant::now() < deadline, "the answer was never kept in {}", kept.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     daemon.kill();
     daemon.launch();
     wait_online(&mut c, "survivor").await;
