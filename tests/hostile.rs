@@ -456,19 +456,26 @@ fn a_reload_with_a_wrong_sha256_is_refused_and_the_model_keeps_serving() {
 #[test]
 fn missing_mqtt_secrets_stop_the_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    for (key, what) in [("password_file", "mqtt.password_file"), ("ca_file", "mqtt.url")] {
-        let url = if key == "ca_file" { "mqtts://127.0.0.1:8883" } else { "mqtt://127.0.0.1:1883" };
+    for (key, url) in [("password_file", "mqtt://127.0.0.1:1883"), ("ca_file", "mqtts://127.0.0.1:8883")] {
         let config = dir.path().join(format!("{key}.toml"));
         std::fs::write(
             &config,
-            format!("[mqtt]\nurl = \"{url}\"\nusername = \"u\"\n{key} = \"{}\"\n", dir.path().join("nope").display()),
+            format!(
+                "[socket]\npath = \"{}\"\n[mqtt]\nurl = \"{url}\"\nusername = \"u\"\n{key} = \"{}\"\n",
+                dir.path().join("inferd.sock").display(),
+                dir.path().join("nope").display()
+            ),
         )
         .unwrap();
-        let out = inferd(&["--config", config.to_str().unwrap(), "serve"]);
+        // Bounded: a daemon that starts anyway is stopped after 20 s (and the test fails).
+        let out = std::process::Command::new("timeout")
+            .args(["20", env!("CARGO_BIN_EXE_inferd"), "--config", config.to_str().unwrap(), "serve"])
+            .env("INFERD_MEMORY__STATE_DIR", dir.path().join("state"))
+            .output()
+            .unwrap();
         let (_, err) = text(&out);
         assert_eq!(out.status.code(), Some(2), "{key}: {err}");
-        let expected = if key == "ca_file" { "mqtt.ca_file" } else { what };
-        assert!(err.contains(expected) && err.contains("No such file"), "{key}: {err}");
+        assert!(err.contains(&format!("mqtt.{key}")) && err.contains("No such file"), "{key}: {err}");
     }
 }
 
