@@ -649,3 +649,58 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(closed: bool) -> (Job, Option<oneshot::Receiver<Result<JobOutput, InferError>>>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            input: JobInput::Text(vec![]),
+            options: JobOptions::default(),
+            enqueued: Instant::now(),
+            pre_ms: 0.0,
+            reply,
+        };
+        (job, if closed { None } else { Some(answer) })
+    }
+
+    #[test]
+    fn gather_takes_queued_jobs_up_to_the_batch_and_keeps_other_work_in_order() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut next = std::collections::VecDeque::new();
+        let mut kept = Vec::new();
+        for _ in 0..5 {
+            let (j, a) = job(false);
+            kept.push(a);
+            tx.try_send(Work::Job(j)).unwrap_or_else(|_| panic!("queue full"));
+        }
+        let (first, _a) = job(false);
+        let batch = gather(first, &mut rx, &mut next, 4, Duration::from_millis(5));
+        assert_eq!(batch.len(), 4, "up to max_batch");
+        // A job whose client went away is skipped; other work stops the batch and is kept.
+        let (gone, _) = job(true);
+        tx.try_send(Work::Job(gone)).unwrap_or_else(|_| panic!("queue full"));
+        tx.try_send(Work::Swap("small".into())).unwrap_or_else(|_| panic!("queue full"));
+        let (after, _b) = job(false);
+        tx.try_send(Work::Job(after)).unwrap_or_else(|_| panic!("queue full"));
+        let (first, _c) = job(false);
+        let batch = gather(first, &mut rx, &mut next, 8, Duration::from_millis(5));
+        assert_eq!(batch.len(), 3, "the first and the two left from before; the closed one skipped");
+        assert!(matches!(next.pop_front(), Some(Work::Swap(v)) if v == "small"));
+        assert!(matches!(rx.try_recv(), Ok(Work::Job(_))), "the job after the swap waits its turn");
+    }
+
+    #[test]
+    fn gather_waits_at_most_its_delay_for_a_batch() {
+        let (_tx, mut rx) = mpsc::channel::<Work>(4);
+        let mut next = std::collections::VecDeque::new();
+        let (first, _a) = job(false);
+        let started = Instant::now();
+        let batch = gather(first, &mut rx, &mut next, 8, Duration::from_millis(20));
+        assert_eq!(batch.len(), 1);
+        assert!(started.elapsed() >= Duration::from_millis(20), "{:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+}
