@@ -238,6 +238,55 @@ pub fn check_private_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the broker is and how to reach it, parsed from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub v5: bool,
+}
+
+impl Broker {
+    /// Parses `mqtt.url` (`mqtt://host[:port]`, `mqtts://host[:port]`) and `mqtt.protocol`.
+    pub fn parse(cfg: &MqttConfig) -> Result<Broker, String> {
+        let url = cfg.url.as_deref().ok_or("mqtt.url is not set")?;
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(format!("mqtt.url '{url}' must start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => {
+                (h, p.parse().map_err(|_| format!("mqtt.url '{url}': bad port '{p}'"))?)
+            }
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("mqtt.url '{url}' has no host"));
+        }
+        let v5 = match cfg.protocol.as_str() {
+            "5" | "5.0" | "v5" => true,
+            "3.1.1" | "4" | "v3.1.1" => false,
+            other => return Err(format!("mqtt.protocol '{other}' is not 5 or 3.1.1")),
+        };
+        if tls && cfg.ca_file.is_none() {
+            return Err("mqtt.url is mqtts:// but mqtt.ca_file is not set".into());
+        }
+        if cfg.client_cert.is_some() != cfg.client_key.is_some() {
+            return Err("mqtt.client_cert and mqtt.client_key go together".into());
+        }
+        if cfg.max_in_flight == 0 || cfg.max_payload_mb == 0 || cfg.max_held_mb == 0 {
+            return Err("mqtt.max_in_flight, mqtt.max_payload_mb and mqtt.max_held_mb must be above 0".into());
+        }
+        Ok(Broker { host: host.to_string(), port, tls, v5 })
+    }
+}
+
 /// This machine's hostname, or `inferd` when it has none.
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
@@ -630,7 +679,7 @@ impl Config {
             }
         }
         if self.mqtt.url.is_some() {
-            crate::intake::mqtt::Broker::parse(&self.mqtt).map_err(ConfigError::Invalid)?;
+            Broker::parse(&self.mqtt).map_err(ConfigError::Invalid)?;
             // Secrets and certificates are read now, so a missing or unreadable
             // file stops the start (or the reload) instead of MQTT silently never connecting.
             self.mqtt.password()?;
@@ -691,6 +740,30 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn mqtt_cfg(url: &str) -> MqttConfig {
+        MqttConfig { url: Some(url.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn broker_urls_parse_with_default_ports() {
+        assert_eq!(
+            Broker::parse(&mqtt_cfg("mqtt://broker")).unwrap(),
+            Broker { host: "broker".into(), port: 1883, tls: false, v5: true }
+        );
+        assert_eq!(Broker::parse(&mqtt_cfg("mqtt://10.0.0.2:1884")).unwrap().port, 1884);
+        let mut tls = mqtt_cfg("mqtts://b.example");
+        assert!(Broker::parse(&tls).unwrap_err().contains("ca_file"));
+        tls.ca_file = Some("/etc/ca.pem".into());
+        assert_eq!(Broker::parse(&tls).unwrap().port, 8883);
+        assert!(Broker::parse(&mqtt_cfg("http://x")).is_err());
+        assert!(Broker::parse(&mqtt_cfg("mqtt://x:port")).is_err());
+        let mut v3 = mqtt_cfg("mqtt://x");
+        v3.protocol = "3.1.1".into();
+        assert!(!Broker::parse(&v3).unwrap().v5);
+        v3.protocol = "6".into();
+        assert!(Broker::parse(&v3).is_err());
     }
 
     #[test]

@@ -129,8 +129,9 @@ pub async fn run_with(
     let drain = Duration::from_millis(config.jobs.drain_timeout_ms);
     let mqtt = match &config.mqtt.url {
         Some(_) => {
-            intake::mqtt::Broker::parse(&config.mqtt).map_err(RunError::Mqtt)?;
+            let broker = config::Broker::parse(&config.mqtt).map_err(RunError::Mqtt)?;
             let task = intake::mqtt::serve(
+                broker,
                 config.mqtt.clone(),
                 config.limits.clone(),
                 scheduler.clone(),

@@ -11,8 +11,7 @@
 //! acknowledgements still flow out. What is in flight when the gate closes is
 //! bounded by the socket buffers (a few hundred KiB) and one read.
 
-use super::mqtt::Broker;
-use crate::config::MqttConfig;
+use crate::config::{Broker, MqttConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -21,7 +21,7 @@ use super::mqtt_client::{
 };
 use super::redelivery::{Answer, Key, Redelivery, Seen};
 use super::topics::Topics;
-use crate::config::{Limits, MqttConfig};
+use crate::config::{Broker, Limits, MqttConfig};
 use crate::error::{ErrorKind, InferError};
 use crate::job::{self, InferRequest, JobInput, JobOptions};
 use crate::scheduler::Scheduler;
@@ -31,55 +31,6 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Where the broker is and how to reach it, parsed from the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Broker {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-    pub v5: bool,
-}
-
-impl Broker {
-    /// Parses `mqtt.url` (`mqtt://host[:port]`, `mqtts://host[:port]`) and `mqtt.protocol`.
-    pub fn parse(cfg: &MqttConfig) -> Result<Broker, String> {
-        let url = cfg.url.as_deref().ok_or("mqtt.url is not set")?;
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err(format!("mqtt.url '{url}' must start with mqtt:// or mqtts://"));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => {
-                (h, p.parse().map_err(|_| format!("mqtt.url '{url}': bad port '{p}'"))?)
-            }
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("mqtt.url '{url}' has no host"));
-        }
-        let v5 = match cfg.protocol.as_str() {
-            "5" | "5.0" | "v5" => true,
-            "3.1.1" | "4" | "v3.1.1" => false,
-            other => return Err(format!("mqtt.protocol '{other}' is not 5 or 3.1.1")),
-        };
-        if tls && cfg.ca_file.is_none() {
-            return Err("mqtt.url is mqtts:// but mqtt.ca_file is not set".into());
-        }
-        if cfg.client_cert.is_some() != cfg.client_key.is_some() {
-            return Err("mqtt.client_cert and mqtt.client_key go together".into());
-        }
-        if cfg.max_in_flight == 0 || cfg.max_payload_mb == 0 || cfg.max_held_mb == 0 {
-            return Err("mqtt.max_in_flight, mqtt.max_payload_mb and mqtt.max_held_mb must be above 0".into());
-        }
-        Ok(Broker { host: host.to_string(), port, tls, v5 })
-    }
-}
 
 /// A job envelope: `{"id", "image_base64" | "inputs", "reply_to", "params"}`.
 #[derive(Debug, Deserialize)]
@@ -256,6 +207,7 @@ fn answers_file(state_dir: Option<&std::path::Path>, client_id: &str) -> Option<
 /// Never returns an error for the broker being away: it keeps retrying.
 /// Answers for redeliveries are kept in `state_dir` across restarts.
 pub async fn serve(
+    broker: Broker,
     cfg: MqttConfig,
     limits: Limits,
     scheduler: Arc<Scheduler>,
@@ -263,7 +215,6 @@ pub async fn serve(
     drain: Duration,
     state_dir: Option<std::path::PathBuf>,
 ) -> Result<(), String> {
-    let broker = Broker::parse(&cfg)?;
     let node = cfg.node();
     let topics = Topics { prefix: cfg.prefix.clone(), node: node.clone(), group: cfg.group.clone() };
     let client_id = cfg.client_id.clone().unwrap_or_else(|| node.clone());
@@ -273,9 +224,10 @@ pub async fn serve(
     let offline = serde_json::to_vec(&json!({"online": false, "node": node})).unwrap_or_default();
     let link = super::link::start(&broker, &cfg).inspect_err(|e| tracing::error!("MQTT cannot start: {e}"))?;
     let results_link = super::link::start(&broker, &cfg)?;
-    let (client, mut events) = connect(&cfg, &link.path, &client_id, Some(&topics), offline.clone(), max_payload)?;
+    let (client, mut events) =
+        connect(&cfg, broker.v5, &link.path, &client_id, Some(&topics), offline.clone(), max_payload)?;
     let (results, results_events) =
-        connect(&cfg, &results_link.path, &format!("{client_id}-results"), None, Vec::new(), max_payload)?;
+        connect(&cfg, broker.v5, &results_link.path, &format!("{client_id}-results"), None, Vec::new(), max_payload)?;
     let outbox = Arc::new(Outbox::new(results));
     let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));
     // The results connection outlives the intake: it carries the last results and the offline status.
@@ -552,30 +504,6 @@ async fn publish_partials(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cfg(url: &str) -> MqttConfig {
-        MqttConfig { url: Some(url.into()), ..Default::default() }
-    }
-
-    #[test]
-    fn broker_urls_parse_with_default_ports() {
-        assert_eq!(
-            Broker::parse(&cfg("mqtt://broker")).unwrap(),
-            Broker { host: "broker".into(), port: 1883, tls: false, v5: true }
-        );
-        assert_eq!(Broker::parse(&cfg("mqtt://10.0.0.2:1884")).unwrap().port, 1884);
-        let mut tls = cfg("mqtts://b.example");
-        assert!(Broker::parse(&tls).unwrap_err().contains("ca_file"));
-        tls.ca_file = Some("/etc/ca.pem".into());
-        assert_eq!(Broker::parse(&tls).unwrap().port, 8883);
-        assert!(Broker::parse(&cfg("http://x")).is_err());
-        assert!(Broker::parse(&cfg("mqtt://x:port")).is_err());
-        let mut v3 = cfg("mqtt://x");
-        v3.protocol = "3.1.1".into();
-        assert!(!Broker::parse(&v3).unwrap().v5);
-        v3.protocol = "6".into();
-        assert!(Broker::parse(&v3).is_err());
-    }
 
     #[test]
     fn payloads_become_jobs_or_errors_that_keep_their_id_and_route() {

@@ -3,7 +3,6 @@
 //! (through a [`super::link`] each), and the results connection (`Outbox`),
 //! which tells a job's handler when the broker has its result.
 
-use super::mqtt::Broker;
 use super::topics::Topics;
 use crate::config::MqttConfig;
 use bytes::Bytes;
@@ -301,6 +300,7 @@ pub(super) async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>)
 /// The MQTT client and its event loop, connecting through the link at `link`.
 pub(super) fn connect(
     cfg: &MqttConfig,
+    v5: bool,
     link: &std::path::Path,
     client_id: &str,
     will: Option<&Topics>,
@@ -309,7 +309,6 @@ pub(super) fn connect(
 ) -> Result<(Client, EventLoop), String> {
     let password = cfg.password().map_err(|e| e.to_string())?;
     let link = link.to_string_lossy().into_owned();
-    let v5 = Broker::parse(cfg)?.v5;
     let keep_alive = Duration::from_secs(cfg.keep_alive_s.max(5));
     // Payloads up to twice the limit still arrive, so they can be answered
     // with an error; larger packets the broker drops (MQTT 5 maximum packet size).
