@@ -182,7 +182,8 @@ pub fn run(args: &BenchArgs, engine: Option<&Engine>) -> Result<Report, String> 
                 .build()
                 .map_err(|e| e.to_string())?;
             pool.install(|| -> Result<Vec<Record>, String> {
-                let mut m = engine.load(&args.model, &LoadOptions::default()).map_err(|e| e.to_string())?;
+                // The variant the daemon would load here (memory decides), not simply the best one.
+                let mut m = engine.load_as_daemon(&args.model, LoadOptions::default()).map_err(|e| e.to_string())?;
                 let input = |bytes: &[u8]| match content_type {
                     "application/json" => {
                         crate::job::parse_json_request(bytes, &engine.config().limits).map(|(i, _)| i)

@@ -288,20 +288,9 @@ pub struct InferArgs<'a> {
 
 /// `inferd infer --local`: runs each file in this process; a bad file is
 /// reported and the others still run.
-pub fn infer_local(engine: &Engine, config: &Config, mut options: LoadOptions, args: &InferArgs<'_>) -> i32 {
+pub fn infer_local(engine: &Engine, config: &Config, options: LoadOptions, args: &InferArgs<'_>) -> i32 {
     // The same variant choice as the daemon's: the best that fits the memory free now.
-    let probe = std::sync::Arc::new(crate::memory::SystemProbe::default());
-    let manager = crate::manager::Manager::new(config.memory.clone(), probe, engine.registry_arc());
-    let planned = match engine.registry().get(args.model) {
-        Some(spec) => manager.plan_load(spec, options.variant.as_deref()),
-        None => Err(InferError::unknown_model(args.model)),
-    };
-    let loaded = planned.and_then(|plan| {
-        options.variant = Some(plan.variant);
-        let mut m = engine.load(args.model, &options)?;
-        m.plan.variant_reason = plan.reason;
-        Ok(m)
-    });
+    let loaded = engine.load_as_daemon(args.model, options);
     let mut loaded = match loaded {
         Ok(m) => m,
         Err(e) => {

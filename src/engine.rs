@@ -121,6 +121,22 @@ impl Engine {
         }
     }
 
+    /// Loads `name` in this process the way the daemon would: the variant the
+    /// memory manager picks for the memory free now (or the one `options`
+    /// asks for), its reason kept on the loaded model. `inferd infer --local`
+    /// and `inferd bench --via local` load through here, so they run what the
+    /// daemon would run.
+    pub fn load_as_daemon(&self, name: &str, mut options: LoadOptions) -> Result<LoadedModel, InferError> {
+        let probe = Arc::new(crate::memory::SystemProbe::default());
+        let manager = crate::manager::Manager::new(self.config.memory.clone(), probe, self.registry_arc());
+        let spec = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
+        let plan = manager.plan_load(spec, options.variant.as_deref())?;
+        options.variant = Some(plan.variant);
+        let mut m = self.load(name, &options)?;
+        m.plan.variant_reason = plan.reason;
+        Ok(m)
+    }
+
     /// Loads `name` as planned: verifies the file's sha256, creates the
     /// engine session and checks models.json against what the model declares.
     pub fn load(&self, name: &str, options: &LoadOptions) -> Result<LoadedModel, InferError> {
