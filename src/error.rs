@@ -50,21 +50,6 @@ impl ErrorKind {
         ErrorKind::Internal,
     ];
 
-    /// The HTTP status that carries this kind.
-    pub fn http_status(self) -> u16 {
-        match self {
-            ErrorKind::BadInput => 400,
-            ErrorKind::UnknownModel | ErrorKind::NotFound => 404,
-            ErrorKind::Unauthorized => 401,
-            ErrorKind::Forbidden => 403,
-            ErrorKind::PayloadTooLarge => 413,
-            ErrorKind::Overloaded => 429,
-            ErrorKind::Backend | ErrorKind::Internal => 500,
-            ErrorKind::ModelUnavailable => 503,
-            ErrorKind::Timeout => 504,
-        }
-    }
-
     /// The snake_case name used on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
