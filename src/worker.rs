@@ -127,8 +127,8 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                 if job.reply.is_closed() {
                     continue; // the client gave up (timeout or disconnect): do not spend the engine on it
                 }
-                let fresh = loaded.is_none();
-                let rss_before = crate::memory::process_rss_bytes();
+                // A model about to load is measured from here to after its first job.
+                let rss_before = if loaded.is_none() { crate::memory::process_rss_bytes() } else { None };
                 let sessions = match ensure_loaded(&ctx, &model, &mut loaded, &state, &busy) {
                     Ok(s) => s,
                     Err(e) => {
@@ -137,7 +137,7 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                     }
                 };
                 // Measured after its first job on this thread (a pool runs jobs elsewhere).
-                let measure_from = rss_before.filter(|_| fresh && matches!(sessions, Sessions::One(_)));
+                let measure_from = rss_before.filter(|_| matches!(sessions, Sessions::One(_)));
                 if let Sessions::One(m) = sessions
                     && m.generates()
                 {

@@ -68,10 +68,8 @@ pub fn runtime(cfg: &RuntimeConfig) -> Result<&'static OrtRuntime, String> {
     if let Some(rt) = RUNTIME.get() {
         return Ok(rt);
     }
-    if let Some((when, why)) = last.as_ref()
-        && when.elapsed() < RETRY_AFTER
-    {
-        return Err(why.clone());
+    if let Some(why) = recent(&last) {
+        return Err(why);
     }
     match init(cfg) {
         Ok(rt) => {
@@ -83,6 +81,11 @@ pub fn runtime(cfg: &RuntimeConfig) -> Result<&'static OrtRuntime, String> {
             Err(why)
         }
     }
+}
+
+/// A failure that stands (younger than [`RETRY_AFTER`]); an older one is tried again.
+fn recent(last: &Option<(std::time::Instant, String)>) -> Option<String> {
+    last.as_ref().filter(|(when, _)| when.elapsed() < RETRY_AFTER).map(|(_, why)| why.clone())
 }
 
 /// Why the last attempt to load ONNX Runtime failed, while it is not loaded.
@@ -106,10 +109,8 @@ pub fn status_lazy(cfg: &RuntimeConfig) -> Result<String, String> {
         return Ok(loaded.describe());
     }
     // A recent failure stands; an older one is tried again by the next load.
-    if let Some((when, why)) = LAST_FAILURE.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-        && when.elapsed() < RETRY_AFTER
-    {
-        return Err(why.clone());
+    if let Some(why) = recent(&LAST_FAILURE.lock().unwrap_or_else(|e| e.into_inner())) {
+        return Err(why);
     }
     // The first place init would try, when it is a file here; otherwise (a bare
     // name for the system's search path, or nothing) find out by loading.

@@ -23,6 +23,7 @@ use super::peer::Peer;
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
 use hyper_util::rt::TokioIo;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -265,8 +266,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
-
-use std::future::Future;
 
 /// The answer to a connection over the cap while every open one is running a request.
 fn busy_response() -> Vec<u8> {
