@@ -30,16 +30,6 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-async fn wait_online(client: &mut TestClient, node: &str) {
-    let topic = format!("inferd/{node}/status");
-    client.subscribe(&topic).await;
-    loop {
-        if client.recv_on(&topic, WAIT).await.json()["online"] == true {
-            return;
-        }
-    }
-}
-
 /// Messages on `topic` (and the others subscribed) for `window`.
 async fn collect(client: &mut TestClient, window: Duration) -> Vec<util::broker::Received> {
     let deadline = Instant::now() + window;
@@ -53,11 +43,7 @@ async fn collect(client: &mut TestClient, window: Duration) -> Vec<util::broker:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_route_inferd_consumes_is_refused_and_a_result_is_never_taken_as_a_job() {
     let broker = Broker::start();
-    let url = broker.url();
-    let _daemon = Daemon::start(move |c| {
-        c.mqtt.url = Some(url);
-        c.mqtt.node_id = Some("loopbox".into());
-    });
+    let _daemon = mqtt_daemon(&broker, "loopbox", |_| {});
     let mut c = TestClient::connect(&broker, "loop-client").await;
     wait_online(&mut c, "loopbox").await;
     c.subscribe("inferd/#").await;
@@ -94,11 +80,7 @@ async fn a_reply_route_inferd_consumes_is_refused_and_a_result_is_never_taken_as
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_that_share_an_id_each_get_their_own_answer() {
     let broker = Broker::start();
-    let url = broker.url();
-    let _daemon = Daemon::start(move |c| {
-        c.mqtt.url = Some(url);
-        c.mqtt.node_id = Some("idbox".into());
-    });
+    let _daemon = mqtt_daemon(&broker, "idbox", |_| {});
     let mut c = TestClient::connect(&broker, "id-client").await;
     wait_online(&mut c, "idbox").await;
     c.subscribe("dev/#").await;
@@ -496,15 +478,7 @@ fn a_world_readable_token_file_is_warned_about() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_with_one_node_id_are_detected_and_do_not_fight_fast() {
     let broker = Broker::start_verbose();
-    let daemons: Vec<Daemon> = (0..2)
-        .map(|_| {
-            let url = broker.url();
-            Daemon::start(move |c| {
-                c.mqtt.url = Some(url);
-                c.mqtt.node_id = Some("twin".into());
-            })
-        })
-        .collect();
+    let daemons: Vec<Daemon> = (0..2).map(|_| mqtt_daemon(&broker, "twin", |_| {})).collect();
     tokio::time::sleep(Duration::from_secs(25)).await;
     let problems: Vec<Value> = daemons
         .iter()

@@ -20,28 +20,6 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn mqtt_daemon(broker: &Broker, node: &str, edit: impl FnOnce(&mut inferd::config::Config)) -> Daemon {
-    let url = broker.url();
-    let node = node.to_string();
-    Daemon::start(move |c| {
-        c.mqtt.url = Some(url);
-        c.mqtt.node_id = Some(node);
-        edit(c);
-    })
-}
-
-/// Waits until `node`'s retained status says online (the daemon is subscribed by then).
-async fn wait_online(client: &mut TestClient, node: &str) {
-    let topic = format!("inferd/{node}/status");
-    client.subscribe(&topic).await;
-    loop {
-        let r = client.recv_on(&topic, WAIT).await;
-        if r.json()["online"] == true {
-            return;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_jobs_are_answered_on_every_reply_route() {
     let broker = Broker::start();

@@ -372,3 +372,26 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// A daemon over [`test_registry`] with MQTT on `broker` as node `node`, after `edit`.
+pub fn mqtt_daemon(broker: &broker::Broker, node: &str, edit: impl FnOnce(&mut inferd::config::Config)) -> Daemon {
+    let url = broker.url();
+    let node = node.to_string();
+    Daemon::start(move |c| {
+        c.mqtt.url = Some(url);
+        c.mqtt.node_id = Some(node);
+        edit(c);
+    })
+}
+
+/// Waits until `node`'s retained status says online (the daemon is subscribed by then).
+pub async fn wait_online(client: &mut broker::TestClient, node: &str) {
+    let topic = format!("inferd/{node}/status");
+    client.subscribe(&topic).await;
+    loop {
+        let r = client.recv_on(&topic, std::time::Duration::from_secs(30)).await;
+        if r.json()["online"] == true {
+            return;
+        }
+    }
+}
