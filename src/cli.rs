@@ -189,7 +189,7 @@ pub fn models(engine: &Engine, config: &Config, json: bool, load: bool) -> i32 {
                 .map(|n| serde_json::json!({"name": n.name, "quality": n.quality, "need_bytes": n.bytes, "need_mib": crate::memory::mib(n.bytes), "source": n.source}))
                 .collect();
             let mut row = serde_json::json!({
-                "name": m.name, "task": m.task, "variants": m.variants.iter().map(|v| &v.name).collect::<Vec<_>>(),
+                "name": m.name, "task": m.task.task(), "variants": m.variants.iter().map(|v| &v.name).collect::<Vec<_>>(),
                 "needs": needs, "loaded": false,
             });
             match manager.plan_load(m, None) {
@@ -298,15 +298,14 @@ pub fn infer_local(engine: &Engine, config: &Config, options: LoadOptions, args:
             return exit_code(e.kind);
         }
     };
+    let takes_text =
+        engine.registry().get(args.model).is_some_and(|m| m.task.takes().0.contains(&job::InputKind::Text));
     let mut code = exit::OK;
     for file in args.files {
         let outcome = read_file(file).and_then(|bytes| {
             let (input, mut options) = if job::looks_like_json(&bytes) {
                 job::parse_json_request(&bytes, &config.limits)?
-            } else if matches!(
-                loaded.plan.task,
-                crate::pipeline::Task::Embedding | crate::pipeline::Task::TextGeneration
-            ) {
+            } else if takes_text {
                 let text = String::from_utf8(bytes).map_err(|_| InferError::bad_input("the text file is not UTF-8"))?;
                 (JobInput::Text(vec![text]), JobOptions::default())
             } else {

@@ -5,10 +5,10 @@
 
 use crate::backend::providers::ProviderSpec;
 use crate::backend::{self, BackendChoice, BackendDecision, InferenceBackend, LoadRequest, Placement};
-use crate::config::{Config, Limits};
+use crate::config::Config;
 use crate::error::InferError;
 use crate::job::{JobInput, JobOptions, JobOutput, JobResult, Timings};
-use crate::pipeline::{self, Pipeline};
+use crate::pipeline::{self, Input, Pipeline, Prepare, Prepared};
 use crate::registry::{ModelSpec, Registry, VariantSpec};
 use serde::Serialize;
 use std::sync::Arc;
@@ -25,7 +25,8 @@ pub struct LoadOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub model: String,
-    pub task: pipeline::Task,
+    /// The model's task, as models.json names it.
+    pub task: &'static str,
     pub variant: String,
     pub variant_reason: String,
     #[serde(flatten)]
@@ -96,7 +97,7 @@ impl Engine {
         let decision = backend::decide(choice, ort.as_deref().map_err(String::as_str))?;
         Ok(Plan {
             model: model.name.clone(),
-            task: model.task,
+            task: model.task.task(),
             variant: model.variants[i].name.clone(),
             variant_reason,
             backend: decision,
@@ -157,11 +158,7 @@ impl Engine {
         let state_dir = self.config.memory.resolved_state_dir();
         let engine =
             backend::load(plan.backend.backend, &file, &self.load_request(&plan, &state_dir, &variant.sha256))?;
-        let labels = match &model.labels {
-            Some(l) => Some(crate::registry::read_labels(&self.registry.resolve(l)).map_err(InferError::unavailable)?),
-            None => None,
-        };
-        let problems = pipeline::check_against_model(model, engine.inputs(), engine.outputs(), labels.as_deref());
+        let problems = model.check_io(&self.registry.dir, engine.inputs(), engine.outputs());
         if !problems.is_empty() {
             let text: Vec<String> =
                 problems.iter().map(|p| format!("models.json {}{}: {}", name, p.path, p.message)).collect();
@@ -176,7 +173,7 @@ impl Engine {
             crate::registry::verify_sha256(&file, &part.sha256).map_err(InferError::unavailable)?;
             let engine =
                 backend::load(plan.backend.backend, &file, &self.load_request(&plan, &state_dir, &part.sha256))?;
-            let problems = pipeline::check_part(model, role, engine.inputs(), engine.outputs());
+            let problems = model.task.check_part(role, engine.inputs(), engine.outputs());
             if let Some(p) = problems.first() {
                 return Err(InferError::unavailable(format!(
                     "the spec does not match the model file: models.json {name}.variants.{}{}: {}",
@@ -185,7 +182,14 @@ impl Engine {
             }
             parts.push(pipeline::Part { role: role.clone(), file, engine });
         }
-        let pipeline = pipeline::build(model, &self.registry, engine.inputs(), engine.outputs(), parts)?;
+        let pipeline = model.task.build(pipeline::Graph {
+            dir: &self.registry.dir,
+            inputs: engine.inputs(),
+            outputs: engine.outputs(),
+            parts,
+            limits: &self.config.limits,
+        })?;
+        let preparer = pipeline.preparer();
         tracing::info!(
             model = name,
             variant = %plan.variant,
@@ -195,7 +199,7 @@ impl Engine {
             "model loaded ({})",
             plan.backend.reason
         );
-        Ok(LoadedModel { plan, engine, pipeline, limits: self.config.limits.clone(), batch: model.batch })
+        Ok(LoadedModel { plan, engine, pipeline, preparer, batch: model.batch })
     }
 }
 
@@ -204,7 +208,7 @@ pub struct LoadedModel {
     pub plan: Plan,
     engine: Box<dyn InferenceBackend>,
     pipeline: Box<dyn Pipeline>,
-    limits: Limits,
+    preparer: Arc<dyn Prepare>,
     batch: Option<crate::registry::BatchSpec>,
 }
 
@@ -219,10 +223,34 @@ impl LoadedModel {
         self.engine.placement()
     }
 
-    /// Runs one job: pre-process, engine(s), post-process, with timings.
+    /// What prepares this model's jobs; admission runs it off the worker where it says so.
+    pub fn preparer(&self) -> Arc<dyn Prepare> {
+        self.preparer.clone()
+    }
+
+    /// The job's prepared input (preparing it here if admission did not), adding the time to `timings`.
+    fn prepare(&self, input: Input, timings: &mut Timings) -> Result<Prepared, InferError> {
+        match input {
+            Input::Prepared(p) => Ok(p),
+            Input::Sent(input) => {
+                let t = Instant::now();
+                let prepared = self.preparer.prepare(input);
+                timings.pre_ms += t.elapsed().as_secs_f64() * 1000.0;
+                prepared
+            }
+        }
+    }
+
+    /// Runs one job as a client sent it: prepare, engine(s), finish, with timings.
     pub fn infer(&mut self, input: JobInput, options: &JobOptions) -> Result<JobOutput, InferError> {
+        self.run(Input::Sent(input), options)
+    }
+
+    /// Runs one job, prepared or not, with timings.
+    pub fn run(&mut self, input: Input, options: &JobOptions) -> Result<JobOutput, InferError> {
         let mut timings = Timings::default();
-        let result = self.pipeline.run(self.engine.as_mut(), input, &self.limits, options, &mut timings)?;
+        let input = self.prepare(input, &mut timings)?;
+        let result = self.pipeline.run(self.engine.as_mut(), input, options, &mut timings)?;
         Ok(self.output(timings, None, result))
     }
 
@@ -238,23 +266,27 @@ impl LoadedModel {
         }
     }
 
-    /// For `text-generation`: the generator and the session its steps run on.
-    pub fn generation(&mut self) -> Option<(&crate::pipeline::generate::Generator, &mut dyn InferenceBackend)> {
-        let generator = self.pipeline.generator()?;
-        Some((generator, self.engine.as_mut()))
+    /// For tasks whose job is many engine calls ([`LoadedModel::parallel`]):
+    /// starts `input`'s sequence, with the timings of its preparation.
+    pub fn start(&mut self, input: Input) -> Result<(Box<dyn pipeline::Sequence>, Timings), InferError> {
+        let mut timings = Timings::default();
+        let prepared = self.prepare(input, &mut timings)?;
+        let stepper =
+            self.pipeline.stepper().ok_or_else(|| InferError::internal("the model's task runs a job in one go"))?;
+        Ok((stepper.start(prepared)?, timings))
     }
 
-    /// Whether this model generates text (its jobs can interleave).
-    pub fn generates(&self) -> bool {
-        self.pipeline.generator().is_some()
+    /// Advances `seq` by one engine call.
+    pub fn step(&mut self, seq: &mut dyn pipeline::Sequence) -> Result<(), InferError> {
+        seq.step(self.engine.as_mut())
     }
 
-    /// The longest text a job may carry.
-    pub fn max_text_bytes(&self) -> usize {
-        self.limits.max_text_bytes
+    /// Whether this model's jobs are many engine calls each (they interleave), and how many run together.
+    pub fn parallel(&self) -> Option<usize> {
+        self.pipeline.stepper().map(|s| s.parallel())
     }
 
-    /// The output of a job that ran outside [`LoadedModel::infer`] (interleaved generation).
+    /// The output of a job that ran outside [`LoadedModel::run`] (interleaved steps).
     pub fn answer(&self, timings: Timings, result: JobResult) -> JobOutput {
         self.output(timings, None, result)
     }
@@ -266,11 +298,29 @@ impl LoadedModel {
 
     /// Runs several jobs as one engine call where the task allows (results in
     /// order); a job the batch cannot take is run alone, so it fails only itself.
-    pub fn infer_batch(&mut self, jobs: Vec<(JobInput, JobOptions)>) -> Vec<Result<JobOutput, InferError>> {
+    pub fn run_batch(&mut self, jobs: Vec<(Input, JobOptions)>) -> Vec<Result<JobOutput, InferError>> {
         let n = jobs.len();
         let mut timings = Timings::default();
-        let results = self.pipeline.run_batch(self.engine.as_mut(), jobs, &self.limits, &mut timings);
-        results.into_iter().map(|r| r.map(|result| self.output(timings, Some(n), result))).collect()
+        let mut results: Vec<Option<Result<JobOutput, InferError>>> = jobs.iter().map(|_| None).collect();
+        let mut prepared = Vec::with_capacity(n);
+        let mut at = Vec::with_capacity(n);
+        for (i, (input, options)) in jobs.into_iter().enumerate() {
+            match self.prepare(input, &mut timings) {
+                Ok(p) => {
+                    prepared.push((p, options));
+                    at.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let ran = self.pipeline.run_batch(self.engine.as_mut(), prepared, &mut timings);
+        for (i, r) in at.into_iter().zip(ran) {
+            results[i] = Some(r.map(|result| self.output(timings, Some(n), result)));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(InferError::internal("a batched job got no answer"))))
+            .collect()
     }
 }
 

@@ -16,13 +16,29 @@ pub enum JobInput {
     Tensors(NamedTensors),
     /// One or more texts, for text tasks.
     Text(Vec<String>),
-    /// An image task's input tensors, made from an image before the job
-    /// reached its worker ([`crate::pipeline::preprocess`]), with the image's size.
-    Prepared { tensors: NamedTensors, image_size: (u32, u32) },
-    /// An image decoded before the job reached its worker (OCR).
-    Pixels(image::RgbImage),
     /// A prompt to continue, for `text-generation`.
     Generate(GenerateRequest),
+}
+
+/// The kinds of [`JobInput`], as a task states which it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    Image,
+    Tensors,
+    Text,
+    Prompt,
+}
+
+impl JobInput {
+    /// Which kind of input this is.
+    pub fn kind(&self) -> InputKind {
+        match self {
+            JobInput::Image(_) => InputKind::Image,
+            JobInput::Tensors(_) => InputKind::Tensors,
+            JobInput::Text(_) => InputKind::Text,
+            JobInput::Generate(_) => InputKind::Prompt,
+        }
+    }
 }
 
 /// A text-generation request, as the OpenAI-style endpoints and MQTT give it.
@@ -141,11 +157,36 @@ pub enum JobResult {
     /// `embedding`: one vector per text, in order.
     Embeddings { embeddings: Vec<Vec<f32>>, dimensions: usize },
     /// `document-fields`: a receipt's fields, and the OCR lines they were read from.
-    Document { fields: crate::pipeline::document::DocumentFields, lines: Vec<TextLine> },
+    Document { fields: DocumentFields, lines: Vec<TextLine> },
     /// `ocr`: text lines in reading order.
     Ocr { lines: Vec<TextLine> },
     /// `text-generation`: the text, why it ended, the token counts and the generated token ids.
     Generation { text: String, finish_reason: FinishReason, usage: Usage, tokens: Vec<u32> },
+}
+
+/// One bought item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<u32>,
+    pub price: f64,
+}
+
+/// The fields found on a receipt; `null` where not found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocumentFields {
+    pub store: Option<String>,
+    /// ISO 8601 `YYYY-MM-DD`.
+    pub date: Option<String>,
+    /// `HH:MM` or `HH:MM:SS`.
+    pub time: Option<String>,
+    pub total: Option<f64>,
+    pub subtotal: Option<f64>,
+    pub tax: Option<f64>,
+    /// ISO 4217 code.
+    pub currency: Option<String>,
+    pub items: Vec<Item>,
 }
 
 /// One line of text found in an image.

@@ -5,7 +5,8 @@
 //! declares. Every problem names its exact JSON path.
 
 use crate::backend::{BackendChoice, onnx_file};
-use crate::pipeline::{self, Task};
+use crate::pipeline::{self, SpecProblem, TaskSection};
+use crate::tensor::TensorInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -13,25 +14,28 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// The file as written: `{"version": 1, "models": [...]}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The file as written: `{"version": 1, "models": [...]}`; each model is
+/// read by [`ModelSpec::from_json`].
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegistryFile {
+struct RegistryFile {
     #[serde(default = "version_one")]
-    pub version: u32,
-    pub models: Vec<ModelSpec>,
+    version: u32,
+    models: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
 fn version_one() -> u32 {
     1
 }
 
-/// One model: a name clients use, a task, and one or more variants.
+/// One model: a name clients use, a task with its section, and one or more
+/// variants. The fields here are every model's; the rest of a model's object
+/// (`input`, `labels`, `generation`, ...) is its task's section, read by the
+/// task's module ([`TaskSection`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub name: String,
-    pub task: Task,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
     #[serde(default)]
@@ -43,42 +47,160 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strict_providers: Option<bool>,
     pub variants: Vec<VariantSpec>,
-    /// How images become the input tensor (image tasks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input: Option<pipeline::image::ImageInputSpec>,
-    /// How the output tensor is read (classification).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<pipeline::classify::OutputSpec>,
-    /// How text becomes tokens (embedding).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text: Option<pipeline::embed::TextSpec>,
-    /// How a YOLO output is decoded (object detection).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detection: Option<pipeline::detect::DetectionSpec>,
-    /// Detection, recognition and angle settings (ocr); RapidOCR's defaults when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ocr: Option<pipeline::ocr::OcrSpec>,
     /// Dynamic batching: jobs gathered into one engine call (models with a dynamic batch dimension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchSpec>,
     /// Sessions of the model serving jobs side by side, each on its own thread (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<usize>,
-    /// Tokenizer, graph names, limits and chat template (text-generation).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generation: Option<pipeline::generate::GenerationSpec>,
-    /// Receipt extraction settings (document-fields).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub document: Option<pipeline::document::DocumentSpec>,
-    /// A text file with one label per line, relative to models.json.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<PathBuf>,
     /// Unload after this many idle seconds (0: never); default the config's `memory.keep_alive_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive_s: Option<u64>,
     /// Never unload for idleness or to make room for another model.
     #[serde(default)]
     pub pin: bool,
+    /// The task (`task` in models.json) and its section; see [`ModelSpec::to_json`] for the whole model.
+    #[serde(skip)]
+    pub task: TaskSection,
+}
+
+impl ModelSpec {
+    /// Reads one model's object: the task named by `task` reads its own
+    /// fields; the rest are the model's. Problems carry paths relative to the model.
+    pub fn from_json(mut object: serde_json::Map<String, serde_json::Value>) -> Result<ModelSpec, Vec<Problem>> {
+        let problem = |path: String, message: String| vec![Problem { path, message }];
+        let kind = match object.remove("task") {
+            Some(serde_json::Value::String(name)) => pipeline::task_kind(&name).ok_or_else(|| {
+                let names: Vec<String> = pipeline::TASKS.iter().map(|t| format!("`{}`", t.name)).collect();
+                problem(".task".into(), format!("unknown variant `{name}`, expected one of {}", names.join(", ")))
+            })?,
+            Some(other) => return Err(problem(".task".into(), format!("invalid type: {other}, expected a task name"))),
+            None => return Err(problem(String::new(), "missing field `task`".into())),
+        };
+        let mut section = serde_json::Map::new();
+        let mut problems = Vec::new();
+        for field in kind.fields() {
+            if let Some(v) = object.remove(*field) {
+                section.insert(field.to_string(), v);
+            }
+        }
+        let foreign: Vec<String> = object
+            .keys()
+            .filter(|k| pipeline::TASKS.iter().any(|t| t.fields().contains(&k.as_str())))
+            .cloned()
+            .collect();
+        for field in foreign {
+            object.remove(&field);
+            problems.push(Problem {
+                path: format!(".{field}"),
+                message: format!("the {} task takes no '{field}'", kind.name),
+            });
+        }
+        let model: Result<ModelSpec, _> = serde_path_to_error::deserialize(serde_json::Value::Object(object));
+        let task = kind.parse(serde_json::Value::Object(section));
+        match (model, task) {
+            (Ok(mut model), Ok(task)) if problems.is_empty() => {
+                model.task = task;
+                Ok(model)
+            }
+            (model, task) => {
+                if let Err(e) = model {
+                    let path = e.path().to_string();
+                    let path = if path.is_empty() || path == "." { String::new() } else { format!(".{path}") };
+                    problems.push(Problem { path, message: e.inner().to_string() });
+                }
+                if let Err(p) = task {
+                    problems.push(Problem { path: p.path, message: p.message });
+                }
+                Err(problems)
+            }
+        }
+    }
+
+    /// The model as models.json would write it (its fields and its task's section).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.extend(self.task.to_json());
+        }
+        value
+    }
+
+    /// Compares the spec with the inputs and outputs the main graph declares
+    /// (the task's checks, and a batch dimension when jobs are stacked); `dir` is models.json's folder.
+    pub fn check_io(&self, dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        let mut problems = self.task.check_io(dir, inputs, outputs);
+        if self.batch.is_some_and(|b| b.max_batch > 1) {
+            for t in inputs.iter().chain(outputs) {
+                if t.shape.first().is_none_or(|d| d.is_some()) {
+                    problems.push(SpecProblem::new(
+                        ".batch",
+                        format!("'{}' {} has no dynamic batch dimension to stack jobs on", t.name, t.shape_text()),
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Checks what the model's fields and its task need of each other, without reading any file.
+    fn validate(&self) -> Vec<SpecProblem> {
+        let mut problems = self.validate_parts();
+        problems.extend(self.task.validate());
+        if let Some(b) = &self.batch {
+            if !self.task.batches() {
+                let mut batching: Vec<&str> = pipeline::TASKS.iter().filter(|t| t.batches()).map(|t| t.name).collect();
+                let last = batching.pop().unwrap_or_default();
+                let list =
+                    if batching.is_empty() { last.to_string() } else { format!("{} and {last}", batching.join(", ")) };
+                problems.push(SpecProblem::new(
+                    ".batch",
+                    format!("batching is for {list} models, not {}", self.task.task()),
+                ));
+            }
+            if !(1..=256).contains(&b.max_batch) {
+                problems.push(SpecProblem::new(".batch.max_batch", "must be 1..=256"));
+            }
+            if b.max_delay_us > 1_000_000 {
+                problems.push(SpecProblem::new(".batch.max_delay_us", "must be at most 1000000 (one second)"));
+            }
+        }
+        if self.instances.is_some_and(|n| !(1..=MAX_INSTANCES).contains(&n)) {
+            problems.push(SpecProblem::new(".instances", format!("must be 1..={MAX_INSTANCES}")));
+        }
+        problems
+    }
+
+    /// Each variant has the parts its task requires and no others.
+    fn validate_parts(&self) -> Vec<SpecProblem> {
+        let (required, optional) = self.task.parts();
+        let task = self.task.task();
+        let mut problems = Vec::new();
+        for (j, v) in self.variants.iter().enumerate() {
+            for r in required {
+                if !v.parts.contains_key(*r) {
+                    problems.push(SpecProblem::new(
+                        &format!(".variants[{j}].parts"),
+                        format!("the {task} task needs a '{r}' part"),
+                    ));
+                }
+            }
+            for role in v.parts.keys() {
+                if !required.contains(&role.as_str()) && !optional.contains(&role.as_str()) {
+                    let known: Vec<&str> = required.iter().chain(optional).copied().collect();
+                    problems.push(SpecProblem::new(
+                        &format!(".variants[{j}].parts.{role}"),
+                        if known.is_empty() {
+                            format!("the {task} task takes no parts")
+                        } else {
+                            format!("the {task} task has no '{role}' part (parts: {})", known.join(", "))
+                        },
+                    ));
+                }
+            }
+        }
+        problems
+    }
 }
 
 /// Most sessions one model may run side by side.
@@ -196,8 +318,20 @@ impl Registry {
             problems: vec![Problem { path: json_path(&e.path().to_string()), message: e.inner().to_string() }],
         })?;
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let registry = Registry { file: file.to_path_buf(), dir, models: parsed.models };
         let mut problems = Vec::new();
+        let mut models = Vec::with_capacity(parsed.models.len());
+        for (i, object) in parsed.models.into_iter().enumerate() {
+            match ModelSpec::from_json(object) {
+                Ok(m) => models.push(m),
+                Err(found) => problems.extend(
+                    found.into_iter().map(|p| Problem { path: format!("models[{i}]{}", p.path), message: p.message }),
+                ),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(RegistryError { file: file.to_path_buf(), problems });
+        }
+        let registry = Registry { file: file.to_path_buf(), dir, models };
         if parsed.version != 1 {
             problems.push(Problem {
                 path: "version".into(),
@@ -228,14 +362,8 @@ impl Registry {
                     paths.push((format!("models[{i}].variants[{j}].parts.{role}.file"), &part.file));
                 }
             }
-            if let Some(l) = &m.labels {
-                paths.push((format!("models[{i}].labels"), l));
-            }
-            if let Some(t) = &m.text {
-                paths.push((format!("models[{i}].text.tokenizer"), &t.tokenizer));
-            }
-            if let Some(g) = &m.generation {
-                paths.push((format!("models[{i}].generation.tokenizer"), &g.tokenizer));
+            for (at, p) in m.task.files() {
+                paths.push((format!("models[{i}]{at}"), p));
             }
             for (path, p) in paths.into_iter().filter(|(_, p)| escapes(p)) {
                 problems.push(Problem {
@@ -296,25 +424,12 @@ impl Registry {
                     }
                 }
             }
-            if let Some(text) = &m.text
-                && !self.resolve(&text.tokenizer).is_file()
-            {
-                push(at(".text.tokenizer"), format!("file {} does not exist", self.resolve(&text.tokenizer).display()));
+            for (path, f) in m.task.files() {
+                if !self.resolve(f).is_file() {
+                    push(at(&path), format!("file {} does not exist", self.resolve(f).display()));
+                }
             }
-            if let Some(g) = &m.generation
-                && !self.resolve(&g.tokenizer).is_file()
-            {
-                push(
-                    at(".generation.tokenizer"),
-                    format!("file {} does not exist", self.resolve(&g.tokenizer).display()),
-                );
-            }
-            if let Some(labels) = &m.labels
-                && !self.resolve(labels).is_file()
-            {
-                push(at(".labels"), format!("file {} does not exist", self.resolve(labels).display()));
-            }
-            for p in pipeline::validate_spec(m) {
+            for p in m.validate() {
                 push(at(&p.path), p.message);
             }
         }
@@ -343,8 +458,7 @@ impl Registry {
                 }
                 match onnx_file::declared_io(&file) {
                     Ok(io) => {
-                        let labels = m.labels.as_ref().and_then(|l| read_labels(&self.resolve(l)).ok());
-                        for p in pipeline::check_against_model(m, &io.inputs, &io.outputs, labels.as_deref()) {
+                        for p in m.check_io(&self.dir, &io.inputs, &io.outputs) {
                             problems.push(Problem {
                                 path: format!("models[{i}]{}", p.path),
                                 message: format!("{} (variant '{}')", p.message, v.name),
@@ -362,7 +476,7 @@ impl Registry {
                     }
                     match onnx_file::declared_io(&file) {
                         Ok(io) => {
-                            for p in pipeline::check_part(m, role, &io.inputs, &io.outputs) {
+                            for p in m.task.check_part(role, &io.inputs, &io.outputs) {
                                 problems.push(Problem { path: pat(""), message: p.message });
                             }
                         }
@@ -390,16 +504,6 @@ pub fn verify_sha256(path: &Path, expected: &str) -> Result<(), String> {
     } else {
         Err(format!("sha256 mismatch for {}: models.json says {expected}, the file has {actual}", path.display()))
     }
-}
-
-/// Reads a labels file: one label per line, trailing empty lines ignored.
-pub fn read_labels(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read labels {}: {e}", path.display()))?;
-    let mut labels: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
-    while labels.last().is_some_and(String::is_empty) {
-        labels.pop();
-    }
-    Ok(labels)
 }
 
 fn valid_name(name: &str) -> bool {

@@ -12,6 +12,7 @@ use crate::error::InferError;
 use crate::job::{JobInput, JobOptions, JobOutput};
 use crate::manager::{Manager, Pressure};
 use crate::metrics::{Metrics, ModelGauges};
+use crate::pipeline::{Input, Prepare};
 use crate::worker::{self, Job, ModelState, StateCell, Work, WorkerCtx};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 struct Slot {
     queue: mpsc::Sender<Work>,
     state: StateCell,
+    /// The loaded model's preparer (set by its worker).
+    preparer: worker::PreparerCell,
     busy: worker::BusyCell,
     thread: std::thread::JoinHandle<()>,
 }
@@ -209,6 +212,11 @@ impl Scheduler {
 
     /// The queue of `model`, starting its worker if needed.
     fn queue(&self, model: &str) -> Result<mpsc::Sender<Work>, InferError> {
+        self.slot(model).map(|(queue, _)| queue)
+    }
+
+    /// The queue of `model` and its preparer cell, starting its worker if needed.
+    fn slot(&self, model: &str) -> Result<(mpsc::Sender<Work>, worker::PreparerCell), InferError> {
         let engine = self.engine();
         if engine.registry().get(model).is_none() {
             return Err(InferError::unknown_model(model));
@@ -220,21 +228,22 @@ impl Scheduler {
         if let Some(slot) = slots.get(model)
             && !slot.queue.is_closed()
         {
-            return Ok(slot.queue.clone());
+            return Ok((slot.queue.clone(), slot.preparer.clone()));
         }
         let (tx, rx) = mpsc::channel(self.jobs.queue_capacity);
         let state: StateCell = Arc::new(Mutex::new(ModelState::Unloaded));
         let busy: worker::BusyCell = Arc::default();
+        let preparer: worker::PreparerCell = Arc::default();
         let ctx = WorkerCtx {
             engine,
             manager: self.manager.clone(),
             metrics: self.metrics.clone(),
             evict: self.evict_tx.clone(),
         };
-        let thread = worker::spawn(ctx, model.to_string(), rx, state.clone(), busy.clone())
+        let thread = worker::spawn(ctx, model.to_string(), rx, state.clone(), busy.clone(), preparer.clone())
             .map_err(|e| InferError::internal(format!("cannot start a worker thread: {e}")))?;
-        slots.insert(model.to_string(), Slot { queue: tx.clone(), state, busy, thread });
-        Ok(tx)
+        slots.insert(model.to_string(), Slot { queue: tx.clone(), state, preparer: preparer.clone(), busy, thread });
+        Ok((tx, preparer))
     }
 
     /// Refuses at once, before any body is read, a job for an unknown model or
@@ -270,9 +279,9 @@ impl Scheduler {
         started: Instant,
     ) -> Result<JobOutput, InferError> {
         if let Some(spec) = self.engine().registry().get(model) {
-            crate::pipeline::admits(spec.task, &input)?;
+            crate::pipeline::admits(&*spec.task, &input)?;
         }
-        let queue = self.queue(model)?;
+        let (queue, preparer) = self.slot(model)?;
         // Hold a place in the queue first: a full queue answers at once, before any decoding.
         let place = queue.try_reserve_owned().map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => InferError::overloaded(format!(
@@ -285,7 +294,7 @@ impl Scheduler {
         })?;
         let deadline = started + Duration::from_millis(self.jobs.timeout_ms);
         let run = async {
-            let (input, pre_ms) = self.preprocess(model, input).await?;
+            let (input, pre_ms) = self.prepare(worker::get_preparer(&preparer), input).await?;
             let (reply, answer) = oneshot::channel();
             place.send(Work::Job(Job { input, options, enqueued: Instant::now(), pre_ms, reply }));
             match answer.await {
@@ -301,22 +310,21 @@ impl Scheduler {
         }
     }
 
-    /// Decodes and resizes an image job on the decode threads (see
-    /// [`crate::pipeline::preprocess`]); returns the input for the worker and the milliseconds it took.
-    async fn preprocess(&self, model: &str, input: JobInput) -> Result<(JobInput, f64), InferError> {
-        let engine = self.engine();
-        let Some(spec) = engine.registry().get(model).filter(|m| crate::pipeline::has_preprocessing(m, &input)) else {
-            return Ok((input, 0.0));
+    /// Prepares a job with its loaded model's preparer on the decode threads,
+    /// when the preparer asks for that (image work); returns the input for the
+    /// worker and the milliseconds it took. Otherwise, and while the model is
+    /// not loaded yet, the worker prepares the job with the same preparer.
+    async fn prepare(&self, preparer: Option<Arc<dyn Prepare>>, input: JobInput) -> Result<(Input, f64), InferError> {
+        let Some(preparer) = preparer.filter(|p| p.off_worker()) else {
+            return Ok((Input::Sent(input), 0.0));
         };
-        let spec = spec.clone();
-        let limits = engine.config().limits.clone();
         let (reply, answer) = oneshot::channel();
         self.decoders.get_or_init(DecodePool::start).run(move || {
             let t = Instant::now();
-            let done = crate::pipeline::preprocess(&spec, input, &limits);
-            let _ = reply.send(done.map(|i| (i, t.elapsed().as_secs_f64() * 1000.0)));
+            let done = preparer.prepare(input);
+            let _ = reply.send(done.map(|p| (Input::Prepared(p), t.elapsed().as_secs_f64() * 1000.0)));
         })?;
-        answer.await.unwrap_or_else(|_| Err(InferError::internal("decoding the image failed (the decoder stopped)")))
+        answer.await.unwrap_or_else(|_| Err(InferError::internal("preparing the job failed (the decoder stopped)")))
     }
 
     /// Loads `model` now (if not loaded) and waits for it, up to `jobs.load_timeout_ms`.

@@ -9,9 +9,10 @@
 use crate::backend::BackendKind;
 use crate::engine::{Engine, LoadOptions, LoadedModel};
 use crate::error::InferError;
-use crate::job::{JobInput, JobOptions, JobOutput};
+use crate::job::JobOutput;
 use crate::manager::Manager;
 use crate::metrics::Metrics;
+use crate::pipeline::{Input, Prepare};
 use serde::Serialize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
@@ -20,8 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// A job waiting for the worker.
 pub struct Job {
-    pub input: JobInput,
-    pub options: JobOptions,
+    /// As the client sent it, or prepared by the model's preparer at admission.
+    pub input: Input,
+    pub options: crate::job::JobOptions,
     /// When the job entered the queue (after its image work).
     pub enqueued: Instant,
     /// Milliseconds of image work done before the job was queued.
@@ -74,6 +76,18 @@ pub enum ModelState {
 /// Shared view of a model's state.
 pub type StateCell = Arc<Mutex<ModelState>>;
 
+/// The loaded model's preparer, for admission to prepare jobs with (none while unloaded).
+pub type PreparerCell = Arc<Mutex<Option<Arc<dyn Prepare>>>>;
+
+/// The preparer in `cell`.
+pub fn get_preparer(cell: &PreparerCell) -> Option<Arc<dyn Prepare>> {
+    cell.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn set_preparer(cell: &PreparerCell, preparer: Option<Arc<dyn Prepare>>) {
+    *cell.lock().unwrap_or_else(|e| e.into_inner()) = preparer;
+}
+
 /// When each instance's current job started (none while idle or loading), for the watchdog.
 pub type BusyCell = Arc<Mutex<Vec<Option<Instant>>>>;
 
@@ -108,11 +122,21 @@ pub fn spawn(
     queue: mpsc::Receiver<Work>,
     state: StateCell,
     busy: BusyCell,
+    preparer: PreparerCell,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("inferd-{model}")).spawn(move || run(ctx, model, queue, state, busy))
+    std::thread::Builder::new()
+        .name(format!("inferd-{model}"))
+        .spawn(move || run(ctx, model, queue, state, busy, preparer))
 }
 
-fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: StateCell, busy: BusyCell) {
+fn run(
+    ctx: WorkerCtx,
+    model: String,
+    mut queue: mpsc::Receiver<Work>,
+    state: StateCell,
+    busy: BusyCell,
+    preparer: PreparerCell,
+) {
     let mut loaded: Option<Sessions> = None;
     // Work taken from the queue while gathering a batch, to do next.
     let mut next: std::collections::VecDeque<Work> = std::collections::VecDeque::new();
@@ -120,16 +144,16 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
     while let Some(work) = next.pop_front().or_else(|| queue.blocking_recv()) {
         match work {
             Work::Load(reply) => {
-                let _ = reply.send(ensure_loaded(&ctx, &model, &mut loaded, &state, &busy).map(|_| ()));
+                let _ = reply.send(ensure_loaded(&ctx, &model, &mut loaded, (&state, &busy, &preparer)).map(|_| ()));
             }
-            Work::Swap(variant) => swap(&ctx, &model, &mut loaded, &state, &busy, &variant),
+            Work::Swap(variant) => swap(&ctx, &model, &mut loaded, (&state, &busy, &preparer), &variant),
             Work::Job(job) => {
                 if job.reply.is_closed() {
                     continue; // the client gave up (timeout or disconnect): do not spend the engine on it
                 }
                 // A model about to load is measured from here to after its first job.
                 let rss_before = if loaded.is_none() { crate::memory::process_rss_bytes() } else { None };
-                let sessions = match ensure_loaded(&ctx, &model, &mut loaded, &state, &busy) {
+                let sessions = match ensure_loaded(&ctx, &model, &mut loaded, (&state, &busy, &preparer)) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = job.reply.send(Err(e));
@@ -139,7 +163,7 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
                 // Measured after its first job on this thread (a pool runs jobs elsewhere).
                 let measure_from = rss_before.filter(|_| matches!(sessions, Sessions::One(_)));
                 if let Sessions::One(m) = sessions
-                    && m.generates()
+                    && m.parallel().is_some()
                 {
                     interleave(&cells, m, job, &mut queue, &mut next);
                     if let Some(before) = measure_from {
@@ -173,6 +197,7 @@ fn run(ctx: WorkerCtx, model: String, mut queue: mpsc::Receiver<Work>, state: St
             }
         }
     }
+    set_preparer(&preparer, None);
     if loaded.take().is_some() {
         tracing::info!(model, "model unloaded");
         crate::memory::trim_heap(); // its sessions' memory goes back to the system now
@@ -199,9 +224,9 @@ fn run_jobs(cells: &Cells<'_>, instance: usize, m: &mut LoadedModel, jobs: Vec<J
     let results = catch_unwind(AssertUnwindSafe(|| {
         if inputs.len() == 1 {
             let (input, options) = inputs.into_iter().next().expect("one job");
-            vec![m.infer(input, &options)]
+            vec![m.run(input, &options)]
         } else {
-            m.infer_batch(inputs)
+            m.run_batch(inputs)
         }
     }))
     .unwrap_or_else(|panic| {
@@ -222,21 +247,21 @@ fn run_jobs(cells: &Cells<'_>, instance: usize, m: &mut LoadedModel, jobs: Vec<J
     }
 }
 
-/// A generation in progress and the job it answers.
+/// A job of a many-call task in progress (a generation) and the client it answers.
 struct Active {
     reply: oneshot::Sender<Result<JobOutput, InferError>>,
-    seq: crate::pipeline::generate::Sequence,
-    /// What its KV cache can grow to.
-    cache_bytes: u64,
+    seq: Box<dyn crate::pipeline::Sequence>,
+    /// What it can grow to (its KV cache).
+    memory_bytes: u64,
     timings: crate::job::Timings,
     error: Option<InferError>,
 }
 
-/// Runs text generation for `first` and every job that joins it, up to the
-/// generator's `parallel`: each round advances every sequence by one token,
-/// so a long answer never holds up a short one and each keeps its own cache.
-/// Jobs admitted while others run start at the next round; other work (a
-/// swap, a load) waits in `next` until every sequence has ended.
+/// Runs the sequences of a many-call task (text generation) for `first` and
+/// every job that joins it, up to the task's `parallel`: each round advances
+/// every sequence by one step, so a long answer never holds up a short one and
+/// each keeps its own state. Jobs admitted while others run start at the next
+/// round; other work (a swap, a load) waits in `next` until every sequence has ended.
 fn interleave(
     cells: &Cells<'_>,
     m: &mut LoadedModel,
@@ -244,21 +269,13 @@ fn interleave(
     queue: &mut mpsc::Receiver<Work>,
     next: &mut std::collections::VecDeque<Work>,
 ) {
-    let max_text = m.max_text_bytes();
-    let parallel = m.generation().map_or(1, |(g, _)| g.parallel());
+    let parallel = m.parallel().unwrap_or(1);
     let mut active: Vec<Active> = Vec::new();
     let admit = |job: Job, active: &mut Vec<Active>, m: &mut LoadedModel| {
-        let timings = crate::job::Timings {
-            queue_ms: job.enqueued.elapsed().as_secs_f64() * 1000.0,
-            pre_ms: job.pre_ms,
-            ..Default::default()
-        };
-        let Some((generator, _)) = m.generation() else { return };
-        let started = crate::pipeline::generate::request_of(job.input).and_then(|r| generator.start(r, max_text));
-        let admitted = started.and_then(|seq| {
-            // The cache grows with every token: refuse now what memory cannot hold at the end.
-            let need = generator.cache_bytes(&seq);
-            let held: u64 = active.iter().map(|a| a.cache_bytes).sum();
+        let admitted = m.start(job.input).and_then(|(seq, prep)| {
+            // A sequence grows with every step: refuse now what memory cannot hold at the end.
+            let need = seq.memory_bytes();
+            let held: u64 = active.iter().map(|a| a.memory_bytes).sum();
             match cells.ctx.manager.room() {
                 Ok(room) if need.saturating_add(held) > room => {
                     let (need_mib, room_mib) = (crate::memory::mib(need), crate::memory::mib(room));
@@ -271,11 +288,18 @@ fn interleave(
                         InferError::unavailable(why)
                     })
                 }
-                _ => Ok((seq, need)),
+                _ => Ok((seq, need, prep)),
             }
         });
         match admitted {
-            Ok((seq, cache_bytes)) => active.push(Active { reply: job.reply, seq, cache_bytes, timings, error: None }),
+            Ok((seq, memory_bytes, prep)) => {
+                let timings = crate::job::Timings {
+                    queue_ms: job.enqueued.elapsed().as_secs_f64() * 1000.0,
+                    pre_ms: job.pre_ms + prep.pre_ms,
+                    ..Default::default()
+                };
+                active.push(Active { reply: job.reply, seq, memory_bytes, timings, error: None })
+            }
             Err(e) => {
                 let _ = job.reply.send(Err(e));
             }
@@ -299,12 +323,10 @@ fn interleave(
             if a.reply.is_closed() || a.seq.is_abandoned() {
                 continue; // dropped below: the client went away
             }
-            let Some((generator, engine)) = m.generation() else { break };
             let t = Instant::now();
-            let stepped =
-                catch_unwind(AssertUnwindSafe(|| generator.step(engine, &mut a.seq))).unwrap_or_else(|panic| {
-                    Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
-                });
+            let stepped = catch_unwind(AssertUnwindSafe(|| m.step(a.seq.as_mut()))).unwrap_or_else(|panic| {
+                Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
+            });
             a.timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
             a.error = stepped.err();
         }
@@ -317,12 +339,7 @@ fn interleave(
         for a in ended {
             let answer = match a.error {
                 Some(e) => Err(e),
-                None if a.seq.is_done() => {
-                    let result = m.generation().map(|(g, _)| g.result(a.seq));
-                    result
-                        .map(|r| m.answer(a.timings, r))
-                        .ok_or_else(|| InferError::internal("the model stopped generating"))
-                }
+                None if a.seq.is_done() => Ok(m.answer(a.timings, a.seq.finish())),
                 None => continue, // abandoned: nobody to answer
             };
             let _ = a.reply.send(answer);
@@ -364,6 +381,7 @@ struct ModelFacts {
     provider: String,
     placement: Option<crate::backend::Placement>,
     batching: Option<crate::registry::BatchSpec>,
+    preparer: Arc<dyn Prepare>,
 }
 
 impl ModelFacts {
@@ -375,6 +393,7 @@ impl ModelFacts {
             provider: m.provider().to_string(),
             placement: m.placement().cloned(),
             batching: m.batching(),
+            preparer: m.preparer(),
         }
     }
 }
@@ -581,18 +600,21 @@ fn loaded_state(sessions: &Sessions, memory_bytes: Option<u64>) -> ModelState {
     }
 }
 
+/// The cells a worker publishes its model through: state, busy times, preparer.
+type Published<'a> = (&'a StateCell, &'a BusyCell, &'a PreparerCell);
+
 fn ensure_loaded<'a>(
     ctx: &WorkerCtx,
     model: &str,
     loaded: &'a mut Option<Sessions>,
-    state: &StateCell,
-    busy: &BusyCell,
+    (state, busy, preparer): Published<'_>,
 ) -> Result<&'a mut Sessions, InferError> {
     if loaded.is_none() {
         set_state(state, ModelState::Loading);
         match load(ctx, model, None, state, busy) {
             Ok((s, memory_bytes)) => {
                 set_state(state, loaded_state(&s, memory_bytes));
+                set_preparer(preparer, Some(s.first().preparer));
                 *loaded = Some(s);
             }
             Err(e) => {
@@ -613,8 +635,7 @@ fn swap(
     ctx: &WorkerCtx,
     model: &str,
     loaded: &mut Option<Sessions>,
-    state: &StateCell,
-    busy: &BusyCell,
+    (state, busy, preparer): Published<'_>,
     variant: &str,
 ) {
     let Some(current) = loaded.as_ref() else { return };
@@ -634,7 +655,9 @@ fn swap(
         Ok((s, memory_bytes)) => {
             let old = loaded.replace(s); // drops the old sessions
             drop(old);
-            set_state(state, loaded_state(loaded.as_ref().expect("just set"), memory_bytes));
+            let now = loaded.as_ref().expect("just set");
+            set_state(state, loaded_state(now, memory_bytes));
+            set_preparer(preparer, Some(now.first().preparer));
             ctx.metrics.record_event(model, event);
             tracing::info!(model, from, to = variant, "{event}d under memory pressure");
         }
@@ -657,8 +680,8 @@ mod tests {
     fn job(closed: bool) -> (Job, Option<oneshot::Receiver<Result<JobOutput, InferError>>>) {
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            input: JobInput::Text(vec![]),
-            options: JobOptions::default(),
+            input: Input::Sent(crate::job::JobInput::Text(vec![])),
+            options: crate::job::JobOptions::default(),
             enqueued: Instant::now(),
             pre_ms: 0.0,
             reply,

@@ -139,7 +139,7 @@ pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError
         .collect();
     let mut info = json!({
         "name": spec.name,
-        "task": spec.task,
+        "task": spec.task.task(),
         "description": spec.description,
         "variants": variants,
         "queue_depth": status.queue_depth,

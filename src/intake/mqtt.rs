@@ -359,7 +359,7 @@ async fn publish_status(ctx: &Ctx, online: bool) {
         .iter()
         .map(|m| {
             let info = super::http::model_info(&ctx.scheduler, &m.name).unwrap_or_default();
-            json!({"name": m.name, "task": m.task, "state": info["state"], "variant": info["variant"],
+            json!({"name": m.name, "task": m.task.task(), "state": info["state"], "variant": info["variant"],
                    "backend": info["backend"], "provider": info["provider"], "placement": info["placement"]})
         })
         .collect();

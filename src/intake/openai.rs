@@ -178,10 +178,10 @@ async fn run(app: AppState, kind: Kind, model: String, mut request: GenerateRequ
     let Some(spec) = engine.registry().get(&model) else {
         return error_response(&InferError::unknown_model(&model));
     };
-    if spec.task != crate::pipeline::Task::TextGeneration {
+    if !spec.task.takes().0.contains(&crate::job::InputKind::Prompt) {
         return error_response(&InferError::bad_input(format!(
             "model '{model}' is a {} model; this endpoint needs a text-generation model",
-            spec.task
+            spec.task.task()
         )));
     }
     let id =

@@ -2,13 +2,76 @@
 //! after softmax or sigmoid as the model needs.
 
 use super::image::ImageInputSpec;
-use super::{Context, SingleGraph, SpecProblem};
+use super::{Context, Graph, ImagePreparer, Pipeline, Prepare, Section, SingleGraph, SpecProblem, TaskSpec};
 use crate::backend::NamedTensors;
-use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{ClassScore, JobInput, JobOptions, JobResult};
+use crate::job::{ClassScore, InputKind, JobOptions, JobResult};
 use crate::tensor::{DType, TensorData, TensorInfo};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The models.json section of an `image-classification` model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassificationSpec {
+    /// How images become the input tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<ImageInputSpec>,
+    /// How the output tensor is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputSpec>,
+    /// A text file with one label per line, relative to models.json.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
+}
+
+impl Section for ClassificationSpec {
+    const TASK: &'static str = "image-classification";
+}
+
+impl TaskSpec for ClassificationSpec {
+    super::section_names!();
+
+    fn takes(&self) -> (&'static [InputKind], &'static str) {
+        (&[InputKind::Image], "an image")
+    }
+
+    fn files(&self) -> Vec<(String, &Path)> {
+        self.labels.iter().map(|l| (".labels".to_string(), l.as_path())).collect()
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    fn validate(&self) -> Vec<SpecProblem> {
+        let mut problems = match &self.input {
+            Some(input) => input.validate(),
+            None => vec![SpecProblem::new(".input", "image-classification needs an 'input' spec")],
+        };
+        problems.extend(self.output.iter().flat_map(OutputSpec::validate));
+        problems
+    }
+
+    fn check_io(&self, dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        let Some(input) = &self.input else { return Vec::new() };
+        let labels = self.labels.as_ref().and_then(|l| super::read_labels(&dir.join(l)).ok());
+        let mut problems = input.check_against(inputs);
+        problems.extend(check_outputs(self.output.as_ref(), outputs, labels.as_deref()));
+        problems
+    }
+
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        let input =
+            self.input.clone().ok_or_else(|| InferError::unavailable("image-classification needs an 'input' spec"))?;
+        Ok(Box::new(ClassifyPipeline {
+            prepare: Arc::new(ImagePreparer { spec: input, limits: graph.limits.clone() }),
+            output: self.output.clone().unwrap_or_default(),
+            labels: super::labels_at(graph.dir, self.labels.as_ref())?,
+        }))
+    }
+}
 
 /// What turns the output tensor into scores.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,15 +152,15 @@ pub fn check_outputs(spec: Option<&OutputSpec>, outputs: &[TensorInfo], labels: 
 }
 
 /// Image → top-k labelled scores.
-pub struct ClassifyPipeline {
-    pub input: ImageInputSpec,
-    pub output: OutputSpec,
-    pub labels: Vec<String>,
+struct ClassifyPipeline {
+    prepare: Arc<ImagePreparer>,
+    output: OutputSpec,
+    labels: Vec<String>,
 }
 
 impl SingleGraph for ClassifyPipeline {
-    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
-        super::prepare_image(&self.input, input, limits, super::Task::ImageClassification)
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        self.prepare.clone()
     }
 
     fn finish(&self, outputs: NamedTensors, _ctx: &Context, options: &JobOptions) -> Result<JobResult, InferError> {

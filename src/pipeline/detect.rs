@@ -3,14 +3,94 @@
 //! confidence filter, class-wise non-maximum suppression, and boxes mapped
 //! back to the original image's pixels.
 
-use super::image::ImageInputSpec;
-use super::{Context, SingleGraph, SpecProblem};
+use super::image::{ImageInputSpec, ResizeMode};
+use super::{Context, Graph, ImagePreparer, Pipeline, Prepare, Section, SingleGraph, SpecProblem, TaskSpec};
 use crate::backend::NamedTensors;
-use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{Detection, JobInput, JobOptions, JobResult};
+use crate::job::{Detection, InputKind, JobOptions, JobResult};
 use crate::tensor::{DType, TensorData, TensorInfo};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The models.json section of an `object-detection` model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectionTaskSpec {
+    /// How images become the input tensor (letterbox or stretch: boxes are mapped back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<ImageInputSpec>,
+    /// How the YOLO output is decoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<DetectionSpec>,
+    /// A text file with one label per line, relative to models.json.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
+}
+
+impl Section for DetectionTaskSpec {
+    const TASK: &'static str = "object-detection";
+}
+
+impl TaskSpec for DetectionTaskSpec {
+    super::section_names!();
+
+    fn takes(&self) -> (&'static [InputKind], &'static str) {
+        (&[InputKind::Image], "an image")
+    }
+
+    fn files(&self) -> Vec<(String, &Path)> {
+        self.labels.iter().map(|l| (".labels".to_string(), l.as_path())).collect()
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    fn validate(&self) -> Vec<SpecProblem> {
+        let mut problems = Vec::new();
+        match &self.input {
+            Some(input) => {
+                problems.extend(input.validate());
+                if input.resize == ResizeMode::CenterCrop {
+                    problems.push(SpecProblem::new(
+                        ".input.resize",
+                        "object-detection needs letterbox or stretch (boxes are mapped back)",
+                    ));
+                }
+            }
+            None => problems.push(SpecProblem::new(".input", "object-detection needs an 'input' spec")),
+        }
+        match &self.detection {
+            Some(d) => problems.extend(d.validate()),
+            None => problems
+                .push(SpecProblem::new(".detection", "object-detection needs a 'detection' spec with the YOLO layout")),
+        }
+        problems
+    }
+
+    fn check_io(&self, dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        let Some(input) = &self.input else { return Vec::new() };
+        let labels = self.labels.as_ref().and_then(|l| super::read_labels(&dir.join(l)).ok());
+        let mut problems = input.check_against(inputs);
+        problems.extend(self.detection.iter().flat_map(|d| d.check_outputs(outputs, labels.as_deref())));
+        problems
+    }
+
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        let input =
+            self.input.clone().ok_or_else(|| InferError::unavailable("object-detection needs an 'input' spec"))?;
+        let detection = self
+            .detection
+            .clone()
+            .ok_or_else(|| InferError::unavailable("object-detection needs a 'detection' spec"))?;
+        Ok(Box::new(DetectPipeline {
+            prepare: Arc::new(ImagePreparer { spec: input, limits: graph.limits.clone() }),
+            detection,
+            labels: super::labels_at(graph.dir, self.labels.as_ref())?,
+        }))
+    }
+}
 
 /// How a YOLO model lays out its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,15 +263,15 @@ pub fn decode(
 }
 
 /// Image → labelled boxes.
-pub struct DetectPipeline {
-    pub input: ImageInputSpec,
-    pub detection: DetectionSpec,
-    pub labels: Vec<String>,
+struct DetectPipeline {
+    prepare: Arc<ImagePreparer>,
+    detection: DetectionSpec,
+    labels: Vec<String>,
 }
 
 impl SingleGraph for DetectPipeline {
-    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
-        super::prepare_image(&self.input, input, limits, super::Task::ObjectDetection)
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        self.prepare.clone()
     }
 
     fn finish(&self, outputs: NamedTensors, ctx: &Context, _options: &JobOptions) -> Result<JobResult, InferError> {
@@ -203,7 +283,7 @@ impl SingleGraph for DetectPipeline {
         let boxes = decode(data, &tensor.shape, d.layout, d.confidence, d.iou, d.max_detections)
             .map_err(InferError::backend)?;
         let (w, h) = ctx.image_size.ok_or_else(|| InferError::internal("no image size recorded"))?;
-        let map = self.input.inverse_mapping(w, h);
+        let map = self.prepare.spec.inverse_mapping(w, h);
         let detections = boxes
             .into_iter()
             .map(|b| {

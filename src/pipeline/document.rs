@@ -18,10 +18,67 @@
 //! Limits: printed receipts in Latin script, one receipt per image, amounts
 //! with two decimals; a field that is not found is `null`, never guessed.
 
-use crate::job::TextLine;
+use super::ocr::{OcrPipeline, OcrSpec, OcrTaskSpec};
+use super::{Graph, Pipeline, Section, SpecProblem, TaskSpec};
+use crate::error::InferError;
+use crate::job::{DocumentFields, InputKind, Item, TextLine};
+use crate::tensor::TensorInfo;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::sync::LazyLock;
+
+/// The models.json section of a `document-fields` model: OCR's settings and the extractor's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentTaskSpec {
+    /// Detection, recognition and angle settings; RapidOCR's defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocr: Option<OcrSpec>,
+    /// Receipt extraction settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<DocumentSpec>,
+}
+
+impl Section for DocumentTaskSpec {
+    const TASK: &'static str = "document-fields";
+}
+
+impl DocumentTaskSpec {
+    /// The OCR that reads the lines.
+    fn ocr(&self) -> OcrTaskSpec {
+        OcrTaskSpec { ocr: self.ocr.clone() }
+    }
+}
+
+impl TaskSpec for DocumentTaskSpec {
+    super::section_names!();
+
+    fn takes(&self) -> (&'static [InputKind], &'static str) {
+        (&[InputKind::Image], "an image")
+    }
+
+    fn parts(&self) -> (&'static [&'static str], &'static [&'static str]) {
+        self.ocr().parts()
+    }
+
+    fn validate(&self) -> Vec<SpecProblem> {
+        self.ocr().validate()
+    }
+
+    fn check_io(&self, dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        self.ocr().check_io(dir, inputs, outputs)
+    }
+
+    fn check_part(&self, role: &str, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        self.ocr().check_part(role, inputs, outputs)
+    }
+
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        let ocr = OcrPipeline::new(self.ocr.clone().unwrap_or_default(), graph.parts, graph.limits)?;
+        Ok(Box::new(ocr.with_fields(self.document.clone().unwrap_or_default())))
+    }
+}
 
 /// How ambiguous numeric dates (`03/11/2026`) are read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,31 +99,6 @@ pub struct DocumentSpec {
     pub date_order: DateOrder,
     /// The currency when the receipt shows none (ISO code, e.g. `EUR`).
     pub currency: Option<String>,
-}
-
-/// One bought item.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Item {
-    pub name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quantity: Option<u32>,
-    pub price: f64,
-}
-
-/// The fields found on a receipt; `null` where not found.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DocumentFields {
-    pub store: Option<String>,
-    /// ISO 8601 `YYYY-MM-DD`.
-    pub date: Option<String>,
-    /// `HH:MM` or `HH:MM:SS`.
-    pub time: Option<String>,
-    pub total: Option<f64>,
-    pub subtotal: Option<f64>,
-    pub tax: Option<f64>,
-    /// ISO 4217 code.
-    pub currency: Option<String>,
-    pub items: Vec<Item>,
 }
 
 /// A row of lines on the same baseline, left to right.

@@ -2,14 +2,58 @@
 //! model's `tokenizer.json`, run, mean-pooled over the attention mask and
 //! L2-normalised: one vector per text.
 
-use super::{Context, SingleGraph, SpecProblem};
+use super::{Context, Graph, GraphInput, Pipeline, Prepare, Prepared, Section, SingleGraph, SpecProblem, TaskSpec};
 use crate::backend::NamedTensors;
 use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{JobInput, JobOptions, JobResult};
+use crate::job::{InputKind, JobInput, JobOptions, JobResult};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The models.json section of an `embedding` model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    /// How text becomes tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextSpec>,
+}
+
+impl Section for EmbeddingSpec {
+    const TASK: &'static str = "embedding";
+}
+
+impl TaskSpec for EmbeddingSpec {
+    super::section_names!();
+
+    fn takes(&self) -> (&'static [InputKind], &'static str) {
+        (&[InputKind::Text], "text: {\"text\": \"...\"} or {\"text\": [\"...\", ...]}")
+    }
+
+    fn files(&self) -> Vec<(String, &Path)> {
+        self.text.iter().map(|t| (".text.tokenizer".to_string(), t.tokenizer.as_path())).collect()
+    }
+
+    fn validate(&self) -> Vec<SpecProblem> {
+        match &self.text {
+            Some(t) => t.validate(),
+            None => vec![SpecProblem::new(".text", "embedding needs a 'text' spec with its tokenizer")],
+        }
+    }
+
+    fn check_io(&self, _dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        self.text.as_ref().map(|t| t.check_against(inputs, outputs)).unwrap_or_default()
+    }
+
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        let spec = self.text.clone().ok_or_else(|| InferError::unavailable("embedding needs a 'text' spec"))?;
+        let path = graph.dir.join(&spec.tokenizer);
+        let names = graph.inputs.iter().map(|i| i.name.clone()).collect();
+        Ok(Box::new(EmbedPipeline::new(spec, &path, names, graph.limits.clone())?))
+    }
+}
 
 /// models.json `text`: how text becomes token tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,16 +134,22 @@ impl TextSpec {
 }
 
 /// Texts → vectors.
-pub struct EmbedPipeline {
-    pub spec: TextSpec,
-    pub tokenizer: tokenizers::Tokenizer,
+struct EmbedPipeline {
+    prepare: Arc<Tokenise>,
+}
+
+/// Tokenises a job's texts into the token inputs the model declares.
+struct Tokenise {
+    spec: TextSpec,
+    tokenizer: tokenizers::Tokenizer,
     /// The token inputs the model declares, in its order.
-    pub inputs: Vec<String>,
+    inputs: Vec<String>,
+    limits: Limits,
 }
 
 impl EmbedPipeline {
     /// Loads the tokenizer at `path` with truncation to `spec.max_length` and batch padding.
-    pub fn new(spec: TextSpec, path: &std::path::Path, inputs: Vec<String>) -> Result<EmbedPipeline, InferError> {
+    fn new(spec: TextSpec, path: &Path, inputs: Vec<String>, limits: Limits) -> Result<EmbedPipeline, InferError> {
         let mut tokenizer = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| InferError::unavailable(format!("cannot read tokenizer {}: {e}", path.display())))?;
         tokenizer
@@ -109,12 +159,13 @@ impl EmbedPipeline {
             strategy: tokenizers::PaddingStrategy::BatchLongest,
             ..Default::default()
         }));
-        Ok(EmbedPipeline { spec, tokenizer, inputs })
+        Ok(EmbedPipeline { prepare: Arc::new(Tokenise { spec, tokenizer, inputs, limits }) })
     }
 }
 
-impl SingleGraph for EmbedPipeline {
-    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError> {
+impl Prepare for Tokenise {
+    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
+        let limits = &self.limits;
         let JobInput::Text(texts) = input else {
             return Err(InferError::bad_input(
                 "the embedding task takes text: {\"text\": \"...\"} or {\"text\": [\"...\", ...]}",
@@ -164,11 +215,17 @@ impl SingleGraph for EmbedPipeline {
             })
             .collect();
         let mask: Vec<u32> = encodings.iter().flat_map(|e| e.get_attention_mask().to_vec()).collect();
-        Ok((tensors, Context { image_size: None, attention_mask: Some(mask) }))
+        Ok(Prepared::new(GraphInput { tensors, ctx: Context { image_size: None, attention_mask: Some(mask) } }))
+    }
+}
+
+impl SingleGraph for EmbedPipeline {
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        self.prepare.clone()
     }
 
     fn finish(&self, outputs: NamedTensors, ctx: &Context, _options: &JobOptions) -> Result<JobResult, InferError> {
-        let (name, t) = super::take_output(outputs, self.spec.output.as_deref(), "token-state")?;
+        let (name, t) = super::take_output(outputs, self.prepare.spec.output.as_deref(), "token-state")?;
         let (TensorData::F32(states), &[batch, tokens, dims]) = (&t.data, &t.shape[..]) else {
             return Err(InferError::backend(format!(
                 "output '{name}' is not f32 [batch, tokens, dims]: {:?}",
@@ -186,7 +243,7 @@ impl SingleGraph for EmbedPipeline {
                     &mask[b * tokens..(b + 1) * tokens],
                     dims,
                 );
-                if self.spec.normalize {
+                if self.prepare.spec.normalize {
                     l2_normalize(&mut v);
                 }
                 v

@@ -11,13 +11,15 @@
 //! seed); a sequence ends at an end-of-sequence token, a stop string, its
 //! `max_tokens`, or the model's context length.
 
-use super::SpecProblem;
+use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::{InferenceBackend, NamedTensors};
+use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{FinishReason, GenerateRequest, JobResult, Prompt, Usage};
+use crate::job::{FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Prompt, Timings, Usage};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// models.json `generation`: the tokenizer, the graph's names and the limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,10 +229,136 @@ impl Layout {
     }
 }
 
+/// The models.json section of a `text-generation` model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationTaskSpec {
+    /// Tokenizer, graph names, limits and chat template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationSpec>,
+}
+
+impl Section for GenerationTaskSpec {
+    const TASK: &'static str = "text-generation";
+}
+
+impl TaskSpec for GenerationTaskSpec {
+    super::section_names!();
+
+    fn takes(&self) -> (&'static [InputKind], &'static str) {
+        (&[InputKind::Prompt, InputKind::Text], "a prompt: POST /v1/completions or /v1/chat/completions")
+    }
+
+    fn files(&self) -> Vec<(String, &Path)> {
+        self.generation.iter().map(|g| (".generation.tokenizer".to_string(), g.tokenizer.as_path())).collect()
+    }
+
+    fn validate(&self) -> Vec<SpecProblem> {
+        match &self.generation {
+            Some(g) => g.validate(),
+            None => {
+                vec![SpecProblem::new(".generation", "text-generation needs a 'generation' spec with its tokenizer")]
+            }
+        }
+    }
+
+    fn check_io(&self, _dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        self.generation.as_ref().map(|g| g.check_against(inputs, outputs)).unwrap_or_default()
+    }
+
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        let spec = self
+            .generation
+            .clone()
+            .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
+        let path = graph.dir.join(&spec.tokenizer);
+        let generator = Generator::new(spec, &path, graph.inputs, graph.outputs)?;
+        Ok(Box::new(GeneratePipeline { generator: Arc::new(generator), limits: graph.limits.clone() }))
+    }
+}
+
+/// `text-generation`: the worker interleaves its jobs through the
+/// [`Stepper`](super::Stepper); [`Pipeline::run`] runs one whole request.
+struct GeneratePipeline {
+    generator: Arc<Generator>,
+    limits: Limits,
+}
+
+/// Reads a job's request (no work worth moving off the worker).
+struct ReadRequest;
+
+impl Prepare for ReadRequest {
+    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
+        request_of(input).map(Prepared::new)
+    }
+}
+
+impl Pipeline for GeneratePipeline {
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        Arc::new(ReadRequest)
+    }
+
+    fn run(
+        &mut self,
+        engine: &mut dyn InferenceBackend,
+        input: Prepared,
+        _options: &JobOptions,
+        timings: &mut Timings,
+    ) -> Result<JobResult, InferError> {
+        let request = input.take()?;
+        let t = std::time::Instant::now();
+        let result = self.generator.generate(engine, request, self.limits.max_text_bytes);
+        timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
+        result
+    }
+
+    fn stepper(&self) -> Option<&dyn super::Stepper> {
+        Some(self)
+    }
+}
+
+impl super::Stepper for GeneratePipeline {
+    fn parallel(&self) -> usize {
+        self.generator.parallel()
+    }
+
+    fn start(&self, input: Prepared) -> Result<Box<dyn super::Sequence>, InferError> {
+        let seq = self.generator.start(input.take()?, self.limits.max_text_bytes)?;
+        Ok(Box::new(Running { generator: self.generator.clone(), seq }))
+    }
+}
+
+/// A sequence and the generator that advances it.
+struct Running {
+    generator: Arc<Generator>,
+    seq: Sequence,
+}
+
+impl super::Sequence for Running {
+    fn memory_bytes(&self) -> u64 {
+        self.generator.cache_bytes(&self.seq)
+    }
+
+    fn step(&mut self, engine: &mut dyn InferenceBackend) -> Result<(), InferError> {
+        self.generator.step(engine, &mut self.seq)
+    }
+
+    fn is_done(&self) -> bool {
+        self.seq.is_done()
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.seq.is_abandoned()
+    }
+
+    fn finish(self: Box<Self>) -> JobResult {
+        self.generator.result(self.seq)
+    }
+}
+
 /// The generation request in a job: a prompt from the OpenAI-style
 /// endpoints, or one plain text (`inferd infer --text`, the native API) with the model's defaults.
-pub fn request_of(input: crate::job::JobInput) -> Result<GenerateRequest, InferError> {
-    use crate::job::JobInput;
+pub fn request_of(input: JobInput) -> Result<GenerateRequest, InferError> {
     match input {
         JobInput::Generate(request) => Ok(request),
         JobInput::Text(mut texts) if texts.len() == 1 => {

@@ -1,8 +1,14 @@
-//! Pre- and post-processing per task, around the engine call: the seam
-//! where tasks plug in. A [`Pipeline`] turns a [`JobInput`] into named input
-//! tensors and the engine's outputs into a [`JobResult`]. Each task also
-//! states what it needs from models.json and from the ONNX file, so `inferd
-//! check` and model loading refuse a spec that contradicts the model.
+//! The task interface: what a model job means (classification, detection,
+//! OCR, embeddings, generation, ...) is one module per task under
+//! `src/pipeline/`, reached only through the traits here. A task module
+//! brings its models.json section ([`TaskSpec`]), its spec and ONNX checks,
+//! its preparation ([`Prepare`], run off the worker where it is worth it),
+//! its [`Pipeline`] and, when a job is many engine calls, a [`Stepper`] the
+//! worker interleaves. The registry, the scheduler, the worker and the
+//! front-ends name no task module: [`TASKS`] is the only place that lists them.
+//!
+//! Adding a task: a module here implementing [`TaskSpec`] (+ [`Section`]),
+//! its line in [`TASKS`], its docs (docs/models.md). See docs/DESIGN.md.
 
 pub mod classify;
 pub mod detect;
@@ -18,43 +24,237 @@ pub use ocr::ctc;
 use crate::backend::{InferenceBackend, NamedTensors};
 use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{JobInput, JobOptions, JobResult, Timings};
-use crate::registry::{ModelSpec, Registry};
+use crate::job::{InputKind, JobInput, JobOptions, JobResult, Timings};
 use crate::tensor::TensorInfo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::any::Any;
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// What a model does, which decides its pipeline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Task {
-    /// Image in, scored labels out.
-    ImageClassification,
-    /// Image in, labelled boxes out (YOLO).
-    ObjectDetection,
-    /// Text in, one vector per text out (sentence embeddings).
-    Embedding,
-    /// Image in, text lines with boxes out (PP-OCR: detector, recogniser, angle classifier).
-    Ocr,
-    /// Image of a receipt in, its fields out (OCR, then layout and pattern rules).
-    DocumentFields,
-    /// A prompt in, its continuation out (ONNX decoders with a KV cache).
-    TextGeneration,
-    /// Named tensors in and out, for any model.
-    Raw,
+/// Every task inferd knows, by its models.json name: the one registration point.
+pub static TASKS: &[TaskKind] = &[
+    TaskKind::of::<classify::ClassificationSpec>(),
+    TaskKind::of::<detect::DetectionTaskSpec>(),
+    TaskKind::of::<embed::EmbeddingSpec>(),
+    TaskKind::of::<ocr::OcrTaskSpec>(),
+    TaskKind::of::<document::DocumentTaskSpec>(),
+    TaskKind::of::<generate::GenerationTaskSpec>(),
+    TaskKind::of::<raw::RawSpec>(),
+];
+
+/// A task as models.json names it: how its section of a model is read.
+pub struct TaskKind {
+    /// Its name in models.json's `task` (`image-classification`).
+    pub name: &'static str,
+    fields: fn() -> &'static [&'static str],
+    batches: fn() -> bool,
+    parse: fn(serde_json::Value) -> Result<Arc<dyn TaskSpec>, SpecProblem>,
 }
 
-impl fmt::Display for Task {
+impl TaskKind {
+    /// The task whose section is `S`.
+    pub const fn of<S: Section>() -> TaskKind {
+        TaskKind { name: S::TASK, fields: field_names::<S>, batches: batches::<S>, parse: parse_section::<S> }
+    }
+
+    /// The models.json fields of its section (besides the ones every model has).
+    pub fn fields(&self) -> &'static [&'static str] {
+        (self.fields)()
+    }
+
+    /// Whether its jobs can be stacked into one engine call.
+    pub fn batches(&self) -> bool {
+        (self.batches)()
+    }
+
+    /// Reads its section: the model's fields that [`TaskKind::fields`] names.
+    pub fn parse(&self, section: serde_json::Value) -> Result<TaskSection, SpecProblem> {
+        (self.parse)(section).map(TaskSection)
+    }
+}
+
+/// The task called `name` in models.json.
+pub fn task_kind(name: &str) -> Option<&'static TaskKind> {
+    TASKS.iter().find(|t| t.name == name)
+}
+
+/// A task's models.json section as a Rust type: its fields sit beside the
+/// model's own (`"task": "image-classification", "input": {...}, "labels": "..."`).
+pub trait Section: TaskSpec + Serialize + DeserializeOwned + Default + Sized + 'static {
+    /// The task's name in models.json.
+    const TASK: &'static str;
+}
+
+fn batches<S: Section>() -> bool {
+    S::default().batches()
+}
+
+fn parse_section<S: Section>(value: serde_json::Value) -> Result<Arc<dyn TaskSpec>, SpecProblem> {
+    let spec: S = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path.is_empty() || path == "." { String::new() } else { format!(".{path}") };
+        SpecProblem { path, message: e.inner().to_string() }
+    })?;
+    Ok(Arc::new(spec))
+}
+
+/// The field names serde reads for `S` (from its derived `Deserialize`).
+fn field_names<S: DeserializeOwned>() -> &'static [&'static str] {
+    #[derive(Debug)]
+    struct Found(&'static [&'static str]);
+    impl fmt::Display for Found {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{:?}", self.0)
+        }
+    }
+    impl std::error::Error for Found {}
+    impl serde::de::Error for Found {
+        fn custom<T: fmt::Display>(_: T) -> Self {
+            Found(&[])
+        }
+    }
+    struct Probe;
+    impl<'de> serde::Deserializer<'de> for Probe {
+        type Error = Found;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Found> {
+            Err(Found(&[]))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Found> {
+            Err(Found(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    match S::deserialize(Probe) {
+        Err(Found(fields)) => fields,
+        Ok(_) => &[],
+    }
+}
+
+/// A model's task and its parsed models.json section.
+#[derive(Clone)]
+pub struct TaskSection(Arc<dyn TaskSpec>);
+
+impl TaskSection {
+    /// The section as JSON, with `task` (to compare two registries, or to show).
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut map = self.0.section();
+        map.insert("task".into(), self.0.task().into());
+        map
+    }
+}
+
+impl std::ops::Deref for TaskSection {
+    type Target = dyn TaskSpec;
+    fn deref(&self) -> &(dyn TaskSpec + 'static) {
+        self.0.as_ref()
+    }
+}
+
+impl fmt::Debug for TaskSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Task::ImageClassification => "image-classification",
-            Task::ObjectDetection => "object-detection",
-            Task::Embedding => "embedding",
-            Task::Ocr => "ocr",
-            Task::DocumentFields => "document-fields",
-            Task::TextGeneration => "text-generation",
-            Task::Raw => "raw",
-        })
+        write!(f, "{}", serde_json::Value::Object(self.to_json()))
+    }
+}
+
+impl Default for TaskSection {
+    /// The `raw` task, with nothing to configure.
+    fn default() -> Self {
+        TaskSection(Arc::new(raw::RawSpec::default()))
+    }
+}
+
+/// What a task is, read from its models.json section: the checks, the
+/// inputs it takes and how it builds its pipeline on a loaded graph. One
+/// implementation per task module; nothing outside `src/pipeline/` knows which.
+pub trait TaskSpec: Send + Sync + 'static {
+    /// The task's name in models.json (from [`Section::TASK`]).
+    fn task(&self) -> &'static str;
+    /// The section as JSON (from its `Serialize`).
+    fn section(&self) -> serde_json::Map<String, serde_json::Value>;
+    /// The kinds of input its jobs take, and how to say so when a job has another.
+    fn takes(&self) -> (&'static [InputKind], &'static str);
+    /// Files its section names, relative to models.json, each with its JSON path (`.labels`).
+    fn files(&self) -> Vec<(String, &Path)> {
+        Vec::new()
+    }
+    /// The further graphs (`parts`) a variant must have, and may have.
+    fn parts(&self) -> (&'static [&'static str], &'static [&'static str]) {
+        (&[], &[])
+    }
+    /// Whether jobs can be stacked into one engine call (models.json `batch`).
+    fn batches(&self) -> bool {
+        false
+    }
+    /// Checks the section on its own, without reading any file.
+    fn validate(&self) -> Vec<SpecProblem>;
+    /// Compares the section with what the main graph declares; `dir` is models.json's folder.
+    fn check_io(&self, _dir: &Path, _inputs: &[TensorInfo], _outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        Vec::new()
+    }
+    /// Compares the section with what the part `role` declares.
+    fn check_part(&self, _role: &str, _inputs: &[TensorInfo], _outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        Vec::new()
+    }
+    /// Builds the pipeline that runs this task's jobs on a loaded graph.
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError>;
+}
+
+impl<S: Section> SectionJson for S {
+    fn section_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
+}
+
+/// A [`Section`]'s fields as JSON: what [`TaskSpec::section`] returns.
+pub trait SectionJson {
+    fn section_json(&self) -> serde_json::Map<String, serde_json::Value>;
+}
+
+/// Implements the naming half of [`TaskSpec`] for a [`Section`].
+macro_rules! section_names {
+    () => {
+        fn task(&self) -> &'static str {
+            <Self as $crate::pipeline::Section>::TASK
+        }
+        fn section(&self) -> serde_json::Map<String, serde_json::Value> {
+            $crate::pipeline::SectionJson::section_json(self)
+        }
+    };
+}
+pub(crate) use section_names;
+
+/// A loaded main graph and what a task needs to build its pipeline on it.
+pub struct Graph<'a> {
+    /// models.json's folder (labels and tokenizers are relative to it).
+    pub dir: &'a Path,
+    pub inputs: &'a [TensorInfo],
+    pub outputs: &'a [TensorInfo],
+    /// The variant's further graphs.
+    pub parts: Vec<Part>,
+    pub limits: &'a Limits,
+}
+
+/// Whether the task of `spec` takes this kind of input at all: checked before
+/// a job is queued, so a wrong body is refused without loading the model.
+pub fn admits(spec: &dyn TaskSpec, input: &JobInput) -> Result<(), InferError> {
+    let (kinds, wanted) = spec.takes();
+    if kinds.contains(&input.kind()) {
+        Ok(())
+    } else {
+        Err(InferError::bad_input(format!("the {} task takes {wanted}", spec.task())))
     }
 }
 
@@ -66,8 +266,64 @@ pub struct SpecProblem {
 }
 
 impl SpecProblem {
-    fn new(path: &str, message: impl Into<String>) -> Self {
+    /// A problem at `path` (relative to the model).
+    pub fn new(path: &str, message: impl Into<String>) -> Self {
         SpecProblem { path: path.to_string(), message: message.into() }
+    }
+}
+
+/// Reads a labels file: one label per line, trailing empty lines ignored.
+pub fn read_labels(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read labels {}: {e}", path.display()))?;
+    let mut labels: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
+    while labels.last().is_some_and(String::is_empty) {
+        labels.pop();
+    }
+    Ok(labels)
+}
+
+/// The labels at `file` (relative to `dir`), or none when the section names no file.
+fn labels_at(dir: &Path, file: Option<&PathBuf>) -> Result<Vec<String>, InferError> {
+    match file {
+        Some(f) => read_labels(&dir.join(f)).map_err(InferError::unavailable),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A job's input as its task's preparer made it: what that task's pipeline
+/// runs on (tensors and the image size, decoded pixels, a request). Only the
+/// task that made it can read it.
+pub struct Prepared(Box<dyn Any + Send>);
+
+impl Prepared {
+    /// Wraps a task's prepared input.
+    pub fn new<T: Any + Send>(value: T) -> Prepared {
+        Prepared(Box::new(value))
+    }
+
+    /// The prepared input as the task's own type.
+    pub fn take<T: Any>(self) -> Result<T, InferError> {
+        self.0.downcast::<T>().map(|b| *b).map_err(|_| InferError::internal("a job prepared for another task"))
+    }
+}
+
+/// A job's input on its way to the worker: as the client sent it, or already
+/// prepared by the model's preparer on the decode threads.
+pub enum Input {
+    Sent(JobInput),
+    Prepared(Prepared),
+}
+
+/// Turns what a client sent into what the task's pipeline runs on. A loaded
+/// model hands its preparer to admission, which runs it on the decode threads
+/// when [`Prepare::off_worker`] says so; otherwise the worker runs it.
+pub trait Prepare: Send + Sync {
+    /// Checks and converts `input` (decoding, resizing, tokenising).
+    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError>;
+    /// Whether admission should prepare jobs on the decode threads (image
+    /// work), so it runs beside inference instead of in front of it.
+    fn off_worker(&self) -> bool {
+        false
     }
 }
 
@@ -80,22 +336,31 @@ pub struct Context {
     pub attention_mask: Option<Vec<u32>>,
 }
 
+/// A single-graph task's prepared input: the graph's tensors and what the
+/// finish step needs to know of the job.
+pub struct GraphInput {
+    pub tensors: NamedTensors,
+    pub ctx: Context,
+}
+
 /// Runs one job of a task on a loaded model: its main graph is `engine`;
 /// graphs of further parts (OCR's recogniser) belong to the pipeline.
 pub trait Pipeline: Send {
-    /// Answers `input`, adding where the time went to `timings`.
+    /// What prepares this pipeline's input; admission gets it from the loaded model.
+    fn preparer(&self) -> Arc<dyn Prepare>;
+
+    /// Answers one prepared job, adding where the time went to `timings`.
     fn run(
         &mut self,
         engine: &mut dyn InferenceBackend,
-        input: JobInput,
-        limits: &Limits,
+        input: Prepared,
         options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError>;
 
-    /// The generator, for `text-generation`: its jobs advance a token at a
-    /// time so the worker can interleave them.
-    fn generator(&self) -> Option<&generate::Generator> {
+    /// For tasks whose job is many engine calls (text generation): the
+    /// stepper the worker interleaves their jobs with.
+    fn stepper(&self) -> Option<&dyn Stepper> {
         None
     }
 
@@ -104,39 +369,62 @@ pub trait Pipeline: Send {
     fn run_batch(
         &mut self,
         engine: &mut dyn InferenceBackend,
-        jobs: Vec<(JobInput, JobOptions)>,
-        limits: &Limits,
+        jobs: Vec<(Prepared, JobOptions)>,
         timings: &mut Timings,
     ) -> Vec<Result<JobResult, InferError>> {
-        jobs.into_iter().map(|(input, options)| self.run(engine, input, limits, &options, timings)).collect()
+        jobs.into_iter().map(|(input, options)| self.run(engine, input, &options, timings)).collect()
     }
+}
+
+/// Starts the jobs of a many-call task as sequences the worker advances a
+/// step at a time, side by side, without knowing what the task is.
+pub trait Stepper {
+    /// Most sequences one session advances together.
+    fn parallel(&self) -> usize;
+    /// Starts a job's sequence.
+    fn start(&self, input: Prepared) -> Result<Box<dyn Sequence>, InferError>;
+}
+
+/// One job of a many-call task in progress.
+pub trait Sequence: Send {
+    /// Bytes it can grow to (a KV cache), so the worker refuses what memory cannot hold.
+    fn memory_bytes(&self) -> u64;
+    /// One engine call.
+    fn step(&mut self, engine: &mut dyn InferenceBackend) -> Result<(), InferError>;
+    /// True once it has ended.
+    fn is_done(&self) -> bool;
+    /// True when its client went away (nobody to answer).
+    fn is_abandoned(&self) -> bool;
+    /// The answer of an ended sequence.
+    fn finish(self: Box<Self>) -> JobResult;
 }
 
 /// A task that runs its graph once per job: tensors in, tensors out.
 pub trait SingleGraph: Send {
-    /// Decodes and validates `input` into the model's input tensors.
-    fn prepare(&self, input: JobInput, limits: &Limits) -> Result<(NamedTensors, Context), InferError>;
+    /// What makes a job's [`GraphInput`].
+    fn preparer(&self) -> Arc<dyn Prepare>;
     /// Reads the model's `outputs` into the task's answer.
     fn finish(&self, outputs: NamedTensors, ctx: &Context, options: &JobOptions) -> Result<JobResult, InferError>;
 }
 
 impl<T: SingleGraph> Pipeline for T {
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        SingleGraph::preparer(self)
+    }
+
     fn run(
         &mut self,
         engine: &mut dyn InferenceBackend,
-        input: JobInput,
-        limits: &Limits,
+        input: Prepared,
         options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError> {
-        let t0 = std::time::Instant::now();
-        let (inputs, ctx) = self.prepare(input, limits)?;
+        let GraphInput { tensors, ctx } = input.take()?;
         let t1 = std::time::Instant::now();
-        let outputs = engine.run(inputs)?;
+        let outputs = engine.run(tensors)?;
         let t2 = std::time::Instant::now();
         let result = self.finish(outputs, &ctx, options)?;
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
-        timings.pre_ms += ms(t0, t1);
         timings.infer_ms += ms(t1, t2);
         timings.post_ms += ms(t2, std::time::Instant::now());
         Ok(result)
@@ -145,21 +433,18 @@ impl<T: SingleGraph> Pipeline for T {
     fn run_batch(
         &mut self,
         engine: &mut dyn InferenceBackend,
-        jobs: Vec<(JobInput, JobOptions)>,
-        limits: &Limits,
+        jobs: Vec<(Prepared, JobOptions)>,
         timings: &mut Timings,
     ) -> Vec<Result<JobResult, InferError>> {
         let ms = |a: std::time::Instant| a.elapsed().as_secs_f64() * 1000.0;
-        let t0 = std::time::Instant::now();
         let mut results: Vec<Option<Result<JobResult, InferError>>> = jobs.iter().map(|_| None).collect();
         let mut prepared = Vec::with_capacity(jobs.len());
         for (i, (input, options)) in jobs.into_iter().enumerate() {
-            match self.prepare(input, limits) {
-                Ok((tensors, ctx)) => prepared.push((i, tensors, ctx, options)),
+            match input.take::<GraphInput>() {
+                Ok(g) => prepared.push((i, g.tensors, g.ctx, options)),
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        timings.pre_ms += ms(t0);
         let stacked = stack(prepared.iter().map(|p| p.1.clone()).collect());
         let t1 = std::time::Instant::now();
         let run = stacked.and_then(|(inputs, sizes)| {
@@ -235,107 +520,29 @@ fn split(outputs: NamedTensors, sizes: &[usize]) -> Result<Vec<NamedTensors>, St
 pub struct Part {
     /// Its role for the task (`rec`, `cls`).
     pub role: String,
-    pub file: std::path::PathBuf,
+    pub file: PathBuf,
     pub engine: Box<dyn InferenceBackend>,
 }
 
-/// The parts `task` takes: (required, optional).
-pub fn parts_of(task: Task) -> (&'static [&'static str], &'static [&'static str]) {
-    match task {
-        Task::Ocr | Task::DocumentFields => (&ocr::PARTS[..1], &ocr::PARTS[1..]),
-        _ => (&[], &[]),
-    }
+/// Prepares an image job into `spec`'s input tensor, remembering the image
+/// size (image-classification, object-detection), on the decode threads.
+pub struct ImagePreparer {
+    pub spec: image::ImageInputSpec,
+    pub limits: Limits,
 }
 
-/// `text-generation`: a whole request per run (the worker interleaves
-/// requests through [`Pipeline::generator`] instead).
-struct GeneratePipeline(generate::Generator);
-
-impl Pipeline for GeneratePipeline {
-    fn run(
-        &mut self,
-        engine: &mut dyn InferenceBackend,
-        input: JobInput,
-        limits: &Limits,
-        _options: &JobOptions,
-        timings: &mut Timings,
-    ) -> Result<JobResult, InferError> {
-        let request = generate::request_of(input)?;
-        let t = std::time::Instant::now();
-        let result = self.0.generate(engine, request, limits.max_text_bytes);
-        timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
-        result
+impl Prepare for ImagePreparer {
+    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
+        let JobInput::Image(bytes) = input else { return Err(InferError::bad_input("the task takes an image")) };
+        let (tensor, size) = self.spec.tensor_and_size(&bytes, &self.limits)?;
+        Ok(Prepared::new(GraphInput {
+            tensors: vec![(self.spec.tensor.clone(), tensor)],
+            ctx: Context { image_size: Some(size), ..Default::default() },
+        }))
     }
 
-    fn generator(&self) -> Option<&generate::Generator> {
-        Some(&self.0)
-    }
-}
-
-/// Does the image work of a job before it reaches the model's worker, so
-/// decoding and resizing run beside inference instead of in front of it:
-/// image-classification and object-detection get their input tensor
-/// ([`JobInput::Prepared`]), OCR its decoded pixels ([`JobInput::Pixels`]).
-/// Other inputs pass through; errors are the ones the worker would give.
-pub fn preprocess(model: &ModelSpec, input: JobInput, limits: &Limits) -> Result<JobInput, InferError> {
-    match (model.task, input) {
-        (Task::ImageClassification | Task::ObjectDetection, JobInput::Image(bytes)) => match &model.input {
-            Some(spec) => {
-                let (tensor, image_size) = spec.tensor_and_size(&bytes, limits)?;
-                Ok(JobInput::Prepared { tensors: vec![(spec.tensor.clone(), tensor)], image_size })
-            }
-            None => Ok(JobInput::Image(bytes)),
-        },
-        (Task::Ocr | Task::DocumentFields, JobInput::Image(bytes)) => {
-            Ok(JobInput::Pixels(image::decode(&bytes, limits)?))
-        }
-        (_, input) => Ok(input),
-    }
-}
-
-/// Whether `task` takes this kind of input at all: checked before a job is
-/// queued, so a wrong body is refused without loading the model.
-pub fn admits(task: Task, input: &JobInput) -> Result<(), InferError> {
-    let (ok, wanted) = match task {
-        Task::ImageClassification | Task::ObjectDetection => {
-            (matches!(input, JobInput::Image(_) | JobInput::Prepared { .. }), "an image")
-        }
-        Task::Ocr | Task::DocumentFields => (matches!(input, JobInput::Image(_) | JobInput::Pixels(_)), "an image"),
-        Task::Embedding => {
-            (matches!(input, JobInput::Text(_)), "text: {\"text\": \"...\"} or {\"text\": [\"...\", ...]}")
-        }
-        Task::TextGeneration => (
-            matches!(input, JobInput::Generate(_) | JobInput::Text(_)),
-            "a prompt: POST /v1/completions or /v1/chat/completions",
-        ),
-        Task::Raw => (matches!(input, JobInput::Tensors(_)), "named tensors: {\"inputs\": {...}}"),
-    };
-    if ok { Ok(()) } else { Err(InferError::bad_input(format!("the {task} task takes {wanted}"))) }
-}
-
-/// Whether [`preprocess`] has image work to do for this input.
-pub fn has_preprocessing(model: &ModelSpec, input: &JobInput) -> bool {
-    matches!(input, JobInput::Image(_))
-        && matches!(model.task, Task::ImageClassification | Task::ObjectDetection | Task::Ocr | Task::DocumentFields)
-}
-
-/// Decodes an image job into `spec`'s input tensor, remembering the image size;
-/// other inputs are refused naming `task`.
-fn prepare_image(
-    spec: &image::ImageInputSpec,
-    input: JobInput,
-    limits: &Limits,
-    task: Task,
-) -> Result<(NamedTensors, Context), InferError> {
-    match input {
-        JobInput::Image(bytes) => {
-            let (tensor, size) = spec.tensor_and_size(&bytes, limits)?;
-            Ok((vec![(spec.tensor.clone(), tensor)], Context { image_size: Some(size), ..Default::default() }))
-        }
-        JobInput::Prepared { tensors, image_size } => {
-            Ok((tensors, Context { image_size: Some(image_size), ..Default::default() }))
-        }
-        _ => Err(InferError::bad_input(format!("{task} takes an image"))),
+    fn off_worker(&self) -> bool {
+        true
     }
 }
 
@@ -351,267 +558,34 @@ fn take_output(
         .ok_or_else(|| InferError::backend(format!("the model returned no {what} tensor")))
 }
 
-/// Checks what a task needs from a spec, without reading any file.
-pub fn validate_spec(m: &ModelSpec) -> Vec<SpecProblem> {
-    let mut problems = validate_parts(m);
-    problems.extend(validate_task(m));
-    if !matches!(m.task, Task::Ocr | Task::DocumentFields) && m.ocr.is_some() {
-        problems.push(SpecProblem::new(".ocr", format!("the {} task takes no 'ocr'", m.task)));
-    }
-    if let Some(b) = &m.batch {
-        if !matches!(m.task, Task::ImageClassification | Task::ObjectDetection | Task::Raw) {
-            problems.push(SpecProblem::new(
-                ".batch",
-                format!("batching is for image-classification, object-detection and raw models, not {}", m.task),
-            ));
-        }
-        if !(1..=256).contains(&b.max_batch) {
-            problems.push(SpecProblem::new(".batch.max_batch", "must be 1..=256"));
-        }
-        if b.max_delay_us > 1_000_000 {
-            problems.push(SpecProblem::new(".batch.max_delay_us", "must be at most 1000000 (one second)"));
-        }
-    }
-    if m.task != Task::TextGeneration && m.generation.is_some() {
-        problems.push(SpecProblem::new(".generation", format!("the {} task takes no 'generation'", m.task)));
-    }
-    if m.task != Task::DocumentFields && m.document.is_some() {
-        problems.push(SpecProblem::new(".document", format!("the {} task takes no 'document'", m.task)));
-    }
-    if m.instances.is_some_and(|n| !(1..=crate::registry::MAX_INSTANCES).contains(&n)) {
-        problems.push(SpecProblem::new(".instances", format!("must be 1..={}", crate::registry::MAX_INSTANCES)));
-    }
-    problems
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Each variant has the parts its task requires and no others.
-fn validate_parts(m: &ModelSpec) -> Vec<SpecProblem> {
-    let (required, optional) = parts_of(m.task);
-    let mut problems = Vec::new();
-    for (j, v) in m.variants.iter().enumerate() {
-        for r in required {
-            if !v.parts.contains_key(*r) {
-                problems.push(SpecProblem::new(
-                    &format!(".variants[{j}].parts"),
-                    format!("the {} task needs a '{r}' part", m.task),
-                ));
-            }
-        }
-        for role in v.parts.keys() {
-            if !required.contains(&role.as_str()) && !optional.contains(&role.as_str()) {
-                let known: Vec<&str> = required.iter().chain(optional).copied().collect();
-                problems.push(SpecProblem::new(
-                    &format!(".variants[{j}].parts.{role}"),
-                    if known.is_empty() {
-                        format!("the {} task takes no parts", m.task)
-                    } else {
-                        format!("the {} task has no '{role}' part (parts: {})", m.task, known.join(", "))
-                    },
-                ));
-            }
-        }
+    #[test]
+    fn every_task_has_its_own_name_and_reads_its_own_fields() {
+        let mut names: Vec<&str> = TASKS.iter().map(|t| t.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), TASKS.len());
+        assert_eq!(task_kind("image-classification").unwrap().fields(), &["input", "output", "labels"]);
+        assert!(task_kind("raw").unwrap().fields().is_empty());
+        assert!(task_kind("dance").is_none());
     }
-    problems
-}
 
-fn validate_task(m: &ModelSpec) -> Vec<SpecProblem> {
-    match m.task {
-        Task::ImageClassification => {
-            let mut problems = Vec::new();
-            match &m.input {
-                Some(input) => problems.extend(input.validate()),
-                None => problems.push(SpecProblem::new(".input", "image-classification needs an 'input' spec")),
-            }
-            if let Some(output) = &m.output {
-                problems.extend(output.validate());
-            }
-            problems
-        }
-        Task::ObjectDetection => {
-            let mut problems = Vec::new();
-            match &m.input {
-                Some(input) => {
-                    problems.extend(input.validate());
-                    if input.resize == image::ResizeMode::CenterCrop {
-                        problems.push(SpecProblem::new(
-                            ".input.resize",
-                            "object-detection needs letterbox or stretch (boxes are mapped back)",
-                        ));
-                    }
-                }
-                None => problems.push(SpecProblem::new(".input", "object-detection needs an 'input' spec")),
-            }
-            match &m.detection {
-                Some(d) => problems.extend(d.validate()),
-                None => problems.push(SpecProblem::new(
-                    ".detection",
-                    "object-detection needs a 'detection' spec with the YOLO layout",
-                )),
-            }
-            if m.output.is_some() {
-                problems.push(SpecProblem::new(".output", "object-detection reads 'detection', not 'output'"));
-            }
-            problems
-        }
-        Task::Embedding => {
-            let mut problems = match &m.text {
-                Some(t) => t.validate(),
-                None => vec![SpecProblem::new(".text", "embedding needs a 'text' spec with its tokenizer")],
-            };
-            problems.extend(no_fields(m, &["input", "output", "labels", "detection"], "embedding"));
-            problems
-        }
-        Task::Ocr | Task::DocumentFields => {
-            let mut problems = m.ocr.as_ref().map(ocr::OcrSpec::validate).unwrap_or_default();
-            problems.extend(no_fields(m, &["input", "output", "labels", "detection", "text"], &m.task.to_string()));
-            problems
-        }
-        Task::TextGeneration => {
-            let mut problems = match &m.generation {
-                Some(g) => g.validate(),
-                None => vec![SpecProblem::new(
-                    ".generation",
-                    "text-generation needs a 'generation' spec with its tokenizer",
-                )],
-            };
-            problems.extend(no_fields(
-                m,
-                &["input", "output", "labels", "detection", "text", "batch"],
-                "text-generation",
-            ));
-            problems
-        }
-        Task::Raw => no_fields(m, &["input", "output", "labels", "detection", "text"], "raw"),
+    #[test]
+    fn a_section_is_read_with_its_paths_and_shown_back() {
+        let kind = task_kind("embedding").unwrap();
+        let err = kind.parse(serde_json::json!({"text": {"tokenizer": 3}})).unwrap_err();
+        assert_eq!(err.path, ".text.tokenizer", "{err:?}");
+        let ok = kind.parse(serde_json::json!({"text": {"tokenizer": "t.json"}})).unwrap();
+        assert_eq!(ok.task(), "embedding");
+        assert_eq!(ok.to_json()["text"]["tokenizer"], "t.json");
     }
-}
 
-/// Problems for each of `fields` that `m` sets although its task takes none.
-fn no_fields(m: &ModelSpec, fields: &[&str], task: &str) -> Vec<SpecProblem> {
-    let set = |f: &str| match f {
-        "input" => m.input.is_some(),
-        "output" => m.output.is_some(),
-        "labels" => m.labels.is_some(),
-        "detection" => m.detection.is_some(),
-        "text" => m.text.is_some(),
-        "batch" => m.batch.is_some(),
-        _ => false,
-    };
-    fields
-        .iter()
-        .filter(|f| set(f))
-        .map(|f| SpecProblem::new(&format!(".{f}"), format!("the {task} task takes no '{f}'")))
-        .collect()
-}
-
-/// Compares a spec with the inputs and outputs a model declares; `labels`
-/// are the model's labels when it has a readable labels file.
-pub fn check_against_model(
-    m: &ModelSpec,
-    inputs: &[TensorInfo],
-    outputs: &[TensorInfo],
-    labels: Option<&[String]>,
-) -> Vec<SpecProblem> {
-    let mut problems = check_task_io(m, inputs, outputs, labels);
-    if m.batch.is_some_and(|b| b.max_batch > 1) {
-        for t in inputs.iter().chain(outputs) {
-            if t.shape.first().is_none_or(|d| d.is_some()) {
-                problems.push(SpecProblem::new(
-                    ".batch",
-                    format!("'{}' {} has no dynamic batch dimension to stack jobs on", t.name, t.shape_text()),
-                ));
-            }
-        }
-    }
-    problems
-}
-
-fn check_task_io(
-    m: &ModelSpec,
-    inputs: &[TensorInfo],
-    outputs: &[TensorInfo],
-    labels: Option<&[String]>,
-) -> Vec<SpecProblem> {
-    match (m.task, &m.input) {
-        (Task::ImageClassification, Some(input)) => {
-            let mut problems = input.check_against(inputs);
-            problems.extend(classify::check_outputs(m.output.as_ref(), outputs, labels));
-            problems
-        }
-        (Task::ObjectDetection, Some(input)) => {
-            let mut problems = input.check_against(inputs);
-            if let Some(d) = &m.detection {
-                problems.extend(d.check_outputs(outputs, labels));
-            }
-            problems
-        }
-        (Task::Embedding, _) => m.text.as_ref().map(|t| t.check_against(inputs, outputs)).unwrap_or_default(),
-        (Task::Ocr | Task::DocumentFields, _) => ocr::check_detector(inputs, outputs),
-        (Task::TextGeneration, _) => {
-            m.generation.as_ref().map(|g| g.check_against(inputs, outputs)).unwrap_or_default()
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// Compares a part's declared inputs and outputs with what its task needs of it.
-pub fn check_part(m: &ModelSpec, role: &str, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
-    match m.task {
-        Task::Ocr | Task::DocumentFields => ocr::check_part(role, inputs, outputs),
-        _ => Vec::new(),
-    }
-}
-
-/// Builds the pipeline for `m`, reading its labels or tokenizer; `inputs`
-/// are the inputs the loaded model declares, `parts` its further graphs.
-pub fn build(
-    m: &ModelSpec,
-    registry: &Registry,
-    inputs: &[TensorInfo],
-    outputs: &[TensorInfo],
-    parts: Vec<Part>,
-) -> Result<Box<dyn Pipeline>, InferError> {
-    match (m.task, &m.input) {
-        (Task::Ocr, _) => Ok(Box::new(ocr::OcrPipeline::new(m.ocr.clone().unwrap_or_default(), parts)?)),
-        (Task::DocumentFields, _) => Ok(Box::new(
-            ocr::OcrPipeline::new(m.ocr.clone().unwrap_or_default(), parts)?
-                .with_fields(m.document.clone().unwrap_or_default()),
-        )),
-        (Task::Embedding, _) => {
-            let spec = m.text.clone().ok_or_else(|| InferError::unavailable("embedding needs a 'text' spec"))?;
-            let path = registry.resolve(&spec.tokenizer);
-            let names = inputs.iter().map(|i| i.name.clone()).collect();
-            Ok(Box::new(embed::EmbedPipeline::new(spec, &path, names)?))
-        }
-        (Task::ImageClassification, Some(input)) => {
-            let labels = match &m.labels {
-                Some(path) => crate::registry::read_labels(&registry.resolve(path)).map_err(InferError::unavailable)?,
-                None => Vec::new(),
-            };
-            let output = m.output.clone().unwrap_or_default();
-            Ok(Box::new(classify::ClassifyPipeline { input: input.clone(), output, labels }))
-        }
-        (Task::ObjectDetection, Some(input)) => {
-            let labels = match &m.labels {
-                Some(path) => crate::registry::read_labels(&registry.resolve(path)).map_err(InferError::unavailable)?,
-                None => Vec::new(),
-            };
-            let detection = m
-                .detection
-                .clone()
-                .ok_or_else(|| InferError::unavailable("object-detection needs a 'detection' spec"))?;
-            Ok(Box::new(detect::DetectPipeline { input: input.clone(), detection, labels }))
-        }
-        (Task::ImageClassification | Task::ObjectDetection, None) => {
-            Err(InferError::unavailable(format!("{} needs an 'input' spec", m.task)))
-        }
-        (Task::TextGeneration, _) => {
-            let spec = m
-                .generation
-                .clone()
-                .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
-            let path = registry.resolve(&spec.tokenizer);
-            Ok(Box::new(GeneratePipeline(generate::Generator::new(spec, &path, inputs, outputs)?)))
-        }
-        (Task::Raw, _) => Ok(Box::new(raw::RawPipeline)),
+    #[test]
+    fn a_prepared_input_is_read_only_as_the_type_it_was_made_as() {
+        assert_eq!(Prepared::new(7u32).take::<u32>().unwrap(), 7);
+        assert!(Prepared::new(7u32).take::<String>().is_err());
     }
 }

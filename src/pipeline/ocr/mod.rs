@@ -13,16 +13,75 @@ pub mod ctc;
 pub mod db;
 pub mod imgops;
 
-use super::{Part, Pipeline, SpecProblem};
+use super::{Graph, Part, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::InferenceBackend;
 use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{JobInput, JobOptions, JobResult, TextLine, Timings};
+use crate::job::{InputKind, JobInput, JobOptions, JobResult, TextLine, Timings};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use db::Quad;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
+
+/// The models.json section of an `ocr` model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcrTaskSpec {
+    /// Detection, recognition and angle settings; RapidOCR's defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocr: Option<OcrSpec>,
+}
+
+impl Section for OcrTaskSpec {
+    const TASK: &'static str = "ocr";
+}
+
+impl TaskSpec for OcrTaskSpec {
+    super::section_names!();
+
+    fn takes(&self) -> (&'static [InputKind], &'static str) {
+        (&[InputKind::Image], "an image")
+    }
+
+    fn parts(&self) -> (&'static [&'static str], &'static [&'static str]) {
+        (&PARTS[..1], &PARTS[1..])
+    }
+
+    fn validate(&self) -> Vec<SpecProblem> {
+        self.ocr.as_ref().map(OcrSpec::validate).unwrap_or_default()
+    }
+
+    fn check_io(&self, _dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        check_detector(inputs, outputs)
+    }
+
+    fn check_part(&self, role: &str, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        check_part(role, inputs, outputs)
+    }
+
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        Ok(Box::new(OcrPipeline::new(self.ocr.clone().unwrap_or_default(), graph.parts, graph.limits)?))
+    }
+}
+
+/// Decodes a job's image into pixels, on the decode threads.
+struct Decode {
+    limits: Limits,
+}
+
+impl Prepare for Decode {
+    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
+        let JobInput::Image(bytes) = input else { return Err(InferError::bad_input("ocr takes an image")) };
+        Ok(Prepared::new(super::image::decode(&bytes, &self.limits)?))
+    }
+
+    fn off_worker(&self) -> bool {
+        true
+    }
+}
 
 /// How the detector's input size is bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +304,7 @@ fn batches_by_ratio(crops: &[RgbImage], batch: usize) -> Vec<Vec<usize>> {
 /// Image → text lines (the `ocr` task).
 pub struct OcrPipeline {
     spec: OcrSpec,
+    decode: Arc<Decode>,
     /// Set for `document-fields`: the lines are read into a receipt's fields.
     fields: Option<super::document::DocumentSpec>,
     det_lut: imgops::Lut,
@@ -256,7 +316,7 @@ pub struct OcrPipeline {
 impl OcrPipeline {
     /// Builds the pipeline from the recogniser part (its `character` metadata
     /// is the dictionary) and the optional angle classifier.
-    pub fn new(spec: OcrSpec, parts: Vec<Part>) -> Result<OcrPipeline, InferError> {
+    pub fn new(spec: OcrSpec, parts: Vec<Part>, limits: &Limits) -> Result<OcrPipeline, InferError> {
         let (mut rec, mut cls) = (None, None);
         for part in parts {
             match part.role.as_str() {
@@ -279,7 +339,9 @@ impl OcrPipeline {
             Some(c) if spec.use_angle_classifier => Some(CropGraph::new(c, 48)?),
             _ => None,
         };
-        Ok(OcrPipeline { det_lut: imgops::det_lut(spec.det_mean, spec.det_std), spec, fields: None, rec, classes, cls })
+        let det_lut = imgops::det_lut(spec.det_mean, spec.det_std);
+        let decode = Arc::new(Decode { limits: limits.clone() });
+        Ok(OcrPipeline { det_lut, spec, decode, fields: None, rec, classes, cls })
     }
 
     /// Makes this the `document-fields` task: lines → a receipt's fields.
@@ -429,20 +491,19 @@ fn round32(v: f64) -> u32 {
 }
 
 impl Pipeline for OcrPipeline {
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        self.decode.clone()
+    }
+
     fn run(
         &mut self,
         det: &mut dyn InferenceBackend,
-        input: JobInput,
-        limits: &Limits,
+        input: Prepared,
         _options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError> {
         let started = Instant::now();
-        let img = match input {
-            JobInput::Image(bytes) => super::image::decode(&bytes, limits)?,
-            JobInput::Pixels(img) => img,
-            _ => return Err(InferError::bad_input("ocr takes an image")),
-        };
+        let img: RgbImage = input.take()?;
         let mut infer_ms = 0.0;
         let (raw_w, raw_h) = img.dimensions();
         let (img, rx, ry) = self.bound(img);
