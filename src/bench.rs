@@ -6,7 +6,7 @@
 
 use crate::client::Client;
 use crate::engine::{Engine, LoadOptions};
-use crate::job::{JobInput, JobOptions};
+use crate::job::JobOptions;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -183,14 +183,9 @@ pub fn run(args: &BenchArgs, engine: Option<&Engine>) -> Result<Report, String> 
                 .map_err(|e| e.to_string())?;
             pool.install(|| -> Result<Vec<Record>, String> {
                 // The variant the daemon would load here (memory decides), not simply the best one.
-                let mut m = engine.load_as_daemon(&args.model, LoadOptions::default()).map_err(|e| e.to_string())?;
-                let input = |bytes: &[u8]| match content_type {
-                    "application/json" => {
-                        crate::job::parse_json_request(bytes, &engine.config().limits).map(|(i, _)| i)
-                    }
-                    "text/plain" => Ok(JobInput::Text(vec![String::from_utf8_lossy(bytes).into_owned()])),
-                    _ => Ok(JobInput::Image(bytes.to_vec())),
-                };
+                let mut m = engine.load(&args.model, &LoadOptions::default()).map_err(|e| e.to_string())?;
+                let payload_kind = crate::job::Payload::sniff(&payload, Some(content_type), false);
+                let input = |bytes: &[u8]| payload_kind.read(bytes.to_vec(), &engine.config().limits).map(|(i, _)| i);
                 for _ in 0..args.warmup {
                     m.infer(input(&payload).map_err(|e| e.to_string())?, &JobOptions::default())
                         .map_err(|e| e.to_string())?;

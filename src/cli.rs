@@ -6,7 +6,7 @@ use crate::client::Client;
 use crate::config::Config;
 use crate::engine::{Engine, LoadOptions};
 use crate::error::{ErrorKind, InferError};
-use crate::job::{self, JobInput, JobOptions, JobOutput, JobResult};
+use crate::job::{self, JobOutput, JobResult};
 use crate::registry::Registry;
 use clap::{Parser, Subcommand};
 use std::io::Read;
@@ -183,29 +183,27 @@ pub fn models(engine: &Engine, config: &Config, json: bool, load: bool) -> i32 {
         .models
         .iter()
         .map(|m| {
-            let needs: Vec<serde_json::Value> = manager
-                .needs(m)
+            let r = crate::report::ModelReport::of(engine, &manager, m, &crate::worker::ModelState::Unloaded, 0);
+            let needs: Vec<serde_json::Value> = r
+                .needs
                 .iter()
                 .map(|n| serde_json::json!({"name": n.name, "quality": n.quality, "need_bytes": n.bytes, "need_mib": crate::memory::mib(n.bytes), "source": n.source}))
                 .collect();
+            let variants: Vec<&str> = r.variants.iter().map(|v| v.name.as_str()).collect();
             let mut row = serde_json::json!({
-                "name": m.name, "task": m.task.task(), "variants": m.variants.iter().map(|v| &v.name).collect::<Vec<_>>(),
-                "needs": needs, "loaded": false,
+                "name": r.name, "task": r.task, "variants": variants, "needs": needs, "loaded": false,
             });
-            match manager.plan_load(m, None) {
-                Ok(p) => {
-                    row["variant"] = serde_json::json!(p.variant);
-                    row["variant_reason"] = serde_json::json!(p.reason);
-                }
-                Err(e) => row["error"] = serde_json::json!(e),
+            if let (Some(variant), Some(reason)) = (&r.variant, &r.variant_reason) {
+                row["variant"] = serde_json::json!(variant);
+                row["variant_reason"] = serde_json::json!(reason);
             }
-            match engine.plan(&m.name, &LoadOptions::default()) {
-                Ok(plan) => {
-                    row["backend"] = serde_json::json!(plan.backend.backend);
-                    row["backend_reason"] = serde_json::json!(plan.backend.reason);
-                    row["providers"] = serde_json::json!(plan.providers);
-                }
-                Err(e) => row["error"] = serde_json::json!(e),
+            if let (Some(backend), Some(reason)) = (&r.backend, &r.backend_reason) {
+                row["backend"] = serde_json::json!(backend);
+                row["backend_reason"] = serde_json::json!(reason);
+                row["providers"] = serde_json::json!(r.providers);
+            }
+            if let Some(e) = r.plan_error.as_ref().or(r.variant_error.as_ref()) {
+                row["error"] = serde_json::json!(e);
             }
             if load && row.get("error").is_none() {
                 let options = LoadOptions { variant: row["variant"].as_str().map(str::to_string), ..Default::default() };
@@ -290,7 +288,7 @@ pub struct InferArgs<'a> {
 /// reported and the others still run.
 pub fn infer_local(engine: &Engine, config: &Config, options: LoadOptions, args: &InferArgs<'_>) -> i32 {
     // The same variant choice as the daemon's: the best that fits the memory free now.
-    let loaded = engine.load_as_daemon(args.model, options);
+    let loaded = engine.load(args.model, &options);
     let mut loaded = match loaded {
         Ok(m) => m,
         Err(e) => {
@@ -303,14 +301,7 @@ pub fn infer_local(engine: &Engine, config: &Config, options: LoadOptions, args:
     let mut code = exit::OK;
     for file in args.files {
         let outcome = read_file(file).and_then(|bytes| {
-            let (input, mut options) = if job::looks_like_json(&bytes) {
-                job::parse_json_request(&bytes, &config.limits)?
-            } else if takes_text {
-                let text = String::from_utf8(bytes).map_err(|_| InferError::bad_input("the text file is not UTF-8"))?;
-                (JobInput::Text(vec![text]), JobOptions::default())
-            } else {
-                (JobInput::Image(bytes), JobOptions::default())
-            };
+            let (input, mut options) = job::Payload::sniff(&bytes, None, takes_text).read(bytes, &config.limits)?;
             options.top_k = args.top_k.or(options.top_k);
             loaded.infer(input, &options)
         });
@@ -334,7 +325,7 @@ pub fn infer_remote(client: &Client, args: &InferArgs<'_>) -> i32 {
                 continue;
             }
         };
-        let response = match client.post(&path, content_type(&bytes), &bytes) {
+        let response = match client.post(&path, job::Payload::media_type(&bytes), &bytes) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("inferd: {e}");
@@ -361,21 +352,6 @@ pub fn error_from_body(body: &[u8], status: u16) -> InferError {
     serde_json::from_slice::<Body>(body)
         .map(|b| b.error)
         .unwrap_or_else(|_| InferError::internal(format!("HTTP {status}: {}", String::from_utf8_lossy(body))))
-}
-
-/// The Content-Type for a file's bytes: JPEG, PNG, JSON, or bytes.
-pub fn content_type(bytes: &[u8]) -> &'static str {
-    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        "image/jpeg"
-    } else if bytes.starts_with(b"\x89PNG") {
-        "image/png"
-    } else if job::looks_like_json(bytes) {
-        "application/json"
-    } else if std::str::from_utf8(bytes).is_ok() {
-        "text/plain; charset=utf-8"
-    } else {
-        "application/octet-stream"
-    }
 }
 
 /// Prints one file's outcome; returns the exit code of a failure.

@@ -72,7 +72,7 @@ pub async fn run_with(
     let manager = Arc::new(manager::Manager::new(config.memory.clone(), probe, engine.registry_arc()));
     tracing::info!("memory: {}", manager.probe().describe());
     for model in &engine.registry().models {
-        let backend = engine.plan(&model.name, &engine::LoadOptions::default());
+        let backend = engine.plan(&model.name, None);
         match (manager.plan_load(model, None), backend) {
             (Ok(plan), Ok(b)) => tracing::info!(
                 model = %model.name,

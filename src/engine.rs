@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::InferError;
 use crate::job::{JobInput, JobOptions, JobOutput, JobResult, Timings};
 use crate::pipeline::{self, Input, Pipeline, Prepare, Prepared};
-use crate::registry::{ModelSpec, Registry, VariantSpec};
+use crate::registry::{ModelSpec, Registry};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +21,7 @@ pub struct LoadOptions {
     pub variant: Option<String>,
 }
 
-/// What a model would run as, and why.
+/// What a loaded model runs as, and why: its variant and engine.
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub model: String,
@@ -36,28 +36,14 @@ pub struct Plan {
     pub strict_providers: bool,
 }
 
-/// Chooses a variant: the requested one, else the highest quality (the
-/// first listed among equals). Returns its index and the reason.
-pub fn select_variant(variants: &[VariantSpec], requested: Option<&str>) -> Result<(usize, String), InferError> {
-    if let Some(name) = requested {
-        let i = variants.iter().position(|v| v.name == name).ok_or_else(|| {
-            let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
-            InferError::bad_input(format!("no variant '{name}' (variants: {})", names.join(", ")))
-        })?;
-        return Ok((i, "requested".into()));
-    }
-    let best = variants
-        .iter()
-        .enumerate()
-        .max_by(|(i, a), (j, b)| a.quality.cmp(&b.quality).then(j.cmp(i)))
-        .map(|(i, _)| i)
-        .ok_or_else(|| InferError::unavailable("the model has no variants"))?;
-    let reason = if variants.len() == 1 {
-        "only variant".to_string()
-    } else {
-        format!("highest quality ({}) of {} variants", variants[best].quality, variants.len())
-    };
-    Ok((best, reason))
+/// How a model would run: its engine and providers, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnginePlan {
+    #[serde(flatten)]
+    pub backend: BackendDecision,
+    pub providers: Vec<ProviderSpec>,
+    /// Refuse to fall back from the first provider.
+    pub strict_providers: bool,
 }
 
 /// Plans and loads the models of one registry under one configuration.
@@ -88,18 +74,13 @@ impl Engine {
         &self.config
     }
 
-    /// Decides variant, engine and providers for `name` without loading anything.
-    pub fn plan(&self, name: &str, options: &LoadOptions) -> Result<Plan, InferError> {
+    /// Decides engine and providers for `name` without loading anything (the
+    /// variant is the memory manager's choice: [`crate::manager::Manager::plan_load`]).
+    pub fn plan(&self, name: &str, backend: Option<BackendChoice>) -> Result<EnginePlan, InferError> {
         let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
-        let (i, variant_reason) = select_variant(&model.variants, options.variant.as_deref())?;
-        let choice = options.backend.unwrap_or(model.backend);
         let ort = backend::ort::status_lazy(&self.config.runtime);
-        let decision = backend::decide(choice, ort.as_deref().map_err(String::as_str))?;
-        Ok(Plan {
-            model: model.name.clone(),
-            task: model.task.task(),
-            variant: model.variants[i].name.clone(),
-            variant_reason,
+        let decision = backend::decide(backend.unwrap_or(model.backend), ort.as_deref().map_err(String::as_str))?;
+        Ok(EnginePlan {
             backend: decision,
             providers: self.providers(model),
             strict_providers: model.strict_providers.unwrap_or(self.config.runtime.strict_providers),
@@ -122,34 +103,33 @@ impl Engine {
         }
     }
 
-    /// Loads `name` in this process the way the daemon would: the variant the
-    /// memory manager picks for the memory free now (or the one `options`
-    /// asks for), its reason kept on the loaded model. `inferd infer --local`
-    /// and `inferd bench --via local` load through here, so they run what the
-    /// daemon would run.
-    pub fn load_as_daemon(&self, name: &str, mut options: LoadOptions) -> Result<LoadedModel, InferError> {
+    /// Loads `name`: the variant `options` asks for, else the one the memory
+    /// manager picks for the memory free now (the daemon's one chooser, so
+    /// `inferd infer --local` and `bench --via local` run what the daemon
+    /// would); verifies the file's sha256, creates the engine session and
+    /// checks models.json against what the model declares.
+    pub fn load(&self, name: &str, options: &LoadOptions) -> Result<LoadedModel, InferError> {
+        let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
         let probe = Arc::new(crate::memory::SystemProbe::default());
         let manager = crate::manager::Manager::new(self.config.memory.clone(), probe, self.registry_arc());
-        let spec = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
-        let plan = manager.plan_load(spec, options.variant.as_deref())?;
-        options.variant = Some(plan.variant);
-        let mut m = self.load(name, &options)?;
-        m.plan.variant_reason = plan.reason;
-        Ok(m)
-    }
-
-    /// Loads `name` as planned: verifies the file's sha256, creates the
-    /// engine session and checks models.json against what the model declares.
-    pub fn load(&self, name: &str, options: &LoadOptions) -> Result<LoadedModel, InferError> {
-        let mut plan = self.plan(name, options)?;
-        let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
-        if plan.backend.backend == backend::BackendKind::Ort {
+        let choice = manager.plan_load(model, options.variant.as_deref())?;
+        let mut engine_plan = self.plan(name, options.backend)?;
+        if engine_plan.backend.backend == backend::BackendKind::Ort {
             // The plan saw the library's file; loading it can still fail (a broken or foreign file).
             if let Err(why) = backend::ort::runtime(&self.config.runtime) {
                 let choice = options.backend.unwrap_or(model.backend);
-                plan.backend = backend::decide(choice, Err(why.as_str()))?;
+                engine_plan.backend = backend::decide(choice, Err(why.as_str()))?;
             }
         }
+        let plan = Plan {
+            model: model.name.clone(),
+            task: model.task.task(),
+            variant: choice.variant,
+            variant_reason: choice.reason,
+            backend: engine_plan.backend,
+            providers: engine_plan.providers,
+            strict_providers: engine_plan.strict_providers,
+        };
         let variant =
             model.variants.iter().find(|v| v.name == plan.variant).expect("plan names a variant of the model");
         let file = self.registry.resolve(&variant.file);
@@ -321,37 +301,5 @@ impl LoadedModel {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(InferError::internal("a batched job got no answer"))))
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn v(name: &str, quality: u32) -> VariantSpec {
-        VariantSpec {
-            name: name.into(),
-            file: "x.onnx".into(),
-            sha256: String::new(),
-            parameters: None,
-            memory_mb: None,
-            quality,
-            parts: Default::default(),
-        }
-    }
-
-    #[test]
-    fn the_highest_quality_variant_is_chosen_first_listed_among_equals() {
-        let vs = [v("small", 1), v("large", 3), v("large2", 3)];
-        assert_eq!(select_variant(&vs, None).unwrap().0, 1);
-        assert_eq!(select_variant(&vs[..1], None).unwrap(), (0, "only variant".to_string()));
-    }
-
-    #[test]
-    fn a_requested_variant_wins_and_an_unknown_one_is_named() {
-        let vs = [v("small", 1), v("large", 3)];
-        assert_eq!(select_variant(&vs, Some("small")).unwrap().0, 0);
-        let err = select_variant(&vs, Some("huge")).unwrap_err();
-        assert!(err.message.contains("small, large"), "{err}");
     }
 }

@@ -45,20 +45,48 @@ impl JobInput {
 #[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub prompt: Prompt,
-    /// Most new tokens; default the model's `generation.max_tokens`.
-    pub max_tokens: Option<usize>,
-    /// 0 is greedy; default 1.
-    pub temperature: Option<f32>,
-    /// Sample from the `top_k` likeliest tokens only (0: all).
-    pub top_k: Option<usize>,
-    /// Sample from the smallest set of tokens whose probability reaches `top_p`.
-    pub top_p: Option<f32>,
-    /// The same seed and settings give the same tokens.
-    pub seed: Option<u64>,
-    /// The text ends before the first of these.
-    pub stop: Vec<String>,
+    pub params: GenerationParams,
     /// Receives the text as it is generated, piece by piece; closed when the sequence ends.
     pub stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+/// How to generate: the settings every front-end takes under the same names
+/// (OpenAI-style bodies, MQTT envelopes), declared once.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct GenerationParams {
+    /// Most new tokens; default the model's `generation.max_tokens`.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// 0 is greedy; default 1.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Sample from the `top_k` likeliest tokens only (0: all).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches `top_p`.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// The same seed and settings give the same tokens.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// The text ends before the first of these: one string or a list.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub stop: Vec<String>,
+}
+
+/// One string or a list of strings, as a list (`null` is none).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 /// What to continue: plain text, or chat messages rendered by the model's template.
@@ -294,7 +322,88 @@ impl InferRequest {
     }
 }
 
-/// True when `bytes` look like a JSON object (first non-blank byte is `{`).
-pub fn looks_like_json(bytes: &[u8]) -> bool {
-    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+/// What a request body is: the one rule every front-end reads bodies by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// A JSON request (`{"image_base64" | "inputs" | "text", ...}`, or an MQTT envelope).
+    Json,
+    /// Plain text, for a text task.
+    Text,
+    /// An encoded image (or bytes to try as one).
+    Image,
+}
+
+impl Payload {
+    /// What `bytes` are: by their declared media type when there is one
+    /// (`application/json`, `text/plain`, anything else an image); without
+    /// one, JSON when the first non-blank byte is `{`, else text when
+    /// `text_task` (the model takes text), else an image.
+    pub fn sniff(bytes: &[u8], declared: Option<&str>, text_task: bool) -> Payload {
+        match declared.filter(|d| !d.is_empty()) {
+            Some(d) if d.starts_with("application/json") => Payload::Json,
+            Some(d) if d.starts_with("text/plain") => Payload::Text,
+            Some(_) => Payload::Image,
+            None if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') => Payload::Json,
+            None if text_task => Payload::Text,
+            None => Payload::Image,
+        }
+    }
+
+    /// The media type to declare when sending `bytes` to the daemon: JPEG,
+    /// PNG, JSON, UTF-8 text, or bytes.
+    pub fn media_type(bytes: &[u8]) -> &'static str {
+        if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            "image/jpeg"
+        } else if bytes.starts_with(b"\x89PNG") {
+            "image/png"
+        } else if Payload::sniff(bytes, None, false) == Payload::Json {
+            "application/json"
+        } else if std::str::from_utf8(bytes).is_ok() {
+            "text/plain; charset=utf-8"
+        } else {
+            "application/octet-stream"
+        }
+    }
+
+    /// The job in `bytes` read as this kind of payload: JSON parsed with
+    /// `limits` enforced, text as one text, an image as its bytes.
+    pub fn read(
+        self,
+        bytes: Vec<u8>,
+        limits: &crate::config::Limits,
+    ) -> Result<(JobInput, JobOptions), crate::error::InferError> {
+        match self {
+            Payload::Json => parse_json_request(&bytes, limits),
+            Payload::Text => String::from_utf8(bytes)
+                .map(|t| (JobInput::Text(vec![t]), JobOptions::default()))
+                .map_err(|_| crate::error::InferError::bad_input("the text is not UTF-8")),
+            Payload::Image => Ok((JobInput::Image(bytes), JobOptions::default())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declared_type_wins_and_without_one_the_bytes_and_the_task_decide() {
+        let cases: [(&[u8], Option<&str>, bool, Payload); 8] = [
+            (b"{}", Some("application/json; charset=utf-8"), false, Payload::Json),
+            (b"hello", Some("text/plain"), false, Payload::Text),
+            (b"{}", Some("image/jpeg"), false, Payload::Image),
+            (b"  {\"text\": 1}", None, false, Payload::Json),
+            (b"  {\"text\": 1}", Some(""), true, Payload::Json),
+            (b"hello", None, true, Payload::Text),
+            (b"hello", None, false, Payload::Image),
+            (b"\xFF\xD8\xFF", None, false, Payload::Image),
+        ];
+        for (bytes, declared, text_task, want) in cases {
+            assert_eq!(Payload::sniff(bytes, declared, text_task), want, "{bytes:?} {declared:?} {text_task}");
+        }
+        assert_eq!(Payload::media_type(b"\xFF\xD8\xFFx"), "image/jpeg");
+        assert_eq!(Payload::media_type(b"{\"a\": 1}"), "application/json");
+        assert_eq!(Payload::media_type(b"plain"), "text/plain; charset=utf-8");
+        assert_eq!(Payload::media_type(b"\x00\xFE"), "application/octet-stream");
+    }
 }

@@ -34,6 +34,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;
+pub mod report;
 pub mod scheduler;
 pub mod systemd;
 pub mod tensor;

@@ -13,6 +13,7 @@ use crate::job::{JobInput, JobOptions, JobOutput};
 use crate::manager::{Manager, Pressure};
 use crate::metrics::{Metrics, ModelGauges};
 use crate::pipeline::{Input, Prepare};
+use crate::report::{BuildingEngine, ModelReport};
 use crate::worker::{self, Job, ModelState, StateCell, Work, WorkerCtx};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -174,19 +175,41 @@ impl Scheduler {
     }
 
     /// Loaded models whose engine (TensorRT) is being built in the background, with the provider.
-    pub fn building_engines(&self) -> Vec<serde_json::Value> {
-        let mut out: Vec<serde_json::Value> = self
+    pub fn building_engines(&self) -> Vec<BuildingEngine> {
+        let mut out: Vec<BuildingEngine> = self
             .slots()
             .iter()
             .filter_map(|(m, s)| match worker::get_state(&s.state) {
                 ModelState::Loaded { placement: Some(p), provider, .. } => {
-                    p.building.map(|b| serde_json::json!({"model": m, "building": b, "serving_on": provider}))
+                    p.building.map(|building| BuildingEngine { model: m.clone(), building, serving_on: provider })
                 }
                 _ => None,
             })
             .collect();
-        out.sort_by(|a, b| a["model"].as_str().cmp(&b["model"].as_str()));
+        out.sort_by(|a, b| a.model.cmp(&b.model));
         out
+    }
+
+    /// The report of `model`: spec, plans, state and queue.
+    pub fn report(&self, model: &str) -> Result<ModelReport, InferError> {
+        let engine = self.engine();
+        let spec = engine.registry().get(model).ok_or_else(|| InferError::unknown_model(model))?;
+        let status = self.status(model);
+        Ok(ModelReport::of(&engine, &self.manager, spec, &status.state, status.queue_depth))
+    }
+
+    /// The reports of every registered model, in models.json's order.
+    pub fn reports(&self) -> Vec<ModelReport> {
+        let engine = self.engine();
+        engine
+            .registry()
+            .models
+            .iter()
+            .map(|m| {
+                let status = self.status(&m.name);
+                ModelReport::of(&engine, &self.manager, m, &status.state, status.queue_depth)
+            })
+            .collect()
     }
 
     /// Names of the loaded models.
@@ -368,21 +391,16 @@ impl Scheduler {
         }
     }
 
-    /// Gauges of every registered model, for /metrics.
+    /// Gauges of every registered model, for /metrics (from their reports).
     pub fn gauges(&self) -> Vec<ModelGauges> {
-        self.engine()
-            .registry()
-            .models
-            .iter()
-            .map(|m| {
-                let status = self.status(&m.name);
-                let (loaded, memory_bytes, nodes) = match status.state {
-                    ModelState::Loaded { memory_bytes, placement, .. } => {
-                        (true, memory_bytes, placement.map(|p| p.nodes).unwrap_or_default())
-                    }
-                    _ => (false, None, Default::default()),
-                };
-                ModelGauges { model: m.name.clone(), queue_depth: status.queue_depth, loaded, memory_bytes, nodes }
+        self.reports()
+            .into_iter()
+            .map(|r| ModelGauges {
+                queue_depth: r.queue_depth,
+                loaded: r.loaded,
+                memory_bytes: r.running.as_ref().and_then(|run| run.memory_bytes),
+                nodes: r.placement().map(|p| p.nodes.clone()).unwrap_or_default(),
+                model: r.name,
             })
             .collect()
     }

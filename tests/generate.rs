@@ -6,7 +6,7 @@
 mod util;
 
 use inferd::engine::{Engine, LoadOptions};
-use inferd::job::{GenerateRequest, JobInput, JobOptions, JobResult, Prompt};
+use inferd::job::{GenerateRequest, GenerationParams, JobInput, JobOptions, JobResult, Prompt};
 use serde_json::{Value, json};
 use std::time::Duration;
 use util::broker::{Broker, TestClient};
@@ -55,8 +55,7 @@ fn events(body: &[u8]) -> Vec<String> {
 fn greedy(model: &mut inferd::engine::LoadedModel, prompt: &str, n: usize) -> inferd::job::JobOutput {
     let request = GenerateRequest {
         prompt: Prompt::Text(prompt.to_string()),
-        max_tokens: Some(n),
-        temperature: Some(0.0),
+        params: GenerationParams { max_tokens: Some(n), temperature: Some(0.0), ..Default::default() },
         ..Default::default()
     };
     model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap()

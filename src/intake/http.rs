@@ -4,9 +4,8 @@
 //! `{"error": {"kind": "...", "message": "..."}}`.
 
 use crate::error::{ErrorKind, InferError};
-use crate::job::{self, JobInput, JobOptions};
+use crate::job::{JobInput, JobOptions, Payload};
 use crate::scheduler::Scheduler;
-use crate::worker::ModelState;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -106,14 +105,9 @@ async fn ready(State(app): State<AppState>) -> Response {
         // and ONNX Runtime when it failed to load (tried again 10 s later).
         let failed: Vec<Value> = app
             .scheduler
-            .engine()
-            .registry()
-            .models
-            .iter()
-            .filter_map(|m| match app.scheduler.status(&m.name).state {
-                ModelState::Failed { error } => Some(json!({"model": m.name, "error": error})),
-                _ => None,
-            })
+            .reports()
+            .into_iter()
+            .filter_map(|r| r.error.map(|error| json!({"model": r.name, "error": error})))
             .collect();
         if !failed.is_empty() {
             v["cannot_load"] = json!(failed);
@@ -127,80 +121,17 @@ async fn ready(State(app): State<AppState>) -> Response {
     }
 }
 
-/// A model as the API shows it: spec, plan, state and queue.
-pub fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError> {
-    let engine = scheduler.engine();
-    let spec = engine.registry().get(name).ok_or_else(|| InferError::unknown_model(name))?;
-    let status = scheduler.status(name);
-    let variants: Vec<Value> = spec
-        .variants
-        .iter()
-        .map(|v| json!({"name": v.name, "quality": v.quality, "parameters": v.parameters, "memory_mb": v.memory_mb}))
-        .collect();
-    let mut info = json!({
-        "name": spec.name,
-        "task": spec.task.task(),
-        "description": spec.description,
-        "variants": variants,
-        "queue_depth": status.queue_depth,
-    });
-    let manager = scheduler.manager();
-    info["needs"] = json!(manager.needs(spec));
-    match manager.plan_load(spec, None) {
-        Ok(plan) => {
-            info["variant"] = json!(plan.variant);
-            info["variant_reason"] = json!(plan.reason);
-        }
-        Err(e) => info["variant_error"] = json!(e),
-    }
-    match engine.plan(name, &Default::default()) {
-        Ok(plan) => {
-            info["backend"] = json!(plan.backend.backend);
-            info["backend_reason"] = json!(plan.backend.reason);
-            info["providers"] = json!(plan.providers);
-        }
-        Err(e) => info["plan_error"] = json!(e),
-    }
-    let (state, loaded) = match &status.state {
-        ModelState::Unloaded => ("unloaded", false),
-        ModelState::Loading => ("loading", false),
-        ModelState::Failed { error } => {
-            info["error"] = json!(error);
-            ("failed", false)
-        }
-        ModelState::Loaded { variant, reason, instances, backend, provider, memory_bytes, placement } => {
-            info["variant"] = json!(variant);
-            info["instances"] = json!(instances);
-            info["variant_reason"] = json!(reason);
-            info["backend"] = json!(backend);
-            info["provider"] = json!(provider);
-            info["memory_bytes"] = json!(memory_bytes);
-            // What it counts against memory.budget_mb: at least its need, and what it held after its first job.
-            if let Some((_, charged)) = manager.charges().into_iter().find(|(m, _)| m == name) {
-                info["charged_bytes"] = json!(charged);
-            }
-            if let Some(p) = placement {
-                info["placement"] = json!(p);
-            }
-            ("loaded", true)
-        }
-    };
-    info["state"] = json!(state);
-    info["loaded"] = json!(loaded);
-    Ok(info)
+/// A model as the API shows it: its report (spec, plans, state and queue).
+fn model_info(scheduler: &Scheduler, name: &str) -> Result<Value, InferError> {
+    scheduler.report(name).map(|r| json!(r))
 }
 
 async fn list_models(State(app): State<AppState>) -> Response {
-    let models: Result<Vec<Value>, InferError> =
-        app.scheduler.engine().registry().models.iter().map(|m| model_info(&app.scheduler, &m.name)).collect();
+    let models = app.scheduler.reports();
     // `object`/`data` as OpenAI's model list, so its clients can list the models too.
-    respond(models.map(|m| {
-        let data: Vec<Value> = m
-            .iter()
-            .map(|i| json!({"id": i["name"], "object": "model", "owned_by": "inferd", "task": i["task"]}))
-            .collect();
-        json!({"models": m, "object": "list", "data": data})
-    }))
+    let data: Vec<Value> =
+        models.iter().map(|r| json!({"id": r.name, "object": "model", "owned_by": "inferd", "task": r.task})).collect();
+    axum::Json(json!({"models": models, "object": "list", "data": data})).into_response()
 }
 
 async fn get_model(State(app): State<AppState>, Path(name): Path<String>) -> Response {
@@ -285,20 +216,15 @@ async fn prepare(
     bytes: axum::body::Bytes,
 ) -> Result<(JobInput, JobOptions), InferError> {
     let Query(query) = query.map_err(|e| InferError::bad_input(format!("bad query string: {e}")))?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let is_json =
-        content_type.starts_with("application/json") || (content_type.is_empty() && job::looks_like_json(&bytes));
-    let (input, mut options) = if is_json {
-        let limits = app.limits.clone();
-        tokio::task::spawn_blocking(move || job::parse_json_request(&bytes, &limits))
-            .await
-            .map_err(|e| InferError::internal(format!("request parser failed: {e}")))??
-    } else if content_type.starts_with("text/plain") {
-        let text =
-            String::from_utf8(bytes.to_vec()).map_err(|_| InferError::bad_input("text/plain body is not UTF-8"))?;
-        (JobInput::Text(vec![text]), JobOptions::default())
-    } else {
-        (JobInput::Image(Vec::from(bytes)), JobOptions::default())
+    let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let (input, mut options) = match Payload::sniff(&bytes, declared, false) {
+        Payload::Json => {
+            let limits = app.limits.clone();
+            tokio::task::spawn_blocking(move || Payload::Json.read(Vec::from(bytes), &limits))
+                .await
+                .map_err(|e| InferError::internal(format!("request parser failed: {e}")))??
+        }
+        other => other.read(Vec::from(bytes), &app.limits)?,
     };
     if query.top_k.is_some() {
         options.top_k = query.top_k;

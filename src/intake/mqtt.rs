@@ -57,16 +57,8 @@ struct Envelope {
     prompt: Option<String>,
     #[serde(default)]
     messages: Option<Vec<job::ChatMessage>>,
-    #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<Vec<String>>,
+    #[serde(flatten)]
+    generation: job::GenerationParams,
     /// Publish the text as it is generated, before the result (`"partial": true`
     /// messages); read by the lenient first pass.
     #[serde(default)]
@@ -86,16 +78,9 @@ impl Envelope {
         if self.image_base64.is_some() || self.inputs.is_some() || self.text.is_some() {
             return Some(Err(InferError::bad_input("a prompt comes alone, without image_base64, inputs or text")));
         }
-        Some(Ok(job::GenerateRequest {
-            prompt,
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_k: self.params.as_ref().and_then(|p| p.top_k),
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: self.stop.take().unwrap_or_default(),
-            stream: None,
-        }))
+        let mut params = std::mem::take(&mut self.generation);
+        params.top_k = params.top_k.or(self.params.as_ref().and_then(|p| p.top_k));
+        Some(Ok(job::GenerateRequest { prompt, params, stream: None }))
     }
 }
 
@@ -126,7 +111,7 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
         );
         return ParsedJob { id: None, reply_to: None, job: Err(e), partials: false, is_result: false };
     }
-    if !job::looks_like_json(payload) {
+    if job::Payload::sniff(payload, None, false) != job::Payload::Json {
         return ParsedJob {
             id: None,
             reply_to: None,
@@ -353,14 +338,11 @@ pub async fn serve(
 async fn publish_status(ctx: &Ctx, online: bool) {
     let models: Vec<Value> = ctx
         .scheduler
-        .engine()
-        .registry()
-        .models
+        .reports()
         .iter()
-        .map(|m| {
-            let info = super::http::model_info(&ctx.scheduler, &m.name).unwrap_or_default();
-            json!({"name": m.name, "task": m.task.task(), "state": info["state"], "variant": info["variant"],
-                   "backend": info["backend"], "provider": info["provider"], "placement": info["placement"]})
+        .map(|r| {
+            json!({"name": r.name, "task": r.task, "state": r.state, "variant": r.variant,
+                   "backend": r.backend, "provider": r.provider(), "placement": r.placement()})
         })
         .collect();
     let status = json!({
@@ -522,5 +504,29 @@ mod tests {
         assert!(p.job.unwrap_err().message.contains("invalid job envelope"));
         let p = parse_payload(&[0u8; 2048], &limits, 1024);
         assert_eq!(p.job.unwrap_err().kind, ErrorKind::PayloadTooLarge);
+    }
+
+    #[test]
+    fn a_prompt_envelope_carries_the_shared_generation_params_and_unknown_fields_are_refused() {
+        let limits = Limits::default();
+        let p = parse_payload(
+            br#"{"prompt": "hi", "max_tokens": 3, "temperature": 0, "stop": ["x"], "params": {"top_k": 2}}"#,
+            &limits,
+            1 << 20,
+        );
+        let Ok((JobInput::Generate(r), _)) = p.job else { panic!("not a generation job") };
+        assert_eq!(
+            r.params,
+            job::GenerationParams {
+                max_tokens: Some(3),
+                temperature: Some(0.0),
+                top_k: Some(2),
+                stop: vec!["x".into()],
+                ..Default::default()
+            }
+        );
+        let p = parse_payload(br#"{"prompt": "hi", "max_tokenz": 3}"#, &limits, 1 << 20);
+        let e = p.job.unwrap_err();
+        assert!(e.message.contains("unknown field `max_tokenz`"), "{e}");
     }
 }

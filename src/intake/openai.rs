@@ -7,7 +7,9 @@
 
 use super::http::{AppState, error_response, read_body};
 use crate::error::InferError;
-use crate::job::{ChatMessage, FinishReason, GenerateRequest, JobInput, JobOptions, JobOutput, JobResult, Prompt};
+use crate::job::{
+    ChatMessage, FinishReason, GenerateRequest, GenerationParams, JobInput, JobOptions, JobOutput, JobResult, Prompt,
+};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -29,21 +31,11 @@ enum OneOrMany {
 #[derive(Debug, Deserialize)]
 struct Common {
     model: String,
-    #[serde(default)]
-    max_tokens: Option<usize>,
+    #[serde(flatten)]
+    params: GenerationParams,
     /// The newer name of `max_tokens` (chat).
     #[serde(default)]
     max_completion_tokens: Option<usize>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    top_k: Option<usize>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<OneOrMany>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -147,22 +139,12 @@ pub fn parse_request(bytes: &[u8], chat: bool) -> Result<(String, GenerateReques
     if c.n.is_some_and(|n| n != 1) {
         return Err(InferError::bad_input("n must be 1: one choice per request"));
     }
-    let stop = match c.stop {
-        None => Vec::new(),
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) if v.len() <= 4 => v,
-        Some(OneOrMany::Many(_)) => return Err(InferError::bad_input("at most 4 stop strings")),
-    };
-    let request = GenerateRequest {
-        prompt,
-        max_tokens: c.max_tokens.or(c.max_completion_tokens),
-        temperature: c.temperature,
-        top_k: c.top_k,
-        top_p: c.top_p,
-        seed: c.seed,
-        stop,
-        stream: None,
-    };
+    if c.params.stop.len() > 4 {
+        return Err(InferError::bad_input("at most 4 stop strings"));
+    }
+    let mut params = c.params;
+    params.max_tokens = params.max_tokens.or(c.max_completion_tokens);
+    let request = GenerateRequest { prompt, params, stream: None };
     Ok((c.model, request, c.stream))
 }
 

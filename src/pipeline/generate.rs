@@ -15,7 +15,9 @@ use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::{InferenceBackend, NamedTensors};
 use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Prompt, Timings, Usage};
+use crate::job::{
+    FinishReason, GenerateRequest, GenerationParams, InputKind, JobInput, JobOptions, JobResult, Prompt, Timings, Usage,
+};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -446,7 +448,7 @@ impl Generator {
 
     /// Starts a sequence: renders and tokenises the prompt and checks it against the limits.
     pub fn start(&self, request: GenerateRequest, max_text_bytes: usize) -> Result<Sequence, InferError> {
-        let mut stop = request.stop.clone();
+        let mut stop = request.params.stop.clone();
         let prompt = match &request.prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(messages) => {
@@ -479,11 +481,11 @@ impl Generator {
                 tokens.len()
             )));
         }
-        let max_tokens = request.max_tokens.unwrap_or(self.spec.max_tokens);
+        let max_tokens = request.params.max_tokens.unwrap_or(self.spec.max_tokens);
         if max_tokens == 0 || max_tokens > self.spec.max_tokens {
             return Err(InferError::bad_input(format!("max_tokens must be 1..={}", self.spec.max_tokens)));
         }
-        let sampler = Sampler::new(&request)?;
+        let sampler = Sampler::new(&request.params)?;
         let past = (0..2 * self.layout.layers)
             .map(|_| Tensor {
                 shape: vec![1, self.layout.heads, 0, self.layout.head_dim],
@@ -679,7 +681,7 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(r: &GenerateRequest) -> Result<Sampler, InferError> {
+    fn new(r: &GenerationParams) -> Result<Sampler, InferError> {
         let temperature = r.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(InferError::bad_input("temperature must be 0..=2"));
@@ -759,9 +761,8 @@ impl SplitMix64 {
 mod tests {
     use super::*;
 
-    fn request(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> GenerateRequest {
-        GenerateRequest {
-            prompt: Prompt::Text("x".into()),
+    fn request(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> GenerationParams {
+        GenerationParams {
             temperature: Some(temperature),
             top_k: Some(top_k),
             top_p: Some(top_p),
