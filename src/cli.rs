@@ -424,6 +424,7 @@ fn summary(out: &JobOutput) -> String {
             .iter()
             .map(|l| format!("\n  {:?} {:.3} at ({:.0},{:.0})", l.text, l.confidence, l.quad[0][0], l.quad[0][1]))
             .collect::<String>(),
+        JobResult::Other(answer) => serde_json::Value::Object(answer.clone()).to_string(),
     };
     format!(
         "{body}  [{} {} on {}/{}, {:.2} ms]",

@@ -190,6 +190,9 @@ pub enum JobResult {
     Ocr { lines: Vec<TextLine> },
     /// `text-generation`: the text, why it ended, the token counts and the generated token ids.
     Generation { text: String, finish_reason: FinishReason, usage: Usage, tokens: Vec<u32> },
+    /// A task's own answer, as the JSON object it writes: a task added as one
+    /// module answers with this when none of the shapes above is its answer.
+    Other(serde_json::Map<String, serde_json::Value>),
 }
 
 /// One bought item.

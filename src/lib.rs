@@ -31,13 +31,13 @@ pub mod intake;
 pub mod job;
 pub mod manager;
 pub mod memory;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod report;
-pub mod scheduler;
+pub(crate) mod scheduler;
 pub mod systemd;
 pub mod tensor;
-pub mod worker;
+pub(crate) mod worker;
 
 pub use daemon::{Reload, RunError, run, run_with, run_with_probe};

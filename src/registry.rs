@@ -319,18 +319,18 @@ impl Registry {
         })?;
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut problems = Vec::new();
-        let mut models = Vec::with_capacity(parsed.models.len());
+        // Models that read well, with their place in the file (the others' problems are kept).
+        let mut read = Vec::with_capacity(parsed.models.len());
         for (i, object) in parsed.models.into_iter().enumerate() {
             match ModelSpec::from_json(object) {
-                Ok(m) => models.push(m),
+                Ok(m) => read.push((i, m)),
                 Err(found) => problems.extend(
                     found.into_iter().map(|p| Problem { path: format!("models[{i}]{}", p.path), message: p.message }),
                 ),
             }
         }
-        if !problems.is_empty() {
-            return Err(RegistryError { file: file.to_path_buf(), problems });
-        }
+        let all_read = problems.is_empty();
+        let (places, models): (Vec<usize>, Vec<ModelSpec>) = read.into_iter().unzip();
         let registry = Registry { file: file.to_path_buf(), dir, models };
         if parsed.version != 1 {
             problems.push(Problem {
@@ -338,8 +338,12 @@ impl Registry {
                 message: format!("unsupported version {} (this inferd reads 1)", parsed.version),
             });
         }
-        registry.validate_structure(&mut problems);
-        if problems.is_empty() { Ok(registry) } else { Err(RegistryError { file: file.to_path_buf(), problems }) }
+        registry.validate_structure(&places, &mut problems);
+        if problems.is_empty() && all_read {
+            Ok(registry)
+        } else {
+            Err(RegistryError { file: file.to_path_buf(), problems })
+        }
     }
 
     /// Reads `file` as [`Registry::load`] does, and unless `allow_outside`
@@ -388,9 +392,10 @@ impl Registry {
         self.dir.join(path)
     }
 
-    fn validate_structure(&self, problems: &mut Vec<Problem>) {
+    /// Checks names, files and task requirements; `places` are the models' indexes in the file.
+    fn validate_structure(&self, places: &[usize], problems: &mut Vec<Problem>) {
         let mut names = HashSet::new();
-        for (i, m) in self.models.iter().enumerate() {
+        for (&i, m) in places.iter().zip(&self.models) {
             let at = |field: &str| format!("models[{i}]{field}");
             let mut push = |path: String, message: String| problems.push(Problem { path, message });
             if !valid_name(&m.name) {

@@ -78,7 +78,13 @@ pub struct Running {
 
 impl ModelReport {
     /// The report of `spec` in `state` with `queue_depth` jobs waiting.
-    pub fn of(engine: &Engine, manager: &Manager, spec: &ModelSpec, state: &ModelState, queue_depth: usize) -> Self {
+    pub(crate) fn of(
+        engine: &Engine,
+        manager: &Manager,
+        spec: &ModelSpec,
+        state: &ModelState,
+        queue_depth: usize,
+    ) -> Self {
         let mut r = ModelReport {
             name: spec.name.clone(),
             task: spec.task.task(),

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let mut parts = text.splitn(2, '\u{0}');
     let (role, content) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let messages = vec![inferd::job::ChatMessage { role: role.to_string(), content: content.to_string() }];
-    if let Ok(prompt) = inferd::pipeline::generate::ChatTemplate::default().render(&messages)
+    if let Ok(prompt) = inferd::pipeline::ChatTemplate::default().render(&messages)
         && let Ok(encoding) = tokenizer.encode(prompt.as_str(), false)
     {
         let back = tokenizer.decode(encoding.get_ids(), false).unwrap();

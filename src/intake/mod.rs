@@ -1,13 +1,17 @@
 //! Front-ends: everything that turns a transport's request into a job and
 //! its answer back. The core never sees a socket or a topic.
 
-pub mod conn;
-pub mod http;
-pub(crate) mod link;
+//!
+//! Public only where a tool or test drives a front-end's parser directly:
+//! `openai::parse_request`, `mqtt::parse_job`, `unix` (the socket file).
+
+pub(crate) mod conn;
+pub(crate) mod http;
+mod link;
 pub mod mqtt;
 mod mqtt_client;
 pub mod openai;
-pub mod peer;
-pub(crate) mod redelivery;
-pub mod topics;
+pub(crate) mod peer;
+mod redelivery;
+pub(crate) mod topics;
 pub mod unix;

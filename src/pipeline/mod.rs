@@ -8,17 +8,20 @@
 //! front-ends name no task module: [`TASKS`] is the only place that lists them.
 //!
 //! Adding a task: a module here implementing [`TaskSpec`] (+ [`Section`]),
-//! its line in [`TASKS`], its docs (docs/models.md). See docs/DESIGN.md.
+//! its line in [`TASKS`], its docs (docs/models-json.md). See docs/DESIGN.md.
 
-pub mod classify;
-pub mod detect;
-pub mod document;
-pub mod embed;
-pub mod generate;
+// Task modules are private: nothing outside `src/pipeline/` can name one
+// (the compiler keeps the rule); `image` is the image helpers tasks share.
+mod classify;
+mod detect;
+mod document;
+mod embed;
+mod generate;
 pub mod image;
-pub mod ocr;
-pub mod raw;
+mod ocr;
+mod raw;
 
+pub use generate::ChatTemplate;
 pub use ocr::ctc;
 
 use crate::backend::{InferenceBackend, NamedTensors};
