@@ -34,7 +34,7 @@ impl TaskSpec for ClassificationSpec {
     super::section_names!();
 
     fn takes(&self) -> (&'static [InputKind], &'static str) {
-        (&[InputKind::Image], "an image")
+        super::AN_IMAGE
     }
 
     fn files(&self) -> Vec<(String, &Path)> {

@@ -36,7 +36,7 @@ impl TaskSpec for DetectionTaskSpec {
     super::section_names!();
 
     fn takes(&self) -> (&'static [InputKind], &'static str) {
-        (&[InputKind::Image], "an image")
+        super::AN_IMAGE
     }
 
     fn files(&self) -> Vec<(String, &Path)> {

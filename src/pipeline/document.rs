@@ -55,7 +55,7 @@ impl TaskSpec for DocumentTaskSpec {
     super::section_names!();
 
     fn takes(&self) -> (&'static [InputKind], &'static str) {
-        (&[InputKind::Image], "an image")
+        super::AN_IMAGE
     }
 
     fn parts(&self) -> (&'static [&'static str], &'static [&'static str]) {

@@ -250,6 +250,9 @@ pub struct Graph<'a> {
     pub limits: &'a Limits,
 }
 
+/// What image tasks take ([`TaskSpec::takes`]).
+const AN_IMAGE: (&[InputKind], &str) = (&[InputKind::Image], "an image");
+
 /// Whether the task of `spec` takes this kind of input at all: checked before
 /// a job is queued, so a wrong body is refused without loading the model.
 pub fn admits(spec: &dyn TaskSpec, input: &JobInput) -> Result<(), InferError> {

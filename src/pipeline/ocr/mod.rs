@@ -43,7 +43,7 @@ impl TaskSpec for OcrTaskSpec {
     super::section_names!();
 
     fn takes(&self) -> (&'static [InputKind], &'static str) {
-        (&[InputKind::Image], "an image")
+        super::AN_IMAGE
     }
 
     fn parts(&self) -> (&'static [&'static str], &'static [&'static str]) {
