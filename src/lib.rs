@@ -2,21 +2,27 @@
 //! Runtime (CUDA, TensorRT, CoreML or CPU) or on tract where ONNX Runtime is
 //! absent; jobs come over MQTT and a local Unix socket.
 //!
-//! Map of the modules:
+//! Map of the modules (docs/DESIGN.md has the layers and the rules):
 //! - [`daemon`]: the daemon assembled (front-ends, scheduler, reloads, watchdog); [`run_with`].
-//! - [`config`]: defaults → TOML file → `INFERD_*` environment.
-//! - [`registry`]: models.json, validated, with JSON paths in every error.
-//! - [`backend`]: the [`backend::InferenceBackend`] seam, ONNX Runtime and tract.
-//! - [`pipeline`]: one module per task (classification, detection, OCR, document
-//!   fields, embeddings, text generation, raw tensors): spec checks, preparation, pipeline.
-//! - [`engine`]: variant/engine planning and loaded models that run jobs.
-//! - [`scheduler`], [`worker`]: bounded per-model queues and the threads that own sessions.
+//! - [`config`]: defaults → TOML file → `INFERD_*` environment; knows no front-end.
+//! - [`registry`]: models.json, validated, with JSON paths in every error; a
+//!   model's task section is read by its task.
+//! - [`pipeline`]: the task interface (`TaskSpec`, `Prepare`, `Pipeline`,
+//!   `Stepper`) and one private module per task (classification, detection,
+//!   embeddings, OCR, document fields, text generation, raw tensors), listed in `pipeline::TASKS`.
+//! - [`backend`]: the [`backend::InferenceBackend`] seam, ONNX Runtime and tract; knows no task.
+//! - [`engine`]: loading (the variant from the [`manager`]) and loaded models that run jobs.
+//! - `scheduler`, `worker` (crate-private): admission, bounded per-model queues,
+//!   preparation on the decode threads, and the threads that own sessions.
+//! - [`report`]: the one description of a model that every front-end renders.
+//! - [`manager`], [`memory`]: which variant fits, evictions, swaps; what the process really uses.
 //! - [`intake`]: front-ends — the HTTP/JSON and OpenAI-style API on the Unix socket (and
 //!   TCP) with its connection limits, MQTT (topics, the broker link, redeliveries);
 //!   [`client`]: the socket API's client.
-//! - [`metrics`], [`memory`]: Prometheus text; what the process really uses.
-//! - [`job`], [`error`], [`tensor`]: the transport-neutral job, its typed errors and tensors.
-//! - [`systemd`]: readiness, status, watchdog and socket activation under systemd.
+//! - [`job`], [`error`], [`tensor`]: the transport-neutral job (inputs, generation
+//!   settings, the payload sniffer, results), its typed errors and tensors.
+//! - `metrics` (crate-private): Prometheus text; [`systemd`]: readiness, status,
+//!   watchdog and socket activation.
 //! - [`cli`], [`bench`]: the `inferd` command line and its benchmark.
 
 pub mod backend;

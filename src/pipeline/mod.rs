@@ -8,18 +8,12 @@
 //! front-ends name no task module: [`TASKS`] is the only place that lists them.
 //!
 //! Adding a task: a module here implementing [`TaskSpec`] (+ [`Section`]),
-//! its line in [`TASKS`], its docs (docs/models-json.md). See docs/DESIGN.md.
+//! its line in `tasks!`, its docs (docs/models-json.md). See docs/DESIGN.md.
 
-// Task modules are private: nothing outside `src/pipeline/` can name one
-// (the compiler keeps the rule); `image` is the image helpers tasks share.
-mod classify;
-mod detect;
-mod document;
-mod embed;
-mod generate;
+// `image` is the image helpers tasks share; the task modules are declared by
+// `tasks!` below, private: nothing outside `src/pipeline/` can name one (the
+// compiler keeps the rule).
 pub mod image;
-mod ocr;
-mod raw;
 
 pub use generate::ChatTemplate;
 pub use ocr::ctc;
@@ -36,16 +30,26 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Every task inferd knows, by its models.json name: the one registration point.
-pub static TASKS: &[TaskKind] = &[
-    TaskKind::of::<classify::ClassificationSpec>(),
-    TaskKind::of::<detect::DetectionTaskSpec>(),
-    TaskKind::of::<embed::EmbeddingSpec>(),
-    TaskKind::of::<ocr::OcrTaskSpec>(),
-    TaskKind::of::<document::DocumentTaskSpec>(),
-    TaskKind::of::<generate::GenerationTaskSpec>(),
-    TaskKind::of::<raw::RawSpec>(),
-];
+/// Declares each task's module and lists its section in [`TASKS`].
+macro_rules! tasks {
+    ($($module:ident::$section:ident),* $(,)?) => {
+        $(mod $module;)*
+
+        /// Every task inferd knows, by its models.json name.
+        pub static TASKS: &[TaskKind] = &[$(TaskKind::of::<$module::$section>()),*];
+    };
+}
+
+// The one registration point: a task is its module and its line here.
+tasks! {
+    classify::ClassificationSpec,
+    detect::DetectionTaskSpec,
+    embed::EmbeddingSpec,
+    ocr::OcrTaskSpec,
+    document::DocumentTaskSpec,
+    generate::GenerationTaskSpec,
+    raw::RawSpec,
+}
 
 /// A task as models.json names it: how its section of a model is read.
 pub struct TaskKind {
