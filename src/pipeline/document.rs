@@ -1,4 +1,5 @@
-//! The `document-fields` task: a receipt's fields from its OCR lines, by
+//! The `document-fields` task, built on the `ocr` task's module (never the
+//! other way round): a receipt's fields from its OCR lines, by
 //! layout and pattern rules, no model of its own. Lines are grouped into
 //! rows (boxes whose vertical centres are within half a line height), read
 //! top to bottom, left to right; then:
@@ -19,9 +20,11 @@
 //! with two decimals; a field that is not found is `null`, never guessed.
 
 use super::ocr::{OcrPipeline, OcrSpec, OcrTaskSpec};
-use super::{Graph, Pipeline, Section, SpecProblem, TaskSpec};
+use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
+use crate::backend::InferenceBackend;
 use crate::error::InferError;
-use crate::job::{DocumentFields, InputKind, Item, TextLine};
+use crate::job::{DocumentFields, InputKind, Item, JobOptions, JobResult, TextLine, Timings};
+use std::sync::Arc;
 use crate::tensor::TensorInfo;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -76,7 +79,33 @@ impl TaskSpec for DocumentTaskSpec {
 
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
         let ocr = OcrPipeline::new(self.ocr.clone().unwrap_or_default(), graph.parts, graph.limits)?;
-        Ok(Box::new(ocr.with_fields(self.document.clone().unwrap_or_default())))
+        Ok(Box::new(DocumentPipeline { ocr, spec: self.document.clone().unwrap_or_default() }))
+    }
+}
+
+/// OCR's lines, then a receipt's fields read from them.
+struct DocumentPipeline {
+    ocr: OcrPipeline,
+    spec: DocumentSpec,
+}
+
+impl Pipeline for DocumentPipeline {
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        self.ocr.preparer()
+    }
+
+    fn run(
+        &mut self,
+        engine: &mut dyn InferenceBackend,
+        input: Prepared,
+        _options: &JobOptions,
+        timings: &mut Timings,
+    ) -> Result<JobResult, InferError> {
+        let lines = self.ocr.read(engine, input, timings)?;
+        let t = std::time::Instant::now();
+        let fields = extract(&lines, &self.spec);
+        timings.post_ms += t.elapsed().as_secs_f64() * 1000.0;
+        Ok(JobResult::Document { fields, lines })
     }
 }
 

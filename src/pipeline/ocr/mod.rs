@@ -305,8 +305,6 @@ fn batches_by_ratio(crops: &[RgbImage], batch: usize) -> Vec<Vec<usize>> {
 pub struct OcrPipeline {
     spec: OcrSpec,
     decode: Arc<Decode>,
-    /// Set for `document-fields`: the lines are read into a receipt's fields.
-    fields: Option<super::document::DocumentSpec>,
     det_lut: imgops::Lut,
     rec: CropGraph,
     classes: Vec<String>,
@@ -341,13 +339,7 @@ impl OcrPipeline {
         };
         let det_lut = imgops::det_lut(spec.det_mean, spec.det_std);
         let decode = Arc::new(Decode { limits: limits.clone() });
-        Ok(OcrPipeline { det_lut, spec, decode, fields: None, rec, classes, cls })
-    }
-
-    /// Makes this the `document-fields` task: lines → a receipt's fields.
-    pub fn with_fields(mut self, spec: super::document::DocumentSpec) -> OcrPipeline {
-        self.fields = Some(spec);
-        self
+        Ok(OcrPipeline { det_lut, spec, decode, rec, classes, cls })
     }
 
     /// Scales `img` into `min_side..=max_side` (sides multiples of 32, as
@@ -502,6 +494,20 @@ impl Pipeline for OcrPipeline {
         _options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError> {
+        let lines = self.read(det, input, timings)?;
+        Ok(JobResult::Ocr { lines })
+    }
+}
+
+impl OcrPipeline {
+    /// Reads the text lines of a prepared image (tasks built on OCR call this,
+    /// then make their own answer), adding where the time went to `timings`.
+    pub fn read(
+        &mut self,
+        det: &mut dyn InferenceBackend,
+        input: Prepared,
+        timings: &mut Timings,
+    ) -> Result<Vec<TextLine>, InferError> {
         let started = Instant::now();
         let img: RgbImage = input.take()?;
         let mut infer_ms = 0.0;
@@ -532,15 +538,11 @@ impl Pipeline for OcrPipeline {
             .filter(|(_, (_, score))| *score >= self.spec.text_score)
             .map(|(q, (text, confidence))| TextLine { text, confidence, quad: q.map(back) })
             .collect();
-        let result = match &self.fields {
-            Some(spec) => JobResult::Document { fields: super::document::extract(&lines, spec), lines },
-            None => JobResult::Ocr { lines },
-        };
         let total = started.elapsed().as_secs_f64() * 1000.0;
         timings.pre_ms += pre_ms;
         timings.infer_ms += infer_ms;
         timings.post_ms += (total - pre_ms - infer_ms).max(0.0);
-        Ok(result)
+        Ok(lines)
     }
 }
 
