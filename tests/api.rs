@@ -37,7 +37,10 @@ fn health_ready_models_and_metrics_answer() {
 
     let models = json_of(&c.get("/v1/models").unwrap());
     let names: Vec<&str> = models["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["color", "tinycnn", "mlp", "mixed", "minilm", "ocr", "receipt", "busy", "reshape", "broken"]);
+    assert_eq!(
+        names,
+        ["color", "tinycnn", "mlp", "mixed", "minilm", "ocr", "receipt", "smollm2", "busy", "reshape", "broken"]
+    );
     let mlp = json_of(&c.get("/v1/models/mlp").unwrap());
     assert_eq!(mlp["state"], "unloaded");
     assert_eq!(mlp["loaded"], false);

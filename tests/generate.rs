@@ -241,6 +241,10 @@ fn over_long_prompts_and_bad_settings_get_clear_errors_and_the_model_keeps_servi
         (json!({"model": "nope", "prompt": "Hi"}), "nope"),
         (json!({"model": "tiny-gpt"}), "prompt"),
         (json!({"model": "tiny-gpt", "messages": [{"role": "robot", "content": "x"}]}), "unknown chat role"),
+        (json!({"model": "tiny-gpt", "prompt": "Hi", "max_tokens": 0}), "max_tokens must be 1..=64"),
+        (json!({"model": "tiny-gpt", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}), "at most 4 stop strings"),
+        (json!({"model": "tiny-gpt", "prompt": "Hi", "response_format": {"type": "xml"}}), "unknown response_format"),
+        (json!({"model": "tiny-gpt", "prompt": "Hi", "response_format": {"type": "json_object"}}), "not supported yet"),
     ] {
         let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
         let (status, v) = post(&d, path, body.clone());

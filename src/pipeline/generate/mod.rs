@@ -94,6 +94,10 @@ pub struct ChatTemplate {
     pub generation_prompt: String,
     /// Stop strings every chat request gets (the next turn's opening).
     pub stop: Vec<String>,
+    /// A system message put first when a conversation starts without one
+    /// (the model's own default, as its template writes it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_system: Option<String>,
 }
 
 impl Default for ChatTemplate {
@@ -104,6 +108,7 @@ impl Default for ChatTemplate {
             assistant: "Assistant: {content}\n".into(),
             generation_prompt: "Assistant:".into(),
             stop: vec!["\nUser:".into()],
+            default_system: None,
         }
     }
 }
@@ -112,6 +117,11 @@ impl ChatTemplate {
     /// The prompt for `messages`; an unknown role is a bad request.
     pub fn render(&self, messages: &[crate::job::ChatMessage]) -> Result<String, InferError> {
         let mut out = String::new();
+        if let Some(system) = &self.default_system
+            && messages.first().is_none_or(|m| !matches!(m.role.as_str(), "system" | "developer"))
+        {
+            out.push_str(&self.system.replace("{content}", system));
+        }
         for m in messages {
             let pattern = match m.role.as_str() {
                 "system" | "developer" => &self.system,
@@ -684,5 +694,8 @@ mod tests {
             t.render(&[m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello."), m("user", "2+2?")]);
         assert_eq!(prompt.unwrap(), "Be brief.\nUser: Hi\nAssistant: Hello.\nUser: 2+2?\nAssistant:");
         assert!(t.render(&[m("robot", "x")]).unwrap_err().message.contains("unknown chat role"));
+        let with_default = ChatTemplate { default_system: Some("Be kind.".into()), ..ChatTemplate::default() };
+        assert_eq!(with_default.render(&[m("user", "Hi")]).unwrap(), "Be kind.\nUser: Hi\nAssistant:");
+        assert_eq!(with_default.render(&[m("system", "Be brief."), m("user", "Hi")]).unwrap(), "Be brief.\nUser: Hi\nAssistant:");
     }
 }

