@@ -82,3 +82,27 @@ fn chat_through_the_api_answers_the_question_and_memory_picks_the_variant() {
         }
     }
 }
+
+#[test]
+fn tract_runs_the_fp32_graph_to_the_same_tokens_and_refuses_int4_by_name() {
+    let engine = engine();
+    let tract = |variant: &str| LoadOptions {
+        backend: Some(inferd::backend::BackendChoice::Tract),
+        variant: Some(variant.into()),
+    };
+    let err = engine.load("smollm2", &tract("int4")).err().expect("int4 needs ONNX Runtime");
+    assert!(err.message.contains("com.microsoft.MatMulNBits") && err.message.contains("backend ort"), "{err}");
+    let mut model = engine.load("smollm2", &tract("fp32")).unwrap();
+    let case = &reference()["cases"][0];
+    let want: Vec<u32> =
+        case["tokens"].as_array().unwrap().iter().take(4).map(|t| t.as_u64().unwrap() as u32).collect();
+    let request = GenerateRequest {
+        prompt: prompt(case),
+        params: GenerationParams { max_tokens: Some(4), temperature: Some(0.0), ..Default::default() },
+        ..Default::default()
+    };
+    let out = model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap();
+    assert_eq!(out.backend, inferd::backend::BackendKind::Tract);
+    let JobResult::Generation { tokens, .. } = out.result else { panic!("{:?}", out.result) };
+    assert_eq!(tokens, want);
+}

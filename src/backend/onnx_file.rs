@@ -13,6 +13,9 @@ use tract_onnx::prelude::Framework;
 pub struct DeclaredIo {
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
+    /// Operators outside the standard ONNX domains, as `domain.Op` (ONNX
+    /// Runtime's contrib operators such as `com.microsoft.MatMulNBits`), once each.
+    pub foreign_ops: Vec<String>,
 }
 
 /// Reads the declared inputs and outputs of the ONNX file at `path`.
@@ -22,7 +25,15 @@ pub fn declared_io(path: &Path) -> Result<DeclaredIo, String> {
     let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let inputs = graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).map(info).collect();
     let outputs = graph.output.iter().map(info).collect();
-    Ok(DeclaredIo { inputs, outputs })
+    let mut foreign_ops: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| !matches!(n.domain.as_str(), "" | "ai.onnx"))
+        .map(|n| format!("{}.{}", n.domain, n.op_type))
+        .collect();
+    foreign_ops.sort();
+    foreign_ops.dedup();
+    Ok(DeclaredIo { inputs, outputs, foreign_ops })
 }
 
 /// The model's metadata (`metadata_props`), e.g. PP-OCR's `character` dictionary.

@@ -21,6 +21,12 @@ impl TractBackend {
     pub fn load(file: &Path) -> Result<TractBackend, BackendError> {
         let load_err = |message: String| BackendError::Load { path: file.display().to_string(), message };
         let io = onnx_file::declared_io(file).map_err(load_err)?;
+        if !io.foreign_ops.is_empty() {
+            return Err(load_err(format!(
+                "tract runs standard ONNX operators only, and this graph uses {} (ONNX Runtime's own): run it on ONNX Runtime (backend ort), or pick a variant without them",
+                io.foreign_ops.join(", ")
+            )));
+        }
         let plan = tract_onnx::onnx()
             .model_for_path(file)
             .and_then(|m| m.into_optimized())
