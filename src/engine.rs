@@ -256,9 +256,12 @@ impl LoadedModel {
         Ok((stepper.start(prepared)?, timings))
     }
 
-    /// Advances `seq` by one engine call.
-    pub fn step(&mut self, seq: &mut dyn pipeline::Sequence) -> Result<(), InferError> {
-        seq.step(self.engine.as_mut())
+    /// Advances every sequence in `seqs` by one step (in one engine call where the graph allows).
+    pub fn step(&mut self, seqs: &mut [&mut (dyn pipeline::Sequence + 'static)]) -> Vec<Result<(), InferError>> {
+        match self.pipeline.stepper() {
+            Some(stepper) => stepper.step(self.engine.as_mut(), seqs),
+            None => seqs.iter().map(|_| Err(InferError::internal("the model's task runs a job in one go"))).collect(),
+        }
     }
 
     /// Whether this model's jobs are many engine calls each (they interleave), and how many run together.

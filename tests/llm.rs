@@ -106,3 +106,42 @@ fn tract_runs_the_fp32_graph_to_the_same_tokens_and_refuses_int4_by_name() {
     let JobResult::Generation { tokens, .. } = out.result else { panic!("{:?}", out.result) };
     assert_eq!(tokens, want);
 }
+
+#[test]
+fn streams_decoded_together_each_get_exactly_their_reference_answer() {
+    let reference = reference();
+    let steps = reference["steps"].as_u64().unwrap();
+    let d = Daemon::start(|c| c.models = Some(repo("models.json")));
+    // Four requests at once (the model's `parallel`): after their prompts they step as one batch.
+    let answers: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = reference["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["prompt_tokens"].as_u64().unwrap() < 100)
+            .take(4)
+            .map(|case| {
+                let client = d.client();
+                s.spawn(move || {
+                    let (path, body) = match case.get("chat") {
+                        Some(m) => ("/v1/chat/completions", json!({"model": "smollm2", "messages": m})),
+                        None => ("/v1/completions", json!({"model": "smollm2", "prompt": case["prompt"]})),
+                    };
+                    let mut body = body;
+                    body["temperature"] = json!(0);
+                    body["max_tokens"] = json!(steps);
+                    let r = client.post(path, "application/json", body.to_string().as_bytes()).unwrap();
+                    let v: Value = serde_json::from_slice(&r.body).unwrap();
+                    let choice = &v["choices"][0];
+                    let got = choice["message"]["content"].as_str().or(choice["text"].as_str()).unwrap_or_default();
+                    (got.to_string(), case["answer"].as_str().unwrap().to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answers.len(), 4);
+    for (got, want) in answers {
+        assert_eq!(got, want);
+    }
+}

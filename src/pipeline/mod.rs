@@ -393,14 +393,21 @@ pub trait Stepper {
     fn parallel(&self) -> usize;
     /// Starts a job's sequence.
     fn start(&self, input: Prepared) -> Result<Box<dyn Sequence>, InferError>;
+    /// Advances every sequence in `seqs` (all started by this stepper) by one
+    /// step — together, in one engine call, where the graph allows — and says how each went.
+    fn step(
+        &self,
+        engine: &mut dyn InferenceBackend,
+        seqs: &mut [&mut (dyn Sequence + 'static)],
+    ) -> Vec<Result<(), InferError>>;
 }
 
 /// One job of a many-call task in progress.
 pub trait Sequence: Send {
     /// Bytes it can grow to (a KV cache), so the worker refuses what memory cannot hold.
     fn memory_bytes(&self) -> u64;
-    /// One engine call.
-    fn step(&mut self, engine: &mut dyn InferenceBackend) -> Result<(), InferError>;
+    /// The task's own state, for its stepper to step.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
     /// True once it has ended.
     fn is_done(&self) -> bool;
     /// True when its client went away (nobody to answer).

@@ -82,16 +82,23 @@ pub(super) fn interleave(
             break;
         }
         set_busy(cells.busy, 0, Some(Instant::now()));
-        for a in active.iter_mut() {
-            if a.reply.is_closed() || a.seq.is_abandoned() {
-                continue; // dropped below: the client went away
-            }
-            let t = Instant::now();
-            let stepped = catch_unwind(AssertUnwindSafe(|| m.step(a.seq.as_mut()))).unwrap_or_else(|panic| {
-                Err(InferError::internal(format!("the engine panicked: {}", panic_text(&panic))))
-            });
-            a.timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
-            a.error = stepped.err();
+        // One step of every sequence whose client is still there, together.
+        let mut live: Vec<&mut Active> =
+            active.iter_mut().filter(|a| !a.reply.is_closed() && !a.seq.is_abandoned()).collect();
+        let t = Instant::now();
+        let stepped = {
+            let mut seqs: Vec<&mut (dyn crate::pipeline::Sequence + 'static)> =
+                live.iter_mut().map(|a| a.seq.as_mut()).collect();
+            let n = seqs.len();
+            catch_unwind(AssertUnwindSafe(|| m.step(&mut seqs))).unwrap_or_else(|panic| {
+                let e = InferError::internal(format!("the engine panicked: {}", panic_text(&panic)));
+                (0..n).map(|_| Err(e.clone())).collect()
+            })
+        };
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        for (a, r) in live.iter_mut().zip(stepped) {
+            a.timings.infer_ms += ms;
+            a.error = r.err();
         }
         set_busy(cells.busy, 0, None);
         cells.ctx.manager.touch(cells.model);

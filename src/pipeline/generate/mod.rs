@@ -339,6 +339,21 @@ impl super::Stepper for GeneratePipeline {
         let seq = self.generator.start(input.take()?, self.limits.max_text_bytes)?;
         Ok(Box::new(Running { generator: self.generator.clone(), seq }))
     }
+
+    fn step(
+        &self,
+        engine: &mut dyn InferenceBackend,
+        seqs: &mut [&mut (dyn super::Sequence + 'static)],
+    ) -> Vec<Result<(), InferError>> {
+        let mut own: Vec<&mut Sequence> = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            match s.as_any_mut().downcast_mut::<Running>() {
+                Some(r) => own.push(&mut r.seq),
+                None => return seqs.iter().map(|_| Err(InferError::internal("a sequence of another task"))).collect(),
+            }
+        }
+        self.generator.step_together(engine, &mut own)
+    }
 }
 
 /// A sequence and the generator that advances it.
@@ -352,8 +367,8 @@ impl super::Sequence for Running {
         self.generator.cache_bytes(&self.seq)
     }
 
-    fn step(&mut self, engine: &mut dyn InferenceBackend) -> Result<(), InferError> {
-        self.generator.step(engine, &mut self.seq)
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn is_done(&self) -> bool {
@@ -545,27 +560,13 @@ impl Generator {
         }
         let past = std::mem::take(&mut seq.past);
         for (i, t) in past.into_iter().enumerate() {
-            inputs.push((kv_name(&names.past, i / 2, if i % 2 == 0 { "key" } else { "value" }), t));
+            inputs.push((self.cache_name(&names.past, i), t));
         }
         let mut outputs = engine.run(inputs)?;
-        let mut take = |name: &str| -> Result<Tensor, InferError> {
-            let i = outputs
-                .iter()
-                .position(|(n, _)| n == name)
-                .ok_or_else(|| InferError::internal(format!("the model gave no output '{name}'")))?;
-            Ok(outputs.swap_remove(i).1)
-        };
-        let logits = take(&names.logits)?;
+        let logits = take_output(&mut outputs, &names.logits)?;
+        let mut presents = Vec::with_capacity(2 * self.layout.layers);
         for i in 0..2 * self.layout.layers {
-            let present = take(&kv_name(&names.present, i / 2, if i % 2 == 0 { "key" } else { "value" }))?;
-            if present.shape.get(2) != Some(&(fed + n)) {
-                return Err(InferError::internal(format!(
-                    "cache output {i} has shape {:?}; expected {} positions",
-                    present.shape,
-                    fed + n
-                )));
-            }
-            seq.past.push(present);
+            presents.push(take_output(&mut outputs, &self.cache_name(&names.present, i))?);
         }
         let vocab = *logits.shape.last().unwrap_or(&0);
         let TensorData::F32(all) = logits.data else {
@@ -574,7 +575,136 @@ impl Generator {
         if vocab == 0 || all.len() < vocab {
             return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
         }
-        let next = seq.sampler.pick(&all[all.len() - vocab..]) as u32;
+        self.absorb(seq, &all[all.len() - vocab..], presents)
+    }
+
+    /// `past.{layer}.{kv}` (or `present`) of cache tensor `i` (key and value alternate).
+    fn cache_name(&self, pattern: &str, i: usize) -> String {
+        kv_name(pattern, i / 2, if i % 2 == 0 { "key" } else { "value" })
+    }
+
+    /// Advances every sequence by one step. Sequences past their prompt step
+    /// together in one engine call, their caches left-padded to the longest
+    /// and the padding masked out (each keeps its own positions); prompts, and
+    /// graphs without an attention mask and position ids, run one by one.
+    pub fn step_together(&self, engine: &mut dyn InferenceBackend, seqs: &mut [&mut Sequence]) -> Vec<Result<(), InferError>> {
+        let batchable = self.layout.attention_mask && self.layout.position_ids;
+        let decoding: Vec<usize> = (0..seqs.len())
+            .filter(|&i| batchable && seqs[i].finish.is_none() && seqs[i].feed.len() == 1)
+            .collect();
+        let mut results: Vec<Result<(), InferError>> = (0..seqs.len()).map(|_| Ok(())).collect();
+        if decoding.len() > 1 {
+            let mut group: Vec<&mut Sequence> = Vec::with_capacity(decoding.len());
+            for (i, s) in seqs.iter_mut().enumerate() {
+                if decoding.contains(&i) {
+                    group.push(&mut **s);
+                }
+            }
+            let outcome = self.step_batch(engine, &mut group);
+            for (&i, r) in decoding.iter().zip(outcome) {
+                results[i] = r;
+            }
+        }
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if decoding.len() <= 1 || !decoding.contains(&i) {
+                results[i] = self.step(engine, s);
+            }
+        }
+        results
+    }
+
+    /// One decoding step of several sequences as one engine call.
+    fn step_batch(&self, engine: &mut dyn InferenceBackend, seqs: &mut [&mut Sequence]) -> Vec<Result<(), InferError>> {
+        let names = &self.spec.names;
+        let (b, heads, hd) = (seqs.len(), self.layout.heads, self.layout.head_dim);
+        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - 1).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let mut mask = vec![0i64; b * (longest + 1)];
+        for (row, &len) in lens.iter().enumerate() {
+            mask[row * (longest + 1) + longest - len..(row + 1) * (longest + 1)].fill(1);
+        }
+        let mut inputs: NamedTensors = vec![
+            (
+                names.input_ids.clone(),
+                Tensor { shape: vec![b, 1], data: TensorData::I64(seqs.iter().map(|s| s.feed[0] as i64).collect()) },
+            ),
+            (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
+            (
+                names.position_ids.clone(),
+                Tensor { shape: vec![b, 1], data: TensorData::I64(lens.iter().map(|&l| l as i64).collect()) },
+            ),
+        ];
+        for i in 0..2 * self.layout.layers {
+            // Each row's cache right-aligned in [heads, longest, head_dim]; zeros (masked) before it.
+            let mut data = vec![0f32; b * heads * longest * hd];
+            for (row, s) in seqs.iter().enumerate() {
+                let TensorData::F32(src) = &s.past[i].data else { continue };
+                let len = lens[row];
+                for h in 0..heads {
+                    let to = ((row * heads + h) * longest + longest - len) * hd;
+                    data[to..to + len * hd].copy_from_slice(&src[h * len * hd..(h + 1) * len * hd]);
+                }
+            }
+            inputs.push((self.cache_name(&names.past, i), Tensor { shape: vec![b, heads, longest, hd], data: TensorData::F32(data) }));
+        }
+        let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
+        let mut outputs = match engine.run(inputs) {
+            Ok(o) => o,
+            Err(e) => return fail(e.into()),
+        };
+        let logits = match take_output(&mut outputs, &names.logits) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        let mut presents: Vec<Vec<f32>> = Vec::with_capacity(2 * self.layout.layers);
+        for i in 0..2 * self.layout.layers {
+            match take_output(&mut outputs, &self.cache_name(&names.present, i)) {
+                Ok(Tensor { shape, data: TensorData::F32(v) }) if shape == [b, heads, longest + 1, hd] => presents.push(v),
+                Ok(t) => return fail(InferError::internal(format!("cache output {i} has shape {:?}", t.shape))),
+                Err(e) => return fail(e),
+            }
+        }
+        let (vocab, TensorData::F32(all)) = (*logits.shape.last().unwrap_or(&0), &logits.data) else {
+            return fail(InferError::internal("the logits are not f32"));
+        };
+        if vocab == 0 || all.len() != b * vocab {
+            return fail(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
+        }
+        let total = longest + 1;
+        seqs.iter_mut()
+            .enumerate()
+            .map(|(row, s)| {
+                let keep = lens[row] + 1;
+                let own: Vec<Tensor> = presents
+                    .iter()
+                    .map(|p| {
+                        let mut v = Vec::with_capacity(heads * keep * hd);
+                        for h in 0..heads {
+                            let from = ((row * heads + h) * total + total - keep) * hd;
+                            v.extend_from_slice(&p[from..from + keep * hd]);
+                        }
+                        Tensor { shape: vec![1, heads, keep, hd], data: TensorData::F32(v) }
+                    })
+                    .collect();
+                s.past.clear();
+                self.absorb(s, &all[row * vocab..(row + 1) * vocab], own)
+            })
+            .collect()
+    }
+
+    /// Takes a step's outcome into `seq`: its new cache, and the next token picked from `logits`.
+    fn absorb(&self, seq: &mut Sequence, logits: &[f32], presents: Vec<Tensor>) -> Result<(), InferError> {
+        let fed = seq.tokens.len();
+        for (i, present) in presents.iter().enumerate() {
+            if present.shape.get(2) != Some(&fed) {
+                return Err(InferError::internal(format!(
+                    "cache output {i} has shape {:?}; expected {fed} positions",
+                    present.shape
+                )));
+            }
+        }
+        seq.past = presents;
+        let next = seq.sampler.pick(logits) as u32;
         seq.tokens.push(next);
         seq.feed = vec![next];
         let generated = seq.tokens.len() - seq.prompt_tokens;
@@ -669,6 +799,15 @@ impl Generator {
         }
         Ok(self.result(seq))
     }
+}
+
+/// Removes the output `name` from `outputs`.
+fn take_output(outputs: &mut NamedTensors, name: &str) -> Result<Tensor, InferError> {
+    let i = outputs
+        .iter()
+        .position(|(n, _)| n == name)
+        .ok_or_else(|| InferError::internal(format!("the model gave no output '{name}'")))?;
+    Ok(outputs.swap_remove(i).1)
 }
 
 /// Cuts `text` before the first of `stop` in it; says whether one was found.
