@@ -580,7 +580,7 @@ impl Generator {
 
     /// `past.{layer}.{kv}` (or `present`) of cache tensor `i` (key and value alternate).
     fn cache_name(&self, pattern: &str, i: usize) -> String {
-        kv_name(pattern, i / 2, if i % 2 == 0 { "key" } else { "value" })
+        kv_name(pattern, i / 2, if i.is_multiple_of(2) { "key" } else { "value" })
     }
 
     /// Advances every sequence by one step. Sequences past their prompt step
