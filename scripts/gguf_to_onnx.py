@@ -6,9 +6,11 @@ without torch:
   fp32.onnx       every weight dequantised to f32 (standard ONNX ops only:
                   ONNX Runtime and tract both run it)
   int4.onnx       the Q4_1 matrices kept 4-bit as ONNX Runtime's MatMulNBits
-                  (block 32; Q4_1's scale d and minimum m become scale d and a
-                  float zero point -m/d, so d * (q - zp) = d * q + m exactly as
-                  GGUF defines it); embeddings and the tied output head in f32
+                  (block 32, scale d, zero point 0) plus, per block, its minimum m
+                  times the block's sum of the input: x·(d·q + m) exactly as GGUF
+                  defines the weights (a float zero point -m/d would say the same,
+                  but ONNX Runtime's fast 4-bit kernels take only uint8 ones);
+                  embeddings and the tied output head in f32
   tokenizer.json  the GGUF's byte-level BPE (vocabulary, merges, special tokens)
                   as a Hugging Face tokenizer
   chat.json       the chat template of the GGUF, in models.json's form
@@ -121,10 +123,15 @@ def build(reader, cfg, int4):
             order = unpermute_rows(q.shape[0], n_head)
             q, d, m = q[order], d[order], m[order]
         n, k = q.shape
-        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // 32, 16)
-        zp = (-m / d).astype(np.float32)
-        return b("MatMulNBits", [x, g.init(packed, "q4"), g.init(d.reshape(-1), "scale"), g.init(zp.reshape(-1), "zp")],
-                 domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=0)
+        blocks = k // 32
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, 16)
+        # d * q through MatMulNBits with zero points 0 (uint8: ONNX Runtime's fast 4-bit kernels
+        # take those, not float ones), plus each block's minimum m times the sum of x over the block.
+        zeros = np.zeros(n * ((blocks + 1) // 2), np.uint8)
+        scaled = b("MatMulNBits", [x, g.init(packed, "q4"), g.init(d.reshape(-1), "scale"), g.init(zeros, "zp")],
+                   domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=0)
+        sums = b("ReduceSum", [b("Reshape", [x, g.const([0, 0, blocks, 32])]), g.const([-1])], keepdims=0)
+        return b("Add", [scaled, b("MatMul", [sums, g.init(m.T.copy(), "min")])])
 
     def rms_norm(x, name):
         w = g.init(dequantize(tensors[name]).reshape(-1), "norm")

