@@ -733,8 +733,8 @@ impl Generator {
             return self.end(seq, FinishReason::Stop);
         }
         // Hold back a tail that may still become a stop string, or a character still being spelled byte by byte.
-        let hold = seq.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
-        let mut settled = seq.text.len().saturating_sub(hold);
+        let hold = stop_prefix_tail(&seq.text, &seq.stop);
+        let mut settled = seq.text.len() - hold;
         while !seq.text.is_char_boundary(settled) {
             settled -= 1;
         }
@@ -801,6 +801,15 @@ impl Generator {
     }
 }
 
+/// Bytes at the end of `text` that begin one of `stop` (and so may still
+/// become it): the longest such tail, 0 when none does.
+fn stop_prefix_tail(text: &str, stop: &[String]) -> usize {
+    stop.iter()
+        .flat_map(|s| (1..s.len()).rev().filter(move |&n| s.is_char_boundary(n) && text.ends_with(&s[..n])))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Removes the output `name` from `outputs`.
 fn take_output(outputs: &mut NamedTensors, name: &str) -> Result<Tensor, InferError> {
     let i = outputs
@@ -824,6 +833,16 @@ fn cut_at_stop(text: &mut String, stop: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_tail_that_may_become_a_stop_string_is_held_back() {
+        let stop = vec!["<|im_start|>".to_string(), "\nUser:".to_string()];
+        assert_eq!(stop_prefix_tail("Paris.", &stop), 0);
+        assert_eq!(stop_prefix_tail("Paris.<|im", &stop), 4);
+        assert_eq!(stop_prefix_tail("Paris.\nUse", &stop), 4);
+        assert_eq!(stop_prefix_tail("a <", &stop), 1);
+        assert_eq!(stop_prefix_tail("", &stop), 0);
+    }
 
     #[test]
     fn chat_messages_render_through_the_template() {
