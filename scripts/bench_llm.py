@@ -4,7 +4,11 @@ first token (prefill), prefill and decode tokens/s, and the daemon's RSS, for
 1 and 4 concurrent streams, on each variant of a model.
 
     scripts/setup.sh && cargo build --release --locked
-    python3 scripts/bench_llm.py [--model smollm2] [--variants fp32,int4] [--tokens 128]
+    python3 scripts/bench_llm.py [--model smollm2] [--variants fp32,int4] [--tokens 128] \
+        [--genai-python /tmp/genai/bin/python]
+
+With --genai-python (a Python with onnxruntime-genai, see scripts/peers/genai_llm.py)
+the same ONNX files also run under onnxruntime-genai, one stream, same threads.
 
 It starts target/release/inferd on a private socket with the variant forced
 (memory.budget_mb is left alone; the variant is pinned through a one-model
@@ -146,12 +150,21 @@ def main():
     ap.add_argument("--variants", default="fp32,int4")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--genai-python", help="a Python with onnxruntime-genai: run it as the peer")
     args = ap.parse_args()
-    print("| variant | streams | time to first token ms | prefill tok/s | decode tok/s (all streams) | RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | variant | streams | time to first token ms | prefill tok/s | decode tok/s (all streams) | RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     for variant in args.variants.split(","):
         for r in run_variant(args.model, variant, args.tokens, args.threads):
-            print(f"| {r['variant']} | {r['streams']} | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
+            print(f"| inferd | {r['variant']} | {r['streams']} | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
+                  f"{r['decode_tok_s']:.1f} | {r['rss_mib']:.0f} |", flush=True)
+        if args.genai_python:
+            out = subprocess.run([args.genai_python, str(ROOT / "scripts/peers/genai_llm.py"), variant,
+                                  str(args.tokens), json.dumps(PROMPTS[:1])], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"onnxruntime-genai failed: {out.stderr}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| onnxruntime-genai | {variant} | 1 | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
                   f"{r['decode_tok_s']:.1f} | {r['rss_mib']:.0f} |", flush=True)
 
 
