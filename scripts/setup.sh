@@ -163,7 +163,7 @@ SMOL_DIR="$ROOT/models/fetched/smollm2"
 # What the converter writes, byte for byte (models.json pins the same sums).
 SMOL_SUMS="1e85405fa15a55d4ad96f8e8648353f5d93823eae77546d2733745371ea34c15  $SMOL_DIR/fp32.onnx
 796671b977d2d39e66acc44eb01d76fafc56ca689315971d17786906f86ad55d  $SMOL_DIR/int4.onnx"
-if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - 2>/dev/null || [ ! -f "$SMOL_DIR/expected.json" ]; then
+if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ]; then
   VENV="$ROOT/.cache/convert-venv"
   if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then
     log "creating the converter's Python environment in .cache/convert-venv"
