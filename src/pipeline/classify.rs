@@ -38,7 +38,7 @@ impl TaskSpec for ClassificationSpec {
     }
 
     fn files(&self) -> Vec<(String, &Path)> {
-        self.labels.iter().map(|l| (".labels".to_string(), l.as_path())).collect()
+        super::label_file(&self.labels)
     }
 
     fn batches(&self) -> bool {

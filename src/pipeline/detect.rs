@@ -40,7 +40,7 @@ impl TaskSpec for DetectionTaskSpec {
     }
 
     fn files(&self) -> Vec<(String, &Path)> {
-        self.labels.iter().map(|l| (".labels".to_string(), l.as_path())).collect()
+        super::label_file(&self.labels)
     }
 
     fn batches(&self) -> bool {

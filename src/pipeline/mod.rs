@@ -292,6 +292,11 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, String> {
     Ok(labels)
 }
 
+/// A section's `labels` file as [`TaskSpec::files`] lists it.
+fn label_file(labels: &Option<PathBuf>) -> Vec<(String, &Path)> {
+    labels.iter().map(|l| (".labels".to_string(), l.as_path())).collect()
+}
+
 /// The labels at `file` (relative to `dir`), or none when the section names no file.
 fn labels_at(dir: &Path, file: Option<&PathBuf>) -> Result<Vec<String>, InferError> {
     match file {
