@@ -90,9 +90,16 @@ impl Client {
         head.push_str("\r\n");
         let sent = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body));
         // The daemon may answer (413, 404...) and close before the whole body
-        // is sent: read its answer before reporting the broken write.
+        // is sent: read its answer before reporting the broken write. Closing
+        // with our unread body in its queue makes the kernel report a reset
+        // to us after the answer's bytes, so an answer read before an error counts.
         let mut raw = Vec::new();
         let read = stream.read_to_end(&mut raw);
+        if !raw.is_empty()
+            && let Ok(response) = parse_response(&raw)
+        {
+            return Ok(response);
+        }
         match (sent, read) {
             (_, Ok(_)) if !raw.is_empty() => parse_response(&raw),
             (Err(e), _) | (Ok(()), Err(e)) => Err(ClientError::Io(e)),
