@@ -110,9 +110,18 @@ impl Engine {
     /// checks models.json against what the model declares.
     pub fn load(&self, name: &str, options: &LoadOptions) -> Result<LoadedModel, InferError> {
         let model = self.registry.get(name).ok_or_else(|| InferError::unknown_model(name))?;
-        let probe = Arc::new(crate::memory::SystemProbe::default());
-        let manager = crate::manager::Manager::new(self.config.memory.clone(), probe, self.registry_arc());
-        let choice = manager.plan_load(model, options.variant.as_deref())?;
+        // A variant already decided (by a worker's manager, or asked for) needs no memory figures.
+        let (variant, variant_reason) = match options.variant.as_deref() {
+            Some(name) => {
+                (model.variants[crate::manager::requested(model, name)?].name.clone(), "requested".to_string())
+            }
+            None => {
+                let probe = Arc::new(crate::memory::SystemProbe::default());
+                let manager = crate::manager::Manager::new(self.config.memory.clone(), probe, self.registry_arc());
+                let plan = manager.plan_load(model, None)?;
+                (plan.variant, plan.reason)
+            }
+        };
         let mut engine_plan = self.plan(name, options.backend)?;
         if engine_plan.backend.backend == backend::BackendKind::Ort {
             // The plan saw the library's file; loading it can still fail (a broken or foreign file).
@@ -124,8 +133,8 @@ impl Engine {
         let plan = Plan {
             model: model.name.clone(),
             task: model.task.task(),
-            variant: choice.variant,
-            variant_reason: choice.reason,
+            variant,
+            variant_reason,
             backend: engine_plan.backend,
             providers: engine_plan.providers,
             strict_providers: engine_plan.strict_providers,

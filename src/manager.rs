@@ -84,6 +84,16 @@ pub fn choose(needs: &[VariantNeed], room: u64, headroom: u64) -> Result<(usize,
     ))
 }
 
+/// The index of `model`'s variant `name`, asked for by name (a request or a
+/// pressure swap): no memory figure decides it.
+pub fn requested(model: &ModelSpec, name: &str) -> Result<usize, InferError> {
+    model
+        .variants
+        .iter()
+        .position(|v| v.name == name)
+        .ok_or_else(|| InferError::bad_input(format!("model '{}' has no variant '{name}'", model.name)))
+}
+
 /// A loaded model as eviction sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resident {
@@ -374,13 +384,7 @@ impl Manager {
         let residents = self.residents_except(&model.name);
         let evictable: u64 = residents.iter().filter(|r| !r.pinned).map(|r| r.bytes).sum();
         let (index, reason) = match requested {
-            Some(name) => {
-                let i = needs
-                    .iter()
-                    .position(|n| n.name == name)
-                    .ok_or_else(|| InferError::bad_input(format!("model '{}' has no variant '{name}'", model.name)))?;
-                (i, "requested".to_string())
-            }
+            Some(name) => (self::requested(model, name)?, "requested".to_string()),
             None => choose(&needs, room.saturating_add(evictable), headroom)
                 .map_err(|why| InferError::unavailable(format!("model '{}' cannot load: {why}", model.name)))?,
         };
