@@ -72,6 +72,11 @@ pub struct GenerationParams {
     /// The text ends before the first of these: one string or a list.
     #[serde(default, deserialize_with = "one_or_many")]
     pub stop: Vec<String>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}}}`:
+    /// a JSON answer is kept to by constrained decoding.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// One string or a list of strings, as a list (`null` is none).

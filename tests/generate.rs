@@ -244,7 +244,19 @@ fn over_long_prompts_and_bad_settings_get_clear_errors_and_the_model_keeps_servi
         (json!({"model": "tiny-gpt", "prompt": "Hi", "max_tokens": 0}), "max_tokens must be 1..=64"),
         (json!({"model": "tiny-gpt", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}), "at most 4 stop strings"),
         (json!({"model": "tiny-gpt", "prompt": "Hi", "response_format": {"type": "xml"}}), "unknown response_format"),
-        (json!({"model": "tiny-gpt", "prompt": "Hi", "response_format": {"type": "json_object"}}), "not supported yet"),
+        (json!({"model": "tiny-gpt", "prompt": "Hi", "response_format": {}}), "response_format needs a \"type\""),
+        (
+            json!({"model": "tiny-gpt", "prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}}),
+            "properties.n: 'minimum' is not supported",
+        ),
+        (
+            json!({"model": "tiny-gpt", "prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "needs {\"json_schema\"",
+        ),
+        (
+            json!({"model": "tiny-gpt", "prompt": "Hi", "stop": "}", "response_format": {"type": "json_object"}}),
+            "stop strings do not go with a JSON response_format",
+        ),
     ] {
         let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
         let (status, v) = post(&d, path, body.clone());
@@ -253,6 +265,80 @@ fn over_long_prompts_and_bad_settings_get_clear_errors_and_the_model_keeps_servi
     }
     let (status, v) = post(&d, "/v1/completions", json!({"model": "tiny-gpt", "prompt": "Hi", "max_tokens": 3}));
     assert_eq!((status, v["usage"]["completion_tokens"].clone()), (200, json!(3)), "{v}");
+}
+
+/// What a receipt extractor asks for (nesting, arrays, enums, integers, optional fields).
+fn receipt_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "merchant": {"type": "string", "maxLength": 30},
+            "total": {"type": "number"},
+            "currency": {"enum": ["EUR", "USD"]},
+            "paid": {"type": "boolean"},
+            "items": {"type": "array", "maxItems": 4, "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "qty": {"type": "integer"}, "note": {"type": ["string", "null"]}},
+                "required": ["name", "qty"]
+            }}
+        },
+        "required": ["merchant", "total", "items"]
+    })
+}
+
+/// A random-weight model writes noise; kept to a schema, its answer still
+/// parses and validates (checked with an independent JSON Schema validator),
+/// whether it closes the value itself or its token budget cuts it short.
+#[test]
+fn json_answers_always_parse_and_keep_to_the_schema_whole_and_streamed() {
+    let d = daemon();
+    let schema = receipt_schema();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let formats = [
+        json!({"type": "json_schema", "json_schema": {"name": "receipt", "schema": schema, "strict": true}}),
+        json!({"type": "json_object"}),
+    ];
+    let (mut closed, mut cut) = (0, 0);
+    for seed in 0..8 {
+        for (i, format) in formats.iter().enumerate() {
+            let max_tokens = [64, 6][seed as usize % 2];
+            let body = json!({"model": "tiny-gpt", "messages": [{"role": "user", "content": "Read the receipt."}],
+                "temperature": 1.0, "seed": seed, "max_tokens": max_tokens, "response_format": format});
+            let (status, v) = post(&d, "/v1/chat/completions", body);
+            assert_eq!(status, 200, "{v}");
+            let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+            let answer: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
+            if i == 0 {
+                let errors: Vec<String> = validator.iter_errors(&answer).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{content} does not validate: {errors:?}");
+            } else {
+                assert!(answer.is_object(), "{content}");
+            }
+            match v["choices"][0]["finish_reason"].as_str().unwrap() {
+                "stop" => closed += 1,
+                "length" => cut += 1,
+                other => panic!("finish_reason {other}"),
+            }
+            assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= max_tokens, "{v}");
+        }
+    }
+    assert!(closed > 0 && cut > 0, "both ends were seen: {closed} closed, {cut} cut short");
+
+    // Streamed: the pieces add up to the same valid answer.
+    let body = json!({"model": "tiny-gpt", "prompt": "Receipt:", "temperature": 0, "max_tokens": 40, "stream": true,
+        "response_format": formats[0]});
+    let r = d.client().post("/v1/completions", "application/json", body.to_string().as_bytes()).unwrap();
+    assert_eq!(r.status, 200);
+    let events = events(&r.body);
+    let joined: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let (_, v) = post(&d, "/v1/completions", whole);
+    assert_eq!(joined, v["choices"][0]["text"].as_str().unwrap());
+    assert!(validator.is_valid(&serde_json::from_str::<Value>(&joined).unwrap()), "{joined}");
 }
 
 #[test]
@@ -306,6 +392,22 @@ async fn mqtt_generation_publishes_partials_then_the_whole_text() {
     assert_eq!(result["result"]["text"], text.as_str(), "{result}");
     assert_eq!(result["result"]["finish_reason"], "length");
     assert_eq!(partial, text, "the partial messages add up to the text");
+
+    // A JSON answer over MQTT: the same response_format as the OpenAI API.
+    let schema = receipt_schema();
+    let job = json!({"id": "g2", "prompt": prompt, "max_tokens": 30, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "receipt", "schema": schema}}});
+    client.publish("inferd/gen/jobs/tiny-gpt", job.to_string()).await;
+    let m = client.recv(Duration::from_secs(30)).await.json();
+    assert_eq!(m["id"], "g2", "{m}");
+    let text = m["result"]["text"].as_str().unwrap_or_else(|| panic!("{m}"));
+    let answer: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    assert!(jsonschema::is_valid(&schema, &answer), "{text}");
+    let bad = json!({"id": "g3", "prompt": prompt, "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+        "schema": {"type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}}}}});
+    client.publish("inferd/gen/jobs/tiny-gpt", bad.to_string()).await;
+    let m = client.recv(Duration::from_secs(30)).await.json();
+    assert!(m["error"]["message"].as_str().is_some_and(|e| e.contains("'pattern' is not supported")), "{m}");
 }
 
 #[test]

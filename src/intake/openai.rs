@@ -40,9 +40,6 @@ struct Common {
     stream: bool,
     #[serde(default)]
     n: Option<usize>,
-    /// `{"type": "text"}` only, for now: a JSON answer is refused rather than not kept to.
-    #[serde(default)]
-    response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,22 +138,6 @@ pub fn parse_request(bytes: &[u8], chat: bool) -> Result<(String, GenerateReques
     };
     if c.n.is_some_and(|n| n != 1) {
         return Err(InferError::bad_input("n must be 1: one choice per request"));
-    }
-    if let Some(format) = &c.response_format {
-        match format.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(kind @ ("json_object" | "json_schema")) => {
-                return Err(InferError::bad_input(format!(
-                    "response_format '{kind}' is not supported yet: inferd does not constrain the answer to JSON, so it refuses rather than return text that may not parse"
-                )));
-            }
-            Some(other) => {
-                return Err(InferError::bad_input(format!(
-                    "unknown response_format type '{other}' (text, json_object or json_schema)"
-                )));
-            }
-            None => return Err(InferError::bad_input("response_format needs a \"type\"")),
-        }
     }
     if c.params.stop.len() > 4 {
         return Err(InferError::bad_input("at most 4 stop strings"));

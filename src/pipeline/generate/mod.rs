@@ -11,6 +11,7 @@
 //! seed); a sequence ends at an end-of-sequence token, a stop string, its
 //! `max_tokens`, or the model's context length.
 
+mod json;
 mod sample;
 
 use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
@@ -19,6 +20,7 @@ use crate::config::Limits;
 use crate::error::InferError;
 use crate::job::{FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Prompt, Timings, Usage};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
+use json::{Constraint, TokenBytes};
 use sample::Sampler;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -404,6 +406,8 @@ pub struct Generator {
     tokenizer: tokenizers::Tokenizer,
     layout: Layout,
     eos: Vec<u32>,
+    /// Each token's bytes, read on the first request with a `response_format`.
+    vocab: std::sync::OnceLock<TokenBytes>,
 }
 
 /// One request's generation: its tokens, its cache and where it stands.
@@ -424,6 +428,8 @@ pub struct Sequence {
     streamed: usize,
     stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     finish: Option<FinishReason>,
+    /// The JSON the answer is kept to (`response_format`).
+    constraint: Option<Constraint>,
 }
 
 impl Sequence {
@@ -455,7 +461,7 @@ impl Generator {
                 InferError::unavailable(format!("the end-of-sequence token '{t}' is not in the tokenizer's vocabulary"))
             })?);
         }
-        Ok(Generator { spec, tokenizer, layout, eos })
+        Ok(Generator { spec, tokenizer, layout, eos, vocab: std::sync::OnceLock::new() })
     }
 
     /// Bytes the KV cache of `seq` can reach (its prompt plus `max_tokens`,
@@ -474,11 +480,22 @@ impl Generator {
 
     /// Starts a sequence: renders and tokenises the prompt and checks it against the limits.
     pub fn start(&self, request: GenerateRequest, max_text_bytes: usize) -> Result<Sequence, InferError> {
+        let grammar = match &request.params.response_format {
+            None => None,
+            Some(format) => json::parse_response_format(format).map_err(InferError::bad_input)?,
+        };
         let mut stop = request.params.stop.clone();
+        if grammar.is_some() && stop.iter().any(|s| !s.is_empty()) {
+            return Err(InferError::bad_input(
+                "stop strings do not go with a JSON response_format: the answer ends when its JSON value closes",
+            ));
+        }
         let prompt = match &request.prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(messages) => {
-                stop.extend(self.spec.chat_template.stop.iter().cloned());
+                if grammar.is_none() {
+                    stop.extend(self.spec.chat_template.stop.iter().cloned());
+                }
                 self.spec.chat_template.render(messages)?
             }
         };
@@ -531,6 +548,7 @@ impl Generator {
             streamed: 0,
             stream: request.stream,
             finish: None,
+            constraint: grammar.map(|g| Constraint::new(Arc::new(g))),
         })
     }
 
@@ -704,7 +722,15 @@ impl Generator {
             }
         }
         seq.past = presents;
-        let next = seq.sampler.pick(logits) as u32;
+        let next = match seq.constraint.as_mut() {
+            None => seq.sampler.pick(logits),
+            Some(c) => self.pick_constrained(c, &mut seq.sampler, logits)?,
+        } as u32;
+        if let Some(c) = seq.constraint.as_mut()
+            && !c.accept(self.vocab(), next as usize)
+        {
+            return Err(InferError::internal("the picked token does not continue the JSON answer"));
+        }
         seq.tokens.push(next);
         seq.feed = vec![next];
         let generated = seq.tokens.len() - seq.prompt_tokens;
@@ -716,10 +742,45 @@ impl Generator {
         if seq.finish.is_some() {
             return Ok(());
         }
+        if seq.constraint.as_ref().is_some_and(Constraint::is_done) {
+            return self.end(seq, FinishReason::Stop);
+        }
         if generated >= seq.max_tokens || seq.tokens.len() >= self.spec.context_length {
             return self.end(seq, FinishReason::Length);
         }
         Ok(())
+    }
+
+    fn vocab(&self) -> &TokenBytes {
+        self.vocab.get_or_init(|| TokenBytes::of(&self.tokenizer))
+    }
+
+    /// Picks the next token among those that continue the JSON answer. Greedy
+    /// decoding tries the likeliest tokens first (usually the best is
+    /// allowed); sampling, and a greedy pick that finds none soon, masks the
+    /// whole vocabulary.
+    fn pick_constrained(&self, c: &mut Constraint, sampler: &mut Sampler, logits: &[f32]) -> Result<usize, InferError> {
+        let vocab = self.vocab();
+        if sampler.is_greedy() {
+            let mut best = sample::argmax(logits);
+            if c.allows(vocab, best) {
+                return Ok(best);
+            }
+            let mut rest = logits.to_vec();
+            for _ in 0..32 {
+                rest[best] = f32::NEG_INFINITY;
+                best = sample::argmax(&rest);
+                if c.allows(vocab, best) {
+                    return Ok(best);
+                }
+            }
+        }
+        let masked: Vec<f32> =
+            logits.iter().enumerate().map(|(t, &v)| if c.allows(vocab, t) { v } else { f32::NEG_INFINITY }).collect();
+        if !masked.iter().any(|v| v.is_finite()) {
+            return Err(InferError::internal("no token of the vocabulary continues the JSON answer"));
+        }
+        Ok(sampler.pick(&masked))
     }
 
     /// Decodes the generated tokens, cuts at a stop string, and streams what is settled.
@@ -759,6 +820,10 @@ impl Generator {
                 .decode(&seq.tokens[seq.prompt_tokens..], false)
                 .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
             cut_at_stop(&mut seq.text, &seq.stop);
+        }
+        if let Some(c) = seq.constraint.as_ref().filter(|c| !c.is_done()) {
+            // Cut short by its budget: the shortest text that closes the JSON value.
+            seq.text.push_str(&c.completion());
         }
         seq.finish = Some(reason);
         let all = seq.text.len();

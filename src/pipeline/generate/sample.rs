@@ -29,10 +29,14 @@ impl Sampler {
         Ok(Sampler { temperature, top_k: r.top_k.unwrap_or(0), top_p, rng: SplitMix64(seed) })
     }
 
+    /// True when the pick is the likeliest token.
+    pub(super) fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+
     pub(super) fn pick(&mut self, logits: &[f32]) -> usize {
-        let argmax =
-            || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
-        if self.temperature == 0.0 || self.top_k == 1 {
+        let argmax = || argmax(logits);
+        if self.is_greedy() {
             return argmax();
         }
         let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
@@ -70,6 +74,11 @@ impl Sampler {
         }
         order[probs.len() - 1]
     }
+}
+
+/// The index of the largest finite logit (the first of equals; 0 when none is finite).
+pub(super) fn argmax(logits: &[f32]) -> usize {
+    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
 }
 
 /// A small, fast generator with a fixed sequence per seed (Steele et al.'s SplitMix64).
