@@ -80,6 +80,24 @@ fn chat_through_the_api_answers_the_question_and_memory_picks_the_variant() {
             let reason = info["variant_reason"].as_str().unwrap();
             assert!(reason.contains("too big: 'fp32'"), "{reason}");
         }
+
+        // Structured output: receipt fields from OCR lines, as JSON that keeps to the schema.
+        let schema = json!({"type": "object", "properties": {
+            "merchant": {"type": "string"}, "date": {"type": "string"}, "total": {"type": "number"},
+            "currency": {"enum": ["EUR", "USD", "GBP"]}}, "required": ["merchant", "date", "total", "currency"]});
+        let lines = "Cafe Lumiere\nRue des Fleurs 8, Lyon\n03/11/202608:15\n2 x Espresso\n5.00\nCroissant\n2.40\nTotal EUR\n7.40";
+        let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 80,
+            "messages": [{"role": "system", "content": "You extract receipt fields as JSON."},
+                         {"role": "user", "content": format!("Receipt text:\n{lines}\n\nGive merchant, date, total and currency as JSON.")}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "receipt", "schema": schema}}});
+        let r = d.client().post("/v1/chat/completions", "application/json", body.to_string().as_bytes()).unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(r.status, 200, "{v}");
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+        let receipt: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{content}: {e}"));
+        assert!(jsonschema::is_valid(&schema, &receipt), "{content}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{variant}: the model closed the object itself: {content}");
+        assert_eq!((receipt["merchant"].as_str(), receipt["total"].as_f64()), (Some("Cafe Lumiere"), Some(7.4)), "{variant}: {content}");
     }
 }
 
