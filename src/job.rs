@@ -76,7 +76,7 @@ pub struct GenerationParams {
     /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}}}`:
     /// a JSON answer is kept to by constrained decoding.
     #[serde(default)]
-    pub response_format: Option<serde_json::Value>,
+    pub response_format: Option<Box<serde_json::Value>>,
 }
 
 /// One string or a list of strings, as a list (`null` is none).

@@ -32,8 +32,21 @@ pub enum NeedSource {
 pub struct VariantNeed {
     pub name: String,
     pub quality: u32,
+    /// Weights and sessions: what the model is charged once loaded.
     pub bytes: u64,
     pub source: NeedSource,
+    /// Room to leave beyond `bytes` for the work itself (a decoder's KV
+    /// cache), counted when choosing, not charged: requests are admitted
+    /// against the memory really free.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub working: Option<(u64, String)>,
+}
+
+impl VariantNeed {
+    /// What choosing this variant must find free (before headroom).
+    pub fn total(&self) -> u64 {
+        self.bytes.saturating_add(self.working.as_ref().map_or(0, |w| w.0))
+    }
 }
 
 /// A variant's need: the larger of its measured footprint and its
@@ -54,7 +67,12 @@ fn need_text(n: &VariantNeed) -> String {
         NeedSource::Estimate => "estimated",
         NeedSource::FileSize => "from file size",
     };
-    format!("'{}' needs {} MiB ({source})", n.name, mib(n.bytes))
+    match &n.working {
+        Some((bytes, what)) => {
+            format!("'{}' needs {} MiB ({source}) + {} MiB for {what}", n.name, mib(n.bytes), mib(*bytes))
+        }
+        None => format!("'{}' needs {} MiB ({source})", n.name, mib(n.bytes)),
+    }
 }
 
 /// Picks the highest-quality variant whose need plus `headroom` fits in
@@ -66,7 +84,7 @@ pub fn choose(needs: &[VariantNeed], room: u64, headroom: u64) -> Result<(usize,
     let mut skipped = Vec::new();
     for i in order {
         let n = &needs[i];
-        if n.bytes.saturating_add(headroom) <= room {
+        if n.total().saturating_add(headroom) <= room {
             let mut reason =
                 format!("{}, fits in {} MiB free with {} MiB headroom", need_text(n), mib(room), mib(headroom));
             if !skipped.is_empty() {
@@ -369,7 +387,8 @@ impl Manager {
                 let file_bytes = std::fs::metadata(self.registry().resolve(&v.file)).map(|m| m.len()).unwrap_or(0);
                 let measured = self.footprints.get(&model.name, &v.name, &v.sha256);
                 let (bytes, source) = need(measured, v.memory_mb, file_bytes);
-                VariantNeed { name: v.name.clone(), quality: v.quality, bytes, source }
+                let working = model.task.working_memory(&self.registry().resolve(&v.file));
+                VariantNeed { name: v.name.clone(), quality: v.quality, bytes, source, working }
             })
             .collect()
     }
@@ -391,7 +410,7 @@ impl Manager {
         // A requested variant (a request or a pressure swap) never evicts others.
         let evict = match requested {
             Some(_) => Vec::new(),
-            None => evictions(&residents, room, needs[index].bytes.saturating_add(headroom)).unwrap_or_default(),
+            None => evictions(&residents, room, needs[index].total().saturating_add(headroom)).unwrap_or_default(),
         };
         Ok(LoadPlan { variant: needs[index].name.clone(), reason, evict })
     }
@@ -473,7 +492,7 @@ mod tests {
     const MB: u64 = 1 << 20;
 
     fn n(name: &str, quality: u32, mb: u64) -> VariantNeed {
-        VariantNeed { name: name.into(), quality, bytes: mb * MB, source: NeedSource::Estimate }
+        VariantNeed { name: name.into(), quality, bytes: mb * MB, source: NeedSource::Estimate, working: None }
     }
 
     #[test]
@@ -508,6 +527,25 @@ mod tests {
         );
         let err = choose(&needs, 10 * MB, 0).unwrap_err();
         assert!(err.contains("no variant fits in 10 MiB"), "{err}");
+    }
+
+    #[test]
+    fn the_working_memory_counts_in_the_choice_and_the_reason() {
+        let kv = |mut n: VariantNeed| {
+            n.working = Some((180 * MB, "the KV cache of 2048 tokens of context".into()));
+            n
+        };
+        let needs = [kv(n("fp32", 2, 700)), kv(n("int4", 1, 380))];
+        // 764 MiB would hold fp32's weights with headroom, not its KV cache too.
+        let (i, reason) = choose(&needs, 800 * MB, 64 * MB).unwrap();
+        assert_eq!(needs[i].name, "int4");
+        assert!(
+            reason.contains("'int4' needs 380 MiB (estimated) + 180 MiB for the KV cache of 2048 tokens")
+                && reason.contains("too big: 'fp32' needs 700 MiB (estimated) + 180 MiB"),
+            "{reason}"
+        );
+        assert_eq!(needs[choose(&needs, 944 * MB, 64 * MB).unwrap().0].name, "fp32");
+        assert_eq!(needs[choose(&needs, 943 * MB, 64 * MB).unwrap().0].name, "int4");
     }
 
     #[test]

@@ -36,6 +36,108 @@ pub fn declared_io(path: &Path) -> Result<DeclaredIo, String> {
     Ok(DeclaredIo { inputs, outputs, foreign_ops })
 }
 
+/// Reads only the declared inputs and outputs of the ONNX file at `path`,
+/// walking the protobuf and seeking past everything else (the weights), so a
+/// 500 MB decoder costs a few reads rather than a copy of its weights in
+/// memory. Initializers listed as inputs (IR < 4) are left out, as in
+/// [`declared_io`].
+pub fn declared_interface(path: &Path) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), String> {
+    use prost::Message;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let end = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut r = Wire { r: std::io::BufReader::new(file), at: 0 };
+    let bad = |e: String| format!("not a readable ONNX model: {e}");
+    let (mut inputs, mut outputs, mut initializers) = (Vec::new(), Vec::new(), std::collections::HashSet::new());
+    // ModelProto.graph = 7; GraphProto.initializer = 5, input = 11, output = 12; TensorProto.name = 8.
+    while r.at < end {
+        let (field, wire) = r.tag().map_err(bad)?;
+        if field != 7 || wire != 2 {
+            r.skip(wire).map_err(bad)?;
+            continue;
+        }
+        let graph_end = r.len().map_err(bad)? + r.at;
+        while r.at < graph_end {
+            let (field, wire) = r.tag().map_err(bad)?;
+            match (field, wire) {
+                (11 | 12, 2) => {
+                    let bytes = r.bytes().map_err(bad)?;
+                    let v = pb::ValueInfoProto::decode(bytes.as_slice()).map_err(|e| bad(e.to_string()))?;
+                    if field == 11 { inputs.push(v) } else { outputs.push(info(&v)) }
+                }
+                (5, 2) => {
+                    let tensor_end = r.len().map_err(bad)? + r.at;
+                    while r.at < tensor_end {
+                        match r.tag().map_err(bad)? {
+                            (8, 2) => {
+                                initializers.insert(String::from_utf8_lossy(&r.bytes().map_err(bad)?).into_owned());
+                            }
+                            (_, wire) => r.skip(wire).map_err(bad)?,
+                        }
+                    }
+                }
+                _ => r.skip(wire).map_err(bad)?,
+            }
+        }
+    }
+    let inputs = inputs.iter().filter(|i| !initializers.contains(&i.name)).map(info).collect();
+    Ok((inputs, outputs))
+}
+
+/// A protobuf wire-format reader that seeks past what it does not read.
+struct Wire<R> {
+    r: R,
+    at: u64,
+}
+
+impl<R: std::io::Read + std::io::Seek> Wire<R> {
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let mut b = [0u8];
+            self.r.read_exact(&mut b).map_err(|e| e.to_string())?;
+            self.at += 1;
+            v |= u64::from(b[0] & 0x7F) << shift;
+            if b[0] < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err("a varint over 10 bytes".into())
+    }
+
+    fn tag(&mut self) -> Result<(u64, u64), String> {
+        let t = self.varint()?;
+        Ok((t >> 3, t & 7))
+    }
+
+    fn len(&mut self) -> Result<u64, String> {
+        self.varint()
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        let n = self.len()?;
+        if n > 64 << 20 {
+            return Err(format!("a {n}-byte field where a small one was expected"));
+        }
+        let mut buf = vec![0u8; n as usize];
+        self.r.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        self.at += n;
+        Ok(buf)
+    }
+
+    fn skip(&mut self, wire: u64) -> Result<(), String> {
+        let n = match wire {
+            0 => return self.varint().map(|_| ()),
+            1 => 8,
+            2 => self.len()?,
+            5 => 4,
+            other => return Err(format!("wire type {other}")),
+        };
+        self.r.seek_relative(n as i64).map_err(|e| e.to_string())?;
+        self.at += n;
+        Ok(())
+    }
+}
+
 /// The model's metadata (`metadata_props`), e.g. PP-OCR's `character` dictionary.
 pub fn metadata(path: &Path) -> Result<std::collections::BTreeMap<String, String>, String> {
     let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(|e| format!("not a readable ONNX model: {e}"))?;
@@ -61,4 +163,32 @@ fn info(value: &pb::ValueInfoProto) -> TensorInfo {
         })
         .unwrap_or_default();
     TensorInfo { name: value.name.clone(), dtype, shape }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_light_reader_sees_the_same_interface_as_the_whole_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = vec![
+            root.join("tests/fixtures/generate/tiny-decoder.onnx"),
+            root.join("tests/fixtures/models/yolov8.onnx"),
+        ];
+        // The real decoders too, where setup has made them.
+        files.extend(
+            ["fp32.onnx", "int4.onnx"]
+                .map(|f| root.join("models/fetched/smollm2").join(f))
+                .into_iter()
+                .filter(|p| p.exists()),
+        );
+        for file in files {
+            let whole = declared_io(&file).unwrap();
+            let (inputs, outputs) = declared_interface(&file).unwrap();
+            assert_eq!((inputs, outputs), (whole.inputs, whole.outputs), "{}", file.display());
+        }
+        let not_onnx = root.join("tests/fixtures/not-an-image.jpg");
+        assert!(declared_interface(&not_onnx).is_err());
+    }
 }

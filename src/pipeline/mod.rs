@@ -214,6 +214,13 @@ pub trait TaskSpec: Send + Sync + 'static {
     }
     /// Builds the pipeline that runs this task's jobs on a loaded graph.
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError>;
+
+    /// Memory a variant needs beyond its weights once it works, and what for
+    /// (text generation: the KV cache of the context it must leave room for);
+    /// counted when a variant is chosen. `file`: the variant's graph.
+    fn working_memory(&self, _file: &Path) -> Option<(u64, String)> {
+        None
+    }
 }
 
 impl<S: Section> SectionJson for S {

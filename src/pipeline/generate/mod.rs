@@ -49,6 +49,10 @@ pub struct GenerationSpec {
     /// How chat messages become the prompt.
     #[serde(default)]
     pub chat_template: ChatTemplate,
+    /// Tokens of context whose KV cache the choice of variant leaves room
+    /// for (default the context length, at most 2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_context: Option<usize>,
 }
 
 fn default_max_tokens() -> usize {
@@ -143,9 +147,17 @@ impl ChatTemplate {
 }
 
 impl GenerationSpec {
+    /// Tokens of context the variant choice leaves KV-cache room for.
+    pub fn reserve_context(&self) -> usize {
+        self.reserve_context.unwrap_or(self.context_length.min(2048))
+    }
+
     /// Checks the spec on its own.
     pub fn validate(&self) -> Vec<SpecProblem> {
         let mut p = Vec::new();
+        if self.reserve_context.is_some_and(|r| r == 0 || r > self.context_length) {
+            p.push(SpecProblem::new(".generation.reserve_context", "must be 1..=context_length"));
+        }
         if !(2..=1 << 20).contains(&self.context_length) {
             p.push(SpecProblem::new(".generation.context_length", "must be 2..=1048576"));
         }
@@ -190,6 +202,11 @@ fn kv_name(pattern: &str, layer: usize, kv: &str) -> String {
 }
 
 impl Layout {
+    /// Bytes one position of the cache takes: a key and a value per layer, f32.
+    fn bytes_per_position(&self) -> u64 {
+        (2 * self.layers * self.heads * self.head_dim * 4) as u64
+    }
+
     fn read(names: &GenerationNames, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<Layout, String> {
         let input = |n: &str| inputs.iter().find(|i| i.name == n);
         let list = |infos: &[TensorInfo]| infos.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ");
@@ -281,6 +298,15 @@ impl TaskSpec for GenerationTaskSpec {
         self.generation.as_ref().map(|g| g.check_against(inputs, outputs)).unwrap_or_default()
     }
 
+    /// The KV cache of `reserve_context` tokens, twice over as a step holds
+    /// the cache it feeds and the one it gets back (as a request is admitted).
+    fn working_memory(&self, file: &Path) -> Option<(u64, String)> {
+        let g = self.generation.as_ref()?;
+        let per_position = bytes_per_position(&g.names, file)?;
+        let tokens = g.reserve_context();
+        Some((2 * tokens as u64 * per_position, format!("the KV cache of {tokens} tokens of context")))
+    }
+
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
         let spec = self
             .generation
@@ -290,6 +316,26 @@ impl TaskSpec for GenerationTaskSpec {
         let generator = Generator::new(spec, &path, graph.inputs, graph.outputs)?;
         Ok(Box::new(GeneratePipeline { generator: Arc::new(generator), limits: graph.limits.clone() }))
     }
+}
+
+/// The cache bytes per position of the decoder at `file`, read from its
+/// declared interface once per file (and again when the file changes).
+fn bytes_per_position(names: &GenerationNames, file: &Path) -> Option<u64> {
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+    static SEEN: std::sync::Mutex<Vec<(Key, Option<u64>)>> = std::sync::Mutex::new(Vec::new());
+    let meta = std::fs::metadata(file).ok()?;
+    let key = (file.to_path_buf(), meta.len(), meta.modified().ok());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, bytes)) = seen.iter().find(|(k, _)| *k == key) {
+        return *bytes;
+    }
+    let bytes = crate::backend::onnx_file::declared_interface(file)
+        .ok()
+        .and_then(|(inputs, outputs)| Layout::read(names, &inputs, &outputs).ok())
+        .map(|l| l.bytes_per_position());
+    seen.retain(|(k, _)| k.0 != key.0);
+    seen.push((key, bytes));
+    bytes
 }
 
 /// `text-generation`: the worker interleaves its jobs through the
@@ -469,8 +515,7 @@ impl Generator {
     /// and the one the model returns.
     pub fn cache_bytes(&self, seq: &Sequence) -> u64 {
         let positions = (seq.prompt_tokens + seq.max_tokens).min(self.spec.context_length) as u64;
-        let per_position = (2 * self.layout.layers * self.layout.heads * self.layout.head_dim * 4) as u64;
-        2 * positions * per_position
+        2 * positions * self.layout.bytes_per_position()
     }
 
     /// Most sequences to interleave on one session.
