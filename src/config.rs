@@ -484,8 +484,11 @@ pub struct RuntimeConfig {
     pub memory_pattern: bool,
     /// ONNX Runtime's CPU memory arena (fast reuse; holds on to its peak).
     pub cpu_arena: bool,
-    /// Let idle ONNX Runtime threads spin waiting for work (lower latency, burns CPU; off on edge boxes).
-    pub spinning: bool,
+    /// Let ONNX Runtime's threads spin between operators while a run is in
+    /// progress instead of sleeping and being woken (they sleep once idle
+    /// either way). Unset: on for tasks whose job is many short runs (a
+    /// decoder's steps, where waking costs a fifth of each step), off otherwise.
+    pub spinning: Option<bool>,
     /// Save each CPU-only model's optimised graph under the state directory and
     /// load that next time (faster start; keyed by file and ONNX Runtime version).
     pub optimized_model_cache: bool,
@@ -513,7 +516,7 @@ impl Default for RuntimeConfig {
             graph_optimization: GraphOptimization::All,
             memory_pattern: true,
             cpu_arena: true,
-            spinning: false,
+            spinning: None,
             optimized_model_cache: false,
         }
     }

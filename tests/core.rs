@@ -722,7 +722,7 @@ fn session_options_apply_and_the_optimised_graph_is_reused() {
         .unwrap();
     let c = Config::load_from(Some(&file), std::path::Path::new("/nonexistent"), Vec::new()).unwrap();
     assert_eq!(c.runtime.graph_optimization, inferd::config::GraphOptimization::Extended);
-    assert!(c.runtime.spinning && c.runtime.inter_threads == 2);
+    assert!(c.runtime.spinning == Some(true) && c.runtime.inter_threads == 2);
     std::fs::write(&file, "[runtime]\ngraph_optimization = \"max\"\n").unwrap();
     assert!(Config::load_from(Some(&file), std::path::Path::new("/nonexistent"), Vec::new()).is_err());
 }

@@ -75,6 +75,8 @@ pub struct LoadRequest<'a> {
     pub sha256: &'a str,
     /// Sessions of the model running side by side: the default thread count is shared among them.
     pub instances: usize,
+    /// Let the engine's threads spin between operators during a run.
+    pub spinning: bool,
 }
 
 impl<'a> LoadRequest<'a> {
@@ -88,6 +90,7 @@ impl<'a> LoadRequest<'a> {
             model: "",
             sha256: "",
             instances: 1,
+            spinning: runtime.spinning.unwrap_or(false),
         }
     }
 }

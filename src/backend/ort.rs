@@ -267,11 +267,12 @@ impl OrtBackend {
                 now.placement.building = Some("TensorRT".into());
                 let (tx, rx) = std::sync::mpsc::channel();
                 let (file, specs, model) = (file.to_path_buf(), specs.clone(), request.model.to_string());
-                let (runtime, state_dir, sha, instances) = (
+                let (runtime, state_dir, sha, instances, spinning) = (
                     request.runtime.clone(),
                     request.state_dir.to_path_buf(),
                     request.sha256.to_string(),
                     request.instances,
+                    request.spinning,
                 );
                 tracing::info!(model, engine = %dir.display(), "building the TensorRT engine in the background; serving on {} meanwhile", now.provider);
                 let spawned = std::thread::Builder::new().name(format!("trt-build-{model}")).spawn(move || {
@@ -285,6 +286,7 @@ impl OrtBackend {
                         model: &model,
                         sha256: &sha,
                         instances,
+                        spinning,
                     };
                     // The cache folders prepared above (GPU and TensorRT probed once per load).
                     let result = create(rt, &file, &specs, &request, &caches);
@@ -421,7 +423,7 @@ fn create(
         (_, GraphOptimization::Extended) => GraphOptimizationLevel::Level2,
         (_, GraphOptimization::All) => GraphOptimizationLevel::All,
     };
-    let spin = if cfg.spinning { "1" } else { "0" };
+    let spin = if request.spinning { "1" } else { "0" };
     let e = |e: ort::Error<ort::session::builder::SessionBuilder>| load_err(e.to_string());
     builder = builder
         .with_intra_threads(intra)

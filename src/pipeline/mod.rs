@@ -215,6 +215,12 @@ pub trait TaskSpec: Send + Sync + 'static {
     /// Builds the pipeline that runs this task's jobs on a loaded graph.
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError>;
 
+    /// True when a job is many short engine runs (a decoder's steps): the
+    /// engine's threads then spin between operators rather than sleep.
+    fn many_short_runs(&self) -> bool {
+        false
+    }
+
     /// Memory a variant needs beyond its weights once it works, and what for
     /// (text generation: the KV cache of the context it must leave room for);
     /// counted when a variant is chosen. `file`: the variant's graph.

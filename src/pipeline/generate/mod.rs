@@ -298,6 +298,10 @@ impl TaskSpec for GenerationTaskSpec {
         self.generation.as_ref().map(|g| g.check_against(inputs, outputs)).unwrap_or_default()
     }
 
+    fn many_short_runs(&self) -> bool {
+        true
+    }
+
     /// The KV cache of `reserve_context` tokens, twice over as a step holds
     /// the cache it feeds and the one it gets back (as a request is admitted).
     fn working_memory(&self, file: &Path) -> Option<(u64, String)> {
