@@ -8,7 +8,9 @@ first token (prefill), prefill and decode tokens/s, and the daemon's RSS, for
         [--genai-python /tmp/genai/bin/python]
 
 With --genai-python (a Python with onnxruntime-genai, see scripts/peers/genai_llm.py)
-the same ONNX files also run under onnxruntime-genai, one stream, same threads.
+the same ONNX files also run under onnxruntime-genai, one stream, same threads;
+with --llamacpp-python (a Python with llama-cpp-python built on this machine, see
+scripts/peers/llamacpp_llm.py) llama.cpp runs the GGUF they were converted from.
 
 It starts target/release/inferd on a private socket with the variant forced
 (memory.budget_mb is left alone; the variant is pinned through a one-model
@@ -151,6 +153,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--genai-python", help="a Python with onnxruntime-genai: run it as the peer")
+    ap.add_argument("--llamacpp-python", help="a Python with llama-cpp-python: run llama.cpp on the GGUF as the peer")
     args = ap.parse_args()
     print("| engine | variant | streams | time to first token ms | prefill tok/s | decode tok/s (all streams) | RSS MiB |")
     print("|---|---|---|---|---|---|---|")
@@ -166,6 +169,14 @@ def main():
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| onnxruntime-genai | {variant} | 1 | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
                   f"{r['decode_tok_s']:.1f} | {r['rss_mib']:.0f} |", flush=True)
+    if args.llamacpp_python:
+        out = subprocess.run([args.llamacpp_python, str(ROOT / "scripts/peers/llamacpp_llm.py"), str(args.tokens),
+                              json.dumps(PROMPTS[:1]), str(args.threads)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"llama.cpp failed: {out.stderr}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| llama.cpp | Q4_1 GGUF | 1 | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['decode_tok_s']:.1f} | {r['rss_mib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ without torch:
                   times the block's sum of the input: x·(d·q + m) exactly as GGUF
                   defines the weights (a float zero point -m/d would say the same,
                   but ONNX Runtime's fast 4-bit kernels take only uint8 ones);
-                  embeddings and the tied output head in f32
+                  embeddings and the tied output head in f32, ONNX Runtime's
+                  fused RotaryEmbedding
   tokenizer.json  the GGUF's byte-level BPE (vocabulary, merges, special tokens)
                   as a Hugging Face tokenizer
   chat.json       the chat template of the GGUF, in models.json's form
@@ -20,7 +21,10 @@ past_key_values.{i}.key|value ([batch, kv_heads, past, head_dim]) and give
 logits (the last position only: [batch, 1, vocab]) and present.{i}.key|value.
 The GGUF's Q and K rows are permuted for llama.cpp's RoPE (rotating adjacent
 pairs); they are put back in Hugging Face's order, and the graph rotates
-halves. The output is the same bytes on every run (for models.json's sha256).
+halves. Q, K and V are one product (gate and up another), split after, and
+grouped-query attention multiplies each KV head with the query heads that
+share it, as rows, rather than copying it per query head. The output is the
+same bytes on every run (for models.json's sha256).
 
     scripts/gguf_to_onnx.py MODEL.gguf OUT_DIR
 """
@@ -110,28 +114,42 @@ def build(reader, cfg, int4):
     b = g.op
     h, hd = cfg.hidden, cfg.head_dim
 
-    def linear(x, name, n_head=None):
-        """x @ W.T for GGUF matrix `name` [out, in], rows put back in HF order for Q/K."""
-        t = tensors[name]
-        if not int4 or t.tensor_type != gguf.GGMLQuantizationType.Q4_1:
-            w = dequantize(t)
-            if n_head:
-                w = w[unpermute_rows(w.shape[0], n_head)]
-            return b("MatMul", [x, g.init(w.T, "w")])
-        q, d, m = q4_1_blocks(t)
-        if n_head:
-            order = unpermute_rows(q.shape[0], n_head)
-            q, d, m = q[order], d[order], m[order]
-        n, k = q.shape
-        blocks = k // 32
-        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, 16)
-        # d * q through MatMulNBits with zero points 0 (uint8: ONNX Runtime's fast 4-bit kernels
-        # take those, not float ones), plus each block's minimum m times the sum of x over the block.
-        zeros = np.zeros(n * ((blocks + 1) // 2), np.uint8)
-        scaled = b("MatMulNBits", [x, g.init(packed, "q4"), g.init(d.reshape(-1), "scale"), g.init(zeros, "zp")],
-                   domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=0)
-        sums = b("ReduceSum", [b("Reshape", [x, g.const([0, 0, blocks, 32])]), g.const([-1])], keepdims=0)
-        return b("Add", [scaled, b("MatMul", [sums, g.init(m.T.copy(), "min")])])
+    def linear(x, names, n_heads=None):
+        """x @ W.T of GGUF matrices [out, in] side by side (one product for all of
+        them, split after); Q/K rows put back in HF order (n_heads)."""
+        names = [names] if isinstance(names, str) else names
+        n_heads = n_heads or [None] * len(names)
+        ts = [tensors[n] for n in names]
+        if not int4 or any(t.tensor_type != gguf.GGMLQuantizationType.Q4_1 for t in ts):
+            ws = []
+            for t, nh in zip(ts, n_heads):
+                w = dequantize(t)
+                ws.append(w[unpermute_rows(w.shape[0], nh)] if nh else w)
+            sizes = [w.shape[0] for w in ws]
+            out = b("MatMul", [x, g.init(np.concatenate(ws).T, "w")])
+        else:
+            parts = []
+            for t, nh in zip(ts, n_heads):
+                q, d, m = q4_1_blocks(t)
+                if nh:
+                    order = unpermute_rows(q.shape[0], nh)
+                    q, d, m = q[order], d[order], m[order]
+                parts.append((q, d, m))
+            sizes = [q.shape[0] for q, _, _ in parts]
+            q, d, m = (np.concatenate([p[i] for p in parts]) for i in range(3))
+            n, k = q.shape
+            blocks = k // 32
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, 16)
+            # d * q through MatMulNBits with zero points 0 (uint8: ONNX Runtime's fast 4-bit kernels
+            # take those, not float ones), plus each block's minimum m times the sum of x over the block.
+            zeros = np.zeros(n * ((blocks + 1) // 2), np.uint8)
+            scaled = b("MatMulNBits", [x, g.init(packed, "q4"), g.init(d.reshape(-1), "scale"), g.init(zeros, "zp")],
+                       domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=0)
+            sums = b("ReduceSum", [b("Reshape", [x, g.const([0, 0, blocks, 32])]), g.const([-1])], keepdims=0)
+            out = b("Add", [scaled, b("MatMul", [sums, g.init(m.T.copy(), "min")])])
+        if len(names) == 1:
+            return out
+        return b("Split", [out, g.const(sizes)], axis=-1, outputs=[g.name("part") for _ in names])
 
     def rms_norm(x, name):
         w = g.init(dequantize(tensors[name]).reshape(-1), "norm")
@@ -176,7 +194,16 @@ def build(reader, cfg, int4):
     cos = b("Unsqueeze", [b("Cos", [emb]), g.const([1])])
     sin = b("Unsqueeze", [b("Sin", [emb]), g.const([1])])
 
+    if int4:
+        # ONNX Runtime's fused RotaryEmbedding (the int4 graph is ONNX Runtime's anyway):
+        # the same rotate-half formula from tables of the same f32 angles.
+        angles = np.arange(cfg.context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+        cos_table = g.init(np.cos(angles.astype(np.float64)).astype(np.float32), "cos")
+        sin_table = g.init(np.sin(angles.astype(np.float64)).astype(np.float32), "sin")
+
     def rope(t):
+        if int4:
+            return b("RotaryEmbedding", [t, "position_ids", cos_table, sin_table], domain="com.microsoft", interleaved=0)
         first = b("Slice", [t, g.const([0]), g.const([hd // 2]), g.const([3])])
         second = b("Slice", [t, g.const([hd // 2]), g.const([hd]), g.const([3])])
         rotated = b("Concat", [b("Neg", [second]), first], axis=3)
@@ -185,28 +212,39 @@ def build(reader, cfg, int4):
     def heads(t, n):
         return b("Transpose", [b("Reshape", [t, g.const([0, 0, n, hd])])], perm=[0, 2, 1, 3])
 
+    # Shapes for grouped-query attention, spelled out (tract infers no -1 against symbolic sizes).
     rep = cfg.heads // cfg.kv_heads
+    seq1 = b("Unsqueeze", [seq, g.const([0])])
+    rows1 = b("Mul", [seq1, g.const([rep])])
+    q_grouped = b("Concat", [g.const([0, cfg.kv_heads]), rows1, g.const([hd])], axis=0)
+    ctx_by_head = b("Concat", [g.const([0, cfg.heads]), seq1, g.const([hd])], axis=0)
+    # 0 keeps the keys' length as it is (Reshape copies a 0 dimension).
+    p_grouped = b("Concat", [g.const([0, cfg.kv_heads]), rows1, g.const([0])], axis=0)
+    by_head = b("Concat", [g.const([0, cfg.heads]), seq1, g.const([0])], axis=0)
+
     for i in range(cfg.layers):
         p = f"blk.{i}."
         y = rms_norm(x, p + "attn_norm.weight")
-        q = rope(heads(linear(y, p + "attn_q.weight", cfg.heads), cfg.heads))
-        k = rope(heads(linear(y, p + "attn_k.weight", cfg.kv_heads), cfg.kv_heads))
-        v = heads(linear(y, p + "attn_v.weight"), cfg.kv_heads)
+        q, k, v = linear(y, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                         [cfg.heads, cfg.kv_heads, None])
+        q = rope(heads(q, cfg.heads))
+        k = rope(heads(k, cfg.kv_heads))
+        v = heads(v, cfg.kv_heads)
         k = b("Concat", [f"past_key_values.{i}.key", k], axis=2, outputs=[f"present.{i}.key"])
         v = b("Concat", [f"past_key_values.{i}.value", v], axis=2, outputs=[f"present.{i}.value"])
 
-        def repeat(t):
-            wide = b("Expand", [b("Unsqueeze", [t, g.const([2])]), g.const([1, 1, rep, 1, 1])])
-            return b("Reshape", [wide, g.const([0, cfg.heads, -1, hd])])
-
-        scores = b("Mul", [b("MatMul", [q, b("Transpose", [repeat(k)], perm=[0, 1, 3, 2])]),
+        # Grouped-query attention without copying K and V per query head: the
+        # query heads that share a KV head (adjacent, as Hugging Face repeats
+        # them) become rows of one product with it: [b, kv_heads, rep * seq, hd].
+        scores = b("Mul", [b("MatMul", [b("Reshape", [q, q_grouped]), b("Transpose", [k], perm=[0, 1, 3, 2])]),
                            g.const(1.0 / np.sqrt(hd), np.float32)])
+        scores = b("Reshape", [scores, by_head])
         probs = b("Softmax", [b("Add", [scores, mask])], axis=-1)
-        ctx = b("Transpose", [b("MatMul", [probs, repeat(v)])], perm=[0, 2, 1, 3])
+        ctx = b("Reshape", [b("MatMul", [b("Reshape", [probs, p_grouped]), v]), ctx_by_head])
+        ctx = b("Transpose", [ctx], perm=[0, 2, 1, 3])
         x = b("Add", [x, linear(b("Reshape", [ctx, g.const([0, 0, h])]), p + "attn_output.weight")])
         y = rms_norm(x, p + "ffn_norm.weight")
-        gate = linear(y, p + "ffn_gate.weight")
-        up = linear(y, p + "ffn_up.weight")
+        gate, up = linear(y, [p + "ffn_gate.weight", p + "ffn_up.weight"])
         act = b("Mul", [b("Mul", [gate, b("Sigmoid", [gate])]), up])
         x = b("Add", [x, linear(act, p + "ffn_down.weight")])
 

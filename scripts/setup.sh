@@ -161,8 +161,8 @@ echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $ROOT/mo
   | sha256sum -c --quiet - || { echo "setup.sh: sha256 of the SmolLM2 GGUF does not match" >&2; exit 1; }
 SMOL_DIR="$ROOT/models/fetched/smollm2"
 # What the converter writes, byte for byte (models.json pins the same sums).
-SMOL_SUMS="1e85405fa15a55d4ad96f8e8648353f5d93823eae77546d2733745371ea34c15  $SMOL_DIR/fp32.onnx
-796671b977d2d39e66acc44eb01d76fafc56ca689315971d17786906f86ad55d  $SMOL_DIR/int4.onnx"
+SMOL_SUMS="57dbc65205e339c905091631212fd74ac4b75684d1068779b46d7798e61df6aa  $SMOL_DIR/fp32.onnx
+864c9d741054dbf65d8f109c6db803f231d9b9cfd208174d9ca5f196019b4ad0  $SMOL_DIR/int4.onnx"
 if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ]; then
   VENV="$ROOT/.cache/convert-venv"
   if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then

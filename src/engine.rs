@@ -100,9 +100,11 @@ impl Engine {
             model: &plan.model,
             sha256,
             instances: self.registry.get(&plan.model).map_or(1, |m| m.instances()),
-            spinning: self.config.runtime.spinning.unwrap_or_else(|| {
-                self.registry.get(&plan.model).is_some_and(|m| m.task.many_short_runs())
-            }),
+            spinning: self
+                .config
+                .runtime
+                .spinning
+                .unwrap_or_else(|| self.registry.get(&plan.model).is_some_and(|m| m.task.many_short_runs())),
         }
     }
 

@@ -458,16 +458,33 @@ pub struct Generator {
     eos: Vec<u32>,
     /// Each token's bytes, read on the first request with a `response_format`.
     vocab: std::sync::OnceLock<TokenBytes>,
+    /// The caches of the sequences that last stepped together, kept batched.
+    batch: std::sync::Mutex<Option<Batch>>,
 }
+
+/// The KV caches of sequences that stepped together, as the model returned
+/// them (`2 × layers` tensors `[rows, heads, total, head_dim]`, each row's
+/// positions right-aligned): the next step of the same sequences feeds them
+/// as they are, with no copy into and out of per-sequence caches.
+struct Batch {
+    ids: Vec<u64>,
+    total: usize,
+    caches: Vec<Vec<f32>>,
+}
+
+static NEXT_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// One request's generation: its tokens, its cache and where it stands.
 pub struct Sequence {
+    /// Tells it apart in a [`Batch`].
+    id: u64,
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
     prompt_tokens: usize,
     /// Tokens the next step feeds (the prompt first, then the last token).
     feed: Vec<u32>,
-    /// The cache of the tokens fed so far, `2 × layers` tensors `[1, heads, fed, head_dim]`.
+    /// The cache of the tokens fed so far, `2 × layers` tensors `[1, heads, fed, head_dim]`
+    /// (empty while a [`Batch`] holds it).
     past: Vec<Tensor>,
     max_tokens: usize,
     sampler: Sampler,
@@ -511,7 +528,14 @@ impl Generator {
                 InferError::unavailable(format!("the end-of-sequence token '{t}' is not in the tokenizer's vocabulary"))
             })?);
         }
-        Ok(Generator { spec, tokenizer, layout, eos, vocab: std::sync::OnceLock::new() })
+        Ok(Generator {
+            spec,
+            tokenizer,
+            layout,
+            eos,
+            vocab: std::sync::OnceLock::new(),
+            batch: std::sync::Mutex::new(None),
+        })
     }
 
     /// Bytes the KV cache of `seq` can reach (its prompt plus `max_tokens`,
@@ -586,6 +610,7 @@ impl Generator {
             .collect();
         stop.retain(|s| !s.is_empty());
         Ok(Sequence {
+            id: NEXT_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             prompt_tokens: tokens.len(),
             feed: tokens.clone(),
             tokens,
@@ -660,6 +685,14 @@ impl Generator {
             .filter(|&i| batchable && seqs[i].finish.is_none() && seqs[i].feed.len() == 1)
             .collect();
         let mut results: Vec<Result<(), InferError>> = (0..seqs.len()).map(|_| Ok(())).collect();
+        // Caches kept batched serve the same sequences stepping together again; else they go back to each.
+        let ids: Vec<u64> = decoding.iter().map(|&i| seqs[i].id).collect();
+        let mut kept = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.as_ref().is_some_and(|b| decoding.len() <= 1 || b.ids != ids) {
+            let batch = kept.take().expect("checked above");
+            self.unbatch(batch, seqs);
+        }
+        drop(kept);
         if decoding.len() > 1 {
             let mut group: Vec<&mut Sequence> = Vec::with_capacity(decoding.len());
             for (i, s) in seqs.iter_mut().enumerate() {
@@ -680,12 +713,57 @@ impl Generator {
         results
     }
 
-    /// One decoding step of several sequences as one engine call.
+    /// Gives each sequence of `batch` its own cache back (the rows' positions).
+    fn unbatch(&self, batch: Batch, seqs: &mut [&mut Sequence]) {
+        let (heads, hd, total) = (self.layout.heads, self.layout.head_dim, batch.total);
+        for s in seqs.iter_mut().filter(|s| s.finish.is_none()) {
+            let Some(row) = batch.ids.iter().position(|&id| id == s.id) else { continue };
+            let keep = s.tokens.len() - s.feed.len();
+            s.past = batch
+                .caches
+                .iter()
+                .map(|c| {
+                    let mut v = Vec::with_capacity(heads * keep * hd);
+                    for h in 0..heads {
+                        let from = ((row * heads + h) * total + total - keep) * hd;
+                        v.extend_from_slice(&c[from..from + keep * hd]);
+                    }
+                    Tensor { shape: vec![1, heads, keep, hd], data: TensorData::F32(v) }
+                })
+                .collect();
+        }
+    }
+
+    /// One decoding step of several sequences as one engine call. Their
+    /// caches come from the batch the same sequences made last step, else
+    /// are packed from each one's own; the caches returned stay batched.
     fn step_batch(&self, engine: &mut dyn InferenceBackend, seqs: &mut [&mut Sequence]) -> Vec<Result<(), InferError>> {
         let names = &self.spec.names;
         let (b, heads, hd) = (seqs.len(), self.layout.heads, self.layout.head_dim);
         let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - 1).collect();
-        let longest = lens.iter().copied().max().unwrap_or(0);
+        let (longest, caches) = match self.batch.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(kept) => (kept.total, kept.caches),
+            None => {
+                let longest = lens.iter().copied().max().unwrap_or(0);
+                let caches = (0..2 * self.layout.layers)
+                    .map(|i| {
+                        // Each row's cache right-aligned in [heads, longest, head_dim]; zeros (masked) before it.
+                        let mut data = vec![0f32; b * heads * longest * hd];
+                        for (row, s) in seqs.iter().enumerate() {
+                            let TensorData::F32(src) = &s.past[i].data else { continue };
+                            let len = lens[row];
+                            for h in 0..heads {
+                                let to = ((row * heads + h) * longest + longest - len) * hd;
+                                data[to..to + len * hd].copy_from_slice(&src[h * len * hd..(h + 1) * len * hd]);
+                            }
+                        }
+                        data
+                    })
+                    .collect();
+                seqs.iter_mut().for_each(|s| s.past.clear());
+                (longest, caches)
+            }
+        };
         let mut mask = vec![0i64; b * (longest + 1)];
         for (row, &len) in lens.iter().enumerate() {
             mask[row * (longest + 1) + longest - len..(row + 1) * (longest + 1)].fill(1);
@@ -701,17 +779,7 @@ impl Generator {
                 Tensor { shape: vec![b, 1], data: TensorData::I64(lens.iter().map(|&l| l as i64).collect()) },
             ),
         ];
-        for i in 0..2 * self.layout.layers {
-            // Each row's cache right-aligned in [heads, longest, head_dim]; zeros (masked) before it.
-            let mut data = vec![0f32; b * heads * longest * hd];
-            for (row, s) in seqs.iter().enumerate() {
-                let TensorData::F32(src) = &s.past[i].data else { continue };
-                let len = lens[row];
-                for h in 0..heads {
-                    let to = ((row * heads + h) * longest + longest - len) * hd;
-                    data[to..to + len * hd].copy_from_slice(&src[h * len * hd..(h + 1) * len * hd]);
-                }
-            }
+        for (i, data) in caches.into_iter().enumerate() {
             inputs.push((self.cache_name(&names.past, i), Tensor { shape: vec![b, heads, longest, hd], data: TensorData::F32(data) }));
         }
         let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
@@ -737,26 +805,9 @@ impl Generator {
         if vocab == 0 || all.len() != b * vocab {
             return fail(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
         }
-        let total = longest + 1;
-        seqs.iter_mut()
-            .enumerate()
-            .map(|(row, s)| {
-                let keep = lens[row] + 1;
-                let own: Vec<Tensor> = presents
-                    .iter()
-                    .map(|p| {
-                        let mut v = Vec::with_capacity(heads * keep * hd);
-                        for h in 0..heads {
-                            let from = ((row * heads + h) * total + total - keep) * hd;
-                            v.extend_from_slice(&p[from..from + keep * hd]);
-                        }
-                        Tensor { shape: vec![1, heads, keep, hd], data: TensorData::F32(v) }
-                    })
-                    .collect();
-                s.past.clear();
-                self.absorb(s, &all[row * vocab..(row + 1) * vocab], own)
-            })
-            .collect()
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Batch { ids: seqs.iter().map(|s| s.id).collect(), total: longest + 1, caches: presents });
+        seqs.iter_mut().enumerate().map(|(row, s)| self.next_token(s, &all[row * vocab..(row + 1) * vocab])).collect()
     }
 
     /// Takes a step's outcome into `seq`: its new cache, and the next token picked from `logits`.
@@ -771,6 +822,11 @@ impl Generator {
             }
         }
         seq.past = presents;
+        self.next_token(seq, logits)
+    }
+
+    /// Picks the next token of `seq` from `logits` and ends the sequence when it should.
+    fn next_token(&self, seq: &mut Sequence, logits: &[f32]) -> Result<(), InferError> {
         let next = match seq.constraint.as_mut() {
             None => seq.sampler.pick(logits),
             Some(c) => self.pick_constrained(c, &mut seq.sampler, logits)?,
