@@ -263,6 +263,14 @@ fn over_long_prompts_and_bad_settings_get_clear_errors_and_the_model_keeps_servi
         assert!(status == 400 || status == 404, "{body} -> {status} {v}");
         assert!(v["error"]["message"].as_str().unwrap().contains(words), "{body} -> {v}");
     }
+    // NaN is not JSON: the body is refused as such, with the place it broke.
+    let r = d
+        .client()
+        .post("/v1/completions", "application/json", br#"{"model": "tiny-gpt", "prompt": "Hi", "temperature": NaN}"#)
+        .unwrap();
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(r.status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("invalid request"), "{v}");
     let (status, v) = post(&d, "/v1/completions", json!({"model": "tiny-gpt", "prompt": "Hi", "max_tokens": 3}));
     assert_eq!((status, v["usage"]["completion_tokens"].clone()), (200, json!(3)), "{v}");
 }

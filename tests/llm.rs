@@ -177,3 +177,15 @@ fn streams_decoded_together_each_get_exactly_their_reference_answer() {
         assert_eq!(got, want);
     }
 }
+
+#[test]
+fn the_variant_choice_reads_the_decoders_interface_without_their_weights() {
+    // The light protobuf walk (what the memory manager reads for the KV cache's
+    // shape) sees exactly what a whole parse of the file sees.
+    for variant in ["fp32", "int4"] {
+        let file = repo(&format!("models/fetched/smollm2/{variant}.onnx"));
+        let whole = inferd::backend::onnx_file::declared_io(&file).unwrap();
+        let (inputs, outputs) = inferd::backend::onnx_file::declared_interface(&file).unwrap();
+        assert_eq!((inputs, outputs), (whole.inputs, whole.outputs), "{variant}");
+    }
+}
