@@ -14,6 +14,8 @@
 // `tasks!` below, private: nothing outside `src/pipeline/` can name one (the
 // compiler keeps the rule).
 pub mod image;
+// The vision-language task's parts, built ahead of the task itself.
+mod vision;
 
 pub use generate::ChatTemplate;
 pub use ocr::ctc;
