@@ -536,6 +536,10 @@ pub struct Limits {
     pub max_tensor_elements: usize,
     /// Longest single text, in bytes.
     pub max_text_bytes: usize,
+    /// Most images one chat request may carry (`image_url` content parts).
+    pub max_images_per_request: usize,
+    /// Directories a chat request's `file://` images may be read from (none: no files are read).
+    pub image_dirs: Vec<PathBuf>,
 }
 
 impl Default for Limits {
@@ -546,6 +550,8 @@ impl Default for Limits {
             max_image_side: 16_384,
             max_tensor_elements: 16 << 20,
             max_text_bytes: 64 << 10,
+            max_images_per_request: 8,
+            image_dirs: Vec::new(),
         }
     }
 }

@@ -112,6 +112,10 @@ impl Default for Prompt {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// Images in the message (OpenAI `image_url` parts), encoded as sent, each
+    /// with the byte offset in `content` where it stood among the text.
+    #[serde(skip)]
+    pub images: Vec<(usize, Vec<u8>)>,
 }
 
 /// Why a sequence ended, as OpenAI names it.

@@ -349,6 +349,51 @@ fn json_answers_always_parse_and_keep_to_the_schema_whole_and_streamed() {
     assert!(validator.is_valid(&serde_json::from_str::<Value>(&joined).unwrap()), "{joined}");
 }
 
+/// OpenAI `image_url` content parts are read (data: URLs, file:// paths under
+/// limits.image_dirs), checked, and refused with the reason; a text-generation
+/// model says it reads no images; the daemon keeps serving.
+#[test]
+fn image_parts_are_read_checked_and_refused_with_the_reason() {
+    let pictures = repo("tests/fixtures/vlm/images");
+    let allowed = pictures.clone();
+    let d = Daemon::start(move |c| {
+        c.models = Some(fixtures().join("models.json"));
+        c.limits.image_dirs = vec![allowed];
+    });
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD.encode(std::fs::read(pictures.join("tiny.png")).unwrap());
+    let chat = |parts: Value| json!({"model": "tiny-gpt", "messages": [{"role": "user", "content": parts}]});
+    let image = |url: String| json!({"type": "image_url", "image_url": {"url": url}});
+    let text = json!({"type": "text", "text": "What is in the picture?"});
+    let outside = repo("tests/fixtures/one-pixel.png");
+    let traversal = format!("file://{}/../../one-pixel.png", pictures.display());
+    for (parts, words) in [
+        (json!([text, image(format!("data:image/png;base64,{png}"))]), "reads no images"),
+        (json!([image(format!("file://{}", pictures.join("odd.png").display())), text]), "reads no images"),
+        (json!([image("data:image/png;base64,@@@".into())]), "image 1: the data URL is not valid base64"),
+        (
+            json!([image("data:text/plain;base64,aGk=".into())]),
+            "image 1: the data URL holds 'text/plain', not an image",
+        ),
+        (json!([text, image("https://example.com/cat.jpg".into())]), "image 1: http(s) image URLs are not fetched"),
+        (json!([image(format!("file://{}", outside.display()))]), "is not under a directory of limits.image_dirs"),
+        (json!([image(traversal)]), "is not under a directory of limits.image_dirs"),
+        (json!([image("ftp://x/y.png".into())]), "is not a data: or file:// URL"),
+        (json!([{"type": "input_audio", "input_audio": {}}]), "input_audio is not supported (text, image_url)"),
+        (
+            json!((0..9).map(|_| image(format!("data:image/png;base64,{png}"))).collect::<Vec<_>>()),
+            "more than 8 images",
+        ),
+    ] {
+        let (status, v) = post(&d, "/v1/chat/completions", chat(parts.clone()));
+        assert_eq!(status, 400, "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{words:?} not in {message:?}");
+    }
+    let (status, v) = post(&d, "/v1/chat/completions", chat(json!([text])));
+    assert_eq!(status, 200, "text parts alone still answer: {v}");
+}
+
 #[test]
 fn a_stream_the_client_leaves_stops_generating() {
     use std::io::{Read, Write};

@@ -6,6 +6,7 @@
 //! ones it cannot honour (`n` > 1) are refused.
 
 use super::http::{AppState, error_response, read_body};
+use crate::config::Limits;
 use crate::error::InferError;
 use crate::job::{
     ChatMessage, FinishReason, GenerateRequest, GenerationParams, JobInput, JobOptions, JobOutput, JobResult, Prompt,
@@ -71,21 +72,110 @@ enum Content {
     Parts(Vec<Value>),
 }
 
-fn content_text(c: Option<Content>) -> Result<String, InferError> {
+/// A message's text, and its images (each with where it stood in the text).
+fn content_of(c: Option<Content>, limits: &Limits, seen: &mut usize) -> Result<ChatMessageParts, InferError> {
+    let mut text = String::new();
+    let mut images = Vec::new();
     match c {
-        None => Ok(String::new()),
-        Some(Content::Text(t)) => Ok(t),
-        Some(Content::Parts(parts)) => parts
-            .iter()
-            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                (Some("text"), Some(t)) => Ok(t.to_string()),
-                (kind, _) => Err(InferError::bad_input(format!(
-                    "message content part of type {} is not supported; only text",
-                    kind.unwrap_or("(none)")
-                ))),
-            })
-            .collect(),
+        None => {}
+        Some(Content::Text(t)) => text = t,
+        Some(Content::Parts(parts)) => {
+            for p in &parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => text.push_str(
+                        p.get("text")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| InferError::bad_input("a text part needs \"text\""))?,
+                    ),
+                    Some("image_url") => {
+                        *seen += 1;
+                        if *seen > limits.max_images_per_request {
+                            return Err(InferError::bad_input(format!(
+                                "more than {} images in one request (limits.max_images_per_request)",
+                                limits.max_images_per_request
+                            )));
+                        }
+                        // {"image_url": {"url": "..."}} as OpenAI sends it; a bare string too.
+                        let url = match p.get("image_url") {
+                            Some(Value::String(u)) => u.as_str(),
+                            Some(v) => v.get("url").and_then(Value::as_str).unwrap_or(""),
+                            None => "",
+                        };
+                        images.push((
+                            text.len(),
+                            image_bytes(url, limits)
+                                .map_err(|e| InferError::bad_input(format!("image {}: {}", *seen, e.message)))?,
+                        ));
+                    }
+                    kind => {
+                        return Err(InferError::bad_input(format!(
+                            "message content part of type {} is not supported (text, image_url)",
+                            kind.unwrap_or("(none)")
+                        )));
+                    }
+                }
+            }
+        }
     }
+    Ok((text, images))
+}
+
+type ChatMessageParts = (String, Vec<(usize, Vec<u8>)>);
+
+/// The bytes of an `image_url`: a `data:image/...;base64,` URL, or a
+/// `file://` path under one of `limits.image_dirs`; http(s) is not fetched.
+fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
+    use base64::Engine as _;
+    let too_big = |n: usize| {
+        InferError::bad_input(format!(
+            "it is {n} bytes, over the limit of {} (limits.max_image_bytes)",
+            limits.max_image_bytes
+        ))
+    };
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (header, data) = rest.split_once(',').ok_or_else(|| InferError::bad_input("the data URL has no ','"))?;
+        let media = header
+            .strip_suffix(";base64")
+            .ok_or_else(|| InferError::bad_input("the data URL is not base64 (data:image/png;base64,...)"))?;
+        if !media.starts_with("image/") {
+            return Err(InferError::bad_input(format!("the data URL holds '{media}', not an image")));
+        }
+        if data.len() / 4 * 3 > limits.max_image_bytes + 3 {
+            return Err(too_big(data.len() / 4 * 3));
+        }
+        return base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| InferError::bad_input(format!("the data URL is not valid base64: {e}")));
+    }
+    if let Some(path) = url.strip_prefix("file://") {
+        let real =
+            std::fs::canonicalize(path).map_err(|e| InferError::bad_input(format!("cannot read {path}: {e}")))?;
+        let allowed =
+            limits.image_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| real.starts_with(d));
+        if !allowed {
+            return Err(InferError::bad_input(if limits.image_dirs.is_empty() {
+                "file:// images are read only from the directories in limits.image_dirs, and none is configured"
+                    .to_string()
+            } else {
+                format!("{path} is not under a directory of limits.image_dirs")
+            }));
+        }
+        let size = std::fs::metadata(&real).map(|m| m.len() as usize).unwrap_or(0);
+        if size > limits.max_image_bytes {
+            return Err(too_big(size));
+        }
+        return std::fs::read(&real).map_err(|e| InferError::bad_input(format!("cannot read {path}: {e}")));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(InferError::bad_input(
+            "http(s) image URLs are not fetched: send the image as a data: URL, or as a file:// path under limits.image_dirs",
+        ));
+    }
+    Err(InferError::bad_input(if url.is_empty() {
+        "an image_url part needs {\"image_url\": {\"url\": ...}}".to_string()
+    } else {
+        format!("'{}' is not a data: or file:// URL", url.chars().take(40).collect::<String>())
+    }))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -96,7 +186,7 @@ enum Kind {
 
 /// `POST /v1/completions`.
 pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, false)) {
+    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, false, &app.limits)) {
         Ok((model, request, stream)) => run(app, Kind::Completion, model, request, stream).await,
         Err(e) => error_response(&e),
     }
@@ -104,7 +194,7 @@ pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: 
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, true)) {
+    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, true, &app.limits)) {
         Ok((model, request, stream)) => run(app, Kind::Chat, model, request, stream).await,
         Err(e) => error_response(&e),
     }
@@ -112,17 +202,21 @@ pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -
 
 /// Reads an OpenAI-style body (`chat`: messages, else a prompt): the model
 /// named, the generation request, and whether to stream.
-pub fn parse_request(bytes: &[u8], chat: bool) -> Result<(String, GenerateRequest, bool), InferError> {
+pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<(String, GenerateRequest, bool), InferError> {
     let invalid = |e: serde_json::Error| InferError::bad_input(format!("invalid request: {e}"));
     let (c, prompt) = if chat {
         let b: ChatBody = serde_json::from_slice(bytes).map_err(invalid)?;
         if b.messages.is_empty() {
             return Err(InferError::bad_input("messages is empty"));
         }
+        let mut seen = 0;
         let messages = b
             .messages
             .into_iter()
-            .map(|m| Ok(ChatMessage { role: m.role, content: content_text(m.content)? }))
+            .map(|m| {
+                let (content, images) = content_of(m.content, limits, &mut seen)?;
+                Ok(ChatMessage { role: m.role, content, images })
+            })
             .collect::<Result<Vec<_>, InferError>>()?;
         (b.common, Prompt::Chat(messages))
     } else {

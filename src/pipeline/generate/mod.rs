@@ -565,6 +565,11 @@ impl Generator {
         }
         let prompt = match &request.prompt {
             Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) if messages.iter().any(|m| !m.images.is_empty()) => {
+                return Err(InferError::bad_input(
+                    "this is a text-generation model: it reads no images (send them to a vision-language model)",
+                ));
+            }
             Prompt::Chat(messages) => {
                 if grammar.is_none() {
                     stop.extend(self.spec.chat_template.stop.iter().cloned());
@@ -1017,7 +1022,11 @@ mod tests {
     #[test]
     fn chat_messages_render_through_the_template() {
         let t = ChatTemplate::default();
-        let m = |role: &str, content: &str| crate::job::ChatMessage { role: role.into(), content: content.into() };
+        let m = |role: &str, content: &str| crate::job::ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            images: Vec::new(),
+        };
         let prompt =
             t.render(&[m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello."), m("user", "2+2?")]);
         assert_eq!(prompt.unwrap(), "Be brief.\nUser: Hi\nAssistant: Hello.\nUser: 2+2?\nAssistant:");
