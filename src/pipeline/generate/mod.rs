@@ -459,7 +459,7 @@ pub struct Generator {
     /// Each token's bytes, read on the first request with a `response_format`.
     vocab: std::sync::OnceLock<TokenBytes>,
     /// The caches of the sequences that last stepped together, kept batched.
-    batch: std::sync::Mutex<Option<Batch>>,
+    batch: BatchSlot,
 }
 
 /// The KV caches of sequences that stepped together, as the model returned
@@ -468,9 +468,14 @@ pub struct Generator {
 /// as they are, with no copy into and out of per-sequence caches.
 struct Batch {
     ids: Vec<u64>,
+    /// Rows whose sequence still exists: the batch goes once none does, so
+    /// no cache outlives its requests.
+    alive: Vec<bool>,
     total: usize,
     caches: Vec<Vec<f32>>,
 }
+
+type BatchSlot = Arc<std::sync::Mutex<Option<Batch>>>;
 
 static NEXT_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -478,6 +483,8 @@ static NEXT_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 pub struct Sequence {
     /// Tells it apart in a [`Batch`].
     id: u64,
+    /// The generator's batch, told when this sequence goes.
+    slot: BatchSlot,
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
     prompt_tokens: usize,
@@ -497,6 +504,20 @@ pub struct Sequence {
     finish: Option<FinishReason>,
     /// The JSON the answer is kept to (`response_format`).
     constraint: Option<Constraint>,
+}
+
+impl Drop for Sequence {
+    fn drop(&mut self) {
+        let mut kept = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(batch) = kept.as_mut()
+            && let Some(row) = batch.ids.iter().position(|&id| id == self.id)
+        {
+            batch.alive[row] = false;
+            if !batch.alive.contains(&true) {
+                *kept = None;
+            }
+        }
+    }
 }
 
 impl Sequence {
@@ -534,7 +555,7 @@ impl Generator {
             layout,
             eos,
             vocab: std::sync::OnceLock::new(),
-            batch: std::sync::Mutex::new(None),
+            batch: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -616,6 +637,7 @@ impl Generator {
         stop.retain(|s| !s.is_empty());
         Ok(Sequence {
             id: NEXT_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            slot: self.batch.clone(),
             prompt_tokens: tokens.len(),
             feed: tokens.clone(),
             tokens,
@@ -746,7 +768,8 @@ impl Generator {
         let names = &self.spec.names;
         let (b, heads, hd) = (seqs.len(), self.layout.heads, self.layout.head_dim);
         let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - 1).collect();
-        let (longest, caches) = match self.batch.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let kept = self.batch.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (longest, caches) = match kept {
             Some(kept) => (kept.total, kept.caches),
             None => {
                 let longest = lens.iter().copied().max().unwrap_or(0);
@@ -810,8 +833,12 @@ impl Generator {
         if vocab == 0 || all.len() != b * vocab {
             return fail(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
         }
-        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Batch { ids: seqs.iter().map(|s| s.id).collect(), total: longest + 1, caches: presents });
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch {
+            ids: seqs.iter().map(|s| s.id).collect(),
+            alive: vec![true; b],
+            total: longest + 1,
+            caches: presents,
+        });
         seqs.iter_mut().enumerate().map(|(row, s)| self.next_token(s, &all[row * vocab..(row + 1) * vocab])).collect()
     }
 
@@ -944,10 +971,10 @@ impl Generator {
     }
 
     /// The answer of a finished sequence.
-    pub fn result(&self, seq: Sequence) -> JobResult {
+    pub fn result(&self, mut seq: Sequence) -> JobResult {
         let completion = seq.tokens.len() - seq.prompt_tokens;
         JobResult::Generation {
-            text: seq.text,
+            text: std::mem::take(&mut seq.text),
             finish_reason: seq.finish.unwrap_or(FinishReason::Length),
             usage: Usage {
                 prompt_tokens: seq.prompt_tokens,
