@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import onnxruntime_genai as og
+from llm_report import chat, report, row
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SMOL = ROOT / "models" / "fetched" / "smollm2"
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def model_dir(variant):
@@ -52,7 +52,7 @@ def main():
     tok = og.Tokenizer(model)
     rows = []
     for i, q in enumerate(["Hi"] + prompts):  # the first one warms up
-        ids = tok.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+        ids = tok.encode(chat(q))
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
         g = og.Generator(model, params)
@@ -65,13 +65,8 @@ def main():
             first = first or time.perf_counter()
         end = time.perf_counter()
         if i:
-            rows.append({"prompt_tokens": len(ids), "tokens": n, "ttft_ms": (first - t0) * 1000,
-                         "decode_tok_s": (n - 1) / (end - first)})
-    rss = next(int(l.split()[1]) / 1024 for l in Path("/proc/self/status").read_text().splitlines()
-               if l.startswith("VmRSS:"))
-    ttft = sum(r["ttft_ms"] for r in rows) / len(rows)
-    print(json.dumps({"ttft_ms": ttft, "prefill_tok_s": sum(r["prompt_tokens"] for r in rows) / len(rows) / (ttft / 1000),
-                      "decode_tok_s": sum(r["decode_tok_s"] for r in rows) / len(rows), "rss_mib": rss}))
+            rows.append(row(len(ids), n, t0, first, end))
+    report(rows)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from llama_cpp import Llama
+from llm_report import chat, report, row
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GGUF = ROOT / "models" / "fetched" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def main():
@@ -32,8 +32,7 @@ def main():
                 verbose=False)
     rows = []
     for i, q in enumerate(["Hi"] + prompts):  # the first one warms up
-        text = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        ids = llm.tokenize(chat(q).encode(), add_bos=False, special=True)
         llm.reset()
         t0 = time.perf_counter()
         n, first = 0, None
@@ -44,14 +43,8 @@ def main():
                 break
         end = time.perf_counter()
         if i:
-            rows.append({"prompt_tokens": len(ids), "tokens": n, "ttft_ms": (first - t0) * 1000,
-                         "decode_tok_s": (n - 1) / (end - first)})
-    rss = next(int(l.split()[1]) / 1024 for l in Path("/proc/self/status").read_text().splitlines()
-               if l.startswith("VmRSS:"))
-    ttft = sum(r["ttft_ms"] for r in rows) / len(rows)
-    print(json.dumps({"ttft_ms": ttft, "prefill_tok_s": sum(r["prompt_tokens"] for r in rows) / len(rows) / (ttft / 1000),
-                      "decode_tok_s": sum(r["decode_tok_s"] for r in rows) / len(rows), "rss_mib": rss,
-                      "tokens": [r["tokens"] for r in rows]}))
+            rows.append(row(len(ids), n, t0, first, end))
+    report(rows)
 
 
 if __name__ == "__main__":
