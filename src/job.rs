@@ -286,11 +286,22 @@ pub fn parse_json_request(
     request.into_job(limits)
 }
 
+/// The bytes of an `image_base64` field, within `limits.max_image_bytes`.
+pub fn decode_image_base64(b64: &str, limits: &crate::config::Limits) -> Result<Vec<u8>, crate::error::InferError> {
+    use crate::error::InferError;
+    use base64::Engine as _;
+    if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
+        return Err(InferError::bad_input(format!("the image is over the limit of {} bytes", limits.max_image_bytes)));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))
+}
+
 impl InferRequest {
     /// The job this request asks for, enforcing `limits` before anything big is built.
     pub fn into_job(self, limits: &crate::config::Limits) -> Result<(JobInput, JobOptions), crate::error::InferError> {
         use crate::error::InferError;
-        use base64::Engine as _;
         let options = JobOptions { top_k: self.top_k };
         let given =
             [self.image_base64.is_some(), self.inputs.is_some(), self.text.is_some()].iter().filter(|g| **g).count();
@@ -302,16 +313,7 @@ impl InferRequest {
             }));
         }
         let input = if let Some(b64) = self.image_base64 {
-            if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
-                return Err(InferError::bad_input(format!(
-                    "the image is over the limit of {} bytes",
-                    limits.max_image_bytes
-                )));
-            }
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))?;
-            JobInput::Image(bytes)
+            JobInput::Image(decode_image_base64(&b64, limits)?)
         } else if let Some(inputs) = self.inputs {
             JobInput::Tensors(
                 inputs

@@ -67,16 +67,37 @@ struct Envelope {
 }
 
 impl Envelope {
-    /// The generation request, when the envelope carries a prompt or messages.
-    fn generation(&mut self) -> Option<Result<job::GenerateRequest, InferError>> {
-        let prompt = match (self.prompt.take(), self.messages.take()) {
+    /// The generation request, when the envelope carries a prompt or messages
+    /// (with `image_base64`: a camera's question about its picture — the image
+    /// goes before the text of the last user message, as in a chat with images).
+    fn generation(&mut self, limits: &Limits) -> Option<Result<job::GenerateRequest, InferError>> {
+        let mut prompt = match (self.prompt.take(), self.messages.take()) {
             (None, None) => return None,
             (Some(p), None) => job::Prompt::Text(p),
             (None, Some(m)) => job::Prompt::Chat(m),
             (Some(_), Some(_)) => return Some(Err(InferError::bad_input("give prompt or messages, not both"))),
         };
-        if self.image_base64.is_some() || self.inputs.is_some() || self.text.is_some() {
-            return Some(Err(InferError::bad_input("a prompt comes alone, without image_base64, inputs or text")));
+        if self.inputs.is_some() || self.text.is_some() {
+            return Some(Err(InferError::bad_input("a prompt comes without inputs or text (an image may come along)")));
+        }
+        if let Some(b64) = self.image_base64.take() {
+            let image = match job::decode_image_base64(&b64, limits) {
+                Ok(bytes) => bytes,
+                Err(e) => return Some(Err(e)),
+            };
+            let mut messages = match prompt {
+                job::Prompt::Text(content) => {
+                    vec![job::ChatMessage { role: "user".into(), content, images: Vec::new() }]
+                }
+                job::Prompt::Chat(m) => m,
+            };
+            match messages.iter_mut().rev().find(|m| m.role == "user") {
+                Some(m) => m.images.insert(0, (0, image)),
+                None => {
+                    return Some(Err(InferError::bad_input("image_base64 goes with a user message; there is none")));
+                }
+            }
+            prompt = job::Prompt::Chat(messages);
         }
         let mut params = std::mem::take(&mut self.generation);
         params.top_k = params.top_k.or(self.params.as_ref().and_then(|p| p.top_k));
@@ -134,7 +155,7 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             ))
         })
         .and_then(|mut env| {
-            if let Some(generation) = env.generation() {
+            if let Some(generation) = env.generation(limits) {
                 return generation.map(|r| (JobInput::Generate(r), JobOptions::default()));
             }
             let request = InferRequest {
@@ -528,5 +549,32 @@ mod tests {
         let p = parse_payload(br#"{"prompt": "hi", "max_tokenz": 3}"#, &limits, 1 << 20);
         let e = p.job.unwrap_err();
         assert!(e.message.contains("unknown field `max_tokenz`"), "{e}");
+    }
+
+    #[test]
+    fn a_prompt_with_an_image_becomes_a_user_message_with_the_image_first() {
+        let limits = Limits::default();
+        // "aGVsbG8=" is b"hello": the bytes are carried as sent (the model's task reads them).
+        let p = parse_payload(br#"{"prompt": "Is the gate open?", "image_base64": "aGVsbG8="}"#, &limits, 1 << 20);
+        let Ok((JobInput::Generate(r), _)) = p.job else { panic!("not a generation job") };
+        let job::Prompt::Chat(m) = r.prompt else { panic!("not a chat") };
+        assert_eq!((m.len(), m[0].role.as_str(), m[0].content.as_str()), (1, "user", "Is the gate open?"));
+        assert_eq!(m[0].images, vec![(0, b"hello".to_vec())]);
+        let p = parse_payload(
+            br#"{"messages": [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": "Gate?"}], "image_base64": "aGVsbG8="}"#,
+            &limits,
+            1 << 20,
+        );
+        let Ok((JobInput::Generate(r), _)) = p.job else { panic!("not a generation job") };
+        let job::Prompt::Chat(m) = r.prompt else { panic!("not a chat") };
+        assert!(m[0].images.is_empty() && m[1].images.len() == 1);
+        for (payload, words) in [
+            (&br#"{"prompt": "x", "image_base64": "!!"}"#[..], "image_base64 is not valid base64"),
+            (br#"{"messages": [{"role": "system", "content": "x"}], "image_base64": "aGVsbG8="}"#, "there is none"),
+            (br#"{"prompt": "x", "text": "y"}"#, "a prompt comes without inputs or text"),
+        ] {
+            let e = parse_payload(payload, &limits, 1 << 20).job.unwrap_err();
+            assert!(e.message.contains(words), "{e}");
+        }
     }
 }
