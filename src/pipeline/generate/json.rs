@@ -93,6 +93,18 @@ struct Compiler<'a> {
 }
 
 impl Grammar {
+    /// Whether a value of `id` can begin with `b`.
+    fn starts(&self, id: Id, b: u8) -> bool {
+        match &self.nodes[id as usize] {
+            Node::Object { .. } => b == b'{',
+            Node::Array { .. } => b == b'[',
+            Node::String { .. } => b == b'"',
+            Node::Number { .. } => b == b'-' || b.is_ascii_digit(),
+            Node::Literal(set) => self.literals[*set as usize].iter().any(|t| t[0] == b),
+            Node::Union(alts) => alts.iter().any(|&alt| self.starts(alt, b)),
+        }
+    }
+
     /// Any JSON object (`response_format` `json_object`).
     pub fn any_object() -> Grammar {
         let mut c = Compiler::new(&Value::Null);
@@ -330,23 +342,7 @@ impl<'a> Compiler<'a> {
 
     /// The bytes a value of `id` can begin with.
     fn first_bytes(&self, id: Id) -> [bool; 256] {
-        let mut set = [false; 256];
-        let mut todo = vec![id];
-        let mut seen = vec![false; self.g.nodes.len()];
-        while let Some(id) = todo.pop() {
-            if std::mem::replace(&mut seen[id as usize], true) {
-                continue;
-            }
-            match &self.g.nodes[id as usize] {
-                Node::Object { .. } => set[b'{' as usize] = true,
-                Node::Array { .. } => set[b'[' as usize] = true,
-                Node::String { .. } => set[b'"' as usize] = true,
-                Node::Number { .. } => b"-0123456789".iter().for_each(|&b| set[b as usize] = true),
-                Node::Literal(l) => self.g.literals[*l as usize].iter().for_each(|t| set[t[0] as usize] = true),
-                Node::Union(alts) => todo.extend(alts),
-            }
-        }
-        set
+        std::array::from_fn(|b| self.g.starts(id, b as u8))
     }
 
     fn finish(mut self, root: Id) -> Grammar {
@@ -741,27 +737,14 @@ impl JsonState {
                 self.frames[last] = Frame::Literal { set: *set, at: 0, alive };
                 self.byte(g, b)
             }
-            Node::Union(alts) => {
-                for &alt in alts {
-                    let first = match &g.nodes[alt as usize] {
-                        Node::Object { .. } => b == b'{',
-                        Node::Array { .. } => b == b'[',
-                        Node::String { .. } => b == b'"',
-                        Node::Number { .. } => b == b'-' || b.is_ascii_digit(),
-                        Node::Literal(set) => g.literals[*set as usize].iter().any(|t| t[0] == b),
-                        Node::Union(_) => true,
-                    };
-                    if first {
-                        let mut trial = self.clone();
-                        trial.frames[last] = Frame::Value(alt);
-                        if trial.open(g, alt, b) {
-                            *self = trial;
-                            return true;
-                        }
-                    }
+            // The alternatives begin differently (checked when compiled): the first byte picks one.
+            Node::Union(alts) => match alts.iter().find(|&&alt| g.starts(alt, b)) {
+                Some(&alt) => {
+                    self.frames[last] = Frame::Value(alt);
+                    self.open(g, alt, b)
                 }
-                false
-            }
+                None => false,
+            },
             _ => false,
         }
     }
