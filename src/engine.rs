@@ -92,6 +92,7 @@ impl Engine {
     }
 
     fn load_request<'a>(&'a self, plan: &'a Plan, state_dir: &'a std::path::Path, sha256: &'a str) -> LoadRequest<'a> {
+        let model = self.registry.get(&plan.model);
         LoadRequest {
             providers: &plan.providers,
             runtime: &self.config.runtime,
@@ -99,12 +100,8 @@ impl Engine {
             state_dir,
             model: &plan.model,
             sha256,
-            instances: self.registry.get(&plan.model).map_or(1, |m| m.instances()),
-            spinning: self
-                .config
-                .runtime
-                .spinning
-                .unwrap_or_else(|| self.registry.get(&plan.model).is_some_and(|m| m.task.many_short_runs())),
+            instances: model.map_or(1, |m| m.instances()),
+            spinning: self.config.runtime.spinning.unwrap_or_else(|| model.is_some_and(|m| m.task.many_short_runs())),
         }
     }
 
