@@ -288,6 +288,16 @@ pub fn parse_json_request(
 
 /// The bytes of an `image_base64` field, within `limits.max_image_bytes`.
 pub fn decode_image_base64(b64: &str, limits: &crate::config::Limits) -> Result<Vec<u8>, crate::error::InferError> {
+    decode_base64_image(b64, limits, "image_base64")
+}
+
+/// Base64 image bytes within `limits.max_image_bytes` (the size checked before
+/// decoding); `what` names the field in the error.
+pub fn decode_base64_image(
+    b64: &str,
+    limits: &crate::config::Limits,
+    what: &str,
+) -> Result<Vec<u8>, crate::error::InferError> {
     use crate::error::InferError;
     use base64::Engine as _;
     if b64.len() / 4 * 3 > limits.max_image_bytes + 3 {
@@ -295,7 +305,7 @@ pub fn decode_image_base64(b64: &str, limits: &crate::config::Limits) -> Result<
     }
     base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
-        .map_err(|e| InferError::bad_input(format!("image_base64 is not valid base64: {e}")))
+        .map_err(|e| InferError::bad_input(format!("{what} is not valid base64: {e}")))
 }
 
 impl InferRequest {

@@ -125,13 +125,6 @@ type ChatMessageParts = (String, Vec<(usize, Vec<u8>)>);
 /// The bytes of an `image_url`: a `data:image/...;base64,` URL, or a
 /// `file://` path under one of `limits.image_dirs`; http(s) is not fetched.
 fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
-    use base64::Engine as _;
-    let too_big = |n: usize| {
-        InferError::bad_input(format!(
-            "it is {n} bytes, over the limit of {} (limits.max_image_bytes)",
-            limits.max_image_bytes
-        ))
-    };
     if let Some(rest) = url.strip_prefix("data:") {
         let (header, data) = rest.split_once(',').ok_or_else(|| InferError::bad_input("the data URL has no ','"))?;
         let media = header
@@ -140,12 +133,7 @@ fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
         if !media.starts_with("image/") {
             return Err(InferError::bad_input(format!("the data URL holds '{media}', not an image")));
         }
-        if data.len() / 4 * 3 > limits.max_image_bytes + 3 {
-            return Err(too_big(data.len() / 4 * 3));
-        }
-        return base64::engine::general_purpose::STANDARD
-            .decode(data.trim())
-            .map_err(|e| InferError::bad_input(format!("the data URL is not valid base64: {e}")));
+        return crate::job::decode_base64_image(data, limits, "the data URL");
     }
     if let Some(path) = url.strip_prefix("file://") {
         let real =
@@ -162,7 +150,10 @@ fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
         }
         let size = std::fs::metadata(&real).map(|m| m.len() as usize).unwrap_or(0);
         if size > limits.max_image_bytes {
-            return Err(too_big(size));
+            return Err(InferError::bad_input(format!(
+                "it is {size} bytes, over the limit of {} (limits.max_image_bytes)",
+                limits.max_image_bytes
+            )));
         }
         return std::fs::read(&real).map_err(|e| InferError::bad_input(format!("cannot read {path}: {e}")));
     }
