@@ -42,8 +42,8 @@ pub struct Views {
 }
 
 impl ImageProcessor {
-    /// Steps 1–3: the views of `image`; an error for an image whose short
-    /// side would vanish (an extreme aspect ratio).
+    /// Steps 1–3: the views of `image` (an error for an empty one). Step 1
+    /// keeps each side at 1 or more, so step 2 makes each a whole tile or more.
     pub fn views(&self, image: &RgbImage) -> Result<Views, String> {
         let (w, h) = image.dimensions();
         if w == 0 || h == 0 {
@@ -52,9 +52,6 @@ impl ImageProcessor {
         let (h1, w1) = longest_edge_size(h, w, self.longest_edge);
         let resized = resize(image, w1, h1);
         let (h2, w2) = tile_multiple_size(h1, w1, self.tile);
-        if h2 == 0 || w2 == 0 {
-            return Err(format!("a {w}×{h} image is too narrow to cut into {} pixel tiles", self.tile));
-        }
         let resized = resize(&resized, w2, h2);
         Ok(self.split(resized))
     }
