@@ -681,6 +681,17 @@ impl Generator {
         for (i, t) in past.into_iter().enumerate() {
             inputs.push((self.cache_name(&names.past, i), t));
         }
+        let (all, vocab, presents) = self.run(engine, inputs)?;
+        self.absorb(seq, &all[all.len() - vocab..], presents)
+    }
+
+    /// Runs the decoder: the logits (f32, at least one row of `vocab`), `vocab`, and the cache outputs.
+    fn run(
+        &self,
+        engine: &mut dyn InferenceBackend,
+        inputs: NamedTensors,
+    ) -> Result<(Vec<f32>, usize, Vec<Tensor>), InferError> {
+        let names = &self.spec.names;
         let mut outputs = engine.run(inputs)?;
         let logits = take_output(&mut outputs, &names.logits)?;
         let mut presents = Vec::with_capacity(2 * self.layout.layers);
@@ -694,7 +705,7 @@ impl Generator {
         if vocab == 0 || all.len() < vocab {
             return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
         }
-        self.absorb(seq, &all[all.len() - vocab..], presents)
+        Ok((all, vocab, presents))
     }
 
     /// `past.{layer}.{kv}` (or `present`) of cache tensor `i` (key and value alternate).
@@ -811,27 +822,19 @@ impl Generator {
             inputs.push((self.cache_name(&names.past, i), Tensor { shape: vec![b, heads, longest, hd], data: TensorData::F32(data) }));
         }
         let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
-        let mut outputs = match engine.run(inputs) {
+        let (all, vocab, outputs) = match self.run(engine, inputs) {
             Ok(o) => o,
-            Err(e) => return fail(e.into()),
-        };
-        let logits = match take_output(&mut outputs, &names.logits) {
-            Ok(t) => t,
             Err(e) => return fail(e),
         };
-        let mut presents: Vec<Vec<f32>> = Vec::with_capacity(2 * self.layout.layers);
-        for i in 0..2 * self.layout.layers {
-            match take_output(&mut outputs, &self.cache_name(&names.present, i)) {
-                Ok(Tensor { shape, data: TensorData::F32(v) }) if shape == [b, heads, longest + 1, hd] => presents.push(v),
-                Ok(t) => return fail(InferError::internal(format!("cache output {i} has shape {:?}", t.shape))),
-                Err(e) => return fail(e),
-            }
+        if all.len() != b * vocab {
+            return fail(InferError::internal(format!("the logits are {} values for {b} rows of {vocab}", all.len())));
         }
-        let (vocab, TensorData::F32(all)) = (*logits.shape.last().unwrap_or(&0), &logits.data) else {
-            return fail(InferError::internal("the logits are not f32"));
-        };
-        if vocab == 0 || all.len() != b * vocab {
-            return fail(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
+        let mut presents: Vec<Vec<f32>> = Vec::with_capacity(outputs.len());
+        for (i, t) in outputs.into_iter().enumerate() {
+            match t {
+                Tensor { shape, data: TensorData::F32(v) } if shape == [b, heads, longest + 1, hd] => presents.push(v),
+                t => return fail(InferError::internal(format!("cache output {i} has shape {:?}", t.shape))),
+            }
         }
         *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch {
             ids: seqs.iter().map(|s| s.id).collect(),
