@@ -104,6 +104,27 @@ def main(out):
         assert got == row["tokens"], (row["images"], got, row["tokens"])
     print("ONNX Runtime on the three graphs gives transformers' tokens for all", len(rows), "cases")
     (out / "reference.json").write_text(json.dumps({"chat_template": TEMPLATE, "image_seq_len": 4, "cases": rows}, indent=1) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}, indent=1) + "\n")
+    write_models_json(out, sum(p.numel() for p in model.parameters()))
+
+
+def write_models_json(out, parameters):
+    """inferd's registry entry for the fixture, the graphs' sums filled in."""
+    import hashlib
+    sha = lambda f: hashlib.sha256((out / f).read_bytes()).hexdigest()
+    part = lambda f: {"file": f, "sha256": sha(f)}
+    entry = {
+        "name": "tiny-vlm", "task": "vision-language",
+        "description": "A tiny SmolVLM with random weights (scripts/make_vlm_fixture_model.py): the vision-language "
+                       "task's test fixture, checked against transformers, not a model that sees",
+        "generation": {"tokenizer": "tokenizer.json", "context_length": 2048, "eos_tokens": ["<end_of_utterance>"],
+                       "max_tokens": 64, "parallel": 4},
+        "vision": {"chat_template": "chat_template.json", "longest_edge": 192, "tile": 64, "image_seq_len": 4},
+        "variants": [{"name": "fp32", "file": "onnx/decoder_model_merged.onnx", "sha256": sha("onnx/decoder_model_merged.onnx"),
+                      "parts": {"vision": part("onnx/vision_encoder.onnx"), "embed": part("onnx/embed_tokens.onnx")},
+                      "parameters": parameters, "memory_mb": 8}],
+    }
+    (out / "models.json").write_text(json.dumps({"version": 1, "models": [entry]}, indent=2) + "\n")
 
 
 class VisionEncoder(torch.nn.Module):

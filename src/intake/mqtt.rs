@@ -70,7 +70,11 @@ impl Envelope {
     /// The generation request, when the envelope carries a prompt or messages
     /// (with `image_base64`: a camera's question about its picture — the image
     /// goes before the text of the last user message, as in a chat with images).
-    fn generation(&mut self, limits: &Limits) -> Option<Result<job::GenerateRequest, InferError>> {
+    fn generation(
+        &mut self,
+        limits: &Limits,
+        raw_image: Option<Vec<u8>>,
+    ) -> Option<Result<job::GenerateRequest, InferError>> {
         let mut prompt = match (self.prompt.take(), self.messages.take()) {
             (None, None) => return None,
             (Some(p), None) => job::Prompt::Text(p),
@@ -80,11 +84,15 @@ impl Envelope {
         if self.inputs.is_some() || self.text.is_some() {
             return Some(Err(InferError::bad_input("a prompt comes without inputs or text (an image may come along)")));
         }
-        if let Some(b64) = self.image_base64.take() {
-            let image = match job::decode_image_base64(&b64, limits) {
-                Ok(bytes) => bytes,
+        let image = match (raw_image, self.image_base64.take()) {
+            (Some(bytes), _) => Some(bytes),
+            (None, Some(b64)) => match job::decode_image_base64(&b64, limits) {
+                Ok(bytes) => Some(bytes),
                 Err(e) => return Some(Err(e)),
-            };
+            },
+            (None, None) => None,
+        };
+        if let Some(image) = image {
             let mut messages = match prompt {
                 job::Prompt::Text(content) => {
                     vec![job::ChatMessage { role: "user".into(), content, images: Vec::new() }]
@@ -121,10 +129,52 @@ struct ParsedJob {
 /// The job in an MQTT payload (raw image bytes or a JSON envelope), or why
 /// not: what the daemon does with every message, for tools and fuzzing.
 pub fn parse_job(payload: &[u8], limits: &Limits, max_payload: usize) -> Result<(JobInput, JobOptions), InferError> {
-    parse_payload(payload, limits, max_payload).job
+    parse_payload(payload, &[], limits, max_payload).job
 }
 
-fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJob {
+/// The MQTT 5 user properties a raw image's question may come in: a
+/// camera publishes its JPEG as it is, with `prompt` (or `messages`, JSON)
+/// and the generation settings beside it.
+const PROMPT_PROPERTIES: &[&str] = &[
+    "id",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "response_format",
+    "stream",
+];
+
+/// A raw image with a question in its user properties, as a prompt envelope:
+/// text properties as they are, the others read as JSON (`max_tokens` `8`,
+/// `response_format` `{"type":"json_object"}`, `stream` `true`).
+fn prompt_properties(properties: &[(String, String)]) -> Option<Result<Value, InferError>> {
+    if !properties.iter().any(|(k, _)| k == "prompt" || k == "messages") {
+        return None;
+    }
+    let mut envelope = serde_json::Map::new();
+    for (key, value) in properties.iter().filter(|(k, _)| PROMPT_PROPERTIES.contains(&k.as_str())) {
+        let value = match key.as_str() {
+            "id" | "prompt" | "stop" => Value::String(value.clone()),
+            _ => match serde_json::from_str(value) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Some(Err(InferError::bad_input(format!(
+                        "user property '{key}' is not JSON ({e}): {value:?}"
+                    ))));
+                }
+            },
+        };
+        envelope.insert(key.clone(), value);
+    }
+    Some(Ok(Value::Object(envelope)))
+}
+
+fn parse_payload(payload: &[u8], properties: &[(String, String)], limits: &Limits, max_payload: usize) -> ParsedJob {
     if payload.len() > max_payload {
         let e = InferError::new(
             ErrorKind::PayloadTooLarge,
@@ -133,6 +183,9 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
         return ParsedJob { id: None, reply_to: None, job: Err(e), partials: false, is_result: false };
     }
     if job::Payload::sniff(payload, None, false) != job::Payload::Json {
+        if let Some(question) = prompt_properties(properties) {
+            return raw_image_with_prompt(payload, question, limits);
+        }
         return ParsedJob {
             id: None,
             reply_to: None,
@@ -155,7 +208,7 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             ))
         })
         .and_then(|mut env| {
-            if let Some(generation) = env.generation(limits) {
+            if let Some(generation) = env.generation(limits, None) {
                 return generation.map(|r| (JobInput::Generate(r), JobOptions::default()));
             }
             let request = InferRequest {
@@ -167,6 +220,23 @@ fn parse_payload(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJ
             request.into_job(limits)
         });
     ParsedJob { id, reply_to, job, partials, is_result }
+}
+
+/// A raw image whose question came in user properties (see [`prompt_properties`]).
+fn raw_image_with_prompt(payload: &[u8], question: Result<Value, InferError>, limits: &Limits) -> ParsedJob {
+    let loose = question.as_ref().ok();
+    let id = loose.and_then(|q| q.get("id")).and_then(id_text);
+    let partials = loose.and_then(|q| q.get("stream")).and_then(Value::as_bool).unwrap_or(false);
+    let job = question
+        .and_then(|q| {
+            serde_json::from_value::<Envelope>(q)
+                .map_err(|e| InferError::bad_input(format!("invalid prompt in the user properties ({e})")))
+        })
+        .and_then(|mut env| match env.generation(limits, Some(payload.to_vec())) {
+            Some(r) => r.map(|r| (JobInput::Generate(r), JobOptions::default())),
+            None => Err(InferError::internal("a prompt property without a prompt")),
+        });
+    ParsedJob { id, reply_to: None, job, partials, is_result: false }
 }
 
 fn id_text(v: &Value) -> Option<String> {
@@ -383,7 +453,7 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
         let _ = ctx.client.ack(&msg.ack).await;
         return;
     };
-    let parsed = parse_payload(&msg.payload, &ctx.limits, ctx.max_payload);
+    let parsed = parse_payload(&msg.payload, &msg.user_properties, &ctx.limits, ctx.max_payload);
     let id = parsed.id.clone();
     if parsed.is_result {
         tracing::warn!(topic = msg.topic, id, "an inferd result arrived on a job topic; acknowledged and ignored");
@@ -508,29 +578,73 @@ async fn publish_partials(
 mod tests {
     use super::*;
 
+    fn parse_plain(payload: &[u8], limits: &Limits, max_payload: usize) -> ParsedJob {
+        parse_payload(payload, &[], limits, max_payload)
+    }
+
+    #[test]
+    fn a_raw_image_with_a_prompt_in_its_user_properties_is_a_chat_about_it() {
+        let limits = Limits::default();
+        let props = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let jpeg = b"\xFF\xD8\xFFjpeg bytes";
+        let p = parse_payload(
+            jpeg,
+            &props(&[
+                ("prompt", "Is the gate open?"),
+                ("max_tokens", "8"),
+                ("stream", "true"),
+                ("id", "cam-1"),
+                ("camera", "7"),
+            ]),
+            &limits,
+            1 << 20,
+        );
+        assert_eq!((p.id.as_deref(), p.partials), (Some("cam-1"), true));
+        let Ok((JobInput::Generate(r), _)) = p.job else { panic!("not a generation job") };
+        assert_eq!(r.params.max_tokens, Some(8));
+        let job::Prompt::Chat(m) = r.prompt else { panic!("not a chat") };
+        assert_eq!((m[0].content.as_str(), m[0].images[0].1.as_slice()), ("Is the gate open?", &jpeg[..]));
+        let p = parse_payload(
+            jpeg,
+            &props(&[("prompt", "Gate?"), ("response_format", r#"{"type":"json_object"}"#)]),
+            &limits,
+            1 << 20,
+        );
+        let Ok((JobInput::Generate(r), _)) = p.job else { panic!("not a generation job") };
+        assert_eq!(r.params.response_format.as_deref(), Some(&json!({"type": "json_object"})));
+        // Without a prompt property the image is an image job, as before.
+        assert!(matches!(
+            parse_payload(jpeg, &props(&[("camera", "7")]), &limits, 1 << 20).job,
+            Ok((JobInput::Image(_), _))
+        ));
+        let e =
+            parse_payload(jpeg, &props(&[("prompt", "x"), ("max_tokens", "many")]), &limits, 1 << 20).job.unwrap_err();
+        assert!(e.message.contains("user property 'max_tokens' is not JSON"), "{e}");
+    }
+
     #[test]
     fn payloads_become_jobs_or_errors_that_keep_their_id_and_route() {
         let limits = Limits::default();
-        let p = parse_payload(b"\xFF\xD8\xFFjpeg bytes", &limits, 1 << 20);
+        let p = parse_plain(b"\xFF\xD8\xFFjpeg bytes", &limits, 1 << 20);
         assert!(matches!(p.job, Ok((JobInput::Image(_), _))));
-        let p = parse_payload(
+        let p = parse_plain(
             br#"{"id": 7, "reply_to": "a/b", "image_base64": "!!", "params": {"top_k": 2}}"#,
             &limits,
             1 << 20,
         );
         assert_eq!((p.id.as_deref(), p.reply_to.as_deref()), (Some("7"), Some("a/b")));
         assert!(p.job.unwrap_err().message.contains("base64"));
-        let p = parse_payload(br#"{"id": "x", "colour": 1}"#, &limits, 1 << 20);
+        let p = parse_plain(br#"{"id": "x", "colour": 1}"#, &limits, 1 << 20);
         assert_eq!(p.id.as_deref(), Some("x"));
         assert!(p.job.unwrap_err().message.contains("invalid job envelope"));
-        let p = parse_payload(&[0u8; 2048], &limits, 1024);
+        let p = parse_plain(&[0u8; 2048], &limits, 1024);
         assert_eq!(p.job.unwrap_err().kind, ErrorKind::PayloadTooLarge);
     }
 
     #[test]
     fn a_prompt_envelope_carries_the_shared_generation_params_and_unknown_fields_are_refused() {
         let limits = Limits::default();
-        let p = parse_payload(
+        let p = parse_plain(
             br#"{"prompt": "hi", "max_tokens": 3, "temperature": 0, "stop": ["x"], "params": {"top_k": 2}}"#,
             &limits,
             1 << 20,
@@ -546,7 +660,7 @@ mod tests {
                 ..Default::default()
             }
         );
-        let p = parse_payload(br#"{"prompt": "hi", "max_tokenz": 3}"#, &limits, 1 << 20);
+        let p = parse_plain(br#"{"prompt": "hi", "max_tokenz": 3}"#, &limits, 1 << 20);
         let e = p.job.unwrap_err();
         assert!(e.message.contains("unknown field `max_tokenz`"), "{e}");
     }
@@ -555,12 +669,12 @@ mod tests {
     fn a_prompt_with_an_image_becomes_a_user_message_with_the_image_first() {
         let limits = Limits::default();
         // "aGVsbG8=" is b"hello": the bytes are carried as sent (the model's task reads them).
-        let p = parse_payload(br#"{"prompt": "Is the gate open?", "image_base64": "aGVsbG8="}"#, &limits, 1 << 20);
+        let p = parse_plain(br#"{"prompt": "Is the gate open?", "image_base64": "aGVsbG8="}"#, &limits, 1 << 20);
         let Ok((JobInput::Generate(r), _)) = p.job else { panic!("not a generation job") };
         let job::Prompt::Chat(m) = r.prompt else { panic!("not a chat") };
         assert_eq!((m.len(), m[0].role.as_str(), m[0].content.as_str()), (1, "user", "Is the gate open?"));
         assert_eq!(m[0].images, vec![(0, b"hello".to_vec())]);
-        let p = parse_payload(
+        let p = parse_plain(
             br#"{"messages": [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": "Gate?"}], "image_base64": "aGVsbG8="}"#,
             &limits,
             1 << 20,
@@ -573,7 +687,7 @@ mod tests {
             (br#"{"messages": [{"role": "system", "content": "x"}], "image_base64": "aGVsbG8="}"#, "there is none"),
             (br#"{"prompt": "x", "text": "y"}"#, "a prompt comes without inputs or text"),
         ] {
-            let e = parse_payload(payload, &limits, 1 << 20).job.unwrap_err();
+            let e = parse_plain(payload, &limits, 1 << 20).job.unwrap_err();
             assert!(e.message.contains(words), "{e}");
         }
     }

@@ -14,8 +14,6 @@
 // `tasks!` below, private: nothing outside `src/pipeline/` can name one (the
 // compiler keeps the rule).
 pub mod image;
-// The vision-language task's parts, built ahead of the task itself.
-mod vision;
 
 pub use generate::ChatTemplate;
 pub use ocr::ctc;
@@ -50,6 +48,7 @@ tasks! {
     ocr::OcrTaskSpec,
     document::DocumentTaskSpec,
     generate::GenerationTaskSpec,
+    vision::VisionLanguageSpec,
     raw::RawSpec,
 }
 

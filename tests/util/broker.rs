@@ -293,6 +293,15 @@ impl TestClient {
         self.client.publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), props).await.unwrap();
     }
 
+    /// Publishes with MQTT 5 user properties (a camera's raw image and its question).
+    pub async fn publish_with_user_properties(&self, topic: &str, payload: impl Into<Vec<u8>>, user: &[(&str, &str)]) {
+        let props = PublishProperties {
+            user_properties: user.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        self.client.publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), props).await.unwrap();
+    }
+
     /// The next message, or a panic after `timeout`.
     pub async fn recv(&mut self, timeout: Duration) -> Received {
         tokio::time::timeout(timeout, self.rx.recv()).await.expect("no MQTT message in time").expect("client stopped")

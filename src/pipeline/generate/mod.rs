@@ -10,6 +10,11 @@
 //! Decoding is greedy (temperature 0) or sampled (temperature, top-k, top-p,
 //! seed); a sequence ends at an end-of-sequence token, a stop string, its
 //! `max_tokens`, or the model's context length.
+//!
+//! A decoder may take `inputs_embeds` instead of `input_ids` (the language
+//! half of a vision-language model): an [`Embedder`] then turns tokens into
+//! embeddings, and what the request attached to its prompt (images) into the
+//! prompt step's embeddings; everything else is the same loop.
 
 mod json;
 mod sample;
@@ -67,6 +72,8 @@ fn default_parallel() -> usize {
 #[serde(default, deny_unknown_fields)]
 pub struct GenerationNames {
     pub input_ids: String,
+    /// Fed instead of `input_ids` by decoders that take embeddings.
+    pub inputs_embeds: String,
     /// Fed when the model has it.
     pub attention_mask: String,
     /// Fed when the model has it.
@@ -80,6 +87,7 @@ impl Default for GenerationNames {
     fn default() -> Self {
         GenerationNames {
             input_ids: "input_ids".into(),
+            inputs_embeds: "inputs_embeds".into(),
             attention_mask: "attention_mask".into(),
             position_ids: "position_ids".into(),
             past: "past_key_values.{layer}.{kv}".into(),
@@ -147,6 +155,15 @@ impl ChatTemplate {
 }
 
 impl GenerationSpec {
+    /// The KV cache of `reserve_context` tokens of the decoder at `file`,
+    /// twice over as a step holds the cache it feeds and the one it gets back
+    /// (as a request is admitted).
+    pub fn working_memory(&self, file: &Path) -> Option<(u64, String)> {
+        let per_position = bytes_per_position(&self.names, file)?;
+        let tokens = self.reserve_context();
+        Some((2 * tokens as u64 * per_position, format!("the KV cache of {tokens} tokens of context")))
+    }
+
     /// Tokens of context the variant choice leaves KV-cache room for.
     pub fn reserve_context(&self) -> usize {
         self.reserve_context.unwrap_or(self.context_length.min(2048))
@@ -178,10 +195,11 @@ impl GenerationSpec {
         p
     }
 
-    /// Compares the spec with the model's declared inputs and outputs.
-    pub fn check_against(&self, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
-        match Layout::read(&self.names, inputs, outputs) {
-            Ok(_) => Vec::new(),
+    /// Compares the spec with the model's declared inputs and outputs; the
+    /// decoder must take embeddings when `embeds` says so, else token ids.
+    pub fn check_against(&self, inputs: &[TensorInfo], outputs: &[TensorInfo], embeds: bool) -> Vec<SpecProblem> {
+        match Layout::read(&self.names, inputs, outputs).and_then(|l| l.feeds(&self.names, embeds)) {
+            Ok(()) => Vec::new(),
             Err(why) => vec![SpecProblem::new(".generation.names", why)],
         }
     }
@@ -195,6 +213,8 @@ struct Layout {
     head_dim: usize,
     attention_mask: bool,
     position_ids: bool,
+    /// The width of `inputs_embeds` when the decoder takes embeddings instead of ids.
+    embeds: Option<usize>,
 }
 
 fn kv_name(pattern: &str, layer: usize, kv: &str) -> String {
@@ -207,14 +227,46 @@ impl Layout {
         (2 * self.layers * self.heads * self.head_dim * 4) as u64
     }
 
+    /// Says whether the decoder is fed as the task feeds it: embeddings or token ids.
+    fn feeds(&self, names: &GenerationNames, embeds: bool) -> Result<(), String> {
+        match (self.embeds.is_some(), embeds) {
+            (true, false) => Err(format!(
+                "the decoder takes '{}' (embeddings), not token ids: serve it as a vision-language model",
+                names.inputs_embeds
+            )),
+            (false, true) => Err(format!(
+                "the decoder takes '{}' (token ids); this task feeds it '{}' (embeddings)",
+                names.input_ids, names.inputs_embeds
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn read(names: &GenerationNames, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<Layout, String> {
         let input = |n: &str| inputs.iter().find(|i| i.name == n);
         let list = |infos: &[TensorInfo]| infos.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ");
-        let ids = input(&names.input_ids)
-            .ok_or_else(|| format!("the model has no input '{}' (inputs: {})", names.input_ids, list(inputs)))?;
-        if ids.dtype != Some(DType::I64) {
-            return Err(format!("input '{}' must be i64", ids.name));
-        }
+        let embeds = match (input(&names.input_ids), input(&names.inputs_embeds)) {
+            (Some(ids), _) if ids.dtype != Some(DType::I64) => return Err(format!("input '{}' must be i64", ids.name)),
+            (Some(_), _) => None,
+            (None, Some(e)) => match (e.dtype, e.shape.as_slice()) {
+                (Some(DType::F32), [_, _, Some(width)]) => Some(*width),
+                _ => {
+                    return Err(format!(
+                        "input '{}' has shape {}; expected f32 [batch, sequence, hidden] with hidden fixed",
+                        e.name,
+                        e.shape_text()
+                    ));
+                }
+            },
+            (None, None) => {
+                return Err(format!(
+                    "the model has no input '{}' or '{}' (inputs: {})",
+                    names.input_ids,
+                    names.inputs_embeds,
+                    list(inputs)
+                ));
+            }
+        };
         if !outputs.iter().any(|o| o.name == names.logits) {
             return Err(format!("the model has no output '{}' (outputs: {})", names.logits, list(outputs)));
         }
@@ -257,6 +309,7 @@ impl Layout {
             head_dim,
             attention_mask: input(&names.attention_mask).is_some(),
             position_ids: input(&names.position_ids).is_some(),
+            embeds,
         })
     }
 }
@@ -295,20 +348,15 @@ impl TaskSpec for GenerationTaskSpec {
     }
 
     fn check_io(&self, _dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
-        self.generation.as_ref().map(|g| g.check_against(inputs, outputs)).unwrap_or_default()
+        self.generation.as_ref().map(|g| g.check_against(inputs, outputs, false)).unwrap_or_default()
     }
 
     fn many_short_runs(&self) -> bool {
         true
     }
 
-    /// The KV cache of `reserve_context` tokens, twice over as a step holds
-    /// the cache it feeds and the one it gets back (as a request is admitted).
     fn working_memory(&self, file: &Path) -> Option<(u64, String)> {
-        let g = self.generation.as_ref()?;
-        let per_position = bytes_per_position(&g.names, file)?;
-        let tokens = g.reserve_context();
-        Some((2 * tokens as u64 * per_position, format!("the KV cache of {tokens} tokens of context")))
+        self.generation.as_ref()?.working_memory(file)
     }
 
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
@@ -317,8 +365,9 @@ impl TaskSpec for GenerationTaskSpec {
             .clone()
             .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
         let path = graph.dir.join(&spec.tokenizer);
-        let generator = Generator::new(spec, &path, graph.inputs, graph.outputs)?;
-        Ok(Box::new(GeneratePipeline { generator: Arc::new(generator), limits: graph.limits.clone() }))
+        let generator = Arc::new(Generator::new(spec, &path, graph.inputs, graph.outputs, None)?);
+        let preparer = Arc::new(ReadRequest { generator: generator.clone() });
+        Ok(Box::new(GeneratePipeline::new(generator, graph.limits.clone(), preparer)))
     }
 }
 
@@ -342,25 +391,53 @@ fn bytes_per_position(names: &GenerationNames, file: &Path) -> Option<u64> {
     bytes
 }
 
-/// `text-generation`: the worker interleaves its jobs through the
+/// Generation on a decoder (`text-generation`, and `vision-language` with
+/// its own preparer): the worker interleaves its jobs through the
 /// [`Stepper`](super::Stepper); [`Pipeline::run`] runs one whole request.
-struct GeneratePipeline {
+pub struct GeneratePipeline {
     generator: Arc<Generator>,
     limits: Limits,
+    preparer: Arc<dyn Prepare>,
 }
 
-/// Reads a job's request (no work worth moving off the worker).
-struct ReadRequest;
+impl GeneratePipeline {
+    /// Runs `generator` on the jobs `preparer` makes into [`Rendered`] requests.
+    pub fn new(generator: Arc<Generator>, limits: Limits, preparer: Arc<dyn Prepare>) -> GeneratePipeline {
+        GeneratePipeline { generator, limits, preparer }
+    }
+
+    fn start(&self, input: Prepared) -> Result<Sequence, InferError> {
+        let Rendered { request, prompt, chat, attached } = input.take()?;
+        self.generator.start_prompt(request, prompt, chat, attached, self.limits.max_text_bytes)
+    }
+}
+
+/// A request with its prompt rendered, ready to start.
+pub struct Rendered {
+    pub request: GenerateRequest,
+    pub prompt: String,
+    /// A chat: the template's stop strings apply.
+    pub chat: bool,
+    /// What the prompt's step embeds in place of its tokens (images).
+    pub attached: Option<Attached>,
+}
+
+/// Reads a job's request and renders its prompt (no work worth moving off the worker).
+struct ReadRequest {
+    generator: Arc<Generator>,
+}
 
 impl Prepare for ReadRequest {
     fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
-        request_of(input).map(Prepared::new)
+        let request = request_of(input)?;
+        let (prompt, chat) = self.generator.render(&request)?;
+        Ok(Prepared::new(Rendered { request, prompt, chat, attached: None }))
     }
 }
 
 impl Pipeline for GeneratePipeline {
     fn preparer(&self) -> Arc<dyn Prepare> {
-        Arc::new(ReadRequest)
+        self.preparer.clone()
     }
 
     fn run(
@@ -370,9 +447,9 @@ impl Pipeline for GeneratePipeline {
         _options: &JobOptions,
         timings: &mut Timings,
     ) -> Result<JobResult, InferError> {
-        let request = input.take()?;
+        let seq = self.start(input)?;
         let t = std::time::Instant::now();
-        let result = self.generator.generate(engine, request, self.limits.max_text_bytes);
+        let result = self.generator.run_to_end(engine, seq);
         timings.infer_ms += t.elapsed().as_secs_f64() * 1000.0;
         result
     }
@@ -388,7 +465,7 @@ impl super::Stepper for GeneratePipeline {
     }
 
     fn start(&self, input: Prepared) -> Result<Box<dyn super::Sequence>, InferError> {
-        let seq = self.generator.start(input.take()?, self.limits.max_text_bytes)?;
+        let seq = GeneratePipeline::start(self, input)?;
         Ok(Box::new(Running { generator: self.generator.clone(), seq }))
     }
 
@@ -450,9 +527,23 @@ pub fn request_of(input: JobInput) -> Result<GenerateRequest, InferError> {
     }
 }
 
+/// Turns tokens into a decoder's `inputs_embeds`, for decoders that take
+/// embeddings (a vision-language model's language half).
+pub trait Embedder: Send + Sync {
+    /// The embeddings of `tokens`, `tokens.len() × width` values. `attached`
+    /// is what the request attached to its prompt (images), given with the
+    /// prompt's step only: its embeddings go in place of their tokens'.
+    fn embed(&self, tokens: &[u32], attached: Option<Attached>) -> Result<Vec<f32>, InferError>;
+}
+
+/// What a task attaches to a request's prompt for its [`Embedder`].
+pub type Attached = Box<dyn std::any::Any + Send>;
+
 /// The loaded tokenizer, the layout and the spec of one decoder.
 pub struct Generator {
     spec: GenerationSpec,
+    /// Makes the decoder's `inputs_embeds` when it takes embeddings.
+    embedder: Option<Arc<dyn Embedder>>,
     tokenizer: tokenizers::Tokenizer,
     layout: Layout,
     eos: Vec<u32>,
@@ -504,6 +595,8 @@ pub struct Sequence {
     finish: Option<FinishReason>,
     /// The JSON the answer is kept to (`response_format`).
     constraint: Option<Constraint>,
+    /// What the request attached to its prompt, until the prompt's step.
+    attached: Option<Attached>,
 }
 
 impl Drop for Sequence {
@@ -533,14 +626,18 @@ impl Sequence {
 }
 
 impl Generator {
-    /// Loads the tokenizer at `tokenizer` and reads the graph's layout.
+    /// Loads the tokenizer at `tokenizer` and reads the graph's layout; a
+    /// decoder that takes embeddings is fed by `embedder`.
     pub fn new(
         spec: GenerationSpec,
         tokenizer: &Path,
         inputs: &[TensorInfo],
         outputs: &[TensorInfo],
+        embedder: Option<Arc<dyn Embedder>>,
     ) -> Result<Generator, InferError> {
-        let layout = Layout::read(&spec.names, inputs, outputs).map_err(InferError::unavailable)?;
+        let layout = Layout::read(&spec.names, inputs, outputs)
+            .and_then(|l| l.feeds(&spec.names, embedder.is_some()).map(|()| l))
+            .map_err(InferError::unavailable)?;
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer)
             .map_err(|e| InferError::unavailable(format!("cannot read tokenizer {}: {e}", tokenizer.display())))?;
         let mut eos = Vec::new();
@@ -551,6 +648,7 @@ impl Generator {
         }
         Ok(Generator {
             spec,
+            embedder,
             tokenizer,
             layout,
             eos,
@@ -567,13 +665,39 @@ impl Generator {
         2 * positions * self.layout.bytes_per_position()
     }
 
+    /// The id of `token` in the tokenizer's vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
     /// Most sequences to interleave on one session.
     pub fn parallel(&self) -> usize {
         self.spec.parallel
     }
 
-    /// Starts a sequence: renders and tokenises the prompt and checks it against the limits.
-    pub fn start(&self, request: GenerateRequest, max_text_bytes: usize) -> Result<Sequence, InferError> {
+    /// The prompt of `request` through the model's chat template, and
+    /// whether it is a chat (the template's stop strings apply).
+    pub fn render(&self, request: &GenerateRequest) -> Result<(String, bool), InferError> {
+        match &request.prompt {
+            Prompt::Text(t) => Ok((t.clone(), false)),
+            Prompt::Chat(messages) if messages.iter().any(|m| !m.images.is_empty()) => Err(InferError::bad_input(
+                "this is a text-generation model: it reads no images (send them to a vision-language model)",
+            )),
+            Prompt::Chat(messages) => Ok((self.spec.chat_template.render(messages)?, true)),
+        }
+    }
+
+    /// Starts a sequence on `prompt` as rendered from `request` (a chat when
+    /// `chat`: the template's stop strings apply), with what the request
+    /// attached to it for the [`Embedder`].
+    pub fn start_prompt(
+        &self,
+        request: GenerateRequest,
+        prompt: String,
+        chat: bool,
+        attached: Option<Attached>,
+        max_text_bytes: usize,
+    ) -> Result<Sequence, InferError> {
         let grammar = match &request.params.response_format {
             None => None,
             Some(format) => json::parse_response_format(format).map_err(InferError::bad_input)?,
@@ -584,20 +708,9 @@ impl Generator {
                 "stop strings do not go with a JSON response_format: the answer ends when its JSON value closes",
             ));
         }
-        let prompt = match &request.prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(messages) if messages.iter().any(|m| !m.images.is_empty()) => {
-                return Err(InferError::bad_input(
-                    "this is a text-generation model: it reads no images (send them to a vision-language model)",
-                ));
-            }
-            Prompt::Chat(messages) => {
-                if grammar.is_none() {
-                    stop.extend(self.spec.chat_template.stop.iter().cloned());
-                }
-                self.spec.chat_template.render(messages)?
-            }
-        };
+        if chat && grammar.is_none() {
+            stop.extend(self.spec.chat_template.stop.iter().cloned());
+        }
         if prompt.len() > max_text_bytes {
             return Err(InferError::bad_input(format!(
                 "the prompt is {} bytes, over the limit of {max_text_bytes}",
@@ -650,7 +763,32 @@ impl Generator {
             stream: request.stream,
             finish: None,
             constraint: grammar.map(|g| Constraint::new(Arc::new(g))),
+            attached,
         })
+    }
+
+    /// The tokens the decoder is fed, `rows` rows of equal length: token ids,
+    /// or their embeddings (with what was attached to the prompt in place).
+    fn feed(&self, tokens: &[u32], rows: usize, attached: Option<Attached>) -> Result<(String, Tensor), InferError> {
+        let names = &self.spec.names;
+        let cols = tokens.len() / rows.max(1);
+        match (&self.embedder, self.layout.embeds) {
+            (Some(embedder), Some(width)) => {
+                let values = embedder.embed(tokens, attached)?;
+                if values.len() != tokens.len() * width {
+                    return Err(InferError::internal(format!(
+                        "{} embedding values for {} tokens of width {width}",
+                        values.len(),
+                        tokens.len()
+                    )));
+                }
+                Ok((names.inputs_embeds.clone(), Tensor { shape: vec![rows, cols, width], data: TensorData::F32(values) }))
+            }
+            _ => Ok((
+                names.input_ids.clone(),
+                Tensor { shape: vec![rows, cols], data: TensorData::I64(tokens.iter().map(|&t| t as i64).collect()) },
+            )),
+        }
     }
 
     /// Runs one step of `seq` on `engine`: feeds what is pending with the
@@ -661,10 +799,7 @@ impl Generator {
         }
         let names = &self.spec.names;
         let (fed, n) = (seq.tokens.len() - seq.feed.len(), seq.feed.len());
-        let mut inputs: NamedTensors = vec![(
-            names.input_ids.clone(),
-            Tensor { shape: vec![1, n], data: TensorData::I64(seq.feed.iter().map(|&t| t as i64).collect()) },
-        )];
+        let mut inputs: NamedTensors = vec![self.feed(&seq.feed, 1, seq.attached.take())?];
         if self.layout.attention_mask {
             inputs.push((
                 names.attention_mask.clone(),
@@ -807,11 +942,13 @@ impl Generator {
         for (row, &len) in lens.iter().enumerate() {
             mask[row * (longest + 1) + longest - len..(row + 1) * (longest + 1)].fill(1);
         }
+        let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
+        let feed = match self.feed(&seqs.iter().map(|s| s.feed[0]).collect::<Vec<_>>(), b, None) {
+            Ok(f) => f,
+            Err(e) => return fail(e),
+        };
         let mut inputs: NamedTensors = vec![
-            (
-                names.input_ids.clone(),
-                Tensor { shape: vec![b, 1], data: TensorData::I64(seqs.iter().map(|s| s.feed[0] as i64).collect()) },
-            ),
+            feed,
             (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
             (
                 names.position_ids.clone(),
@@ -821,7 +958,6 @@ impl Generator {
         for (i, data) in caches.into_iter().enumerate() {
             inputs.push((self.cache_name(&names.past, i), Tensor { shape: vec![b, heads, longest, hd], data: TensorData::F32(data) }));
         }
-        let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
         let (all, vocab, outputs) = match self.run(engine, inputs) {
             Ok(o) => o,
             Err(e) => return fail(e),
@@ -988,14 +1124,8 @@ impl Generator {
         }
     }
 
-    /// Runs a whole request to its end (no interleaving).
-    pub fn generate(
-        &self,
-        engine: &mut dyn InferenceBackend,
-        request: GenerateRequest,
-        max_text_bytes: usize,
-    ) -> Result<JobResult, InferError> {
-        let mut seq = self.start(request, max_text_bytes)?;
+    /// Runs a started sequence to its end (no interleaving).
+    pub fn run_to_end(&self, engine: &mut dyn InferenceBackend, mut seq: Sequence) -> Result<JobResult, InferError> {
         while !seq.is_done() {
             if seq.is_abandoned() {
                 return Err(InferError::bad_input("the client went away"));

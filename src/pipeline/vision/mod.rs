@@ -1,8 +1,665 @@
-//! Vision-language models (SmolVLM / Idefics3 layout): the parts built so
-//! far. `processor` turns an image into the vision encoder's views and the
-//! prompt text that stands for it, checked against transformers; the task
-//! itself (three graphs, image features spliced into the embeddings, the
-//! generation loop reused) is not wired up yet.
-#![allow(dead_code)]
+//! The `vision-language` task: image + text → text on the three-graph
+//! SmolVLM / Idefics3 layout that the onnx-community exports ship (and
+//! transformers.js runs):
+//!
+//! - `parts.vision` — `vision_encoder.onnx`: `pixel_values`
+//!   `[batch, views, 3, tile, tile]` (+ bool `pixel_attention_mask`
+//!   `[batch, views, tile, tile]`) → `image_features` `[views, image_seq_len, hidden]`;
+//! - `parts.embed` — `embed_tokens.onnx`: `input_ids` → `inputs_embeds`;
+//! - `file` — `decoder_model_merged.onnx`: `inputs_embeds`, `attention_mask`,
+//!   `position_ids`, `past_key_values.*` → `logits`, `present.*`.
+//!
+//! A chat is rendered by the model's own Jinja chat template (an image part
+//! becomes the image token), each image is cut into views by
+//! [`processor::ImageProcessor`] (on the decode threads) and its token
+//! expanded to the views' prompt text; the prompt step embeds the tokens and
+//! puts the views' features in place of the image tokens, in order. From
+//! there it is text generation's loop, reused as it is (sampling, stop
+//! strings, streaming, structured output, sequences stepped together).
+//! An image's features are kept by the hash of its bytes (bounded), so a
+//! follow-up turn about the same image skips the vision encoder.
 
 pub mod processor;
+
+use super::generate::{Attached, Embedder, GeneratePipeline, GenerationSpec, Generator, Rendered, request_of};
+use super::{Graph, Part, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
+use crate::backend::InferenceBackend;
+use crate::config::Limits;
+use crate::error::InferError;
+use crate::job::{ChatMessage, InputKind, JobInput, Prompt};
+use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
+use processor::ImageProcessor;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The models.json section of a `vision-language` model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionLanguageSpec {
+    /// The language half: tokenizer, context, limits (as `text-generation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationSpec>,
+    /// The image half: chat template, image processor, graph names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<VisionSpec>,
+}
+
+impl Section for VisionLanguageSpec {
+    const TASK: &'static str = "vision-language";
+}
+
+/// models.json `vision`: SmolVLM's processor settings (its
+/// preprocessor_config.json and processor_config.json) and the chat template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionSpec {
+    /// The model's Jinja chat template, relative to models.json: a `.jinja`
+    /// file, or a JSON file with a `chat_template` string (the model's
+    /// chat_template.json or tokenizer_config.json).
+    pub chat_template: PathBuf,
+    /// Images are resized so that their longest edge is this (`size.longest_edge`).
+    #[serde(default = "default_longest_edge")]
+    pub longest_edge: u32,
+    /// The side of a view (`max_image_size.longest_edge`).
+    #[serde(default = "default_tile")]
+    pub tile: u32,
+    /// Image tokens (features) per view.
+    #[serde(default = "default_image_seq_len")]
+    pub image_seq_len: usize,
+    #[serde(default = "default_half")]
+    pub mean: [f32; 3],
+    #[serde(default = "default_half")]
+    pub std: [f32; 3],
+    /// The token the template writes for an image and the features replace.
+    #[serde(default = "default_image_token")]
+    pub image_token: String,
+    #[serde(default)]
+    pub names: VisionNames,
+    /// Memory for the features of recent images, kept by the hash of their bytes.
+    #[serde(default = "default_feature_cache_mb")]
+    pub feature_cache_mb: u64,
+}
+
+fn default_longest_edge() -> u32 {
+    2048
+}
+fn default_tile() -> u32 {
+    512
+}
+fn default_image_seq_len() -> usize {
+    64
+}
+fn default_half() -> [f32; 3] {
+    [0.5; 3]
+}
+fn default_image_token() -> String {
+    "<image>".into()
+}
+fn default_feature_cache_mb() -> u64 {
+    64
+}
+
+/// The tensor names of the vision encoder and token embedding graphs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VisionNames {
+    pub pixel_values: String,
+    /// Fed (all true: every view is a whole tile) when the encoder has it.
+    pub pixel_attention_mask: String,
+    pub image_features: String,
+    pub input_ids: String,
+    pub inputs_embeds: String,
+}
+
+impl Default for VisionNames {
+    fn default() -> Self {
+        VisionNames {
+            pixel_values: "pixel_values".into(),
+            pixel_attention_mask: "pixel_attention_mask".into(),
+            image_features: "image_features".into(),
+            input_ids: "input_ids".into(),
+            inputs_embeds: "inputs_embeds".into(),
+        }
+    }
+}
+
+impl TaskSpec for VisionLanguageSpec {
+    super::section_names!();
+
+    fn takes(&self) -> (&'static [InputKind], &'static str) {
+        (&[InputKind::Prompt, InputKind::Text], "a chat with images: POST /v1/chat/completions")
+    }
+
+    fn files(&self) -> Vec<(String, &Path)> {
+        let mut files: Vec<(String, &Path)> =
+            self.generation.iter().map(|g| (".generation.tokenizer".to_string(), g.tokenizer.as_path())).collect();
+        files.extend(self.vision.iter().map(|v| (".vision.chat_template".to_string(), v.chat_template.as_path())));
+        files
+    }
+
+    fn parts(&self) -> (&'static [&'static str], &'static [&'static str]) {
+        (&["vision", "embed"], &[])
+    }
+
+    fn validate(&self) -> Vec<SpecProblem> {
+        let mut p = match &self.generation {
+            Some(g) => g.validate(),
+            None => vec![SpecProblem::new(".generation", "vision-language needs a 'generation' spec with its tokenizer")],
+        };
+        match &self.vision {
+            None => p.push(SpecProblem::new(".vision", "vision-language needs a 'vision' spec with its chat_template")),
+            Some(v) => {
+                if !(1..=8192).contains(&v.tile) {
+                    p.push(SpecProblem::new(".vision.tile", "must be 1..=8192"));
+                }
+                if v.longest_edge < v.tile || v.longest_edge > 4096 * 4 {
+                    p.push(SpecProblem::new(".vision.longest_edge", "must be at least the tile and at most 16384"));
+                }
+                if !(1..=4096).contains(&v.image_seq_len) {
+                    p.push(SpecProblem::new(".vision.image_seq_len", "must be 1..=4096"));
+                }
+                if v.std.iter().any(|s| !s.is_finite() || *s == 0.0) || v.mean.iter().any(|m| !m.is_finite()) {
+                    p.push(SpecProblem::new(".vision.std", "mean and std must be finite, std non-zero"));
+                }
+                if v.image_token.is_empty() {
+                    p.push(SpecProblem::new(".vision.image_token", "must not be empty"));
+                }
+            }
+        }
+        p
+    }
+
+    fn check_io(&self, _dir: &Path, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        self.generation.as_ref().map(|g| g.check_against(inputs, outputs, true)).unwrap_or_default()
+    }
+
+    fn check_part(&self, role: &str, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Vec<SpecProblem> {
+        let Some(v) = &self.vision else { return Vec::new() };
+        let why = match role {
+            "vision" => vision_interface(v, inputs, outputs).err(),
+            "embed" => embed_interface(&v.names, inputs, outputs).err(),
+            _ => Some(format!("a vision-language model has no '{role}' part (parts: vision, embed)")),
+        };
+        why.map(|w| vec![SpecProblem::new(&format!(".parts.{role}"), w)]).unwrap_or_default()
+    }
+
+    fn many_short_runs(&self) -> bool {
+        true
+    }
+
+    /// The decoder's KV cache (as text generation) and the image feature cache.
+    fn working_memory(&self, file: &Path) -> Option<(u64, String)> {
+        let (kv, what) = self.generation.as_ref()?.working_memory(file)?;
+        let features = self.vision.as_ref().map_or(0, |v| v.feature_cache_mb);
+        Some((kv + (features << 20), format!("{what} and {features} MiB of cached image features")))
+    }
+
+    fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        let (Some(generation), Some(spec)) = (self.generation.clone(), self.vision.clone()) else {
+            return Err(InferError::unavailable("vision-language needs 'generation' and 'vision' specs"));
+        };
+        let (mut encoder, mut embed) = (None, None);
+        for part in graph.parts {
+            match part.role.as_str() {
+                "vision" => encoder = Some(part),
+                "embed" => embed = Some(part),
+                _ => {}
+            }
+        }
+        let (Some(encoder), Some(embed)) = (encoder, embed) else {
+            return Err(InferError::unavailable("a vision-language variant needs parts 'vision' and 'embed'"));
+        };
+        let template = read_chat_template(&graph.dir.join(&spec.chat_template))?;
+        let vision = Arc::new(Vision::new(spec, template, graph.limits.clone()));
+        let embedder = Arc::new(VisionEmbedder::new(vision.clone(), encoder, embed)?);
+        let tokenizer = graph.dir.join(&generation.tokenizer);
+        let generator = Generator::new(generation, &tokenizer, graph.inputs, graph.outputs, Some(embedder.clone()))?;
+        let image_token = generator.token_id(&vision.spec.image_token).ok_or_else(|| {
+            InferError::unavailable(format!("the image token '{}' is not in the tokenizer's vocabulary", vision.spec.image_token))
+        })?;
+        embedder.image_token.set(image_token).ok();
+        let preparer = Arc::new(VisionPreparer { vision });
+        Ok(Box::new(GeneratePipeline::new(Arc::new(generator), graph.limits.clone(), preparer)))
+    }
+}
+
+/// Checks the vision encoder's interface; says whether it takes the pixel mask.
+fn vision_interface(v: &VisionSpec, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<bool, String> {
+    let names = &v.names;
+    let pixels = inputs.iter().find(|i| i.name == names.pixel_values).ok_or_else(|| {
+        format!("the vision encoder has no input '{}' (inputs: {})", names.pixel_values, list(inputs))
+    })?;
+    let t = v.tile as usize;
+    let fits = |d: &Option<usize>| d.is_none_or(|d| d == t);
+    match pixels.shape.as_slice() {
+        [_, _, c, h, w] if c.is_none_or(|c| c == 3) && fits(h) && fits(w) && pixels.dtype == Some(DType::F32) => {}
+        _ => {
+            return Err(format!(
+                "input '{}' is {:?} {}; expected f32 [batch, views, 3, {t}, {t}] (vision.tile)",
+                pixels.name,
+                pixels.dtype,
+                pixels.shape_text()
+            ));
+        }
+    }
+    let mask = inputs.iter().find(|i| i.name == names.pixel_attention_mask);
+    if let Some(m) = mask
+        && m.dtype != Some(DType::Bool)
+    {
+        return Err(format!("input '{}' must be bool", m.name));
+    }
+    if inputs.len() > 1 + mask.is_some() as usize {
+        return Err(format!(
+            "the vision encoder takes inputs inferd does not feed (inputs: {}; fed: {}, {})",
+            list(inputs),
+            names.pixel_values,
+            names.pixel_attention_mask
+        ));
+    }
+    if !outputs.iter().any(|o| o.name == names.image_features) {
+        return Err(format!("the vision encoder has no output '{}' (outputs: {})", names.image_features, list(outputs)));
+    }
+    Ok(mask.is_some())
+}
+
+/// Checks the token embedding graph's interface.
+fn embed_interface(names: &VisionNames, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<(), String> {
+    match inputs {
+        [i] if i.name == names.input_ids && i.dtype == Some(DType::I64) => {}
+        _ => return Err(format!("the embedding graph must take only '{}' (i64); it takes {}", names.input_ids, list(inputs))),
+    }
+    if !outputs.iter().any(|o| o.name == names.inputs_embeds) {
+        return Err(format!("the embedding graph has no output '{}' (outputs: {})", names.inputs_embeds, list(outputs)));
+    }
+    Ok(())
+}
+
+fn list(infos: &[TensorInfo]) -> String {
+    infos.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Reads a chat template: a Jinja file, or JSON with a `chat_template` string.
+fn read_chat_template(path: &Path) -> Result<String, InferError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| InferError::unavailable(format!("cannot read the chat template {}: {e}", path.display())))?;
+    if path.extension().is_none_or(|e| e != "json") {
+        return Ok(text);
+    }
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| InferError::unavailable(format!("the chat template {} is not JSON: {e}", path.display())))?;
+    match value.get("chat_template") {
+        Some(serde_json::Value::String(t)) => Ok(t.clone()),
+        _ => Err(InferError::unavailable(format!("{} has no \"chat_template\" string", path.display()))),
+    }
+}
+
+/// What the preparer and the embedder share: the processor, the template
+/// and the features of recent images.
+struct Vision {
+    spec: VisionSpec,
+    processor: ImageProcessor,
+    template: String,
+    env: minijinja::Environment<'static>,
+    cache: Mutex<FeatureCache>,
+    limits: Limits,
+}
+
+impl Vision {
+    fn new(spec: VisionSpec, template: String, limits: Limits) -> Vision {
+        let processor = ImageProcessor { longest_edge: spec.longest_edge, tile: spec.tile, mean: spec.mean, std: spec.std };
+        let mut env = minijinja::Environment::new();
+        // Hugging Face templates call raise_exception to refuse a conversation.
+        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+        });
+        let cache = Mutex::new(FeatureCache { entries: VecDeque::new(), bytes: 0, max: spec.feature_cache_mb << 20 });
+        Vision { spec, processor, template, env, cache, limits }
+    }
+
+    /// Renders `messages` through the model's template, an image part where each image stood.
+    fn render(&self, messages: &[ChatMessage]) -> Result<String, InferError> {
+        let token = &self.spec.image_token;
+        let mut rendered = Vec::with_capacity(messages.len());
+        for m in messages {
+            if m.content.contains(token.as_str()) {
+                return Err(InferError::bad_input(format!(
+                    "the text contains '{token}', which stands for an image in this model's prompts: send images as image_url parts"
+                )));
+            }
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for (offset, _) in &m.images {
+                let offset = (*offset).min(m.content.len());
+                if offset > at {
+                    parts.push(serde_json::json!({"type": "text", "text": &m.content[at..offset]}));
+                }
+                parts.push(serde_json::json!({"type": "image"}));
+                at = offset.max(at);
+            }
+            if at < m.content.len() || parts.is_empty() {
+                parts.push(serde_json::json!({"type": "text", "text": &m.content[at..]}));
+            }
+            rendered.push(serde_json::json!({"role": m.role, "content": parts}));
+        }
+        let ctx = minijinja::context! { messages => rendered, add_generation_prompt => true };
+        self.env
+            .render_str(&self.template, ctx)
+            .map_err(|e| InferError::bad_input(format!("the chat template cannot render these messages: {e}")))
+    }
+
+    /// An image's views and pixel values, or its cached features.
+    fn image(&self, bytes: &[u8]) -> Result<ImageIn, InferError> {
+        use sha2::Digest;
+        let key: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        if let Some(f) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(ImageIn { key, rows: f.rows, cols: f.cols, views: f.views, pixels: Vec::new(), features: Some(f) });
+        }
+        let image = super::image::decode(bytes, &self.limits)?;
+        let views = self.processor.views(&image).map_err(InferError::bad_input)?;
+        let mut pixels = Vec::with_capacity(views.views.len() * 3 * (self.spec.tile as usize).pow(2));
+        for v in &views.views {
+            pixels.extend(self.processor.pixel_values(v));
+        }
+        Ok(ImageIn { key, rows: views.rows, cols: views.cols, views: views.views.len(), pixels, features: None })
+    }
+}
+
+/// One image of a request, as the prompt step needs it.
+struct ImageIn {
+    key: [u8; 32],
+    rows: usize,
+    cols: usize,
+    views: usize,
+    /// `[views, 3, tile, tile]`, empty when the features were cached.
+    pixels: Vec<f32>,
+    features: Option<Arc<Features>>,
+}
+
+/// An image's features, `[views × image_seq_len × hidden]`.
+struct Features {
+    rows: usize,
+    cols: usize,
+    views: usize,
+    values: Vec<f32>,
+}
+
+/// Features of recent images by the hash of their bytes, least recently used out first.
+struct FeatureCache {
+    entries: VecDeque<([u8; 32], Arc<Features>)>,
+    bytes: u64,
+    max: u64,
+}
+
+impl FeatureCache {
+    fn get(&mut self, key: &[u8; 32]) -> Option<Arc<Features>> {
+        let at = self.entries.iter().position(|(k, _)| k == key)?;
+        let entry = self.entries.remove(at)?;
+        let features = entry.1.clone();
+        self.entries.push_back(entry);
+        Some(features)
+    }
+
+    fn put(&mut self, key: [u8; 32], features: Arc<Features>) {
+        let size = (features.values.len() * 4) as u64;
+        if size > self.max || self.entries.iter().any(|(k, _)| *k == key) {
+            return;
+        }
+        while self.bytes + size > self.max {
+            let Some((_, old)) = self.entries.pop_front() else { break };
+            self.bytes -= (old.values.len() * 4) as u64;
+        }
+        self.bytes += size;
+        self.entries.push_back((key, features));
+    }
+}
+
+/// Renders a chat with images into its prompt and prepares the images (decode, views) on the decode threads.
+struct VisionPreparer {
+    vision: Arc<Vision>,
+}
+
+impl Prepare for VisionPreparer {
+    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
+        let mut request = request_of(input)?;
+        let v = &self.vision;
+        let (prompt, chat, images) = match &mut request.prompt {
+            Prompt::Text(t) if t.contains(v.spec.image_token.as_str()) => {
+                return Err(InferError::bad_input(format!(
+                    "the text contains '{}', which stands for an image in this model's prompts: send images in a chat",
+                    v.spec.image_token
+                )));
+            }
+            Prompt::Text(t) => (t.clone(), false, Vec::new()),
+            Prompt::Chat(messages) => {
+                let rendered = v.render(messages)?;
+                let mut images = Vec::new();
+                for m in messages.iter_mut() {
+                    for (_, bytes) in std::mem::take(&mut m.images) {
+                        let n = images.len() + 1;
+                        images.push(v.image(&bytes).map_err(|e| InferError::bad_input(format!("image {n}: {}", e.message)))?);
+                    }
+                }
+                (expand(&rendered, &v.spec, &images)?, true, images)
+            }
+        };
+        let attached: Option<Attached> = if images.is_empty() { None } else { Some(Box::new(images)) };
+        Ok(Prepared::new(Rendered { request, prompt, chat, attached }))
+    }
+
+    fn off_worker(&self) -> bool {
+        true
+    }
+}
+
+/// The prompt with each image token the template wrote replaced by its image's views' text.
+fn expand(rendered: &str, spec: &VisionSpec, images: &[ImageIn]) -> Result<String, InferError> {
+    let pieces: Vec<&str> = rendered.split(spec.image_token.as_str()).collect();
+    if pieces.len() - 1 != images.len() {
+        return Err(InferError::bad_input(format!(
+            "the chat template placed {} images; the messages have {}",
+            pieces.len() - 1,
+            images.len()
+        )));
+    }
+    let mut out = String::with_capacity(rendered.len());
+    for (i, piece) in pieces.iter().enumerate() {
+        out.push_str(piece);
+        if let Some(image) = images.get(i) {
+            out.push_str(&processor::image_prompt(image.rows, image.cols, spec.image_seq_len));
+        }
+    }
+    Ok(out)
+}
+
+/// Feeds the decoder: token embeddings from the `embed` graph, and for the
+/// prompt step the images' features (from the `vision` graph, or cached) in
+/// place of the image tokens.
+struct VisionEmbedder {
+    vision: Arc<Vision>,
+    encoder: Mutex<Box<dyn InferenceBackend>>,
+    /// Whether the encoder takes `pixel_attention_mask`.
+    mask: bool,
+    embed: Mutex<Box<dyn InferenceBackend>>,
+    /// Set once the tokenizer is loaded.
+    image_token: OnceLock<u32>,
+}
+
+impl VisionEmbedder {
+    fn new(vision: Arc<Vision>, encoder: Part, embed: Part) -> Result<VisionEmbedder, InferError> {
+        let mask = vision_interface(&vision.spec, encoder.engine.inputs(), encoder.engine.outputs())
+            .map_err(|e| InferError::unavailable(format!("part 'vision': {e}")))?;
+        embed_interface(&vision.spec.names, embed.engine.inputs(), embed.engine.outputs())
+            .map_err(|e| InferError::unavailable(format!("part 'embed': {e}")))?;
+        Ok(VisionEmbedder {
+            vision,
+            encoder: Mutex::new(encoder.engine),
+            mask,
+            embed: Mutex::new(embed.engine),
+            image_token: OnceLock::new(),
+        })
+    }
+
+    /// The features of `image`: cached, or from the vision encoder (then cached).
+    fn features(&self, image: ImageIn) -> Result<Arc<Features>, InferError> {
+        if let Some(f) = image.features {
+            return Ok(f);
+        }
+        let spec = &self.vision.spec;
+        let (n, t) = (image.views, spec.tile as usize);
+        let names = &spec.names;
+        let mut inputs =
+            vec![(names.pixel_values.clone(), Tensor { shape: vec![1, n, 3, t, t], data: TensorData::F32(image.pixels) })];
+        if self.mask {
+            inputs.push((
+                names.pixel_attention_mask.clone(),
+                Tensor { shape: vec![1, n, t, t], data: TensorData::Bool(vec![true; n * t * t]) },
+            ));
+        }
+        let started = std::time::Instant::now();
+        let outputs = self.encoder.lock().unwrap_or_else(|e| e.into_inner()).run(inputs)?;
+        tracing::debug!(views = n, ms = started.elapsed().as_secs_f64() * 1000.0, "vision encoder");
+        let features = outputs
+            .into_iter()
+            .find(|(name, _)| *name == names.image_features)
+            .ok_or_else(|| InferError::internal(format!("the vision encoder gave no '{}'", names.image_features)))?
+            .1;
+        let TensorData::F32(values) = features.data else {
+            return Err(InferError::internal("the image features are not f32"));
+        };
+        if features.shape.len() != 3 || features.shape[0] * features.shape[1] != n * spec.image_seq_len {
+            return Err(InferError::internal(format!(
+                "the vision encoder gave features {:?} for {n} views of {} tokens (vision.image_seq_len)",
+                features.shape, spec.image_seq_len
+            )));
+        }
+        let f = Arc::new(Features { rows: image.rows, cols: image.cols, views: n, values });
+        self.vision.cache.lock().unwrap_or_else(|e| e.into_inner()).put(image.key, f.clone());
+        Ok(f)
+    }
+}
+
+impl Embedder for VisionEmbedder {
+    fn embed(&self, tokens: &[u32], attached: Option<Attached>) -> Result<Vec<f32>, InferError> {
+        let names = &self.vision.spec.names;
+        let ids = Tensor { shape: vec![1, tokens.len()], data: TensorData::I64(tokens.iter().map(|&t| t as i64).collect()) };
+        let outputs = self.embed.lock().unwrap_or_else(|e| e.into_inner()).run(vec![(names.input_ids.clone(), ids)])?;
+        let embeds = outputs
+            .into_iter()
+            .find(|(name, _)| *name == names.inputs_embeds)
+            .ok_or_else(|| InferError::internal(format!("the embedding graph gave no '{}'", names.inputs_embeds)))?
+            .1;
+        let TensorData::F32(mut values) = embeds.data else {
+            return Err(InferError::internal("the token embeddings are not f32"));
+        };
+        let Some(images) = attached else { return Ok(values) };
+        let images = images.downcast::<Vec<ImageIn>>().map_err(|_| InferError::internal("attached for another task"))?;
+        let width = values.len() / tokens.len().max(1);
+        let image_token = *self.image_token.get().ok_or_else(|| InferError::internal("the image token is not set"))?;
+        let mut slots = tokens.iter().enumerate().filter(|(_, t)| **t == image_token).map(|(i, _)| i);
+        for (n, image) in images.into_iter().enumerate() {
+            let features = self.features(image)?;
+            if features.values.len() != features.views * self.vision.spec.image_seq_len * width {
+                return Err(InferError::internal(format!(
+                    "image {}: its features are not {} tokens of the decoder's width {width} per view",
+                    n + 1,
+                    self.vision.spec.image_seq_len
+                )));
+            }
+            for feature in features.values.chunks(width) {
+                let Some(at) = slots.next() else {
+                    return Err(InferError::internal(format!("image {}: more features than image tokens", n + 1)));
+                };
+                values[at * width..(at + 1) * width].copy_from_slice(feature);
+            }
+        }
+        if slots.next().is_some() {
+            return Err(InferError::internal("more image tokens in the prompt than image features"));
+        }
+        Ok(values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn model_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/model")
+    }
+
+    fn fixture_vision() -> Vision {
+        let dir = model_dir();
+        let spec = VisionSpec {
+            chat_template: "chat_template.json".into(),
+            longest_edge: 192,
+            tile: 64,
+            image_seq_len: 4,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            image_token: "<image>".into(),
+            names: VisionNames::default(),
+            feature_cache_mb: 1,
+        };
+        let template = read_chat_template(&dir.join(&spec.chat_template)).unwrap();
+        Vision::new(spec, template, Limits::default())
+    }
+
+    /// The prompt the template renders and the token ids after expansion
+    /// equal transformers' SmolVLMProcessor's for every recorded case
+    /// (scripts/make_vlm_fixture_model.py), one image or two per message.
+    #[test]
+    fn prompts_and_input_ids_equal_transformers() {
+        let dir = model_dir();
+        let reference: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let vision = fixture_vision();
+        let pictures = dir.parent().unwrap();
+        let cases = reference["cases"].as_array().unwrap();
+        assert!(cases.len() >= 7);
+        for case in cases {
+            let names: Vec<&str> = case["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+            let images: Vec<(usize, Vec<u8>)> =
+                names.iter().map(|n| (0, std::fs::read(pictures.join(n)).unwrap())).collect();
+            let message = ChatMessage { role: "user".into(), content: case["question"].as_str().unwrap().into(), images };
+            let rendered = vision.render(std::slice::from_ref(&message)).unwrap();
+            assert_eq!(rendered, case["prompt"].as_str().unwrap(), "{names:?}");
+            let prepared: Vec<ImageIn> = message.images.iter().map(|(_, b)| vision.image(b).unwrap()).collect();
+            let views: usize = prepared.iter().map(|i| i.views).sum();
+            assert_eq!(views, case["pixel_values_shape"][1].as_u64().unwrap() as usize, "{names:?}");
+            let prompt = expand(&rendered, &vision.spec, &prepared).unwrap();
+            let ids: Vec<u64> = tokenizer.encode(prompt, false).unwrap().get_ids().iter().map(|&i| i as u64).collect();
+            let want: Vec<u64> = case["input_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect();
+            assert_eq!(ids, want, "{names:?}");
+        }
+    }
+
+    #[test]
+    fn text_and_images_interleave_in_the_parts_the_template_sees() {
+        let vision = fixture_vision();
+        let m = ChatMessage { role: "user".into(), content: "Left.Right.".into(), images: vec![(5, vec![]), (11, vec![])] };
+        assert_eq!(vision.render(&[m]).unwrap(), "<|im_start|>User: Left.<image>Right.<image><end_of_utterance>\nAssistant:");
+        let text = ChatMessage { role: "user".into(), content: "Hi".into(), images: vec![] };
+        assert_eq!(vision.render(&[text]).unwrap(), "<|im_start|>User: Hi<end_of_utterance>\nAssistant:");
+        let sneaky = ChatMessage { role: "user".into(), content: "a <image> b".into(), images: vec![] };
+        assert!(vision.render(&[sneaky]).unwrap_err().message.contains("stands for an image"));
+        let bad = vision.image(b"not an image").err().unwrap();
+        assert_eq!(bad.kind, crate::error::ErrorKind::BadInput, "{bad:?}");
+    }
+
+    #[test]
+    fn the_feature_cache_keeps_the_recent_images_within_its_bytes() {
+        let f = |n: usize| Arc::new(Features { rows: 0, cols: 0, views: 1, values: vec![0.0; n] });
+        let mut c = FeatureCache { entries: VecDeque::new(), bytes: 0, max: 1000 };
+        c.put([1; 32], f(100)); // 400 bytes
+        c.put([2; 32], f(100));
+        assert!(c.get(&[1; 32]).is_some(), "a hit makes 1 the most recent");
+        c.put([3; 32], f(100)); // 1200 > 1000: the least recent (2) goes
+        assert!(c.get(&[2; 32]).is_none() && c.get(&[1; 32]).is_some() && c.get(&[3; 32]).is_some());
+        assert!(c.bytes <= c.max);
+        c.put([4; 32], f(1000)); // larger than the whole cache: not kept, nothing evicted
+        assert!(c.get(&[4; 32]).is_none() && c.get(&[3; 32]).is_some());
+    }
+}

@@ -1,0 +1,248 @@
+//! Vision-language on the tiny SmolVLM fixture (scripts/make_vlm_fixture_model.py:
+//! transformers' own classes, random weights, the three graphs with the
+//! onnx-community names): greedy tokens equal transformers' `generate` for
+//! every recorded image, in process, over the socket (whole, streamed, side
+//! by side) and over MQTT (an envelope with image_base64, and a raw image
+//! with its question in MQTT 5 user properties); bad images and prompts get
+//! typed errors while the model keeps serving.
+
+mod util;
+
+use base64::Engine as _;
+use inferd::engine::{Engine, LoadOptions};
+use inferd::job::{ChatMessage, GenerateRequest, GenerationParams, JobInput, JobOptions, JobResult, Prompt};
+use serde_json::{Value, json};
+use std::time::Duration;
+use util::broker::{Broker, TestClient};
+use util::*;
+
+fn fixtures() -> std::path::PathBuf {
+    repo("tests/fixtures/vlm")
+}
+
+fn models() -> std::path::PathBuf {
+    fixtures().join("model/models.json")
+}
+
+/// A recorded case: its images' names and bytes, the question and transformers' tokens.
+type Case = (Vec<String>, Vec<Vec<u8>>, String, Vec<u32>);
+
+fn cases() -> Vec<Case> {
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("model/reference.json")).unwrap()).unwrap();
+    reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let names: Vec<String> =
+                c["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().into()).collect();
+            let bytes = names.iter().map(|n| std::fs::read(fixtures().join(n)).unwrap()).collect();
+            let tokens = c["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+            (names, bytes, c["question"].as_str().unwrap().to_string(), tokens)
+        })
+        .collect()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// An OpenAI chat body: the images as data: URLs, then the question.
+fn chat(images: &[Vec<u8>], question: &str, max_tokens: usize) -> Value {
+    let mut parts: Vec<Value> = images
+        .iter()
+        .map(|b| json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", b64(b))}}))
+        .collect();
+    parts.push(json!({"type": "text", "text": question}));
+    json!({"model": "tiny-vlm", "messages": [{"role": "user", "content": parts}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn post(d: &Daemon, body: &Value) -> (u16, Value) {
+    let r = d.client().post("/v1/chat/completions", "application/json", body.to_string().as_bytes()).unwrap();
+    let v = serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)));
+    (r.status, v)
+}
+
+/// The tokens of each case, greedy, on a model loaded in this process.
+fn in_process() -> Vec<(Vec<u32>, String, usize)> {
+    let registry = inferd::registry::Registry::load(&models()).unwrap();
+    let engine = Engine::new(inferd::config::Config::default(), registry);
+    let mut model = engine.load("tiny-vlm", &LoadOptions::default()).unwrap();
+    cases()
+        .into_iter()
+        .map(|(_, images, question, tokens)| {
+            let message = ChatMessage {
+                role: "user".into(),
+                content: question,
+                images: images.into_iter().map(|b| (0, b)).collect(),
+            };
+            let request = GenerateRequest {
+                prompt: Prompt::Chat(vec![message]),
+                params: GenerationParams {
+                    max_tokens: Some(tokens.len()),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let out = model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap();
+            let JobResult::Generation { tokens, text, usage, .. } = out.result else { panic!("{out:?}") };
+            (tokens, text, usage.prompt_tokens)
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_tokens_equal_transformers_for_every_recorded_image() {
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("model/reference.json")).unwrap()).unwrap();
+    let all = cases();
+    assert!(all.len() >= 7, "six single images and a pair");
+    for (((names, _, _, want), (got, _, prompt_tokens)), case) in
+        all.iter().zip(in_process()).zip(reference["cases"].as_array().unwrap())
+    {
+        assert_eq!(&got, want, "{names:?}");
+        assert_eq!(prompt_tokens, case["input_ids"].as_array().unwrap().len(), "{names:?}: image tokens count");
+    }
+}
+
+/// Over the socket: the same answers whole, streamed and four at a time
+/// (their decoding steps batched together), and a follow-up turn about the
+/// same image (its features from the cache) answers as the first time.
+#[test]
+fn chat_completions_with_images_answer_whole_streamed_and_side_by_side() {
+    let expected = in_process();
+    let d = Daemon::start(|c| c.models = Some(models()));
+    let all = cases();
+    for ((names, images, question, tokens), (_, text, _)) in all.iter().zip(&expected) {
+        let (status, v) = post(&d, &chat(images, question, tokens.len()));
+        assert_eq!(status, 200, "{names:?}: {v}");
+        assert_eq!(v["choices"][0]["message"]["content"], text.as_str(), "{names:?}");
+        assert_eq!(v["usage"]["completion_tokens"], tokens.len());
+    }
+    // Streamed: the deltas add up to the same text.
+    let (_, images, question, tokens) = &all[3];
+    let mut body = chat(images, question, tokens.len());
+    body["stream"] = json!(true);
+    let r = d.client().post("/v1/chat/completions", "application/json", body.to_string().as_bytes()).unwrap();
+    assert_eq!(r.status, 200);
+    let joined: String = String::from_utf8_lossy(&r.body)
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            serde_json::from_str::<Value>(e).ok()?["choices"][0]["delta"]["content"].as_str().map(String::from)
+        })
+        .collect();
+    assert_eq!(joined, expected[3].1);
+    // Four at once.
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let jobs: Vec<_> = all[..4]
+            .iter()
+            .map(|(_, images, question, tokens)| {
+                let d = &d;
+                s.spawn(move || {
+                    let (status, v) = post(d, &chat(images, question, tokens.len()));
+                    assert_eq!(status, 200, "{v}");
+                    v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for (i, got) in answers.iter().enumerate() {
+        assert_eq!(got, &expected[i].1, "case {i} beside three others");
+    }
+    // A JSON answer about an image.
+    let mut body = chat(images, question, 20);
+    body["response_format"] = json!({"type": "json_object"});
+    let (status, v) = post(&d, &body);
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(text).is_ok_and(|j| j.is_object()), "{text}");
+}
+
+#[test]
+fn bad_images_and_prompts_get_typed_errors_and_the_model_keeps_serving() {
+    let d = Daemon::start(|c| {
+        c.models = Some(models());
+        c.limits.max_image_pixels = 100_000;
+    });
+    let (_, images, question, _) = cases().remove(0);
+    let huge = {
+        let img = image::RgbImage::new(400, 300);
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        png
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (chat(&[b"\x89PNG\r\n\x1a\nbroken".to_vec()], question.as_str(), 4), "image 1:"),
+        (chat(&[huge], "What is it?", 4), "pixels"),
+        (
+            json!({"model": "tiny-vlm", "messages": [{"role": "user", "content": "What is <image> here?"}]}),
+            "stands for an image",
+        ),
+        (json!({"model": "tiny-vlm", "prompt": "a <image> b"}), "stands for an image"),
+        (chat(&images, question.as_str(), 100_000), "max_tokens"),
+    ];
+    for (body, words) in cases {
+        let path = if body.get("prompt").is_some() { "/v1/completions" } else { "/v1/chat/completions" };
+        let r = d.client().post(path, "application/json", body.to_string().as_bytes()).unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(r.status, 400, "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{words:?} not in {message:?}");
+    }
+    let (status, v) = post(&d, &chat(&images, &question, 3));
+    assert_eq!(status, 200, "still serving: {v}");
+    // Text alone is a chat too.
+    let (status, v) =
+        post(&d, &json!({"model": "tiny-vlm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}));
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_answers_an_image_envelope_and_a_raw_image_with_its_question_in_user_properties() {
+    let expected = in_process();
+    let broker = Broker::start();
+    let url = broker.url();
+    let _daemon = Daemon::start(move |c| {
+        c.models = Some(models());
+        c.mqtt.url = Some(url);
+        c.mqtt.node_id = Some("cam".into());
+    });
+    let all = cases();
+    let mut client = TestClient::connect(&broker, "vlm-test").await;
+    client.subscribe("inferd/cam/results/#").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, images, question, tokens) = &all[1];
+    let job = json!({"id": "v1", "prompt": question, "image_base64": b64(&images[0]), "max_tokens": tokens.len(),
+        "temperature": 0, "stream": true});
+    client.publish("inferd/cam/jobs/tiny-vlm", job.to_string()).await;
+    let mut partial = String::new();
+    let result = loop {
+        let m = client.recv(Duration::from_secs(60)).await.json();
+        assert_eq!(m["id"], "v1", "{m}");
+        if m["partial"] == true {
+            partial.push_str(m["text"].as_str().unwrap());
+        } else {
+            break m;
+        }
+    };
+    assert_eq!(result["result"]["text"], expected[1].1.as_str(), "{result}");
+    assert_eq!(partial, expected[1].1, "the partial messages add up to the text");
+
+    // A camera publishes its picture as it is; the question rides in user properties.
+    let (_, images, question, tokens) = &all[2];
+    let max = tokens.len().to_string();
+    client
+        .publish_with_user_properties(
+            "inferd/cam/jobs/tiny-vlm",
+            images[0].clone(),
+            &[("id", "v2"), ("prompt", question), ("max_tokens", &max), ("temperature", "0")],
+        )
+        .await;
+    let m = client.recv(Duration::from_secs(60)).await.json();
+    assert_eq!((m["id"].clone(), m["result"]["text"].clone()), (json!("v2"), json!(expected[2].1)), "{m}");
+}
