@@ -540,6 +540,44 @@ pub struct Limits {
     pub max_images_per_request: usize,
     /// Directories a chat request's `file://` images may be read from (none: no files are read).
     pub image_dirs: Vec<PathBuf>,
+    /// Fetching a chat request's http(s) images: off unless hosts are listed.
+    pub image_fetch: ImageFetch,
+}
+
+/// `limits.image_fetch`: which hosts a chat request's `http(s)://` images
+/// may be fetched from, how many bytes and how long.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageFetch {
+    /// `cams.example.com` (that host), `.example.com` (it and its subdomains)
+    /// or `127.0.0.1`; none: nothing is fetched.
+    pub hosts: Vec<String>,
+    /// Largest image fetched, in bytes (checked as it arrives).
+    pub max_bytes: usize,
+    /// The whole fetch (connect, TLS, headers, body), in milliseconds.
+    pub timeout_ms: u64,
+    /// CA certificates (PEM) trusted for https besides the system's (a site's own CA).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ImageFetch {
+    fn default() -> Self {
+        ImageFetch { hosts: Vec::new(), max_bytes: 8 << 20, timeout_ms: 5000, ca_file: None }
+    }
+}
+
+impl ImageFetch {
+    /// Whether `host` is on the allow-list (case-insensitive).
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        self.hosts.iter().any(|h| {
+            let h = h.to_ascii_lowercase();
+            match h.strip_prefix('.') {
+                Some(domain) => host == domain || host.ends_with(&h),
+                None => host == h,
+            }
+        })
+    }
 }
 
 impl Default for Limits {
@@ -552,6 +590,7 @@ impl Default for Limits {
             max_text_bytes: 64 << 10,
             max_images_per_request: 8,
             image_dirs: Vec::new(),
+            image_fetch: ImageFetch::default(),
         }
     }
 }
@@ -735,6 +774,19 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_fetch_hosts_match_exactly_or_as_a_domain() {
+        let f = ImageFetch {
+            hosts: vec!["cams.example.com".into(), ".corp.lan".into(), "127.0.0.1".into()],
+            ..Default::default()
+        };
+        assert!(f.allows("cams.example.com") && f.allows("CAMS.example.com"));
+        assert!(!f.allows("evil-cams.example.com") && !f.allows("example.com"));
+        assert!(f.allows("corp.lan") && f.allows("a.b.corp.lan") && !f.allows("xcorp.lan"));
+        assert!(f.allows("127.0.0.1") && !f.allows("127.0.0.2"));
+        assert!(!ImageFetch::default().allows("localhost"), "nothing by default");
+    }
 
     #[test]
     fn the_documented_example_with_the_defaults_parses_and_is_the_default() {

@@ -375,10 +375,13 @@ fn image_parts_are_read_checked_and_refused_with_the_reason() {
             json!([image("data:text/plain;base64,aGk=".into())]),
             "image 1: the data URL holds 'text/plain', not an image",
         ),
-        (json!([text, image("https://example.com/cat.jpg".into())]), "image 1: http(s) image URLs are not fetched"),
+        (
+            json!([text, image("https://example.com/cat.jpg".into())]),
+            "image 1: http(s) image URLs are fetched only from the hosts in limits.image_fetch.hosts, and none is configured",
+        ),
         (json!([image(format!("file://{}", outside.display()))]), "is not under a directory of limits.image_dirs"),
         (json!([image(traversal)]), "is not under a directory of limits.image_dirs"),
-        (json!([image("ftp://x/y.png".into())]), "is not a data: or file:// URL"),
+        (json!([image("ftp://x/y.png".into())]), "is not a data:, file:// or http(s) URL"),
         (json!([{"type": "input_audio", "input_audio": {}}]), "input_audio is not supported (text, image_url)"),
         (
             json!((0..9).map(|_| image(format!("data:image/png;base64,{png}"))).collect::<Vec<_>>()),

@@ -246,3 +246,116 @@ async fn mqtt_answers_an_image_envelope_and_a_raw_image_with_its_question_in_use
     let m = client.recv(Duration::from_secs(60)).await.json();
     assert_eq!((m["id"].clone(), m["result"]["text"].clone()), (json!("v2"), json!(expected[2].1)), "{m}");
 }
+
+/// A small HTTP server on a loopback port: `/tiny.png` (with its length),
+/// `/big.png` (more than the cap, no length announced), `/slow.png` (answers
+/// after 3 s), `/moved` (a redirect), anything else 404.
+fn image_server(png: Vec<u8>) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let png = png.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = match path.as_str() {
+                    "/tiny.png" => stream
+                        .write_all(
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png.len())
+                                .as_bytes(),
+                        )
+                        .and_then(|_| stream.write_all(&png)),
+                    "/big.png" => stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                        .and_then(|_| stream.write_all(&vec![7u8; 300_000])),
+                    "/slow.png" => {
+                        std::thread::sleep(Duration::from_secs(3));
+                        stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    }
+                    "/moved" => stream.write_all(
+                        b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/x.png\r\nContent-Length: 0\r\n\r\n",
+                    ),
+                    _ => stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                };
+            });
+        }
+    });
+    port
+}
+
+/// http(s) image URLs: fetched from the listed hosts only (plain HTTP from a
+/// loopback server, HTTPS from `openssl s_server` with a test CA given as
+/// limits.image_fetch.ca_file), within the byte cap and the timeout; the
+/// answer equals the one for the same image sent as a data: URL.
+#[test]
+fn http_and_https_images_are_fetched_from_listed_hosts_within_the_limits() {
+    let (_, images, question, tokens) = cases().remove(0);
+    let port = image_server(images[0].clone());
+    let certs = tempfile::tempdir().unwrap();
+    util::broker::make_certs(certs.path());
+    // s_server -HTTP sends a file as it is: the file is the whole response.
+    let mut response =
+        format!("HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n", images[0].len())
+            .into_bytes();
+    response.extend_from_slice(&images[0]);
+    std::fs::write(certs.path().join("tiny.png"), response).unwrap();
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-HTTP", "-cert", "server.pem", "-key", "server.key", "-accept"])
+        .arg(tls_port.to_string())
+        .current_dir(certs.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl is installed");
+    let ca = certs.path().join("ca.pem");
+    let d = Daemon::start(move |c| {
+        c.models = Some(models());
+        c.limits.image_fetch.hosts = vec!["127.0.0.1".into(), "localhost".into()];
+        c.limits.image_fetch.max_bytes = 100_000;
+        c.limits.image_fetch.timeout_ms = 1000;
+        c.limits.image_fetch.ca_file = Some(ca);
+    });
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, want) = post(&d, &chat(&images, &question, tokens.len()));
+    let want = want["choices"][0]["message"]["content"].clone();
+    let by_url = |url: String| {
+        json!({"model": "tiny-vlm", "max_tokens": tokens.len(), "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]})
+    };
+    for url in [format!("http://127.0.0.1:{port}/tiny.png"), format!("https://localhost:{tls_port}/tiny.png")] {
+        let (status, v) = post(&d, &by_url(url.clone()));
+        assert_eq!(status, 200, "{url}: {v}");
+        assert_eq!(v["choices"][0]["message"]["content"], want, "{url}");
+    }
+    for (url, words) in [
+        ("http://example.com/cat.png".to_string(), "example.com is not in limits.image_fetch.hosts"),
+        (format!("http://127.0.0.1:{port}/big.png"), "over limits.image_fetch.max_bytes (100000)"),
+        (format!("http://127.0.0.1:{port}/slow.png"), "took over 1000 ms"),
+        (format!("http://127.0.0.1:{port}/moved"), "redirects are not followed"),
+        (format!("http://127.0.0.1:{port}/missing.png"), "answered 404"),
+    ] {
+        let (status, v) = post(&d, &by_url(url.clone()));
+        assert_eq!(status, 400, "{url}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("image 1: ") && message.contains(words), "{words:?} not in {message:?}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
         let elements: usize = tensors.iter().map(|(_, t)| t.data.len()).sum();
         assert!(elements <= limits.max_tensor_elements * tensors.len().max(1));
     }
-    let _ = inferd::intake::openai::parse_request(data, false);
-    let _ = inferd::intake::openai::parse_request(data, true);
+    let limits = inferd::config::Limits::default();
+    let _ = inferd::intake::openai::parse_request(data, false, &limits);
+    let _ = inferd::intake::openai::parse_request(data, true, &limits);
 });

@@ -72,8 +72,16 @@ enum Content {
     Parts(Vec<Value>),
 }
 
-/// A message's text, and its images (each with where it stood in the text).
-fn content_of(c: Option<Content>, limits: &Limits, seen: &mut usize) -> Result<ChatMessageParts, InferError> {
+/// A message's text, and its images (each with where it stood in the text);
+/// an http(s) image is left empty and its URL put in `fetches` (with the
+/// message's index `message`), to be fetched before the job is queued.
+fn content_of(
+    c: Option<Content>,
+    limits: &Limits,
+    seen: &mut usize,
+    message: usize,
+    fetches: &mut Vec<ImageFetch>,
+) -> Result<ChatMessageParts, InferError> {
     let mut text = String::new();
     let mut images = Vec::new();
     match c {
@@ -101,11 +109,19 @@ fn content_of(c: Option<Content>, limits: &Limits, seen: &mut usize) -> Result<C
                             Some(v) => v.get("url").and_then(Value::as_str).unwrap_or(""),
                             None => "",
                         };
-                        images.push((
-                            text.len(),
+                        let bytes = if url.starts_with("http://") || url.starts_with("https://") {
+                            fetches.push(ImageFetch {
+                                message,
+                                image: images.len(),
+                                number: *seen,
+                                url: url.to_string(),
+                            });
+                            Vec::new()
+                        } else {
                             image_bytes(url, limits)
-                                .map_err(|e| InferError::bad_input(format!("image {}: {}", *seen, e.message)))?,
-                        ));
+                                .map_err(|e| InferError::bad_input(format!("image {}: {}", *seen, e.message)))?
+                        };
+                        images.push((text.len(), bytes));
                     }
                     kind => {
                         return Err(InferError::bad_input(format!(
@@ -122,8 +138,47 @@ fn content_of(c: Option<Content>, limits: &Limits, seen: &mut usize) -> Result<C
 
 type ChatMessageParts = (String, Vec<(usize, Vec<u8>)>);
 
+/// An http(s) image of a chat request, fetched before the job is queued.
+#[derive(Debug, Clone)]
+pub struct ImageFetch {
+    /// Its message and its place among the message's images.
+    message: usize,
+    image: usize,
+    /// Its number in the request, for errors (`image 2: ...`).
+    number: usize,
+    url: String,
+}
+
+/// An OpenAI-style request as read from its body.
+#[derive(Debug)]
+pub struct OpenAiRequest {
+    pub model: String,
+    pub request: GenerateRequest,
+    pub stream: bool,
+    /// Images still to fetch (http(s) URLs).
+    pub fetches: Vec<ImageFetch>,
+}
+
+impl OpenAiRequest {
+    /// Fetches the request's http(s) images (limits.image_fetch), all at once.
+    pub async fn fetch_images(&mut self, limits: &Limits) -> Result<(), InferError> {
+        let fetches = std::mem::take(&mut self.fetches);
+        let got =
+            futures_util::future::join_all(fetches.iter().map(|f| super::fetch::fetch(&f.url, &limits.image_fetch)))
+                .await;
+        let Prompt::Chat(messages) = &mut self.request.prompt else { return Ok(()) };
+        for (f, bytes) in fetches.iter().zip(got) {
+            let bytes = bytes.map_err(|e| InferError::bad_input(format!("image {}: {}", f.number, e.message)))?;
+            if let Some(slot) = messages.get_mut(f.message).and_then(|m| m.images.get_mut(f.image)) {
+                slot.1 = bytes;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The bytes of an `image_url`: a `data:image/...;base64,` URL, or a
-/// `file://` path under one of `limits.image_dirs`; http(s) is not fetched.
+/// `file://` path under one of `limits.image_dirs` (http(s): [`OpenAiRequest::fetch_images`]).
 fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (header, data) = rest.split_once(',').ok_or_else(|| InferError::bad_input("the data URL has no ','"))?;
@@ -157,15 +212,10 @@ fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
         }
         return std::fs::read(&real).map_err(|e| InferError::bad_input(format!("cannot read {path}: {e}")));
     }
-    if url.starts_with("http://") || url.starts_with("https://") {
-        return Err(InferError::bad_input(
-            "http(s) image URLs are not fetched: send the image as a data: URL, or as a file:// path under limits.image_dirs",
-        ));
-    }
     Err(InferError::bad_input(if url.is_empty() {
         "an image_url part needs {\"image_url\": {\"url\": ...}}".to_string()
     } else {
-        format!("'{}' is not a data: or file:// URL", url.chars().take(40).collect::<String>())
+        format!("'{}' is not a data:, file:// or http(s) URL", url.chars().take(40).collect::<String>())
     }))
 }
 
@@ -177,24 +227,34 @@ enum Kind {
 
 /// `POST /v1/completions`.
 pub async fn completions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, false, &app.limits)) {
-        Ok((model, request, stream)) => run(app, Kind::Completion, model, request, stream).await,
-        Err(e) => error_response(&e),
-    }
+    answer(app, headers, body, Kind::Completion).await
 }
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, true, &app.limits)) {
-        Ok((model, request, stream)) => run(app, Kind::Chat, model, request, stream).await,
-        Err(e) => error_response(&e),
+    answer(app, headers, body, Kind::Chat).await
+}
+
+async fn answer(app: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Response {
+    let parsed =
+        read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, kind == Kind::Chat, &app.limits));
+    let mut r = match parsed {
+        Ok(r) => r,
+        Err(e) => return error_response(&e),
+    };
+    if !r.fetches.is_empty()
+        && let Err(e) = r.fetch_images(&app.limits).await
+    {
+        return error_response(&e);
     }
+    run(app, kind, r.model, r.request, r.stream).await
 }
 
 /// Reads an OpenAI-style body (`chat`: messages, else a prompt): the model
-/// named, the generation request, and whether to stream.
-pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<(String, GenerateRequest, bool), InferError> {
+/// named, the generation request, whether to stream, and the images to fetch.
+pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<OpenAiRequest, InferError> {
     let invalid = |e: serde_json::Error| InferError::bad_input(format!("invalid request: {e}"));
+    let mut fetches = Vec::new();
     let (c, prompt) = if chat {
         let b: ChatBody = serde_json::from_slice(bytes).map_err(invalid)?;
         if b.messages.is_empty() {
@@ -204,8 +264,9 @@ pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<(Strin
         let messages = b
             .messages
             .into_iter()
-            .map(|m| {
-                let (content, images) = content_of(m.content, limits, &mut seen)?;
+            .enumerate()
+            .map(|(i, m)| {
+                let (content, images) = content_of(m.content, limits, &mut seen, i, &mut fetches)?;
                 Ok(ChatMessage { role: m.role, content, images })
             })
             .collect::<Result<Vec<_>, InferError>>()?;
@@ -230,7 +291,7 @@ pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<(Strin
     let mut params = c.params;
     params.max_tokens = params.max_tokens.or(c.max_completion_tokens);
     let request = GenerateRequest { prompt, params, stream: None };
-    Ok((c.model, request, c.stream))
+    Ok(OpenAiRequest { model: c.model, request, stream: c.stream, fetches })
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -247,7 +308,7 @@ async fn run(app: AppState, kind: Kind, model: String, mut request: GenerateRequ
     };
     if !spec.task.takes().0.contains(&crate::job::InputKind::Prompt) {
         return error_response(&InferError::bad_input(format!(
-            "model '{model}' is a {} model; this endpoint needs a text-generation model",
+            "model '{model}' is a {} model; this endpoint needs a text-generation or vision-language model",
             spec.task.task()
         )));
     }

@@ -1,0 +1,159 @@
+//! Fetching a chat request's `http(s)://` images (`limits.image_fetch`):
+//! only from the hosts listed, within a byte cap (checked against the
+//! announced length and again as the body arrives) and a timeout over the
+//! whole fetch. One GET over HTTP/1.1; redirects are not followed (a camera
+//! or image store is named by its real address); https checks the server
+//! against the system's CA certificates plus `image_fetch.ca_file`.
+
+use crate::config::ImageFetch;
+use crate::error::InferError;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use std::time::Duration;
+
+/// The bytes at `url` (http or https), or why not.
+pub async fn fetch(url: &str, cfg: &ImageFetch) -> Result<Vec<u8>, InferError> {
+    let uri: hyper::Uri = url.parse().map_err(|e| InferError::bad_input(format!("'{url}' is not a URL: {e}")))?;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(InferError::bad_input(format!("'{url}' is not an http(s) URL"))),
+    };
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| InferError::bad_input("the URL has no host"))?;
+    if cfg.hosts.is_empty() {
+        return Err(InferError::bad_input(
+            "http(s) image URLs are fetched only from the hosts in limits.image_fetch.hosts, and none is configured: \
+             send the image as a data: URL, or list the host",
+        ));
+    }
+    if !cfg.allows(host) {
+        return Err(InferError::bad_input(format!("{host} is not in limits.image_fetch.hosts")));
+    }
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let work = async {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| InferError::bad_input(format!("cannot connect to {host}:{port}: {e}")))?;
+        if https {
+            let tls = tls_connect(host, tcp, cfg).await?;
+            get(TokioIo::new(tls), &uri, cfg.max_bytes).await
+        } else {
+            get(TokioIo::new(tcp), &uri, cfg.max_bytes).await
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r.map_err(|e| InferError::bad_input(format!("fetching {url}: {}", e.message))),
+        Err(_) => Err(InferError::bad_input(format!(
+            "fetching {url} took over {} ms (limits.image_fetch.timeout_ms)",
+            cfg.timeout_ms
+        ))),
+    }
+}
+
+/// One GET on a connected stream, the body read up to `max` bytes.
+async fn get<T>(io: T, uri: &hyper::Uri, max: usize) -> Result<Vec<u8>, InferError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let failed = |e: hyper::Error| InferError::bad_input(e.to_string());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(failed)?;
+    let driver = tokio::spawn(conn);
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::USER_AGENT, concat!("inferd/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| InferError::bad_input(e.to_string()))?;
+    let outcome = async {
+        let response = sender.send_request(request).await.map_err(failed)?;
+        let status = response.status();
+        if status.is_redirection() {
+            let to = response.headers().get(hyper::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("?");
+            return Err(InferError::bad_input(format!(
+                "the server redirects ({status}) to {to}; redirects are not followed"
+            )));
+        }
+        if !status.is_success() {
+            return Err(InferError::bad_input(format!("the server answered {status}")));
+        }
+        let announced =
+            response.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let over = |n: usize| {
+            InferError::bad_input(format!("the image is {n} bytes, over limits.image_fetch.max_bytes ({max})"))
+        };
+        if let Some(n) = announced.filter(|&n| n > max) {
+            return Err(over(n));
+        }
+        let mut body = response.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame.map_err(failed)?.data_ref() {
+                if out.len() + data.len() > max {
+                    return Err(over(out.len() + data.len()));
+                }
+                out.extend_from_slice(data);
+            }
+        }
+        Ok(out)
+    }
+    .await;
+    driver.abort();
+    outcome
+}
+
+#[cfg(feature = "tls")]
+async fn tls_connect(
+    host: &str,
+    tcp: tokio::net::TcpStream,
+    cfg: &ImageFetch,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, InferError> {
+    let config = tls_config(cfg).map_err(InferError::bad_input)?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| InferError::bad_input(format!("{host}: {e}")))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| InferError::bad_input(format!("TLS with {host}: {e}")))
+}
+
+#[cfg(not(feature = "tls"))]
+async fn tls_connect(
+    _host: &str,
+    _tcp: tokio::net::TcpStream,
+    _cfg: &ImageFetch,
+) -> Result<tokio::net::TcpStream, InferError> {
+    Err(InferError::bad_input("https needs inferd built with its 'tls' feature"))
+}
+
+/// The system's CA certificates and `image_fetch.ca_file`'s.
+#[cfg(feature = "tls")]
+fn tls_config(cfg: &ImageFetch) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let mut count = added;
+    if let Some(ca) = &cfg.ca_file {
+        let pem =
+            std::fs::read(ca).map_err(|e| format!("cannot read limits.image_fetch.ca_file {}: {e}", ca.display()))?;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("limits.image_fetch.ca_file {}: {e}", ca.display()))?;
+            roots.add(cert).map_err(|e| format!("limits.image_fetch.ca_file {}: {e}", ca.display()))?;
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Err("no CA certificates: none in the system store and no limits.image_fetch.ca_file".into());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
