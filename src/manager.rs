@@ -384,7 +384,11 @@ impl Manager {
             .variants
             .iter()
             .map(|v| {
-                let file_bytes = std::fs::metadata(self.registry().resolve(&v.file)).map(|m| m.len()).unwrap_or(0);
+                // Every graph the variant loads: its file and its parts (a vision encoder, token embeddings).
+                let file_bytes = std::iter::once(&v.file)
+                    .chain(v.parts.values().map(|p| &p.file))
+                    .map(|f| std::fs::metadata(self.registry().resolve(f)).map_or(0, |m| m.len()))
+                    .sum();
                 let measured = self.footprints.get(&model.name, &v.name, &v.sha256);
                 let (bytes, source) = need(measured, v.memory_mb, file_bytes);
                 let working = model.task.working_memory(&self.registry().resolve(&v.file));

@@ -154,6 +154,16 @@ fn chat_completions_with_images_answer_whole_streamed_and_side_by_side() {
     for (i, got) in answers.iter().enumerate() {
         assert_eq!(got, &expected[i].1, "case {i} beside three others");
     }
+    // A follow-up turn about the same image (its features come from the cache).
+    let (_, images, question, tokens) = &all[0];
+    let mut body = chat(images, question, tokens.len());
+    body["messages"].as_array_mut().unwrap().extend([
+        json!({"role": "assistant", "content": expected[0].1}),
+        json!({"role": "user", "content": "And now?"}),
+    ]);
+    let (status, v) = post(&d, &body);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > all[0].3.len() as u64, "{v}");
     // A JSON answer about an image.
     let mut body = chat(images, question, 20);
     body["response_format"] = json!({"type": "json_object"});
@@ -358,4 +368,53 @@ fn http_and_https_images_are_fetched_from_listed_hosts_within_the_limits() {
     }
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// The variant follows the memory free, counting all three graphs (the
+/// file-size rule over the decoder, the vision encoder and the embeddings),
+/// the KV cache and the image feature cache: with 20 MiB the small variant
+/// (the decoder alone would have fit), with 21 MiB the better one.
+#[test]
+fn the_variant_choice_counts_the_three_graphs_and_the_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut registry: Value = serde_json::from_slice(&std::fs::read(models()).unwrap()).unwrap();
+    let model = &mut registry["models"][0];
+    let base = fixtures().join("model");
+    model["generation"]["tokenizer"] = json!(base.join("tokenizer.json"));
+    model["vision"]["chat_template"] = json!(base.join("chat_template.json"));
+    model["vision"]["feature_cache_mb"] = json!(1);
+    let mut better = model["variants"][0].clone();
+    better["file"] = json!(base.join(better["file"].as_str().unwrap()));
+    for part in ["vision", "embed"] {
+        let f = better["parts"][part]["file"].as_str().unwrap().to_string();
+        better["parts"][part]["file"] = json!(base.join(f));
+    }
+    better.as_object_mut().unwrap().remove("memory_mb"); // the file-size rule: 2 × the files + 16 MiB
+    better["quality"] = json!(2);
+    let mut small = better.clone();
+    (small["name"], small["quality"], small["memory_mb"]) = (json!("small"), json!(1), json!(1));
+    model["variants"] = json!([better, small]);
+    let file = dir.path().join("models.json");
+    std::fs::write(&file, registry.to_string()).unwrap();
+    let sizes: u64 = ["decoder_model_merged", "vision_encoder", "embed_tokens"]
+        .iter()
+        .map(|g| std::fs::metadata(base.join(format!("onnx/{g}.onnx"))).unwrap().len())
+        .sum();
+    assert!((2 * sizes + (16 << 20)) + (3 << 20) > 20 << 20, "the fixture's graphs are as large as this test assumes");
+    for (budget, want) in [(20, "small"), (21, "fp32")] {
+        let file = file.clone();
+        let d = Daemon::start(move |c| {
+            c.models = Some(file);
+            c.memory.budget_mb = Some(budget);
+            c.memory.headroom_mb = 0;
+        });
+        // The plan, as `inferd models` shows it before the model loads.
+        let info: Value = d.client().get("/v1/models/tiny-vlm").unwrap().json().unwrap();
+        assert_eq!(info["variant"], want, "budget {budget} MiB: {info}");
+        let reason = info["variant_reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("for the KV cache of 2048 tokens of context and 1 MiB of cached image features"),
+            "{reason}"
+        );
+    }
 }

@@ -650,6 +650,22 @@ mod tests {
     }
 
     #[test]
+    fn an_image_seen_before_comes_with_its_features_and_is_not_decoded_again() {
+        let vision = fixture_vision();
+        let bytes = std::fs::read(model_dir().parent().unwrap().join("images/odd.png")).unwrap();
+        let first = vision.image(&bytes).unwrap();
+        assert!(first.features.is_none() && first.pixels.len() == first.views * 3 * 64 * 64);
+        let values = vec![0.5; first.views * 4 * 64];
+        let features = Features { rows: first.rows, cols: first.cols, views: first.views, values };
+        vision.cache.lock().unwrap().put(first.key, Arc::new(features));
+        let again = vision.image(&bytes).unwrap();
+        assert!(again.features.is_some() && again.pixels.is_empty());
+        assert_eq!((again.rows, again.cols, again.views), (first.rows, first.cols, first.views));
+        let other = vision.image(&std::fs::read(model_dir().parent().unwrap().join("images/tiny.png")).unwrap());
+        assert!(other.unwrap().features.is_none(), "another image is its own");
+    }
+
+    #[test]
     fn the_feature_cache_keeps_the_recent_images_within_its_bytes() {
         let f = |n: usize| Arc::new(Features { rows: 0, cols: 0, views: 1, values: vec![0.0; n] });
         let mut c = FeatureCache { entries: VecDeque::new(), bytes: 0, max: 1000 };
