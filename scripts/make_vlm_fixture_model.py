@@ -43,6 +43,18 @@ TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | capita
             "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
 
+def fixture_processor(tokenizer_file):
+    """transformers' SmolVLMProcessor at the fixture's scale (longest edge 192, tiles of 64, 4 tokens a view)."""
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<end_of_utterance>",
+                                   pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    fast.fake_image_token, fast.image_token, fast.global_image_token = "<fake_token_around_image>", "<image>", "<global-img>"
+    fast.end_of_utterance_token = "<end_of_utterance>"
+    ip = SmolVLMImageProcessor(size={"longest_edge": 192}, max_image_size={"longest_edge": 64},
+                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return SmolVLMProcessor(image_processor=ip, tokenizer=fast, video_processor=SmolVLMVideoProcessor(), image_seq_len=4,
+                            chat_template=TEMPLATE)
+
+
 def main(out):
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -51,10 +63,8 @@ def main(out):
     tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok.save(str(out / "tokenizer.json"))
-    fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), eos_token="<end_of_utterance>",
-                                   pad_token="<|endoftext|>", bos_token="<|im_start|>")
-    fast.fake_image_token, fast.image_token, fast.global_image_token = "<fake_token_around_image>", "<image>", "<global-img>"
-    fast.end_of_utterance_token = "<end_of_utterance>"
+    proc = fixture_processor(out / "tokenizer.json")
+    fast = proc.tokenizer
     torch.manual_seed(0)
     cfg = SmolVLMConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -71,10 +81,6 @@ def main(out):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.35)
-    ip = SmolVLMImageProcessor(size={"longest_edge": 192}, max_image_size={"longest_edge": 64},
-                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    proc = SmolVLMProcessor(image_processor=ip, tokenizer=fast, video_processor=SmolVLMVideoProcessor(), image_seq_len=4,
-                            chat_template=TEMPLATE)
     expected = json.loads((FIX / "expected.json").read_text())
     cases = [([c["image"]], "Is the gate open?") for c in expected["cases"]]
     # Two images in one message: each expands in place, in order.
@@ -268,4 +274,5 @@ def onnx_greedy(folder, inputs, image_token_id, eos, n):
     return tokens
 
 
-main(Path(sys.argv[1]))
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -120,6 +120,7 @@ fn chat_completions_with_images_answer_whole_streamed_and_side_by_side() {
         assert_eq!(status, 200, "{names:?}: {v}");
         assert_eq!(v["choices"][0]["message"]["content"], text.as_str(), "{names:?}");
         assert_eq!(v["usage"]["completion_tokens"], tokens.len());
+        assert!(v["timings"]["pre_ms"].as_f64().is_some_and(|ms| ms > 0.0), "the image was prepared: {v}");
     }
     // Streamed: the deltas add up to the same text.
     let (_, images, question, tokens) = &all[3];

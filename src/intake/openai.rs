@@ -471,7 +471,8 @@ impl Meta {
             }
             Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
         };
+        // `timings` (an extension, as llama.cpp's server adds one): where the time went, in ms.
         json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
-               "choices": [choice], "usage": usage})
+               "choices": [choice], "usage": usage, "timings": out.timings})
     }
 }
