@@ -414,7 +414,7 @@ fn the_variant_choice_counts_the_three_graphs_and_the_caches() {
         assert_eq!(info["variant"], want, "budget {budget} MiB: {info}");
         let reason = info["variant_reason"].as_str().unwrap_or_default();
         assert!(
-            reason.contains("for the KV cache of 2048 tokens of context and 1 MiB of cached image features"),
+            reason.contains("for the KV cache of 2048 tokens of context (2 MiB) and 1 MiB of cached image features"),
             "{reason}"
         );
     }

@@ -429,11 +429,12 @@ impl Meta {
         }
     }
 
-    fn chunk(&self, choice: Value, usage: Option<Value>) -> String {
+    /// A stream chunk; `end` adds its fields (`usage`, `timings`) to the last one.
+    fn chunk(&self, choice: Value, end: Option<Value>) -> String {
         let mut v = json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model,
                            "choices": [choice]});
-        if let Some(u) = usage {
-            v["usage"] = u;
+        if let (Some(Value::Object(fields)), Value::Object(map)) = (end, &mut v) {
+            map.extend(fields);
         }
         format!("data: {v}\n\n")
     }
@@ -453,12 +454,14 @@ impl Meta {
         }
     }
 
+    /// The last chunk: why it ended, the usage and the timings.
     fn closing(&self, out: &JobOutput) -> String {
         let (_, reason, usage) = parts(out);
+        let end = json!({"usage": usage, "timings": out.timings});
         match self.kind {
-            Kind::Chat => self.chunk(json!({"index": 0, "delta": {}, "finish_reason": reason}), Some(usage)),
+            Kind::Chat => self.chunk(json!({"index": 0, "delta": {}, "finish_reason": reason}), Some(end)),
             Kind::Completion => {
-                self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason}), Some(usage))
+                self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason}), Some(end))
             }
         }
     }

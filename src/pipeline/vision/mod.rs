@@ -193,7 +193,7 @@ impl TaskSpec for VisionLanguageSpec {
     fn working_memory(&self, file: &Path) -> Option<(u64, String)> {
         let (kv, what) = self.generation.as_ref()?.working_memory(file)?;
         let features = self.vision.as_ref().map_or(0, |v| v.feature_cache_mb);
-        Some((kv + (features << 20), format!("{what} and {features} MiB of cached image features")))
+        Some((kv + (features << 20), format!("{what} ({} MiB) and {features} MiB of cached image features", kv >> 20)))
     }
 
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {

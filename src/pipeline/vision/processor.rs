@@ -238,9 +238,12 @@ fn horizontal(
     kk: &[i32],
     ksize: usize,
 ) -> Vec<u8> {
+    use rayon::prelude::*;
     let out_w = bounds.len();
     let mut out = vec![0u8; rows.len() * out_w * 3];
-    for (y, row) in rows.enumerate() {
+    // Rows are independent: split among the threads of the pool this runs on (the decode threads).
+    out.par_chunks_mut(out_w * 3).enumerate().for_each(|(y, dst)| {
+        let row = rows.start + y;
         let line = &src[row * width * 3..(row + 1) * width * 3];
         for (xx, &(xmin, xmax)) in bounds.iter().enumerate() {
             let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
@@ -250,34 +253,32 @@ fn horizontal(
                     ss[c] += p[c] as i32 * k;
                 }
             }
-            let o = (y * out_w + xx) * 3;
             for c in 0..3 {
-                out[o + c] = clip8(ss[c]);
+                dst[xx * 3 + c] = clip8(ss[c]);
             }
         }
-    }
+    });
     out
 }
 
 /// One vertical pass over an RGB image `width` pixels wide.
 fn vertical(src: &[u8], width: usize, bounds: &[(usize, usize)], kk: &[i32], ksize: usize) -> Vec<u8> {
+    use rayon::prelude::*;
     let stride = width * 3;
     let mut out = vec![0u8; bounds.len() * stride];
-    for (yy, &(ymin, ymax)) in bounds.iter().enumerate() {
-        let k = &kk[yy * ksize..yy * ksize + ymax];
-        for xx in 0..width {
-            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
-            for (y, &ky) in k.iter().enumerate() {
-                let p = &src[(y + ymin) * stride + xx * 3..(y + ymin) * stride + xx * 3 + 3];
-                for c in 0..3 {
-                    ss[c] += p[c] as i32 * ky;
-                }
-            }
-            for c in 0..3 {
-                out[yy * stride + xx * 3 + c] = clip8(ss[c]);
+    out.par_chunks_mut(stride).zip(bounds.par_iter()).enumerate().for_each(|(yy, (dst, &(ymin, ymax)))| {
+        // The taps' rows in turn, each added across the whole output row (sequential reads).
+        let mut ss = vec![1i32 << (PRECISION_BITS - 1); stride];
+        for (y, &ky) in kk[yy * ksize..yy * ksize + ymax].iter().enumerate() {
+            let line = &src[(y + ymin) * stride..(y + ymin + 1) * stride];
+            for (acc, &v) in ss.iter_mut().zip(line) {
+                *acc += v as i32 * ky;
             }
         }
-    }
+        for (d, &acc) in dst.iter_mut().zip(&ss) {
+            *d = clip8(acc);
+        }
+    });
     out
 }
 
