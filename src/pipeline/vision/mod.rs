@@ -354,15 +354,11 @@ impl Vision {
         use sha2::Digest;
         let key: [u8; 32] = sha2::Sha256::digest(bytes).into();
         if let Some(f) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(ImageIn { key, rows: f.rows, cols: f.cols, views: f.views, pixels: Vec::new(), features: Some(f) });
+            return Ok(ImageIn { key, rows: f.rows, cols: f.cols, views: Vec::new(), features: Some(f) });
         }
         let image = super::image::decode(bytes, &self.limits)?;
         let views = self.processor.views(&image).map_err(InferError::bad_input)?;
-        let mut pixels = Vec::with_capacity(views.views.len() * 3 * (self.spec.tile as usize).pow(2));
-        for v in &views.views {
-            pixels.extend(self.processor.pixel_values(v));
-        }
-        Ok(ImageIn { key, rows: views.rows, cols: views.cols, views: views.views.len(), pixels, features: None })
+        Ok(ImageIn { key, rows: views.rows, cols: views.cols, views: views.views, features: None })
     }
 }
 
@@ -371,11 +367,12 @@ struct ImageIn {
     key: [u8; 32],
     rows: usize,
     cols: usize,
-    views: usize,
-    /// `[views, 3, tile, tile]`, empty when the features were cached.
-    pixels: Vec<f32>,
+    /// Its views as 8-bit RGB (a quarter of their values' size while the
+    /// job waits), none when the features were cached.
+    views: Vec<image::RgbImage>,
     features: Option<Arc<Features>>,
 }
+
 
 /// An image's features, `[views × image_seq_len × hidden]`.
 struct Features {
@@ -507,10 +504,14 @@ impl VisionEmbedder {
             return Ok(f);
         }
         let spec = &self.vision.spec;
-        let (n, t) = (image.views, spec.tile as usize);
+        let (n, t) = (image.views.len(), spec.tile as usize);
         let names = &spec.names;
+        let mut pixels = Vec::with_capacity(n * 3 * t * t);
+        for view in &image.views {
+            pixels.extend(self.vision.processor.pixel_values(view));
+        }
         let mut inputs =
-            vec![(names.pixel_values.clone(), Tensor { shape: vec![1, n, 3, t, t], data: TensorData::F32(image.pixels) })];
+            vec![(names.pixel_values.clone(), Tensor { shape: vec![1, n, 3, t, t], data: TensorData::F32(pixels) })];
         if self.mask {
             inputs.push((
                 names.pixel_attention_mask.clone(),
@@ -590,6 +591,10 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/model")
     }
 
+    fn view_count(image: &ImageIn) -> usize {
+        image.features.as_ref().map_or(image.views.len(), |f| f.views)
+    }
+
     fn fixture_vision() -> Vision {
         let dir = model_dir();
         let spec = VisionSpec {
@@ -627,7 +632,7 @@ mod tests {
             let rendered = vision.render(std::slice::from_ref(&message)).unwrap();
             assert_eq!(rendered, case["prompt"].as_str().unwrap(), "{names:?}");
             let prepared: Vec<ImageIn> = message.images.iter().map(|(_, b)| vision.image(b).unwrap()).collect();
-            let views: usize = prepared.iter().map(|i| i.views).sum();
+            let views: usize = prepared.iter().map(view_count).sum();
             assert_eq!(views, case["pixel_values_shape"][1].as_u64().unwrap() as usize, "{names:?}");
             let prompt = expand(&rendered, &vision.spec, &prepared).unwrap();
             let ids: Vec<u64> = tokenizer.encode(prompt, false).unwrap().get_ids().iter().map(|&i| i as u64).collect();
@@ -654,13 +659,13 @@ mod tests {
         let vision = fixture_vision();
         let bytes = std::fs::read(model_dir().parent().unwrap().join("images/odd.png")).unwrap();
         let first = vision.image(&bytes).unwrap();
-        assert!(first.features.is_none() && first.pixels.len() == first.views * 3 * 64 * 64);
-        let values = vec![0.5; first.views * 4 * 64];
-        let features = Features { rows: first.rows, cols: first.cols, views: first.views, values };
+        assert!(first.features.is_none() && first.views.iter().all(|v| v.dimensions() == (64, 64)));
+        let n = first.views.len();
+        let features = Features { rows: first.rows, cols: first.cols, views: n, values: vec![0.5; n * 4 * 64] };
         vision.cache.lock().unwrap().put(first.key, Arc::new(features));
         let again = vision.image(&bytes).unwrap();
-        assert!(again.features.is_some() && again.pixels.is_empty());
-        assert_eq!((again.rows, again.cols, again.views), (first.rows, first.cols, first.views));
+        assert!(again.features.is_some() && again.views.is_empty());
+        assert_eq!((again.rows, again.cols, view_count(&again)), (first.rows, first.cols, n));
         let other = vision.image(&std::fs::read(model_dir().parent().unwrap().join("images/tiny.png")).unwrap());
         assert!(other.unwrap().features.is_none(), "another image is its own");
     }
