@@ -32,6 +32,7 @@ from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
 FIX = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "vlm"
+PROBE = 997
 CORPUS = ("A camera watches the gate. Is the gate open? The gate is closed. A red car waits. "
           "The receipt shows a total of seven euros forty. Describe the picture in one sentence. ") * 20
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
@@ -95,9 +96,13 @@ def main(out):
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=10, do_sample=False)
         new = gen[0, inputs["input_ids"].shape[1]:].tolist()
+        flat = inputs["pixel_values"][0].flatten().double()
         rows.append({"images": images, "question": question, "prompt": text,
                      "input_ids": inputs["input_ids"][0].tolist(),
-                     "pixel_values_shape": list(inputs["pixel_values"].shape), "tokens": new})
+                     "pixel_values_shape": list(inputs["pixel_values"].shape),
+                     # Every PROBE-th value of pixel_values[0] (views, 3, tile, tile), and the sum of all.
+                     "pixel_values_probe": flat[::PROBE].tolist(), "pixel_values_sum": float(flat.sum()),
+                     "tokens": new})
         print(images, len(inputs["input_ids"][0]), list(inputs["pixel_values"].shape), new)
         rows[-1]["inputs"] = inputs
     model.save_pretrained(out / "model")
@@ -109,7 +114,8 @@ def main(out):
         got = onnx_greedy(out / "onnx", inputs, cfg.image_token_id, eos, len(row["tokens"]))
         assert got == row["tokens"], (row["images"], got, row["tokens"])
     print("ONNX Runtime on the three graphs gives transformers' tokens for all", len(rows), "cases")
-    (out / "reference.json").write_text(json.dumps({"chat_template": TEMPLATE, "image_seq_len": 4, "cases": rows}, indent=1) + "\n")
+    (out / "reference.json").write_text(json.dumps({"chat_template": TEMPLATE, "image_seq_len": 4, "probe": PROBE,
+                                                    "cases": rows}, indent=1) + "\n")
     (out / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}, indent=1) + "\n")
     write_models_json(out, sum(p.numel() for p in model.parameters()))
 

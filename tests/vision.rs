@@ -189,7 +189,10 @@ fn bad_images_and_prompts_get_typed_errors_and_the_model_keeps_serving() {
     };
     let cases: Vec<(Value, &str)> = vec![
         (chat(&[b"\x89PNG\r\n\x1a\nbroken".to_vec()], question.as_str(), 4), "image 1:"),
-        (chat(&[huge], "What is it?", 4), "pixels"),
+        (
+            chat(&[huge], "What is it?", 4),
+            "image 1: the PNG image is 400x300 = 120000 pixels, over the limit of 100000",
+        ),
         (
             json!({"model": "tiny-vlm", "messages": [{"role": "user", "content": "What is <image> here?"}]}),
             "stands for an image",

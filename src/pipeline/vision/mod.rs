@@ -612,9 +612,10 @@ mod tests {
         Vision::new(spec, template, Limits::default())
     }
 
-    /// The prompt the template renders and the token ids after expansion
-    /// equal transformers' SmolVLMProcessor's for every recorded case
-    /// (scripts/make_vlm_fixture_model.py), one image or two per message.
+    /// The prompt the template renders, the pixel values (within 1e-6) and
+    /// the token ids after expansion equal transformers' SmolVLMProcessor's
+    /// for every recorded case (scripts/make_vlm_fixture_model.py), one image
+    /// or two per message.
     #[test]
     fn prompts_and_input_ids_equal_transformers() {
         let dir = model_dir();
@@ -634,6 +635,19 @@ mod tests {
             let prepared: Vec<ImageIn> = message.images.iter().map(|(_, b)| vision.image(b).unwrap()).collect();
             let views: usize = prepared.iter().map(view_count).sum();
             assert_eq!(views, case["pixel_values_shape"][1].as_u64().unwrap() as usize, "{names:?}");
+            // pixel_values: every view's values within 1e-6 of transformers' (probed, and summed).
+            let values: Vec<f32> =
+                prepared.iter().flat_map(|i| i.views.iter().flat_map(|v| vision.processor.pixel_values(v))).collect();
+            let stride = reference["probe"].as_u64().unwrap() as usize;
+            let probe = case["pixel_values_probe"].as_array().unwrap();
+            assert_eq!(probe.len(), values.len().div_ceil(stride), "{names:?}");
+            for (k, want) in probe.iter().enumerate() {
+                let (got, want) = (values[k * stride], want.as_f64().unwrap());
+                assert!((got as f64 - want).abs() <= 1e-6, "{names:?} value {}: {got} vs {want}", k * stride);
+            }
+            let sum: f64 = values.iter().map(|&v| v as f64).sum();
+            let want = case["pixel_values_sum"].as_f64().unwrap();
+            assert!((sum - want).abs() <= 1e-6 * values.len() as f64, "{names:?}: sum {sum} vs {want}");
             let prompt = expand(&rendered, &vision.spec, &prepared).unwrap();
             let ids: Vec<u64> = tokenizer.encode(prompt, false).unwrap().get_ids().iter().map(|&i| i as u64).collect();
             let want: Vec<u64> = case["input_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect();
