@@ -19,15 +19,15 @@ events. Decode tokens/s counts the tokens after the first over the time after
 the first; with 4 streams it is their sum over the wall time.
 """
 import argparse
-import http.client
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from socket_client import UnixConnection, events
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "inferd"
@@ -39,38 +39,16 @@ PROMPTS = [
 ]
 
 
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("inferd", timeout=600)
-        self.path_ = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(self.path_)
-
-
 def stream(sock, model, prompt, max_tokens, out):
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
                        "max_tokens": max_tokens, "stream": True})
     c = UnixConnection(sock)
     t0 = time.perf_counter()
     c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    r = c.getresponse()
-    first, pieces, buf = None, 0, b""
-    while True:
-        chunk = r.read1(65536)
-        if not chunk:
-            break
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            data = event.removeprefix(b"data: ")
-            if data == b"[DONE]":
-                continue
-            delta = json.loads(data)["choices"][0]["delta"].get("content")
-            if delta:
-                pieces += 1
-                first = first or time.perf_counter()
+    first = None
+    for at, event in events(c.getresponse()):
+        if event["choices"][0]["delta"].get("content"):
+            first = first or at
     end = time.perf_counter()
     out.append({"start": t0, "first": first or end, "end": end})
 

@@ -21,11 +21,9 @@ than a real model's arithmetic; the same script runs a real entry with
 --models and --model.
 """
 import argparse
-import http.client
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -34,22 +32,13 @@ import time
 from pathlib import Path
 
 from PIL import Image
+from socket_client import UnixConnection, events
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "inferd"
 FIXTURE = ROOT / "tests" / "fixtures" / "vlm"
 SIZES = [(640, 480), (1280, 960), (2560, 1920), (4000, 3000)]  # 0.3, 1.2, 4.9, 12 MP
 QUESTION = "Is the gate open?"
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("inferd", timeout=600)
-        self.path_ = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(self.path_)
 
 
 def photo(w, h, seed):
@@ -84,22 +73,11 @@ def stream(sock, model, image, max_tokens, out):
     c = UnixConnection(sock)
     t0 = time.perf_counter()
     c.request("POST", "/v1/chat/completions", body(model, image, max_tokens, True), {"Content-Type": "application/json"})
-    r = c.getresponse()
-    first, buf, timings = None, b"", {}
-    while True:
-        chunk = r.read1(65536)
-        if not chunk:
-            break
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            data = event.removeprefix(b"data: ")
-            if data == b"[DONE]":
-                continue
-            v = json.loads(data)
-            if v["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter()
-            timings = v.get("timings", timings)  # the last chunk's
+    first, timings = None, {}
+    for at, event in events(c.getresponse()):
+        if event["choices"][0]["delta"].get("content"):
+            first = first or at
+        timings = event.get("timings", timings)  # the last chunk's
     end = time.perf_counter()
     out.append({"start": t0, "first": first or end, "end": end, "pre_ms": timings.get("pre_ms", 0.0)})
 
