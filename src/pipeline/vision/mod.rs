@@ -236,10 +236,10 @@ fn vision_interface(v: &VisionSpec, inputs: &[TensorInfo], outputs: &[TensorInfo
     match pixels.shape.as_slice() {
         [_, _, c, h, w] if c.is_none_or(|c| c == 3) && fits(h) && fits(w) && pixels.dtype == Some(DType::F32) => {}
         _ => {
+            let dtype = pixels.dtype.map_or("of a type inferd does not carry".to_string(), |d| d.to_string());
             return Err(format!(
-                "input '{}' is {:?} {}; expected f32 [batch, views, 3, {t}, {t}] (vision.tile)",
+                "input '{}' is {dtype} {}; expected f32 [batch, views, 3, {t}, {t}] (vision.tile)",
                 pixels.name,
-                pixels.dtype,
                 pixels.shape_text()
             ));
         }
@@ -682,6 +682,30 @@ mod tests {
         assert_eq!((again.rows, again.cols, view_count(&again)), (first.rows, first.cols, n));
         let other = vision.image(&std::fs::read(model_dir().parent().unwrap().join("images/tiny.png")).unwrap());
         assert!(other.unwrap().features.is_none(), "another image is its own");
+    }
+
+    #[test]
+    fn a_vision_encoder_for_another_tile_size_is_refused_with_the_numbers() {
+        let mut spec = fixture_vision().spec;
+        let info = |name: &str, dtype, shape: &[Option<usize>]| TensorInfo {
+            name: name.into(),
+            dtype: Some(dtype),
+            shape: shape.to_vec(),
+        };
+        let inputs = [
+            info("pixel_values", DType::F32, &[None, None, Some(3), Some(64), Some(64)]),
+            info("pixel_attention_mask", DType::Bool, &[None, None, Some(64), Some(64)]),
+        ];
+        let outputs = [info("image_features", DType::F32, &[None, Some(4), Some(64)])];
+        assert_eq!(vision_interface(&spec, &inputs, &outputs), Ok(true));
+        spec.tile = 32;
+        let why = vision_interface(&spec, &inputs, &outputs).unwrap_err();
+        assert_eq!(
+            why,
+            "input 'pixel_values' is f32 [?, ?, 3, 64, 64]; expected f32 [batch, views, 3, 32, 32] (vision.tile)"
+        );
+        let ids = [info("input_ids", DType::I64, &[None, None])];
+        assert!(embed_interface(&spec.names, &ids, &outputs).unwrap_err().contains("no output 'inputs_embeds'"));
     }
 
     #[test]
