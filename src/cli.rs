@@ -94,6 +94,16 @@ pub enum Command {
         /// Classes to return (classification).
         #[arg(long)]
         top_k: Option<usize>,
+        /// Ask this about each file, an image (vision-language models): the
+        /// answer is generated text.
+        #[arg(long, value_name = "TEXT")]
+        prompt: Option<String>,
+        /// Most tokens to generate (with --prompt; default the model's).
+        #[arg(long, requires = "prompt")]
+        max_tokens: Option<usize>,
+        /// Sampling temperature (with --prompt); 0 is greedy, the default here.
+        #[arg(long, requires = "prompt", default_value_t = 0.0)]
+        temperature: f32,
         /// Print one JSON object per file.
         #[arg(long)]
         json: bool,
@@ -280,8 +290,19 @@ const MAX_FILE_BYTES: u64 = 256 << 20;
 pub struct InferArgs<'a> {
     pub model: &'a str,
     pub top_k: Option<usize>,
+    /// A question about each file (an image), with its generation settings.
+    pub prompt: Option<(&'a str, job::GenerationParams)>,
     pub json: bool,
     pub files: &'a [PathBuf],
+}
+
+impl InferArgs<'_> {
+    /// The chat that asks the prompt about `image`.
+    fn question(&self, image: Vec<u8>) -> Option<job::GenerateRequest> {
+        let (prompt, params) = self.prompt.as_ref()?;
+        let message = job::ChatMessage { role: "user".into(), content: prompt.to_string(), images: vec![(0, image)] };
+        Some(job::GenerateRequest { prompt: job::Prompt::Chat(vec![message]), params: params.clone(), stream: None })
+    }
 }
 
 /// `inferd infer --local`: runs each file in this process; a bad file is
@@ -301,6 +322,10 @@ pub fn infer_local(engine: &Engine, config: &Config, options: LoadOptions, args:
     let mut code = exit::OK;
     for file in args.files {
         let outcome = read_file(file).and_then(|bytes| {
+            if args.prompt.is_some() {
+                let request = args.question(bytes).expect("a prompt was given");
+                return loaded.infer(job::JobInput::Generate(request), &job::JobOptions::default());
+            }
             let (input, mut options) = job::Payload::sniff(&bytes, None, takes_text).read(bytes, &config.limits)?;
             options.top_k = args.top_k.or(options.top_k);
             loaded.infer(input, &options)
@@ -325,6 +350,16 @@ pub fn infer_remote(client: &Client, args: &InferArgs<'_>) -> i32 {
                 continue;
             }
         };
+        if args.prompt.is_some() {
+            match ask_remote(client, args, bytes) {
+                Ok(outcome) => code = report(file, outcome, args.json).unwrap_or(code),
+                Err(e) => {
+                    eprintln!("inferd: {e}");
+                    return exit::UNREACHABLE;
+                }
+            }
+            continue;
+        }
         let response = match client.post(&path, job::Payload::media_type(&bytes), &bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -341,6 +376,50 @@ pub fn infer_remote(client: &Client, args: &InferArgs<'_>) -> i32 {
         code = report(file, outcome, args.json).unwrap_or(code);
     }
     code
+}
+
+/// Asks the prompt about `image` through the daemon's OpenAI-style chat
+/// endpoint (the image as a data: URL); the answer as a job's output. Err: the
+/// daemon could not be reached.
+fn ask_remote(client: &Client, args: &InferArgs<'_>, image: Vec<u8>) -> Result<Result<JobOutput, InferError>, String> {
+    use base64::Engine as _;
+    let (prompt, params) = args.prompt.as_ref().expect("a prompt was given");
+    let url = format!(
+        "data:{};base64,{}",
+        job::Payload::media_type(&image),
+        base64::engine::general_purpose::STANDARD.encode(&image)
+    );
+    // The settings `inferd infer` has options for.
+    let body = serde_json::json!({"model": args.model, "max_tokens": params.max_tokens, "temperature": params.temperature,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}]});
+    let response = client
+        .post("/v1/chat/completions", "application/json", body.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    if response.status != 200 {
+        return Ok(Err(error_from_body(&response.body, response.status)));
+    }
+    Ok(chat_output(&response.body))
+}
+
+/// An OpenAI chat answer as a job's output (it does not say the variant or engine: left empty).
+fn chat_output(body: &[u8]) -> Result<JobOutput, InferError> {
+    let unexpected = |e: String| InferError::internal(format!("unexpected answer from inferd: {e}"));
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| unexpected(e.to_string()))?;
+    let choice = &v["choices"][0];
+    let text = choice["message"]["content"].as_str().ok_or_else(|| unexpected(v.to_string()))?.to_string();
+    let finish_reason =
+        serde_json::from_value(choice["finish_reason"].clone()).map_err(|e| unexpected(e.to_string()))?;
+    let usage = serde_json::from_value(v["usage"].clone()).map_err(|e| unexpected(e.to_string()))?;
+    Ok(JobOutput {
+        model: v["model"].as_str().unwrap_or_default().to_string(),
+        variant: String::new(),
+        backend: crate::backend::BackendKind::Ort,
+        provider: String::new(),
+        timings: serde_json::from_value(v["timings"].clone()).unwrap_or_default(),
+        batch: None,
+        result: JobResult::Generation { text, finish_reason, usage, tokens: Vec::new() },
+    })
 }
 
 /// The error in an API error body (`{"error": {"kind", "message"}}`).
@@ -426,12 +505,9 @@ fn summary(out: &JobOutput) -> String {
             .collect::<String>(),
         JobResult::Other(answer) => serde_json::Value::Object(answer.clone()).to_string(),
     };
-    format!(
-        "{body}  [{} {} on {}/{}, {:.2} ms]",
-        out.model,
-        out.variant,
-        out.backend,
-        out.provider,
-        out.timings.pre_ms + out.timings.infer_ms + out.timings.post_ms
-    )
+    let ms = out.timings.pre_ms + out.timings.infer_ms + out.timings.post_ms;
+    if out.variant.is_empty() {
+        return format!("{body}  [{}, {ms:.2} ms]", out.model);
+    }
+    format!("{body}  [{} {} on {}/{}, {ms:.2} ms]", out.model, out.variant, out.backend, out.provider)
 }

@@ -26,6 +26,7 @@ fn real_main() -> i32 {
     init_logging(level, serving && inferd::systemd::stderr_is_journal());
 
     if let Command::Infer { local: false, ref model, ref socket, top_k, json, ref files, .. } = cli.command {
+        let prompt = question(&cli.command);
         let path = match socket.clone().map_or_else(|| config.socket.client_path(), Ok) {
             Ok(p) => p,
             Err(e) => {
@@ -33,7 +34,7 @@ fn real_main() -> i32 {
                 return exit::CONFIG;
             }
         };
-        return cli::infer_remote(&Client::new(path), &cli::InferArgs { model, top_k, json, files });
+        return cli::infer_remote(&Client::new(path), &cli::InferArgs { model, top_k, prompt, json, files });
     }
     if let Command::Bench {
         ref model,
@@ -107,11 +108,23 @@ fn real_main() -> i32 {
         Command::Infer { ref model, backend, ref variant, top_k, json, ref files, .. } => {
             let engine = Engine::new(config.clone(), registry);
             let options = LoadOptions { backend, variant: variant.clone() };
-            cli::infer_local(&engine, &config, options, &cli::InferArgs { model, top_k, json, files })
+            let prompt = question(&cli.command);
+            cli::infer_local(&engine, &config, options, &cli::InferArgs { model, top_k, prompt, json, files })
         }
         Command::Serve => serve(config, cli.config.clone(), cli.models),
         Command::Bench { .. } => unreachable!("handled above"),
     }
+}
+
+/// `inferd infer --prompt`'s question and its generation settings.
+fn question(command: &Command) -> Option<(&str, inferd::job::GenerationParams)> {
+    let Command::Infer { prompt: Some(prompt), max_tokens, temperature, .. } = command else { return None };
+    let params = inferd::job::GenerationParams {
+        max_tokens: *max_tokens,
+        temperature: Some(*temperature),
+        ..Default::default()
+    };
+    Some((prompt.as_str(), params))
 }
 
 /// Plain lines on stderr, or structured records to the journal when

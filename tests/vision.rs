@@ -422,3 +422,44 @@ fn the_variant_choice_counts_the_three_graphs_and_the_caches() {
         );
     }
 }
+
+/// `inferd infer --prompt`: each file is an image asked about, in this
+/// process (`--local`) or through the daemon; greedy by default, so the
+/// tokens are transformers' again.
+#[test]
+fn the_cli_asks_a_question_about_each_image() {
+    let (_, _, question, tokens) = cases().remove(1);
+    let image = fixtures().join("images/portrait.png");
+    let models = models();
+    let max = tokens.len().to_string();
+    let args = |extra: &[&str]| {
+        let mut a = vec!["infer", "--model", "tiny-vlm", "--prompt", question.as_str(), "--max-tokens", max.as_str()];
+        a.extend_from_slice(extra);
+        a.push(image.to_str().unwrap());
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let local = args(&["--local", "--json", "--models", models.to_str().unwrap()]);
+    let out = inferd(&local.iter().map(String::as_str).collect::<Vec<_>>());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let got: Vec<u32> = v["result"]["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(got, tokens, "{v}");
+    let want_text = v["result"]["text"].as_str().unwrap().to_string();
+
+    let d = Daemon::start(|c| c.models = Some(models.clone()));
+    let socket = d.socket.to_str().unwrap().to_string();
+    let remote = args(&["--socket", socket.as_str()]);
+    let out = inferd(&remote.iter().map(String::as_str).collect::<Vec<_>>());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("{want_text:?} (Length, 62 prompt + {} generated tokens)", tokens.len())),
+        "{stdout}"
+    );
+    // A file that is no image: a typed error, and the exit code says so.
+    let mut bad = args(&["--socket", socket.as_str()]);
+    *bad.last_mut().unwrap() = models.to_str().unwrap().to_string();
+    let out = inferd(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success() && text(&out).1.contains("bad_input: image 1:"), "{:?}", text(&out));
+}

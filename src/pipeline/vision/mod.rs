@@ -310,6 +310,8 @@ impl Vision {
     fn new(spec: VisionSpec, template: String, limits: Limits) -> Vision {
         let processor = ImageProcessor { longest_edge: spec.longest_edge, tile: spec.tile, mean: spec.mean, std: spec.std };
         let mut env = minijinja::Environment::new();
+        // Templates are written for Python's Jinja: its string methods work as there.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // Hugging Face templates call raise_exception to refuse a conversation.
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
@@ -706,6 +708,21 @@ mod tests {
         );
         let ids = [info("input_ids", DType::I64, &[None, None])];
         assert!(embed_interface(&spec.names, &ids, &outputs).unwrap_err().contains("no output 'inputs_embeds'"));
+    }
+
+    #[test]
+    fn templates_written_for_python_jinja_render() {
+        // Python string methods and raise_exception, as Hugging Face templates use them.
+        let template = "{% for m in messages %}{% if m['role'] == 'robot' %}{{ raise_exception('no robots') }}{% endif %}\
+            {{ m['role'].upper() }}:{% for p in m['content'] %}{% if p['type'] == 'text' %} {{ p['text'].strip() }}\
+            {% else %}<image>{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}";
+        let mut vision = fixture_vision();
+        vision.template = template.to_string();
+        let m = ChatMessage { role: "user".into(), content: "  Gate?  ".into(), images: vec![(0, vec![])] };
+        assert_eq!(vision.render(&[m]).unwrap(), "USER:<image> Gate?\nASSISTANT:");
+        let robot = ChatMessage { role: "robot".into(), content: "x".into(), images: vec![] };
+        let e = vision.render(&[robot]).unwrap_err();
+        assert!(e.kind == crate::error::ErrorKind::BadInput && e.message.contains("no robots"), "{e:?}");
     }
 
     #[test]
