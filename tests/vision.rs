@@ -179,6 +179,8 @@ fn bad_images_and_prompts_get_typed_errors_and_the_model_keeps_serving() {
     let d = Daemon::start(|c| {
         c.models = Some(models());
         c.limits.max_image_pixels = 100_000;
+        // Below an expanded prompt's size (an image's tokens are not the client's text), above the text.
+        c.limits.max_text_bytes = 200;
     });
     let (_, images, question, _) = cases().remove(0);
     let huge = {
@@ -199,6 +201,7 @@ fn bad_images_and_prompts_get_typed_errors_and_the_model_keeps_serving() {
         ),
         (json!({"model": "tiny-vlm", "prompt": "a <image> b"}), "stands for an image"),
         (chat(&images, question.as_str(), 100_000), "max_tokens"),
+        (chat(&images, &"Is the gate open? ".repeat(12), 4), "bytes, over the limit of 200"),
     ];
     for (body, words) in cases {
         let path = if body.get("prompt").is_some() { "/v1/completions" } else { "/v1/chat/completions" };
@@ -210,6 +213,7 @@ fn bad_images_and_prompts_get_typed_errors_and_the_model_keeps_serving() {
     }
     let (status, v) = post(&d, &chat(&images, &question, 3));
     assert_eq!(status, 200, "still serving: {v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 40, "the image's tokens are in the prompt: {v}");
     // Text alone is a chat too.
     let (status, v) =
         post(&d, &json!({"model": "tiny-vlm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}));

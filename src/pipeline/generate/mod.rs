@@ -21,7 +21,6 @@ mod sample;
 
 use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::{InferenceBackend, NamedTensors};
-use crate::config::Limits;
 use crate::error::InferError;
 use crate::job::{FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Prompt, Timings, Usage};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
@@ -366,8 +365,8 @@ impl TaskSpec for GenerationTaskSpec {
             .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
         let path = graph.dir.join(&spec.tokenizer);
         let generator = Arc::new(Generator::new(spec, &path, graph.inputs, graph.outputs, None)?);
-        let preparer = Arc::new(ReadRequest { generator: generator.clone() });
-        Ok(Box::new(GeneratePipeline::new(generator, graph.limits.clone(), preparer)))
+        let preparer = Arc::new(ReadRequest { generator: generator.clone(), max_text_bytes: graph.limits.max_text_bytes });
+        Ok(Box::new(GeneratePipeline::new(generator, preparer)))
     }
 }
 
@@ -396,20 +395,31 @@ fn bytes_per_position(names: &GenerationNames, file: &Path) -> Option<u64> {
 /// [`Stepper`](super::Stepper); [`Pipeline::run`] runs one whole request.
 pub struct GeneratePipeline {
     generator: Arc<Generator>,
-    limits: Limits,
     preparer: Arc<dyn Prepare>,
 }
 
 impl GeneratePipeline {
     /// Runs `generator` on the jobs `preparer` makes into [`Rendered`] requests.
-    pub fn new(generator: Arc<Generator>, limits: Limits, preparer: Arc<dyn Prepare>) -> GeneratePipeline {
-        GeneratePipeline { generator, limits, preparer }
+    pub fn new(generator: Arc<Generator>, preparer: Arc<dyn Prepare>) -> GeneratePipeline {
+        GeneratePipeline { generator, preparer }
     }
 
     fn start(&self, input: Prepared) -> Result<Sequence, InferError> {
         let Rendered { request, prompt, chat, attached } = input.take()?;
-        self.generator.start_prompt(request, prompt, chat, attached, self.limits.max_text_bytes)
+        self.generator.start_prompt(request, prompt, chat, attached)
     }
+}
+
+/// Refuses a prompt over `limits.max_text_bytes`, as the client wrote it
+/// (before the tokens a task adds for images).
+pub fn within_text_limit(prompt: &str, max_text_bytes: usize) -> Result<(), InferError> {
+    if prompt.len() > max_text_bytes {
+        return Err(InferError::bad_input(format!(
+            "the prompt is {} bytes, over the limit of {max_text_bytes}",
+            prompt.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A request with its prompt rendered, ready to start.
@@ -425,12 +435,14 @@ pub struct Rendered {
 /// Reads a job's request and renders its prompt (no work worth moving off the worker).
 struct ReadRequest {
     generator: Arc<Generator>,
+    max_text_bytes: usize,
 }
 
 impl Prepare for ReadRequest {
     fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
         let request = request_of(input)?;
         let (prompt, chat) = self.generator.render(&request)?;
+        within_text_limit(&prompt, self.max_text_bytes)?;
         Ok(Prepared::new(Rendered { request, prompt, chat, attached: None }))
     }
 }
@@ -696,7 +708,6 @@ impl Generator {
         prompt: String,
         chat: bool,
         attached: Option<Attached>,
-        max_text_bytes: usize,
     ) -> Result<Sequence, InferError> {
         let grammar = match &request.params.response_format {
             None => None,
@@ -710,12 +721,6 @@ impl Generator {
         }
         if chat && grammar.is_none() {
             stop.extend(self.spec.chat_template.stop.iter().cloned());
-        }
-        if prompt.len() > max_text_bytes {
-            return Err(InferError::bad_input(format!(
-                "the prompt is {} bytes, over the limit of {max_text_bytes}",
-                prompt.len()
-            )));
         }
         if prompt.is_empty() {
             return Err(InferError::bad_input("the prompt is empty"));

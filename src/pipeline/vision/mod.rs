@@ -21,7 +21,9 @@
 
 pub mod processor;
 
-use super::generate::{Attached, Embedder, GeneratePipeline, GenerationSpec, Generator, Rendered, request_of};
+use super::generate::{
+    Attached, Embedder, GeneratePipeline, GenerationSpec, Generator, Rendered, request_of, within_text_limit,
+};
 use super::{Graph, Part, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::InferenceBackend;
 use crate::config::Limits;
@@ -221,7 +223,7 @@ impl TaskSpec for VisionLanguageSpec {
         })?;
         embedder.image_token.set(image_token).ok();
         let preparer = Arc::new(VisionPreparer { vision });
-        Ok(Box::new(GeneratePipeline::new(Arc::new(generator), graph.limits.clone(), preparer)))
+        Ok(Box::new(GeneratePipeline::new(Arc::new(generator), preparer)))
     }
 }
 
@@ -351,7 +353,7 @@ impl Vision {
             .map_err(|e| InferError::bad_input(format!("the chat template cannot render these messages: {e}")))
     }
 
-    /// An image's views and pixel values, or its cached features.
+    /// An image's views, or its cached features (then it is not decoded).
     fn image(&self, bytes: &[u8]) -> Result<ImageIn, InferError> {
         use sha2::Digest;
         let key: [u8; 32] = sha2::Sha256::digest(bytes).into();
@@ -374,7 +376,6 @@ struct ImageIn {
     views: Vec<image::RgbImage>,
     features: Option<Arc<Features>>,
 }
-
 
 /// An image's features, `[views × image_seq_len × hidden]`.
 struct Features {
@@ -430,9 +431,14 @@ impl Prepare for VisionPreparer {
                     v.spec.image_token
                 )));
             }
-            Prompt::Text(t) => (t.clone(), false, Vec::new()),
+            Prompt::Text(t) => {
+                within_text_limit(t, v.limits.max_text_bytes)?;
+                (t.clone(), false, Vec::new())
+            }
             Prompt::Chat(messages) => {
                 let rendered = v.render(messages)?;
+                // The limit is on what the client wrote: an image's tokens come on top.
+                within_text_limit(&rendered, v.limits.max_text_bytes)?;
                 let mut images = Vec::new();
                 for m in messages.iter_mut() {
                     for (_, bytes) in std::mem::take(&mut m.images) {
