@@ -82,6 +82,9 @@ pub struct VisionSpec {
     /// Memory for the features of recent images, kept by the hash of their bytes.
     #[serde(default = "default_feature_cache_mb")]
     pub feature_cache_mb: u64,
+    /// Views the vision encoder takes in one run (its working memory grows with them).
+    #[serde(default = "default_max_views_per_run")]
+    pub max_views_per_run: usize,
 }
 
 fn default_longest_edge() -> u32 {
@@ -101,6 +104,9 @@ fn default_image_token() -> String {
 }
 fn default_feature_cache_mb() -> u64 {
     64
+}
+fn default_max_views_per_run() -> usize {
+    4
 }
 
 /// The tensor names of the vision encoder and token embedding graphs.
@@ -167,6 +173,9 @@ impl TaskSpec for VisionLanguageSpec {
                 }
                 if v.image_token.is_empty() {
                     p.push(SpecProblem::new(".vision.image_token", "must not be empty"));
+                }
+                if !(1..=64).contains(&v.max_views_per_run) {
+                    p.push(SpecProblem::new(".vision.max_views_per_run", "must be 1..=64"));
                 }
             }
         }
@@ -512,10 +521,29 @@ impl VisionEmbedder {
             return Ok(f);
         }
         let spec = &self.vision.spec;
-        let (n, t) = (image.views.len(), spec.tile as usize);
+        let n = image.views.len();
+        let started = std::time::Instant::now();
+        let mut values = Vec::new();
+        // A few views per run: each view is encoded on its own, and the
+        // encoder's working memory grows with the views of one run.
+        for views in image.views.chunks(spec.max_views_per_run) {
+            values.extend(self.encode(views)?);
+        }
+        tracing::debug!(views = n, ms = started.elapsed().as_secs_f64() * 1000.0, "vision encoder");
+        let f = Arc::new(Features { rows: image.rows, cols: image.cols, views: n, values });
+        self.vision.cache.lock().unwrap_or_else(|e| e.into_inner()).put(image.key, f.clone());
+        Ok(f)
+    }
+}
+
+impl VisionEmbedder {
+    /// One run of the vision encoder: the features of `views`.
+    fn encode(&self, views: &[image::RgbImage]) -> Result<Vec<f32>, InferError> {
+        let spec = &self.vision.spec;
+        let (n, t) = (views.len(), spec.tile as usize);
         let names = &spec.names;
         let mut pixels = Vec::with_capacity(n * 3 * t * t);
-        for view in &image.views {
+        for view in views {
             pixels.extend(self.vision.processor.pixel_values(view));
         }
         let mut inputs =
@@ -526,9 +554,7 @@ impl VisionEmbedder {
                 Tensor { shape: vec![1, n, t, t], data: TensorData::Bool(vec![true; n * t * t]) },
             ));
         }
-        let started = std::time::Instant::now();
         let outputs = self.encoder.lock().unwrap_or_else(|e| e.into_inner()).run(inputs)?;
-        tracing::debug!(views = n, ms = started.elapsed().as_secs_f64() * 1000.0, "vision encoder");
         let features = outputs
             .into_iter()
             .find(|(name, _)| *name == names.image_features)
@@ -543,9 +569,7 @@ impl VisionEmbedder {
                 features.shape, spec.image_seq_len
             )));
         }
-        let f = Arc::new(Features { rows: image.rows, cols: image.cols, views: n, values });
-        self.vision.cache.lock().unwrap_or_else(|e| e.into_inner()).put(image.key, f.clone());
-        Ok(f)
+        Ok(values)
     }
 }
 
@@ -615,6 +639,7 @@ mod tests {
             image_token: "<image>".into(),
             names: VisionNames::default(),
             feature_cache_mb: 1,
+            max_views_per_run: 4,
         };
         let template = read_chat_template(&dir.join(&spec.chat_template)).unwrap();
         Vision::new(spec, template, Limits::default())
