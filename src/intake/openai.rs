@@ -238,16 +238,10 @@ pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -
 async fn answer(app: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Response {
     let parsed =
         read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, kind == Kind::Chat, &app.limits));
-    let mut r = match parsed {
-        Ok(r) => r,
-        Err(e) => return error_response(&e),
-    };
-    if !r.fetches.is_empty()
-        && let Err(e) = r.fetch_images(&app.limits).await
-    {
-        return error_response(&e);
+    match parsed {
+        Ok(r) => run(app, kind, r).await,
+        Err(e) => error_response(&e),
     }
-    run(app, kind, r.model, r.request, r.stream).await
 }
 
 /// Reads an OpenAI-style body (`chat`: messages, else a prompt): the model
@@ -301,17 +295,25 @@ fn now_s() -> u64 {
 }
 
 /// Checks the request against the model, submits it, and answers whole or as a stream.
-async fn run(app: AppState, kind: Kind, model: String, mut request: GenerateRequest, stream: bool) -> Response {
+async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest) -> Response {
     let engine = app.scheduler.engine();
-    let Some(spec) = engine.registry().get(&model) else {
-        return error_response(&InferError::unknown_model(&model));
+    let Some(spec) = engine.registry().get(&r.model) else {
+        return error_response(&InferError::unknown_model(&r.model));
     };
     if !spec.task.takes().0.contains(&crate::job::InputKind::Prompt) {
         return error_response(&InferError::bad_input(format!(
-            "model '{model}' is a {} model; this endpoint needs a text-generation or vision-language model",
+            "model '{}' is a {} model; this endpoint needs a text-generation or vision-language model",
+            r.model,
             spec.task.task()
         )));
     }
+    // http(s) images are fetched once the request is known to go somewhere.
+    if !r.fetches.is_empty()
+        && let Err(e) = r.fetch_images(&app.limits).await
+    {
+        return error_response(&e);
+    }
+    let OpenAiRequest { model, mut request, stream, .. } = r;
     let id =
         format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let meta = Meta { id, model: model.clone(), created: now_s(), kind };
