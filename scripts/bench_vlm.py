@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from PIL import Image
-from socket_client import UnixConnection, events
+from socket_client import UnixConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "inferd"
@@ -69,27 +69,22 @@ def whole(sock, model, image, max_tokens):
     return answer
 
 
-def stream(sock, model, image, max_tokens, out):
-    c = UnixConnection(sock)
+def concurrent(sock, model, images, max_tokens):
+    """One whole request per image, all at once: each one's latency (s), its answer, and the wall time."""
+    out = [None] * len(images)
+
+    def one(i):
+        t0 = time.perf_counter()
+        answer = whole(sock, model, images[i], max_tokens)
+        out[i] = (time.perf_counter() - t0, answer)
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
     t0 = time.perf_counter()
-    c.request("POST", "/v1/chat/completions", body(model, image, max_tokens, True), {"Content-Type": "application/json"})
-    first, timings = None, {}
-    for at, event in events(c.getresponse()):
-        if event["choices"][0]["delta"].get("content"):
-            first = first or at
-        timings = event.get("timings", timings)  # the last chunk's
-    end = time.perf_counter()
-    out.append({"start": t0, "first": first or end, "end": end, "pre_ms": timings.get("pre_ms", 0.0)})
-
-
-def together(sock, model, images, max_tokens):
-    out = []
-    ts = [threading.Thread(target=stream, args=(sock, model, im, max_tokens, out)) for im in images]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    return out
+    return out, time.perf_counter() - t0
 
 
 def encoder_ms(log):
@@ -137,27 +132,31 @@ def main():
         for w, h in SIZES:
             pre = [whole(sock, args.model, photo(w, h, next(seed)), 1)["timings"]["pre_ms"] for _ in range(args.rounds)]
             rows[f"pre {w}x{h}"] = statistics.median(pre)
-        # First token with a new image, and with the same image again (features cached).
+        # The first token (a request for one token) with a new image, and the same image again (features cached).
         cold, warm, pre = [], [], []
         seen = len(encoder_ms(work / "daemon.log"))
         for _ in range(args.rounds):
             image = photo(1280, 960, next(seed))
-            new = together(sock, args.model, [image], args.tokens)[0]
-            again = together(sock, args.model, [image], args.tokens)[0]
-            cold.append((new["first"] - new["start"]) * 1000)
-            warm.append((again["first"] - again["start"]) * 1000)
-            pre.append(new["pre_ms"])
+            [(new, answer)], _ = concurrent(sock, args.model, [image], 1)
+            [(again, _)], _ = concurrent(sock, args.model, [image], 1)
+            cold.append(new * 1000)
+            warm.append(again * 1000)
+            pre.append(answer["timings"]["pre_ms"])
         encoder = encoder_ms(work / "daemon.log")[seen:]
         assert len(encoder) == args.rounds, f"{len(encoder)} vision encoder runs for {args.rounds} new images"
         completion = whole(sock, args.model, photo(1280, 960, next(seed)), args.tokens)["usage"]["completion_tokens"]
+        # Decoding: answers of `completion` tokens against answers of one, each with a new image;
+        # the difference is the other tokens' time (as the peer measures it).
         decode = {}
         for streams in (1, 4):
             ttft, rate, total = [], [], []
             for _ in range(args.rounds):
-                out = together(sock, args.model, [photo(1280, 960, next(seed)) for _ in range(streams)], args.tokens)
-                ttft.append(statistics.mean(o["first"] - o["start"] for o in out))
-                rate.append(statistics.mean((completion - 1) / (o["end"] - o["first"]) for o in out))
-                wall = max(o["end"] for o in out) - min(o["start"] for o in out)
+                first, _ = concurrent(sock, args.model, [photo(1280, 960, next(seed)) for _ in range(streams)], 1)
+                full, wall = concurrent(sock, args.model, [photo(1280, 960, next(seed)) for _ in range(streams)],
+                                        completion)
+                t1, tn = statistics.mean(x[0] for x in first), statistics.mean(x[0] for x in full)
+                ttft.append(t1)
+                rate.append((completion - 1) / (tn - t1))
                 total.append(streams * completion / wall)
             decode[streams] = (statistics.median(ttft) * 1000, statistics.median(rate), statistics.median(total))
     finally:
@@ -171,7 +170,7 @@ def main():
     for w, h in SIZES:
         ms = rows[f"pre {w}x{h}"]
         print(f"| {w}×{h} JPEG | {w * h / 1e6:.1f} | {ms:.1f} | {ms / (w * h / 1e6):.1f} |")
-    print("\n| streams | time to first token ms (new 1280×960 image) | decode tok/s per stream | tokens/s, all streams over the wall time |")
+    print("\n| streams | time to first token ms (new 1280×960 image) | decode tok/s per stream | tokens/s, all streams over the wall time of whole answers |")
     print("|---|---|---|---|")
     for streams, (ttft, rate, total) in decode.items():
         print(f"| {streams} | {ttft:.1f} | {rate:.0f} | {total:.0f} |")
