@@ -435,16 +435,7 @@ async fn mqtt_generation_publishes_partials_then_the_whole_text() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let job = json!({"id": "g1", "prompt": prompt, "max_tokens": tokens.len(), "temperature": 0, "stream": true});
     client.publish("inferd/gen/jobs/tiny-gpt", job.to_string()).await;
-    let mut partial = String::new();
-    let result = loop {
-        let m = client.recv(Duration::from_secs(30)).await.json();
-        assert_eq!(m["id"], "g1", "{m}");
-        if m["partial"] == true {
-            partial.push_str(m["text"].as_str().unwrap());
-        } else {
-            break m;
-        }
-    };
+    let (partial, result) = client.recv_generation("g1", Duration::from_secs(30)).await;
     assert_eq!(result["result"]["text"], text.as_str(), "{result}");
     assert_eq!(result["result"]["finish_reason"], "length");
     assert_eq!(partial, text, "the partial messages add up to the text");

@@ -238,16 +238,7 @@ async fn mqtt_answers_an_image_envelope_and_a_raw_image_with_its_question_in_use
     let job = json!({"id": "v1", "prompt": question, "image_base64": b64(&images[0]), "max_tokens": tokens.len(),
         "temperature": 0, "stream": true});
     client.publish("inferd/cam/jobs/tiny-vlm", job.to_string()).await;
-    let mut partial = String::new();
-    let result = loop {
-        let m = client.recv(Duration::from_secs(60)).await.json();
-        assert_eq!(m["id"], "v1", "{m}");
-        if m["partial"] == true {
-            partial.push_str(m["text"].as_str().unwrap());
-        } else {
-            break m;
-        }
-    };
+    let (partial, result) = client.recv_generation("v1", Duration::from_secs(60)).await;
     assert_eq!(result["result"]["text"], expected[1].1.as_str(), "{result}");
     assert_eq!(partial, expected[1].1, "the partial messages add up to the text");
 

@@ -314,6 +314,20 @@ impl TestClient {
     }
 
     /// The next message on `topic`, skipping others.
+    /// A streamed generation's answer for job `id`: the text of its partial
+    /// messages, joined, and the result that comes last.
+    pub async fn recv_generation(&mut self, id: &str, timeout: Duration) -> (String, serde_json::Value) {
+        let mut partial = String::new();
+        loop {
+            let m = self.recv(timeout).await.json();
+            assert_eq!(m["id"], id, "{m}");
+            if m["partial"] != true {
+                return (partial, m);
+            }
+            partial.push_str(m["text"].as_str().unwrap());
+        }
+    }
+
     pub async fn recv_on(&mut self, topic: &str, timeout: Duration) -> Received {
         let deadline = Instant::now() + timeout;
         loop {
