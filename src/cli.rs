@@ -402,7 +402,7 @@ fn ask_remote(client: &Client, args: &InferArgs<'_>, image: Vec<u8>) -> Result<R
     Ok(chat_output(&response.body))
 }
 
-/// An OpenAI chat answer as a job's output (it does not say the variant or engine: left empty).
+/// An OpenAI chat answer (with inferd's extensions: timings and the engine) as a job's output.
 fn chat_output(body: &[u8]) -> Result<JobOutput, InferError> {
     let unexpected = |e: String| InferError::internal(format!("unexpected answer from inferd: {e}"));
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| unexpected(e.to_string()))?;
@@ -411,12 +411,13 @@ fn chat_output(body: &[u8]) -> Result<JobOutput, InferError> {
     let finish_reason =
         serde_json::from_value(choice["finish_reason"].clone()).map_err(|e| unexpected(e.to_string()))?;
     let usage = serde_json::from_value(v["usage"].clone()).map_err(|e| unexpected(e.to_string()))?;
+    let text_of = |field: &str| v[field].as_str().unwrap_or_default().to_string();
     Ok(JobOutput {
-        model: v["model"].as_str().unwrap_or_default().to_string(),
-        variant: String::new(),
-        backend: crate::backend::BackendKind::Ort,
-        provider: String::new(),
-        timings: serde_json::from_value(v["timings"].clone()).unwrap_or_default(),
+        model: text_of("model"),
+        variant: text_of("variant"),
+        backend: serde_json::from_value(v["backend"].clone()).map_err(|e| unexpected(e.to_string()))?,
+        provider: text_of("provider"),
+        timings: serde_json::from_value(v["timings"].clone()).map_err(|e| unexpected(e.to_string()))?,
         batch: None,
         result: JobResult::Generation { text, finish_reason, usage, tokens: Vec::new() },
     })
@@ -505,9 +506,12 @@ fn summary(out: &JobOutput) -> String {
             .collect::<String>(),
         JobResult::Other(answer) => serde_json::Value::Object(answer.clone()).to_string(),
     };
-    let ms = out.timings.pre_ms + out.timings.infer_ms + out.timings.post_ms;
-    if out.variant.is_empty() {
-        return format!("{body}  [{}, {ms:.2} ms]", out.model);
-    }
-    format!("{body}  [{} {} on {}/{}, {ms:.2} ms]", out.model, out.variant, out.backend, out.provider)
+    format!(
+        "{body}  [{} {} on {}/{}, {:.2} ms]",
+        out.model,
+        out.variant,
+        out.backend,
+        out.provider,
+        out.timings.pre_ms + out.timings.infer_ms + out.timings.post_ms
+    )
 }

@@ -80,7 +80,7 @@ fn content_of(
     limits: &Limits,
     seen: &mut usize,
     message: usize,
-    fetches: &mut Vec<ImageFetch>,
+    fetches: &mut Vec<PendingImage>,
 ) -> Result<ChatMessageParts, InferError> {
     let mut text = String::new();
     let mut images = Vec::new();
@@ -110,7 +110,7 @@ fn content_of(
                             None => "",
                         };
                         let bytes = if url.starts_with("http://") || url.starts_with("https://") {
-                            fetches.push(ImageFetch {
+                            fetches.push(PendingImage {
                                 message,
                                 image: images.len(),
                                 number: *seen,
@@ -140,7 +140,7 @@ type ChatMessageParts = (String, Vec<(usize, Vec<u8>)>);
 
 /// An http(s) image of a chat request, fetched before the job is queued.
 #[derive(Debug, Clone)]
-pub struct ImageFetch {
+pub struct PendingImage {
     /// Its message and its place among the message's images.
     message: usize,
     image: usize,
@@ -156,7 +156,7 @@ pub struct OpenAiRequest {
     pub request: GenerateRequest,
     pub stream: bool,
     /// Images still to fetch (http(s) URLs).
-    pub fetches: Vec<ImageFetch>,
+    pub fetches: Vec<PendingImage>,
 }
 
 impl OpenAiRequest {
@@ -476,8 +476,9 @@ impl Meta {
             }
             Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
         };
-        // `timings` (an extension, as llama.cpp's server adds one): where the time went, in ms.
+        // Extensions (as llama.cpp's server adds its own): where the time went, in ms, and what ran it.
         json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
-               "choices": [choice], "usage": usage, "timings": out.timings})
+               "choices": [choice], "usage": usage, "timings": out.timings,
+               "variant": out.variant, "backend": out.backend, "provider": out.provider})
     }
 }

@@ -394,6 +394,12 @@ struct Features {
     values: Vec<f32>,
 }
 
+impl Features {
+    fn bytes(&self) -> u64 {
+        (self.values.len() * std::mem::size_of::<f32>()) as u64
+    }
+}
+
 /// Features of recent images by the hash of their bytes, least recently used out first.
 struct FeatureCache {
     entries: VecDeque<([u8; 32], Arc<Features>)>,
@@ -411,13 +417,13 @@ impl FeatureCache {
     }
 
     fn put(&mut self, key: [u8; 32], features: Arc<Features>) {
-        let size = (features.values.len() * 4) as u64;
+        let size = features.bytes();
         if size > self.max || self.entries.iter().any(|(k, _)| *k == key) {
             return;
         }
         while self.bytes + size > self.max {
             let Some((_, old)) = self.entries.pop_front() else { break };
-            self.bytes -= (old.values.len() * 4) as u64;
+            self.bytes -= old.bytes();
         }
         self.bytes += size;
         self.entries.push_back((key, features));
