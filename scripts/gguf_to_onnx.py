@@ -30,6 +30,7 @@ same bytes on every run (for models.json's sha256).
 """
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -187,7 +188,12 @@ def build(reader, cfg, int4):
     mask = b("Where", [allowed, g.const(0.0, np.float32), g.const(-1e9, np.float32)])
 
     # RoPE angles, once: position * inv_freq, the halves repeated (Hugging Face's layout).
-    inv_freq = 1.0 / (cfg.rope_base ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    # Powers, cosines and sines come from Python's math (the C library), not numpy: numpy
+    # picks its vectorised versions by the CPU (AVX-512 gives other last bits than AVX2),
+    # and the graphs must be the same bytes on every machine that converts them.
+    exponents = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+    powers = np.array([math.pow(cfg.rope_base, float(e)) for e in exponents], dtype=np.float32)
+    inv_freq = np.float32(1.0) / powers
     pos = b("Unsqueeze", [b("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const([2])])
     freqs = b("Mul", [pos, g.init(inv_freq.astype(np.float32), "inv_freq")])
     emb = b("Concat", [freqs, freqs], axis=-1)
@@ -198,8 +204,9 @@ def build(reader, cfg, int4):
         # ONNX Runtime's fused RotaryEmbedding (the int4 graph is ONNX Runtime's anyway):
         # the same rotate-half formula from tables of the same f32 angles.
         angles = np.arange(cfg.context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-        cos_table = g.init(np.cos(angles.astype(np.float64)).astype(np.float32), "cos")
-        sin_table = g.init(np.sin(angles.astype(np.float64)).astype(np.float32), "sin")
+        flat = [float(a) for a in angles.reshape(-1)]
+        cos_table = g.init(np.array([math.cos(a) for a in flat], np.float32).reshape(angles.shape), "cos")
+        sin_table = g.init(np.array([math.sin(a) for a in flat], np.float32).reshape(angles.shape), "sin")
 
     def rope(t):
         if int4:

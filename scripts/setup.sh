@@ -161,8 +161,8 @@ echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $ROOT/mo
   | sha256sum -c --quiet - || { echo "setup.sh: sha256 of the SmolLM2 GGUF does not match" >&2; exit 1; }
 SMOL_DIR="$ROOT/models/fetched/smollm2"
 # What the converter writes, byte for byte (models.json pins the same sums).
-SMOL_SUMS="57dbc65205e339c905091631212fd74ac4b75684d1068779b46d7798e61df6aa  $SMOL_DIR/fp32.onnx
-864c9d741054dbf65d8f109c6db803f231d9b9cfd208174d9ca5f196019b4ad0  $SMOL_DIR/int4.onnx"
+SMOL_SUMS="a68832953f0180eb4d9bb7feb357e7bdd233a9907a7fcdad97405a03818039ef  $SMOL_DIR/fp32.onnx
+386f7709d79d7aa15c8630c4b5877a5f896b9b854b0d7fb181ad867413bef25e  $SMOL_DIR/int4.onnx"
 if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ]; then
   VENV="$ROOT/.cache/convert-venv"
   if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then
