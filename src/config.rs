@@ -326,8 +326,11 @@ pub struct SocketConfig {
     /// (`INFERD_SOCKET__ADMIN_UIDS=0,1000` in the environment; one uid alone is a list of one.)
     #[serde(deserialize_with = "one_or_many_uids")]
     pub admin_uids: Vec<u32>,
-    /// Connections open at once (Unix socket and TCP each); at the cap a new
-    /// connection closes the one idle the longest, or gets 503 if none idles.
+    /// Connections open at once, over every listener together (Unix socket and
+    /// TCP share one cap), lowered at start to fit `RLIMIT_NOFILE` with room
+    /// kept for model files, the broker, fetches and logs. At the cap a new
+    /// connection closes the one idle the longest (or sending its headers, or
+    /// its body below `min_body_rate_kib_s`), or gets 503 if every one is busy.
     pub max_connections: usize,
     /// A connection with no request running closes after this long without bytes, seconds.
     pub idle_timeout_s: u64,
@@ -335,8 +338,14 @@ pub struct SocketConfig {
     pub header_timeout_s: u64,
     /// A request body must arrive, and a response be read by the client, within this, seconds.
     pub body_timeout_s: u64,
-    /// Request bodies held at once (being read, or waiting for their job), MiB;
-    /// when full, a request waits for room (up to `body_timeout_s`, then 429).
+    /// A request body slower than this on average after its first 5 s is cut
+    /// (400), KiB/s; 0: only `body_timeout_s` applies. A body that sends
+    /// nothing is cut after 5 s, one at half the rate after 10 s.
+    pub min_body_rate_kib_s: u64,
+    /// Request bodies held at once (being read, or waiting for their job), MiB.
+    /// Room is taken as the bytes arrive, never for a declared length; when
+    /// full, a body waits for room (one that holds some for at most 1 s, one
+    /// that holds none up to `body_timeout_s`), then 429.
     pub max_bodies_mb: u64,
 }
 
@@ -356,6 +365,7 @@ impl Default for SocketConfig {
             idle_timeout_s: 60,
             header_timeout_s: 10,
             body_timeout_s: 30,
+            min_body_rate_kib_s: 4,
             max_bodies_mb: 256,
         }
     }
@@ -652,6 +662,8 @@ impl Config {
                 .with_list_parse_key("runtime.providers")
                 .with_list_parse_key("memory.preload")
                 .with_list_parse_key("socket.admin_uids")
+                .with_list_parse_key("limits.image_dirs")
+                .with_list_parse_key("limits.image_fetch.hosts")
                 .source(Some(env)),
         );
         Self::finish(builder)
@@ -833,6 +845,30 @@ mod tests {
         assert_eq!(c.socket.admin_uids, [0, 1000]);
         let c = Config::load_from(None, Path::new("/x"), env(&[("INFERD_SOCKET__ADMIN_UIDS", "1000")])).unwrap();
         assert_eq!(c.socket.admin_uids, [1000]);
+    }
+
+    #[test]
+    fn every_list_setting_reads_comma_separated_from_the_environment() {
+        let c = Config::load_from(
+            None,
+            Path::new("/x"),
+            env(&[
+                ("INFERD_LIMITS__IMAGE_DIRS", "/srv/cam,/var/lib/frames"),
+                ("INFERD_LIMITS__IMAGE_FETCH__HOSTS", "cams.example.com,.corp.lan"),
+                ("INFERD_MEMORY__PRELOAD", "color,minilm"),
+                ("INFERD_RUNTIME__PROVIDERS", "cpu"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.image_dirs, [PathBuf::from("/srv/cam"), PathBuf::from("/var/lib/frames")]);
+        assert_eq!(c.limits.image_fetch.hosts, ["cams.example.com", ".corp.lan"]);
+        assert_eq!(c.memory.preload, ["color", "minilm"]);
+        // One item alone is a list of one.
+        let c = Config::load_from(None, Path::new("/x"), env(&[("INFERD_LIMITS__IMAGE_DIRS", "/srv/cam")])).unwrap();
+        assert_eq!(c.limits.image_dirs, [PathBuf::from("/srv/cam")]);
+        let c = Config::load_from(None, Path::new("/x"), env(&[("INFERD_LIMITS__IMAGE_FETCH__HOSTS", "127.0.0.1")]))
+            .unwrap();
+        assert_eq!(c.limits.image_fetch.hosts, ["127.0.0.1"]);
     }
 
     #[test]

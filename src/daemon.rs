@@ -87,7 +87,9 @@ pub async fn run_with(
             }
         }
     }
-    let scheduler = Arc::new(scheduler::Scheduler::new(engine, config.jobs.clone(), metrics, manager));
+    let quarantine = Arc::new(crate::quarantine::Quarantine::open(&config.memory.resolved_state_dir()));
+    let scheduler =
+        Arc::new(scheduler::Scheduler::new(engine, config.jobs.clone(), metrics, manager).with_quarantine(quarantine));
     let (listener, socket_path, socket_lock) = intake::unix::bind_or_inherit(&config.socket)?;
     let inherited = socket_lock.is_none();
     let tcp = match &config.socket.tcp {
@@ -114,6 +116,7 @@ pub async fn run_with(
             usize::try_from(config.socket.max_bodies_mb.saturating_mul(1024)).unwrap_or(usize::MAX >> 4),
         )),
         body_timeout: Duration::from_secs(config.socket.body_timeout_s),
+        min_body_rate: config.socket.min_body_rate_kib_s.saturating_mul(1024),
         limits: config.limits.clone(),
         admin_uids: config.socket.admin_uids.clone(),
         tcp_token,
@@ -121,10 +124,12 @@ pub async fn run_with(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let limits = intake::conn::ConnLimits::from_config(&config.socket);
-    servers.spawn(intake::conn::serve(listener, app.clone(), limits, stop_rx.clone()));
+    // One cap over every listener, fitted to the open-file limit.
+    let conns = intake::conn::ConnTable::sized(&limits);
+    servers.spawn(intake::conn::serve(listener, app.clone(), limits, conns.clone(), stop_rx.clone()));
     if let Some(tcp) = tcp {
         tracing::info!(addr = ?tcp.local_addr().ok(), "listening on TCP (bearer token required)");
-        servers.spawn(intake::conn::serve(tcp, app, limits, stop_rx.clone()));
+        servers.spawn(intake::conn::serve(tcp, app, limits, conns, stop_rx.clone()));
     }
     let drain = Duration::from_millis(config.jobs.drain_timeout_ms);
     let mqtt = match &config.mqtt.url {

@@ -10,11 +10,16 @@
 //! - **Body**: the handlers read bodies within `socket.body_timeout_s`
 //!   ([`super::http::read_body`]); a response the client does not read for as
 //!   long closes the connection (write timeout).
-//! - **Cap**: at `socket.max_connections`, a new connection first closes the
-//!   connection idle the longest (no request running); if every connection is
-//!   running a request, the new one gets `503` and is closed at once. Either
-//!   way file descriptors stay bounded and a flood of idle clients cannot lock
-//!   out a real one.
+//! - **Cap**: one cap over every listener (Unix socket and TCP together):
+//!   `socket.max_connections`, lowered at start to fit `RLIMIT_NOFILE` less
+//!   the descriptors kept for model files, the broker, image fetches, logs and
+//!   refusals ([`ConnTable::sized`]). At the cap a new connection first closes
+//!   the connection idle the longest (no request running, or its headers
+//!   still coming), else the request whose body comes slowest below
+//!   `socket.min_body_rate_kib_s`; if every connection is running a request
+//!   otherwise, the new one gets `503` and is closed at once. Either way file
+//!   descriptors stay bounded, a model load never meets "Too many open files",
+//!   and a flood of idle or trickling clients cannot lock out a real one.
 //!
 //! While a request runs (from its headers until its response is written) no
 //! read timeout applies: a long generation is not cut off.
@@ -35,11 +40,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The connection limits, from `[socket]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
+    /// As configured; [`ConnTable::sized`] fits it to the open-file limit.
     pub max_connections: usize,
     pub idle: Duration,
     pub header: Duration,
     /// Reading a request body, and writing a response the client does not read.
     pub body: Duration,
+    /// `socket.min_body_rate_kib_s` in bytes per second (0: none).
+    pub min_body_rate: u64,
 }
 
 impl ConnLimits {
@@ -50,6 +58,7 @@ impl ConnLimits {
             idle: Duration::from_secs(cfg.idle_timeout_s.max(1)),
             header: Duration::from_secs(cfg.header_timeout_s.max(1)),
             body: Duration::from_secs(cfg.body_timeout_s.max(1)),
+            min_body_rate: cfg.min_body_rate_kib_s.saturating_mul(1024),
         }
     }
 }
@@ -87,6 +96,10 @@ struct Conn {
     active: AtomicUsize,
     /// When it last went idle (no request running), as milliseconds since `epoch`.
     idle_since_ms: AtomicU64,
+    /// While a request body is coming: when it started, ms since `epoch` + 1 (0: none).
+    body_since_ms: AtomicU64,
+    /// Bytes of that body so far.
+    body_bytes: AtomicU64,
     /// Asked to close (the cap needs its room).
     close: tokio::sync::Notify,
     closing: std::sync::atomic::AtomicBool,
@@ -95,33 +108,114 @@ struct Conn {
     reader: futures_util::task::AtomicWaker,
 }
 
-/// The open connections.
-struct Conns {
-    epoch: Instant,
-    open: Mutex<Vec<Arc<Conn>>>,
+/// Descriptors kept out of the connection cap: model files and their
+/// loaders (64), the broker (4), image fetches (their own bound, 32), logs and
+/// the journal (8), and the `503` answers in flight ([`MAX_REFUSING`]).
+pub const KEPT_FILES: u64 = 64 + 4 + super::fetch::MAX_FETCHES as u64 + 8 + MAX_REFUSING as u64;
+
+/// `503` answers being written at once; past this a refused connection is closed without one.
+const MAX_REFUSING: usize = 16;
+
+/// The smallest cap, however low the open-file limit (a warning says why).
+const MIN_CONNECTIONS: usize = 8;
+
+/// The connection cap for `configured` under an open-file limit of `nofile`
+/// with `open` descriptors already in use: what is left after those and
+/// [`KEPT_FILES`], at most `configured`, at least [`MIN_CONNECTIONS`].
+pub fn connection_cap(configured: usize, nofile: u64, open: u64) -> usize {
+    let room = nofile.saturating_sub(open).saturating_sub(KEPT_FILES);
+    configured.min(usize::try_from(room).unwrap_or(usize::MAX)).max(MIN_CONNECTIONS)
 }
 
-impl Conns {
+/// Raises the soft open-file limit to the hard one and returns it (the soft
+/// one if it cannot be read or raised).
+pub fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads `raised`; raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Descriptors this process has open now.
+fn open_files() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(32)
+}
+
+/// The open connections of every listener, and the one cap they share.
+pub struct ConnTable {
+    epoch: Instant,
+    open: Mutex<Vec<Arc<Conn>>>,
+    cap: usize,
+    min_body_rate: u64,
+    /// `503` answers being written.
+    refusing: AtomicUsize,
+}
+
+impl ConnTable {
+    /// A table with the cap `limits.max_connections` fitted to the open-file
+    /// limit (raised to its hard limit first), logged.
+    pub fn sized(limits: &ConnLimits) -> Arc<ConnTable> {
+        let nofile = raise_open_file_limit();
+        let open = open_files();
+        let cap = connection_cap(limits.max_connections, nofile, open);
+        if cap < limits.max_connections {
+            tracing::warn!(
+                "at most {cap} connections (socket.max_connections is {}): the open-file limit is {nofile}, \
+                 {open} are open and {KEPT_FILES} are kept for models, the broker, fetches and logs; \
+                 raise LimitNOFILE to allow more",
+                limits.max_connections
+            );
+        } else {
+            tracing::info!("at most {cap} connections over every listener (open-file limit {nofile})");
+        }
+        Arc::new(ConnTable::new(cap, limits.min_body_rate))
+    }
+
+    fn new(cap: usize, min_body_rate: u64) -> ConnTable {
+        ConnTable {
+            epoch: Instant::now(),
+            open: Mutex::new(Vec::new()),
+            cap,
+            min_body_rate,
+            refusing: AtomicUsize::new(0),
+        }
+    }
+
+    /// The cap in force.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Admits a new connection: under the cap, or by closing the one idle the longest.
-    fn admit(&self, cap: usize) -> Option<Arc<Conn>> {
+    /// Admits a new connection: under the cap, or by closing another (see [`victim`]).
+    fn admit(&self) -> Option<Arc<Conn>> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|c| Arc::strong_count(c) > 1); // closed ones (their task is gone)
         let live = open.iter().filter(|c| !c.closing.load(Ordering::SeqCst)).count();
-        if live >= cap {
-            let victim = open
-                .iter()
-                .filter(|c| c.active.load(Ordering::SeqCst) == 0 && !c.closing.load(Ordering::SeqCst))
-                .min_by_key(|c| c.idle_since_ms.load(Ordering::SeqCst))?;
+        if live >= self.cap {
+            let now = self.now_ms();
+            let states: Vec<Option<ConnState>> = open.iter().map(|c| c.state(now)).collect();
+            let victim = &open[victim(&states, self.min_body_rate)?];
             victim.closing.store(true, Ordering::SeqCst);
             victim.close.notify_one();
         }
         let conn = Arc::new(Conn {
             active: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(self.now_ms()),
+            body_since_ms: AtomicU64::new(0),
+            body_bytes: AtomicU64::new(0),
             close: tokio::sync::Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
             reader: futures_util::task::AtomicWaker::new(),
@@ -131,14 +225,74 @@ impl Conns {
     }
 }
 
+/// What a connection is doing, as the cap weighs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ConnState {
+    /// No request running (idle, or its headers still coming), since this many ms.
+    Idle { since_ms: u64 },
+    /// A request whose body is still coming: `bytes` in `ms`.
+    Body { bytes: u64, ms: u64 },
+    /// A request running (its body read): never closed for room.
+    Running,
+}
+
+impl Conn {
+    /// Its state at `now_ms`; none once it is closing.
+    fn state(&self, now_ms: u64) -> Option<ConnState> {
+        if self.closing.load(Ordering::SeqCst) {
+            return None;
+        }
+        if self.active.load(Ordering::SeqCst) == 0 {
+            return Some(ConnState::Idle { since_ms: self.idle_since_ms.load(Ordering::SeqCst) });
+        }
+        match self.body_since_ms.load(Ordering::SeqCst) {
+            0 => Some(ConnState::Running),
+            since => Some(ConnState::Body {
+                bytes: self.body_bytes.load(Ordering::SeqCst),
+                ms: now_ms.saturating_sub(since - 1),
+            }),
+        }
+    }
+}
+
+/// The connection to close for a new one at the cap: the one idle the
+/// longest (a connection whose headers trickle in counts as idle from its
+/// last request); else, of the requests whose body has come for a second or
+/// more at under `min_rate` bytes/s on average, the slowest; else none (the
+/// new connection gets 503).
+fn victim(states: &[Option<ConnState>], min_rate: u64) -> Option<usize> {
+    let idle = states
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Some(ConnState::Idle { since_ms }) => Some((i, *since_ms)),
+            _ => None,
+        })
+        .min_by_key(|(_, since)| *since);
+    if let Some((i, _)) = idle {
+        return Some(i);
+    }
+    states
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Some(ConnState::Body { bytes, ms }) if *ms >= 1000 && bytes * 1000 < min_rate * ms => {
+                Some((i, bytes * 1000 / ms))
+            }
+            _ => None,
+        })
+        .min_by_key(|(_, rate)| *rate)
+        .map(|(i, _)| i)
+}
+
 /// Marks a request running on its connection until dropped (with the response body).
 struct Running {
     conn: Arc<Conn>,
-    conns: Arc<Conns>,
+    conns: Arc<ConnTable>,
 }
 
 impl Running {
-    fn new(conn: &Arc<Conn>, conns: &Arc<Conns>) -> Running {
+    fn new(conn: &Arc<Conn>, conns: &Arc<ConnTable>) -> Running {
         conn.active.fetch_add(1, Ordering::SeqCst);
         Running { conn: conn.clone(), conns: conns.clone() }
     }
@@ -178,11 +332,66 @@ impl http_body::Body for HeldBody {
     }
 }
 
+/// A request body that tells its connection how much of it came, and when
+/// it ended (for the cap's choice of a connection to close).
+struct ProgressBody {
+    inner: hyper::body::Incoming,
+    conn: Arc<Conn>,
+}
+
+impl ProgressBody {
+    fn new(inner: hyper::body::Incoming, conn: Arc<Conn>, now_ms: u64) -> ProgressBody {
+        conn.body_bytes.store(0, Ordering::SeqCst);
+        let since = if http_body::Body::is_end_stream(&inner) { 0 } else { now_ms + 1 };
+        conn.body_since_ms.store(since, Ordering::SeqCst);
+        ProgressBody { inner, conn }
+    }
+}
+
+impl Drop for ProgressBody {
+    fn drop(&mut self) {
+        self.conn.body_since_ms.store(0, Ordering::SeqCst);
+    }
+}
+
+impl http_body::Body for ProgressBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.conn.body_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
+                }
+                if http_body::Body::is_end_stream(&self.inner) {
+                    self.conn.body_since_ms.store(0, Ordering::SeqCst);
+                }
+            }
+            Poll::Ready(_) => self.conn.body_since_ms.store(0, Ordering::SeqCst),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.inner)
+    }
+}
+
 /// The connection's I/O with the idle, header and write timeouts.
 struct Guarded<S> {
     inner: S,
     conn: Arc<Conn>,
-    conns: Arc<Conns>,
+    conns: Arc<ConnTable>,
     limits: ConnLimits,
     /// When the first byte of the request being read arrived (none while idle or running).
     header_started: Option<Instant>,
@@ -278,15 +487,16 @@ fn busy_response() -> Vec<u8> {
     .into_bytes()
 }
 
-/// Serves `app` on `listener` under `limits` until `stop` turns true; then
-/// stops accepting and lets the open connections finish their requests.
+/// Serves `app` on `listener` under `limits`, its connections counted in
+/// `conns` (shared by every listener), until `stop` turns true; then stops
+/// accepting and lets the open connections finish their requests.
 pub async fn serve<L: Accept>(
     listener: L,
     app: Router,
     limits: ConnLimits,
+    conns: Arc<ConnTable>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let conns = Arc::new(Conns { epoch: Instant::now(), open: Mutex::new(Vec::new()) });
     let mut tasks = tokio::task::JoinSet::new();
     let mut last_warning: Option<Instant> = None;
     let mut warn = |what: String| {
@@ -311,11 +521,18 @@ pub async fn serve<L: Accept>(
                 continue;
             }
         };
-        let Some(conn) = conns.admit(limits.max_connections) else {
+        let Some(conn) = conns.admit() else {
             warn(format!(
                 "{} connections are open and all running requests (socket.max_connections); refusing new ones",
-                limits.max_connections
+                conns.cap()
             ));
+            if conns.refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING {
+                // Enough answers in flight: close this one at once (its descriptor is the cost).
+                conns.refusing.fetch_sub(1, Ordering::SeqCst);
+                drop(io);
+                continue;
+            }
+            let refusing = conns.clone();
             tasks.spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 // Take the request's first bytes (so the client's write does not fail
@@ -323,7 +540,9 @@ pub async fn serve<L: Accept>(
                 let mut head = [0u8; 4096];
                 let _ = tokio::time::timeout(Duration::from_millis(500), io.read(&mut head)).await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(&busy_response())).await;
-                let _ = io.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_millis(100), io.shutdown()).await;
+                drop(io);
+                refusing.refusing.fetch_sub(1, Ordering::SeqCst);
             });
             continue;
         };
@@ -339,7 +558,9 @@ pub async fn serve<L: Accept>(
         let (app, conns, mut stop) = (app.clone(), conns.clone(), stop.clone());
         tasks.spawn(async move {
             let held = conn.clone();
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let now = conns.now_ms();
+                let mut request = request.map(|body| ProgressBody::new(body, held.clone(), now));
                 request.extensions_mut().insert(ConnectInfo(peer.clone()));
                 let running = Running::new(&held, &conns);
                 let mut app = app.clone();
@@ -373,4 +594,44 @@ pub async fn serve<L: Accept>(
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_room_for_what_the_daemon_opens_itself() {
+        // Plenty of descriptors: the configured cap.
+        assert_eq!(connection_cap(512, 65_536, 20), 512);
+        // 1,024 descriptors, 20 open: what is left after the kept ones.
+        assert_eq!(connection_cap(2048, 1024, 20) as u64, 1024 - 20 - KEPT_FILES);
+        assert_eq!(connection_cap(512, 1024, 20), 512);
+        assert_eq!(connection_cap(512, 512, 20) as u64, 512 - 20 - KEPT_FILES);
+        // A tiny limit still serves a few.
+        assert_eq!(connection_cap(512, 64, 20), MIN_CONNECTIONS);
+    }
+
+    #[test]
+    fn at_the_cap_the_idle_then_the_slowest_body_make_room() {
+        use ConnState::*;
+        let rate = 4096;
+        // The one idle the longest (headers trickling count as idle).
+        let states = [Some(Running), Some(Idle { since_ms: 500 }), Some(Idle { since_ms: 100 }), None];
+        assert_eq!(victim(&states, rate), Some(2));
+        // No idle one: the body furthest below the minimum rate.
+        let states = [
+            Some(Running),
+            Some(Body { bytes: 2000, ms: 2000 }),
+            Some(Body { bytes: 10, ms: 2000 }),
+            Some(Body { bytes: 100_000, ms: 2000 }),
+        ];
+        assert_eq!(victim(&states, rate), Some(2));
+        // A body under a second old, or at the rate, is left alone.
+        let states = [Some(Running), Some(Body { bytes: 0, ms: 900 }), Some(Body { bytes: 9000, ms: 2000 })];
+        assert_eq!(victim(&states, rate), None);
+        // No minimum rate: bodies are never closed for room.
+        assert_eq!(victim(&[Some(Body { bytes: 0, ms: 9000 })], 0), None);
+        assert_eq!(victim(&[Some(Running), None], rate), None);
+    }
 }

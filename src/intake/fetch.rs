@@ -3,7 +3,10 @@
 //! announced length and again as the body arrives) and a timeout over the
 //! whole fetch. One GET over HTTP/1.1; redirects are not followed (a camera
 //! or image store is named by its real address); https checks the server
-//! against the system's CA certificates plus `image_fetch.ca_file`.
+//! against the system's CA certificates plus `image_fetch.ca_file`. At most
+//! [`MAX_FETCHES`] fetches run at once (their sockets are among the
+//! descriptors the connection cap keeps room for); more wait their turn
+//! within their timeout.
 
 use crate::config::ImageFetch;
 use crate::error::InferError;
@@ -11,6 +14,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
+
+/// Fetches running at once, over every request.
+pub const MAX_FETCHES: usize = 32;
+
+static FETCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FETCHES);
 
 /// The bytes at `url` (http or https), or why not.
 pub async fn fetch(url: &str, cfg: &ImageFetch) -> Result<Vec<u8>, InferError> {
@@ -33,6 +41,7 @@ pub async fn fetch(url: &str, cfg: &ImageFetch) -> Result<Vec<u8>, InferError> {
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let timeout = Duration::from_millis(cfg.timeout_ms);
     let work = async {
+        let _turn = FETCHES.acquire().await.map_err(|_| InferError::internal("image fetches are closed"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let tcp = tokio::net::TcpStream::connect((host, port))
             .await

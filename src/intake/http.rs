@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -29,7 +30,10 @@ pub struct AppState {
     /// their job), in KiB permits: `socket.max_bodies_mb`.
     pub bodies: Arc<tokio::sync::Semaphore>,
     /// A request body must arrive within this (`socket.body_timeout_s`).
-    pub body_timeout: std::time::Duration,
+    pub body_timeout: Duration,
+    /// Slowest average a request body may come at after [`BODY_GRACE`], bytes
+    /// per second (`socket.min_body_rate_kib_s`; 0: no minimum).
+    pub min_body_rate: u64,
     pub limits: crate::config::Limits,
     /// Users allowed to load and unload (empty: anyone on the socket).
     pub admin_uids: Vec<u32>,
@@ -68,6 +72,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Backend | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorKind::ModelUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Poison => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -243,43 +248,138 @@ fn body_too_large(max: usize) -> InferError {
     )
 }
 
-/// Room taken for one request body in `socket.max_bodies_mb`; given back when dropped.
-pub(super) type BodyRoom = tokio::sync::OwnedSemaphorePermit;
+/// Room taken for one request body in `socket.max_bodies_mb` (none for an
+/// empty body); given back when dropped.
+pub(super) type BodyRoom = Option<tokio::sync::OwnedSemaphorePermit>;
+
+/// A body's first seconds, in which `socket.min_body_rate_kib_s` does not apply yet.
+pub(crate) const BODY_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a body that already holds room waits for more before it gives
+/// up with 429: bodies that hold room and wait for each other's would
+/// otherwise all wait out their timeout; the first to give up frees room
+/// for the next in line.
+const ROOM_WAIT_HOLDING: Duration = Duration::from_secs(1);
+
+/// Which limit ends a body's time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyLimit {
+    /// `socket.min_body_rate_kib_s`: too few bytes for the time.
+    Rate,
+    /// `socket.body_timeout_s`.
+    Timeout,
+}
+
+/// How long a body that has `received` bytes so far may take in all (time
+/// spent waiting for room not counted): [`BODY_GRACE`], plus a second for
+/// each `rate` bytes received, never more than `timeout`.
+fn body_allowance(received: u64, rate: u64, timeout: Duration) -> (Duration, BodyLimit) {
+    if rate == 0 {
+        return (timeout, BodyLimit::Timeout);
+    }
+    let earned = BODY_GRACE.saturating_add(Duration::from_secs_f64(received as f64 / rate as f64));
+    if earned < timeout { (earned, BodyLimit::Rate) } else { (timeout, BodyLimit::Timeout) }
+}
+
+/// Room for `kib` more KiB of body: at once if free, else waiting at most
+/// `wait` (shorter when the body already `holds` room), then 429.
+async fn take_room(
+    app: &AppState,
+    kib: u32,
+    holds: bool,
+    wait: Duration,
+) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
+    if let Ok(room) = app.bodies.clone().try_acquire_many_owned(kib) {
+        return Ok(room);
+    }
+    let wait = if holds { wait.min(ROOM_WAIT_HOLDING) } else { wait };
+    match tokio::time::timeout(wait, app.bodies.clone().acquire_many_owned(kib)).await {
+        Ok(Ok(room)) => Ok(room),
+        _ => {
+            Err(InferError::overloaded("too many request bodies held at once (socket.max_bodies_mb); try again later"))
+        }
+    }
+}
 
 /// Reads a request body within the limits: a `Content-Length` over the limit
-/// is refused before a byte is read; room for the body (its declared length,
-/// else the limit) is taken from `socket.max_bodies_mb` first, waiting at most
-/// the body timeout; the body must arrive within `socket.body_timeout_s`.
-/// The room is held while the returned guard lives (the caller keeps it until its job ends).
+/// is refused before a byte is read; room in `socket.max_bodies_mb` is taken
+/// as the bytes arrive (a client that announces a body and sends nothing
+/// holds none); the body is cut when it comes slower than
+/// `socket.min_body_rate_kib_s` after [`BODY_GRACE`], or takes over
+/// `socket.body_timeout_s`. The room is held while the returned guard lives
+/// (the caller keeps it until its job ends).
 pub(super) async fn read_body(
     app: &AppState,
-    body: Body,
+    mut body: Body,
     headers: &HeaderMap,
 ) -> Result<(axum::body::Bytes, BodyRoom), InferError> {
     let max = app.max_body_bytes;
-    let declared = declared_length(headers);
-    if declared.is_some_and(|n| n > max as u64) {
+    if declared_length(headers).is_some_and(|n| n > max as u64) {
         return Err(body_too_large(max));
     }
-    let kib = u32::try_from(declared.unwrap_or(max as u64).div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let room = match tokio::time::timeout(app.body_timeout, app.bodies.clone().acquire_many_owned(kib)).await {
-        Ok(Ok(room)) => room,
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
+    let mut room: BodyRoom = None;
+    let mut parts: Vec<axum::body::Bytes> = Vec::new();
+    let mut received = 0usize;
+    loop {
+        let (allowed, limit) = body_allowance(received as u64, app.min_body_rate, app.body_timeout);
+        let deadline = started + waited + allowed;
+        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                return Err(InferError::bad_input(format!("the request body could not be read: {e}")));
+            }
+            Err(_) if limit == BodyLimit::Rate => {
+                return Err(InferError::bad_input(format!(
+                    "the request body came slower than {} KiB/s (socket.min_body_rate_kib_s): {received} bytes in {:.1} s",
+                    app.min_body_rate / 1024,
+                    started.elapsed().saturating_sub(waited).as_secs_f64()
+                )));
+            }
+            Err(_) => {
+                return Err(InferError::bad_input(format!(
+                    "the request body did not arrive within {} s (socket.body_timeout_s)",
+                    app.body_timeout.as_secs()
+                )));
+            }
+        };
+        let Ok(data) = frame.into_data() else { continue }; // trailers
+        if data.is_empty() {
+            continue;
+        }
+        received += data.len();
+        if received > max {
+            return Err(body_too_large(max));
+        }
+        let held = room.as_ref().map_or(0, |r| r.num_permits());
+        let need = (received as u64).div_ceil(1024) as usize;
+        if need > held {
+            let kib = u32::try_from(need - held).unwrap_or(u32::MAX);
+            let asked = Instant::now();
+            let wait = (started + waited + app.body_timeout).saturating_duration_since(asked);
+            let more = take_room(app, kib, held > 0, wait).await?;
+            waited += asked.elapsed();
+            match room.as_mut() {
+                Some(r) => r.merge(more),
+                None => room = Some(more),
+            }
+        }
+        parts.push(data);
+    }
+    let bytes = match parts.len() {
+        0 => axum::body::Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
         _ => {
-            return Err(InferError::overloaded(
-                "too many request bodies held at once (socket.max_bodies_mb); try again later",
-            ));
+            let mut all = Vec::with_capacity(received);
+            for p in &parts {
+                all.extend_from_slice(p);
+            }
+            axum::body::Bytes::from(all)
         }
     };
-    let read = tokio::time::timeout(app.body_timeout, http_body_util::Limited::new(body, max).collect());
-    match read.await {
-        Ok(Ok(collected)) => Ok((collected.to_bytes(), room)),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(body_too_large(max)),
-        Ok(Err(e)) => Err(InferError::bad_input(format!("the request body could not be read: {e}"))),
-        Err(_) => Err(InferError::bad_input(format!(
-            "the request body did not arrive within {} s (socket.body_timeout_s)",
-            app.body_timeout.as_secs()
-        ))),
-    }
+    Ok((bytes, room))
 }
 
 async fn not_found() -> Response {
@@ -289,4 +389,25 @@ async fn not_found() -> Response {
 async fn method_not_allowed() -> Response {
     let e = InferError::new(ErrorKind::NotFound, "method not allowed on this endpoint; see docs/api.md");
     (StatusCode::METHOD_NOT_ALLOWED, axum::Json(json!({"error": e}))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_earns_time_by_its_bytes_after_the_grace() {
+        let timeout = Duration::from_secs(30);
+        let rate = 4 * 1024;
+        // Nothing sent: cut when the grace ends.
+        assert_eq!(body_allowance(0, rate, timeout), (BODY_GRACE, BodyLimit::Rate));
+        // 8 KiB at 4 KiB/s: two more seconds.
+        assert_eq!(body_allowance(8 * 1024, rate, timeout), (BODY_GRACE + Duration::from_secs(2), BodyLimit::Rate));
+        // Never past the body timeout, however fast.
+        assert_eq!(body_allowance(16 << 20, rate, timeout), (timeout, BodyLimit::Timeout));
+        // No minimum: only the timeout.
+        assert_eq!(body_allowance(0, 0, timeout), (timeout, BodyLimit::Timeout));
+        // A timeout shorter than the grace wins.
+        assert_eq!(body_allowance(0, rate, Duration::from_secs(2)), (Duration::from_secs(2), BodyLimit::Timeout));
+    }
 }

@@ -191,17 +191,20 @@ fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
         return crate::job::decode_base64_image(data, limits, "the data URL");
     }
     if let Some(path) = url.strip_prefix("file://") {
-        let real =
-            std::fs::canonicalize(path).map_err(|e| InferError::bad_input(format!("cannot read {path}: {e}")))?;
+        if limits.image_dirs.is_empty() {
+            return Err(InferError::bad_input(
+                "file:// images are read only from the directories in limits.image_dirs, and none is configured",
+            ));
+        }
+        // One answer for a path outside the directories, whether it exists
+        // or not (and for one that does not exist inside them): the error
+        // tells nothing about files the client may not read.
+        let refused = || InferError::bad_input(format!("{path} is not a file under a directory of limits.image_dirs"));
+        let real = std::fs::canonicalize(path).map_err(|_| refused())?;
         let allowed =
             limits.image_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| real.starts_with(d));
-        if !allowed {
-            return Err(InferError::bad_input(if limits.image_dirs.is_empty() {
-                "file:// images are read only from the directories in limits.image_dirs, and none is configured"
-                    .to_string()
-            } else {
-                format!("{path} is not under a directory of limits.image_dirs")
-            }));
+        if !allowed || !real.is_file() {
+            return Err(refused());
         }
         let size = std::fs::metadata(&real).map(|m| m.len() as usize).unwrap_or(0);
         if size > limits.max_image_bytes {
@@ -288,6 +291,21 @@ pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<OpenAi
     Ok(OpenAiRequest { model: c.model, request, stream: c.stream, fetches })
 }
 
+/// Refuses a chat with images for a model whose task reads none (before
+/// they are fetched). The task says so through its input description until
+/// `TaskSpec` carries the fact itself.
+fn images_taken(spec: &crate::registry::ModelSpec, input: &JobInput) -> Result<(), InferError> {
+    let JobInput::Generate(GenerateRequest { prompt: Prompt::Chat(messages), .. }) = input else { return Ok(()) };
+    if messages.iter().all(|m| m.images.is_empty()) || spec.task.takes().1.contains("image") {
+        return Ok(());
+    }
+    Err(InferError::bad_input(format!(
+        "model '{}' is a {} model: it reads no images (send them to a vision-language model)",
+        spec.name,
+        spec.task.task()
+    )))
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn now_s() -> u64 {
@@ -307,6 +325,14 @@ async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest) -> Response {
             spec.task.task()
         )));
     }
+    // The task's own checks (a response_format, images for a model that reads
+    // none) come before any fetch: a request the model refuses costs no fetch.
+    let input = JobInput::Generate(r.request);
+    if let Err(e) = crate::pipeline::admits(&*spec.task, &input).and_then(|()| images_taken(spec, &input)) {
+        return error_response(&e);
+    }
+    let JobInput::Generate(request) = input else { unreachable!("built as a generation just above") };
+    r.request = request;
     // http(s) images are fetched once the request is known to go somewhere.
     if !r.fetches.is_empty()
         && let Err(e) = r.fetch_images(&app.limits).await
