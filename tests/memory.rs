@@ -4,7 +4,7 @@
 
 mod util;
 
-use inferd::manager::Manager;
+use inferd::manager::{Manager, Shield};
 use inferd::memory::{FakeProbe, MemoryProbe};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -146,14 +146,19 @@ fn a_load_that_does_not_fit_evicts_the_least_recently_used_unpinned_model() {
         state_dir: Some(reg.file("state")),
         ..Default::default()
     };
-    let manager = Manager::new(cfg, Arc::new(FakeProbe::new_mib(1 << 20)), registry.clone());
+    let manager = Manager::new(cfg, Arc::new(FakeProbe::new_mib(1 << 20)), registry.clone()).with_shield(Shield::NONE);
     let spec = |n: &str| registry.get(n).unwrap().clone();
-    let mib = |n: u64| Some(n << 20);
+    let load = |n: &str, mib: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (plan, charge) = manager.reserve_load(&spec(n), None, deadline, &mut |v| panic!("{v} evicted")).unwrap();
+        let _ = manager.record_load(&charge, &spec(n), &plan.variant, Some(mib << 20), Duration::from_millis(5));
+        charge
+    };
     let plan = manager.plan_load(&spec("color"), None).unwrap();
     assert!(plan.evict.is_empty());
-    manager.record_load(&spec("color"), "fp32", mib(20));
+    let _color = load("color", 20);
     std::thread::sleep(Duration::from_millis(20));
-    manager.record_load(&spec("tinycnn"), "fp32", mib(15));
+    let _tinycnn = load("tinycnn", 15);
     assert_eq!(manager.room().unwrap(), 5 << 20);
     let plan = manager.plan_load(&spec("mixed"), None).unwrap();
     assert_eq!(plan.evict, vec!["color".to_string()], "the LRU unpinned model makes room; tinycnn is pinned");

@@ -118,7 +118,7 @@ mod interleave;
 mod sessions;
 
 use interleave::interleave;
-use sessions::{Pool, Sessions};
+use sessions::{Held, Pool, Sessions};
 
 /// Starts the worker thread for `model`; it runs until `queue`'s senders are
 /// all dropped and the queue is drained, then unloads.
@@ -143,7 +143,7 @@ fn run(
     busy: BusyCell,
     preparer: PreparerCell,
 ) {
-    let mut loaded: Option<Sessions> = None;
+    let mut loaded: Option<Held> = None;
     // Work taken from the queue while gathering a batch, to do next.
     let mut next: std::collections::VecDeque<Work> = std::collections::VecDeque::new();
     let cells = Cells { ctx: &ctx, model: &model, state: &state, busy: &busy };
@@ -173,7 +173,7 @@ fn run(
                 {
                     interleave(&cells, m, job, &mut queue, &mut next);
                     if let Some(before) = measure_from {
-                        charge_after_first_run(&ctx, &model, before);
+                        charge_after_first_run(&ctx, loaded.as_ref(), &model, before);
                     }
                     continue;
                 }
@@ -198,17 +198,16 @@ fn run(
                     (Sessions::Pool(_), None) => unreachable!("an idle instance was taken above"),
                 }
                 if let Some(before) = measure_from {
-                    charge_after_first_run(&ctx, &model, before);
+                    charge_after_first_run(&ctx, loaded.as_ref(), &model, before);
                 }
             }
         }
     }
     set_preparer(&preparer, None);
-    if loaded.take().is_some() {
+    if let Some(held) = loaded.take() {
+        held.unload(); // its memory goes back to the system, then off the books
         tracing::info!(model, "model unloaded");
-        crate::memory::trim_heap(); // its sessions' memory goes back to the system now
     }
-    ctx.manager.record_unload(&model);
     set_state(&state, ModelState::Unloaded);
 }
 
@@ -254,20 +253,24 @@ fn run_jobs(cells: &Cells<'_>, instance: usize, m: &mut LoadedModel, jobs: Vec<J
 }
 
 /// Loads `variant` (or the one the manager picks) as many times as the model
-/// has instances; returns the sessions with their measured footprint, all together.
+/// has instances; returns the sessions, with their charge, and their measured
+/// footprint, all together. The room is reserved first: models that must make
+/// room are unloaded, and the load waits (up to a job's timeout) for their
+/// memory, or for a model just loaded to have served its shield.
 fn load(
     ctx: &WorkerCtx,
     model: &str,
     variant: Option<&str>,
     state: &StateCell,
     busy: &BusyCell,
-) -> Result<(Sessions, Option<u64>), InferError> {
+) -> Result<(Held, Option<u64>), InferError> {
     let spec = ctx.engine.registry().get(model).ok_or_else(|| InferError::unknown_model(model))?.clone();
-    let plan = ctx.manager.reserve_load(&spec, variant)?;
-    for victim in &plan.evict {
+    let deadline = Instant::now() + Duration::from_millis(ctx.engine.config().jobs.timeout_ms);
+    // Dropped last (after any sessions below): a failed load's room is free again.
+    let (plan, charge) = ctx.manager.reserve_load(&spec, variant, deadline, &mut |victim| {
         tracing::info!(model = victim, "unloading to make room for {model}");
         evict(ctx, victim);
-    }
+    })?;
     let before = crate::memory::process_rss_bytes();
     let started = Instant::now();
     let options = LoadOptions { variant: Some(plan.variant.clone()), ..Default::default() };
@@ -283,15 +286,18 @@ fn load(
             }
             Err(e) => {
                 ctx.metrics.record_event(model, "load_failed");
-                ctx.manager.cancel_load(model);
                 return Err(e);
             }
         }
     }
-    ctx.metrics.record_load_time(model, started.elapsed());
+    let load_time = started.elapsed();
+    ctx.metrics.record_load_time(model, load_time);
     ctx.metrics.record_event(model, "load");
     let measured = before.zip(crate::memory::process_rss_bytes()).map(|(b, a)| a.saturating_sub(b));
-    ctx.manager.record_load(&spec, &plan.variant, measured);
+    for victim in ctx.manager.record_load(&charge, &spec, &plan.variant, measured, load_time) {
+        tracing::info!(model = victim, "unloading: {model} holds more than its need, over the budget");
+        evict(ctx, &victim);
+    }
     tracing::info!(model, variant = %plan.variant, instances, measured_mib = measured.map(crate::memory::mib), "variant chosen: {}", plan.reason);
     let sessions = if models.len() == 1 {
         Sessions::One(models.pop().expect("one model"))
@@ -301,24 +307,27 @@ fn load(
                 .map_err(|e| InferError::internal(format!("cannot start an instance thread: {e}")))?,
         )
     };
-    Ok((sessions, measured))
+    Ok((Held { sessions, charge, rss_before: before }, measured))
 }
 
+/// Asks the scheduler to unload `victim` (its worker finishes its queue; its
+/// charge stays on the books until its sessions are gone).
 fn evict(ctx: &WorkerCtx, victim: &str) {
     ctx.metrics.record_event(victim, "evict");
-    ctx.manager.record_unload(victim);
     let _ = ctx.evict.send(victim.to_string());
 }
 
 /// After a freshly loaded model's first job: charge it what the process grew
 /// by since before its load, and unload idle models if the budget no longer holds.
-fn charge_after_first_run(ctx: &WorkerCtx, model: &str, rss_before_load: u64) {
-    let (Some(spec), Some(now)) = (ctx.engine.registry().get(model).cloned(), crate::memory::process_rss_bytes())
+fn charge_after_first_run(ctx: &WorkerCtx, loaded: Option<&Held>, model: &str, rss_before_load: u64) {
+    let (Some(spec), Some(now), Some(loaded)) =
+        (ctx.engine.registry().get(model).cloned(), crate::memory::process_rss_bytes(), loaded)
     else {
         return;
     };
-    let held = now.saturating_sub(rss_before_load);
-    for victim in ctx.manager.record_run(&spec, held) {
+    // Measured from just before the load itself (not before a wait for room).
+    let held = now.saturating_sub(loaded.rss_before.unwrap_or(rss_before_load));
+    for victim in ctx.manager.record_run(&loaded.charge, &spec, held) {
         tracing::info!(
             model = victim,
             "unloading: {model} holds {} MiB after its first job, over the budget",
@@ -392,15 +401,15 @@ type Published<'a> = (&'a StateCell, &'a BusyCell, &'a PreparerCell);
 fn ensure_loaded<'a>(
     ctx: &WorkerCtx,
     model: &str,
-    loaded: &'a mut Option<Sessions>,
+    loaded: &'a mut Option<Held>,
     (state, busy, preparer): Published<'_>,
 ) -> Result<&'a mut Sessions, InferError> {
     if loaded.is_none() {
         set_state(state, ModelState::Loading);
         match load(ctx, model, None, state, busy) {
             Ok((s, memory_bytes)) => {
-                set_state(state, loaded_state(&s, memory_bytes));
-                set_preparer(preparer, Some(s.first().preparer));
+                set_state(state, loaded_state(&s.sessions, memory_bytes));
+                set_preparer(preparer, Some(s.sessions.first().preparer));
                 *loaded = Some(s);
             }
             Err(e) => {
@@ -410,7 +419,7 @@ fn ensure_loaded<'a>(
             }
         }
     }
-    Ok(loaded.as_mut().expect("loaded above"))
+    Ok(&mut loaded.as_mut().expect("loaded above").sessions)
 }
 
 /// Switches a loaded model to `variant`: the new one is loaded while the old
@@ -420,15 +429,15 @@ fn ensure_loaded<'a>(
 fn swap(
     ctx: &WorkerCtx,
     model: &str,
-    loaded: &mut Option<Sessions>,
+    loaded: &mut Option<Held>,
     (state, busy, preparer): Published<'_>,
     variant: &str,
 ) {
     let Some(current) = loaded.as_ref() else { return };
-    if current.first().variant == variant {
+    if current.sessions.first().variant == variant {
         return;
     }
-    let from = current.first().variant;
+    let from = current.sessions.first().variant;
     let quality = |name: &str| {
         ctx.engine
             .registry()
@@ -439,9 +448,10 @@ fn swap(
     let event = if quality(variant) < quality(&from) { "downgrade" } else { "upgrade" };
     match load(ctx, model, Some(variant), state, busy) {
         Ok((s, memory_bytes)) => {
-            let old = loaded.replace(s); // drops the old sessions
-            drop(old);
-            let now = loaded.as_ref().expect("just set");
+            if let Some(old) = loaded.replace(s) {
+                old.unload(); // the old sessions, then their charge
+            }
+            let now = &loaded.as_ref().expect("just set").sessions;
             set_state(state, loaded_state(now, memory_bytes));
             set_preparer(preparer, Some(now.first().preparer));
             ctx.metrics.record_event(model, event);

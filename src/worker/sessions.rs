@@ -8,6 +8,27 @@ use crate::error::InferError;
 use crate::pipeline::Prepare;
 use std::sync::Arc;
 
+/// A model's sessions and their charge on the manager's books. Fields drop
+/// in order: the sessions first, then the charge, so the books never show
+/// memory free that sessions still hold.
+pub(super) struct Held {
+    pub(super) sessions: Sessions,
+    pub(super) charge: crate::manager::Charge,
+    /// The process's RSS just before the load, to measure its first job against.
+    pub(super) rss_before: Option<u64>,
+}
+
+impl Held {
+    /// Drops the sessions, gives their memory back to the system, then takes
+    /// the charge off the books (so the next load measures from the truth).
+    pub(super) fn unload(self) {
+        let Held { sessions, charge, .. } = self;
+        drop(sessions);
+        crate::memory::trim_heap();
+        drop(charge);
+    }
+}
+
 /// A loaded model's sessions.
 pub(super) enum Sessions {
     /// One instance, run on the worker thread itself (no hand-off on the hot path).
