@@ -111,20 +111,25 @@ struct Conn {
 /// Descriptors kept out of the connection cap: model files and their
 /// loaders (64), the broker (4), image fetches (their own bound, 32), logs and
 /// the journal (8), and the `503` answers in flight ([`MAX_REFUSING`]).
-pub const KEPT_FILES: u64 = 64 + 4 + super::fetch::MAX_FETCHES as u64 + 8 + MAX_REFUSING as u64;
+pub const KEPT_FILES: u64 = 64 + 4 + super::fetch::MAX_FETCHES as u64 + 8 + MAX_REFUSING as u64 + MAX_CLOSING as u64;
 
 /// `503` answers being written at once; past this a refused connection is closed without one.
 const MAX_REFUSING: usize = 16;
+
+/// Connections told to close for room whose descriptors may not be given
+/// back yet: past this the listeners stop accepting (new clients wait in the
+/// kernel's backlog, holding none of inferd's descriptors) until they are.
+const MAX_CLOSING: usize = 8;
 
 /// The smallest cap, however low the open-file limit (a warning says why).
 const MIN_CONNECTIONS: usize = 8;
 
 /// The connection cap for `configured` under an open-file limit of `nofile`
 /// with `open` descriptors already in use: what is left after those and
-/// [`KEPT_FILES`], at most `configured`, at least [`MIN_CONNECTIONS`].
+/// [`KEPT_FILES`] (at least [`MIN_CONNECTIONS`]), at most `configured`.
 pub fn connection_cap(configured: usize, nofile: u64, open: u64) -> usize {
     let room = nofile.saturating_sub(open).saturating_sub(KEPT_FILES);
-    configured.min(usize::try_from(room).unwrap_or(usize::MAX)).max(MIN_CONNECTIONS)
+    configured.min(usize::try_from(room).unwrap_or(usize::MAX).max(MIN_CONNECTIONS))
 }
 
 /// Raises the soft open-file limit to the hard one and returns it (the soft
@@ -197,6 +202,15 @@ impl ConnTable {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether a connection may be accepted now: the connections still
+    /// holding a descriptor (live, or told to close and not yet gone) leave
+    /// room under the cap plus [`MAX_CLOSING`].
+    fn may_accept(&self) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|c| Arc::strong_count(c) > 1);
+        open.len() < self.cap + MAX_CLOSING
     }
 
     /// Admits a new connection: under the cap, or by closing another (see [`victim`]).
@@ -506,6 +520,15 @@ pub async fn serve<L: Accept>(
         }
     };
     loop {
+        if !conns.may_accept() {
+            // Connections closed for room are still giving their descriptors back.
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+            continue;
+        }
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
@@ -608,8 +631,9 @@ mod tests {
         assert_eq!(connection_cap(2048, 1024, 20) as u64, 1024 - 20 - KEPT_FILES);
         assert_eq!(connection_cap(512, 1024, 20), 512);
         assert_eq!(connection_cap(512, 512, 20) as u64, 512 - 20 - KEPT_FILES);
-        // A tiny limit still serves a few.
+        // A tiny limit still serves a few; a small cap configured stays.
         assert_eq!(connection_cap(512, 64, 20), MIN_CONNECTIONS);
+        assert_eq!(connection_cap(2, 65_536, 20), 2);
     }
 
     #[test]
