@@ -375,10 +375,8 @@ fn image_parts_are_read_checked_and_refused_with_the_reason() {
             json!([image("data:text/plain;base64,aGk=".into())]),
             "image 1: the data URL holds 'text/plain', not an image",
         ),
-        (
-            json!([text, image("https://example.com/cat.jpg".into())]),
-            "image 1: http(s) image URLs are fetched only from the hosts in limits.image_fetch.hosts, and none is configured",
-        ),
+        // The model's task is checked before any fetch (tests/hostile_intake.rs has the fetch rules).
+        (json!([text, image("https://example.com/cat.jpg".into())]), "reads no images"),
         (json!([image(format!("file://{}", outside.display()))]), "is not under a directory of limits.image_dirs"),
         (json!([image(traversal)]), "is not under a directory of limits.image_dirs"),
         (json!([image("ftp://x/y.png".into())]), "is not a data:, file:// or http(s) URL"),

@@ -415,6 +415,13 @@ fn file_image_errors_are_the_same_whether_or_not_the_path_exists() {
     assert!(v["error"]["message"].as_str().unwrap().contains("reads no images"), "{v}");
 }
 
+/// The vision-language fixture's model name.
+fn vlm_name() -> String {
+    let registry: Value =
+        serde_json::from_slice(&std::fs::read(repo("tests/fixtures/vlm/model/models.json")).unwrap()).unwrap();
+    registry["models"][0]["name"].as_str().unwrap().to_string()
+}
+
 /// A loopback HTTP server that answers every request with `body` and counts them.
 fn counting_server(body: Vec<u8>) -> (u16, Arc<AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -453,6 +460,15 @@ fn a_text_model_refuses_an_http_image_without_fetching_it() {
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the image was fetched for a model that refuses it");
     let (status, v) = post_json(&daemon, "/v1/chat/completions", &chat_with("http://127.0.0.1:1/x.jpg"));
     assert_eq!(status, 400, "{v}");
+    // For a model that reads images, the allow-list is what refuses (with no host configured here).
+    let vlm = spawn(&repo("tests/fixtures/vlm/model/models.json"), "", "", &[], None);
+    let name = vlm_name();
+    let mut asked = serde_json::from_slice::<Value>(&chat_with("https://example.com/cat.jpg")).unwrap();
+    asked["model"] = json!(name);
+    let (status, v) = post_json(&vlm, "/v1/chat/completions", asked.to_string().as_bytes());
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("fetched only from the hosts in limits.image_fetch.hosts, and none is configured"), "{v}");
     // The model was never loaded for any of them.
     let r = daemon.client().get("/v1/models/tiny-gpt").unwrap();
     let v: Value = serde_json::from_slice(&r.body).unwrap();

@@ -199,7 +199,11 @@ fn image_bytes(url: &str, limits: &Limits) -> Result<Vec<u8>, InferError> {
         // One answer for a path outside the directories, whether it exists
         // or not (and for one that does not exist inside them): the error
         // tells nothing about files the client may not read.
-        let refused = || InferError::bad_input(format!("{path} is not a file under a directory of limits.image_dirs"));
+        let refused = || {
+            InferError::bad_input(format!(
+                "{path} is not under a directory of limits.image_dirs, or is not a file there"
+            ))
+        };
         let real = std::fs::canonicalize(path).map_err(|_| refused())?;
         let allowed =
             limits.image_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| real.starts_with(d));
