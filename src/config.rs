@@ -344,8 +344,9 @@ pub struct SocketConfig {
     pub min_body_rate_kib_s: u64,
     /// Request bodies held at once (being read, or waiting for their job), MiB.
     /// Room is taken as the bytes arrive, never for a declared length; when
-    /// full, a body waits for room (one that holds some for at most 1 s, one
-    /// that holds none up to `body_timeout_s`), then 429.
+    /// full, bodies wait for room oldest first (up to `body_timeout_s`, then
+    /// 429), and when every body holding room waits for more, the youngest
+    /// is refused (429) so the oldest goes on.
     pub max_bodies_mb: u64,
 }
 

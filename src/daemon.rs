@@ -112,9 +112,7 @@ pub async fn run_with(
         scheduler: scheduler.clone(),
         ready: ready.clone(),
         max_body_bytes: config.socket.max_body_bytes(),
-        bodies: Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(config.socket.max_bodies_mb.saturating_mul(1024)).unwrap_or(usize::MAX >> 4),
-        )),
+        bodies: intake::room::BodyRoom::new(config.socket.max_bodies_mb.saturating_mul(1024)),
         body_timeout: Duration::from_secs(config.socket.body_timeout_s),
         min_body_rate: config.socket.min_body_rate_kib_s.saturating_mul(1024),
         limits: config.limits.clone(),

@@ -474,3 +474,40 @@ fn a_text_model_refuses_an_http_image_without_fetching_it() {
     let v: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["state"], "unloaded", "{v}");
 }
+
+#[test]
+fn a_burst_of_bodies_larger_than_the_room_is_read_oldest_first_and_the_excess_refused_at_once() {
+    let (daemon, _registry) = spawn_shipped("max_body_mb = 16\nmax_bodies_mb = 32\n", "", None);
+    // 24 bodies of 8 MiB (not images: each is refused once read) into 32 MiB of room.
+    let body = Arc::new(vec![0x55u8; 8 << 20]);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..24)
+        .map(|_| {
+            let (socket, body) = (daemon.socket.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&socket).unwrap();
+                let head = format!(
+                    "POST /v1/models/color/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).unwrap();
+                let _ = s.write_all(&body);
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                answer.lines().next().unwrap_or("").to_string()
+            })
+        })
+        .collect();
+    let statuses: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let took = started.elapsed();
+    let read = statuses.iter().filter(|s| s.starts_with("HTTP/1.1 400")).count();
+    let refused = statuses.iter().filter(|s| s.starts_with("HTTP/1.1 429")).count();
+    eprintln!("24 x 8 MiB into 32 MiB of room: {read} read whole, {refused} refused (429), all in {took:?}");
+    assert_eq!(read + refused, 24, "every client is answered: {statuses:?}");
+    assert!(read >= 3, "bodies that fit are read, not all refused: {statuses:?}");
+    assert!(took < Duration::from_secs(10), "answered in {took:?}, not after waiting out their timeouts");
+    // Room is all given back: a good upload goes through at once.
+    let r = daemon.client().post("/v1/models/color/infer", "image/jpeg", &image("red")).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}

@@ -3,6 +3,7 @@
 //! and typed errors become JSON. One error shape for every failure:
 //! `{"error": {"kind": "...", "message": "..."}}`.
 
+use super::room::NoRoom;
 use crate::error::{ErrorKind, InferError};
 use crate::job::{JobInput, JobOptions, Payload};
 use crate::scheduler::Scheduler;
@@ -27,8 +28,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
     /// Room for the request bodies held at once (being read, or waiting for
-    /// their job), in KiB permits: `socket.max_bodies_mb`.
-    pub bodies: Arc<tokio::sync::Semaphore>,
+    /// their job), in KiB, taken as the bytes arrive: `socket.max_bodies_mb`.
+    pub bodies: Arc<super::room::BodyRoom>,
     /// A request body must arrive within this (`socket.body_timeout_s`).
     pub body_timeout: Duration,
     /// Slowest average a request body may come at after [`BODY_GRACE`], bytes
@@ -248,18 +249,11 @@ fn body_too_large(max: usize) -> InferError {
     )
 }
 
-/// Room taken for one request body in `socket.max_bodies_mb` (none for an
-/// empty body); given back when dropped.
-pub(super) type BodyRoom = Option<tokio::sync::OwnedSemaphorePermit>;
+/// Room taken for one request body in `socket.max_bodies_mb`; given back when dropped.
+pub(super) type BodyRoom = super::room::BodyShare;
 
 /// A body's first seconds, in which `socket.min_body_rate_kib_s` does not apply yet.
 pub(crate) const BODY_GRACE: Duration = Duration::from_secs(5);
-
-/// How long a body that already holds room waits for more before it gives
-/// up with 429: bodies that hold room and wait for each other's would
-/// otherwise all wait out their timeout; the first to give up frees room
-/// for the next in line.
-const ROOM_WAIT_HOLDING: Duration = Duration::from_secs(1);
 
 /// Which limit ends a body's time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,26 +275,6 @@ fn body_allowance(received: u64, rate: u64, timeout: Duration) -> (Duration, Bod
     if earned < timeout { (earned, BodyLimit::Rate) } else { (timeout, BodyLimit::Timeout) }
 }
 
-/// Room for `kib` more KiB of body: at once if free, else waiting at most
-/// `wait` (shorter when the body already `holds` room), then 429.
-async fn take_room(
-    app: &AppState,
-    kib: u32,
-    holds: bool,
-    wait: Duration,
-) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
-    if let Ok(room) = app.bodies.clone().try_acquire_many_owned(kib) {
-        return Ok(room);
-    }
-    let wait = if holds { wait.min(ROOM_WAIT_HOLDING) } else { wait };
-    match tokio::time::timeout(wait, app.bodies.clone().acquire_many_owned(kib)).await {
-        Ok(Ok(room)) => Ok(room),
-        _ => {
-            Err(InferError::overloaded("too many request bodies held at once (socket.max_bodies_mb); try again later"))
-        }
-    }
-}
-
 /// Reads a request body within the limits: a `Content-Length` over the limit
 /// is refused before a byte is read; room in `socket.max_bodies_mb` is taken
 /// as the bytes arrive (a client that announces a body and sends nothing
@@ -319,7 +293,8 @@ pub(super) async fn read_body(
     }
     let started = Instant::now();
     let mut waited = Duration::ZERO;
-    let mut room: BodyRoom = None;
+    let room = app.bodies.open();
+    let mut held = 0u64;
     let mut parts: Vec<axum::body::Bytes> = Vec::new();
     let mut received = 0usize;
     loop {
@@ -353,21 +328,29 @@ pub(super) async fn read_body(
         if received > max {
             return Err(body_too_large(max));
         }
-        let held = room.as_ref().map_or(0, |r| r.num_permits());
-        let need = (received as u64).div_ceil(1024) as usize;
+        let need = (received as u64).div_ceil(1024);
         if need > held {
-            let kib = u32::try_from(need - held).unwrap_or(u32::MAX);
             let asked = Instant::now();
-            let wait = (started + waited + app.body_timeout).saturating_duration_since(asked);
-            let more = take_room(app, kib, held > 0, wait).await?;
+            let taken = room.take(need - held, started + waited + app.body_timeout).await;
             waited += asked.elapsed();
-            match room.as_mut() {
-                Some(r) => r.merge(more),
-                None => room = Some(more),
+            match taken {
+                Ok(()) => held = need,
+                Err(NoRoom::TimedOut) => {
+                    return Err(InferError::overloaded(
+                        "too many request bodies held at once (socket.max_bodies_mb); try again later",
+                    ));
+                }
+                Err(NoRoom::Evicted) => {
+                    return Err(InferError::overloaded(
+                        "too many request bodies at once (socket.max_bodies_mb): the room went to uploads \
+                         that started earlier; try again later",
+                    ));
+                }
             }
         }
         parts.push(data);
     }
+    room.done();
     let bytes = match parts.len() {
         0 => axum::body::Bytes::new(),
         1 => parts.pop().unwrap_or_default(),

@@ -14,5 +14,6 @@ mod mqtt_client;
 pub mod openai;
 pub(crate) mod peer;
 mod redelivery;
+pub(crate) mod room;
 pub(crate) mod topics;
 pub mod unix;
