@@ -122,8 +122,17 @@ impl Ledger {
     }
 
     /// KiB held now.
+    #[cfg(test)]
     pub(crate) fn used(&self) -> u64 {
         self.used
+    }
+
+    /// The oldest waiting body and what it waits for.
+    fn oldest_waiting(&self) -> Option<(u64, u64)> {
+        self.bodies.iter().find_map(|(id, e)| match e.phase {
+            Phase::Waiting(k) => Some((*id, k)),
+            _ => None,
+        })
     }
 
     /// Serves the waiting bodies oldest first while room allows; when every
@@ -132,13 +141,7 @@ impl Ledger {
     /// waiter. Returns the bodies granted or evicted.
     fn settle(&mut self) -> Vec<u64> {
         let mut woken = Vec::new();
-        loop {
-            let Some((&oldest, need)) = self.bodies.iter().find_map(|(id, e)| match e.phase {
-                Phase::Waiting(k) => Some((id, k)),
-                _ => None,
-            }) else {
-                break;
-            };
+        while let Some((oldest, need)) = self.oldest_waiting() {
             if self.used + need <= self.capacity {
                 let e = self.bodies.get_mut(&oldest).expect("found above");
                 e.held += need;
