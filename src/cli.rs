@@ -28,7 +28,7 @@ pub mod exit {
 /// The exit code for a job error of `kind`.
 pub fn exit_code(kind: ErrorKind) -> i32 {
     match kind {
-        ErrorKind::BadInput | ErrorKind::PayloadTooLarge => exit::BAD_INPUT,
+        ErrorKind::BadInput | ErrorKind::PayloadTooLarge | ErrorKind::Poison => exit::BAD_INPUT,
         ErrorKind::UnknownModel => exit::UNKNOWN_MODEL,
         ErrorKind::ModelUnavailable => exit::UNAVAILABLE,
         ErrorKind::Backend | ErrorKind::Timeout | ErrorKind::Overloaded => exit::BACKEND,

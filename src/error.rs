@@ -30,13 +30,15 @@ pub enum ErrorKind {
     Backend,
     /// The job did not finish in time.
     Timeout,
+    /// The job was running at two deaths of the daemon in a row: it is never run again.
+    Poison,
     /// A bug in inferd.
     Internal,
 }
 
 impl ErrorKind {
     /// Every kind, for metrics that list them all.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::BadInput,
         ErrorKind::UnknownModel,
         ErrorKind::PayloadTooLarge,
@@ -47,6 +49,7 @@ impl ErrorKind {
         ErrorKind::ModelUnavailable,
         ErrorKind::Backend,
         ErrorKind::Timeout,
+        ErrorKind::Poison,
         ErrorKind::Internal,
     ];
 
@@ -63,6 +66,7 @@ impl ErrorKind {
             ErrorKind::ModelUnavailable => "model_unavailable",
             ErrorKind::Backend => "backend",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::Poison => "poison",
             ErrorKind::Internal => "internal",
         }
     }
@@ -116,6 +120,11 @@ impl InferError {
     /// A bug or a broken invariant in inferd.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+
+    /// The job killed the daemon twice in a row: refused for good.
+    pub fn poison(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Poison, message)
     }
 
     /// The engine failed on a valid request.

@@ -150,6 +150,13 @@ pub enum TextInput {
 pub struct JobOptions {
     /// How many classes to return (classification); default from models.json.
     pub top_k: Option<usize>,
+    /// The job's content digest, from intakes whose jobs come again after a
+    /// death (MQTT): marks it running for the poison-job quarantine.
+    #[serde(skip)]
+    pub digest: Option<String>,
+    /// Test hook (debug builds): the worker aborts the process when it runs this job.
+    #[serde(skip)]
+    pub crash_on_run: bool,
 }
 
 /// Where the time went, in milliseconds.
@@ -312,7 +319,7 @@ impl InferRequest {
     /// The job this request asks for, enforcing `limits` before anything big is built.
     pub fn into_job(self, limits: &crate::config::Limits) -> Result<(JobInput, JobOptions), crate::error::InferError> {
         use crate::error::InferError;
-        let options = JobOptions { top_k: self.top_k };
+        let options = JobOptions { top_k: self.top_k, ..Default::default() };
         let given =
             [self.image_base64.is_some(), self.inputs.is_some(), self.text.is_some()].iter().filter(|g| **g).count();
         if given != 1 {

@@ -13,7 +13,8 @@
 //! - [`backend`]: the [`backend::InferenceBackend`] seam, ONNX Runtime and tract; knows no task.
 //! - [`engine`]: loading (the variant from the [`manager`]) and loaded models that run jobs.
 //! - `scheduler`, `worker` (crate-private): admission, bounded per-model queues,
-//!   preparation on the decode threads, and the threads that own sessions.
+//!   preparation on the decode threads, and the threads that own sessions;
+//!   `quarantine` (crate-private): poison jobs, refused after two deaths in a row.
 //! - [`report`]: the one description of a model that every front-end renders.
 //! - [`manager`], [`memory`]: which variant fits, evictions, swaps; what the process really uses.
 //! - [`intake`]: front-ends — the HTTP/JSON and OpenAI-style API on the Unix socket (and
@@ -39,6 +40,7 @@ pub mod manager;
 pub mod memory;
 pub(crate) mod metrics;
 pub mod pipeline;
+pub(crate) mod quarantine;
 pub mod registry;
 pub mod report;
 pub(crate) mod scheduler;

@@ -13,6 +13,7 @@ use crate::job::{JobInput, JobOptions, JobOutput};
 use crate::manager::{Manager, Pressure};
 use crate::metrics::{Metrics, ModelGauges};
 use crate::pipeline::{Input, Prepare};
+use crate::quarantine::{Quarantine, Verdict};
 use crate::report::{BuildingEngine, ModelReport};
 use crate::worker::{self, Job, ModelState, StateCell, Work, WorkerCtx};
 use std::collections::HashMap;
@@ -49,6 +50,8 @@ pub struct Scheduler {
     evict_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     /// Threads that decode and resize images, one per core (started on first use).
     decoders: std::sync::OnceLock<DecodePool>,
+    /// Poison jobs and suspects (off unless the daemon opens it on its state directory).
+    quarantine: Arc<Quarantine>,
 }
 
 impl Scheduler {
@@ -65,7 +68,14 @@ impl Scheduler {
             evict_tx,
             evict_rx: Mutex::new(Some(evict_rx)),
             decoders: std::sync::OnceLock::new(),
+            quarantine: Arc::new(Quarantine::off()),
         }
+    }
+
+    /// Refuses poison jobs and runs suspects alone, as `quarantine` records them.
+    pub fn with_quarantine(mut self, quarantine: Arc<Quarantine>) -> Scheduler {
+        self.quarantine = quarantine;
+        self
     }
 
     /// The model manager.
@@ -262,6 +272,7 @@ impl Scheduler {
             manager: self.manager.clone(),
             metrics: self.metrics.clone(),
             evict: self.evict_tx.clone(),
+            quarantine: self.quarantine.clone(),
         };
         let thread = worker::spawn(ctx, model.to_string(), rx, state.clone(), busy.clone(), preparer.clone())
             .map_err(|e| InferError::internal(format!("cannot start a worker thread: {e}")))?;
@@ -301,6 +312,14 @@ impl Scheduler {
         options: JobOptions,
         started: Instant,
     ) -> Result<JobOutput, InferError> {
+        let verdict = options.digest.as_deref().map_or(Verdict::Clean, |d| self.quarantine.verdict(d));
+        if verdict == Verdict::Poison {
+            tracing::warn!(model, digest = options.digest.as_deref(), "refusing a poison job");
+            return Err(InferError::poison(format!(
+                "this job was running when the daemon died {} times in a row; it is not run again (docs/mqtt.md#poison-jobs)",
+                crate::quarantine::STRIKES
+            )));
+        }
         if let Some(spec) = self.engine().registry().get(model) {
             crate::pipeline::admits(&*spec.task, &input)?;
         }
@@ -319,7 +338,8 @@ impl Scheduler {
         let run = async {
             let (input, pre_ms) = self.prepare(worker::get_preparer(&preparer), input).await?;
             let (reply, answer) = oneshot::channel();
-            place.send(Work::Job(Job { input, options, enqueued: Instant::now(), pre_ms, reply }));
+            let suspect = verdict == Verdict::Suspect;
+            place.send(Work::Job(Job { input, options, enqueued: Instant::now(), pre_ms, reply, suspect }));
             match answer.await {
                 Ok(result) => result,
                 Err(_) => Err(InferError::internal(format!("the worker of model '{model}' stopped without answering"))),

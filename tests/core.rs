@@ -89,7 +89,8 @@ fn the_image_pipeline_matches_python_on_a_lossless_image_on_both_backends() {
     for backend in [BackendChoice::Ort, BackendChoice::Tract] {
         let options = LoadOptions { backend: Some(backend), variant: None };
         let mut model = engine().load(case["model"].as_str().unwrap(), &options).unwrap();
-        let out = model.infer(JobInput::Image(bytes.clone()), &JobOptions { top_k: Some(3) }).unwrap();
+        let out =
+            model.infer(JobInput::Image(bytes.clone()), &JobOptions { top_k: Some(3), ..Default::default() }).unwrap();
         let JobResult::Classification { classes } = out.result else { panic!("not a classification") };
         let want = case["top"].as_array().unwrap();
         assert_eq!(classes.len(), want.len());

@@ -66,7 +66,12 @@ fn post(d: &Daemon, body: &Value) -> (u16, Value) {
 
 /// The tokens of each case, greedy, on a model loaded in this process.
 fn in_process() -> Vec<(Vec<u32>, String, usize)> {
-    let registry = inferd::registry::Registry::load(&models()).unwrap();
+    in_process_from(&models())
+}
+
+/// [`in_process`] on the model of the registry at `models`.
+fn in_process_from(models: &std::path::Path) -> Vec<(Vec<u32>, String, usize)> {
+    let registry = inferd::registry::Registry::load(models).unwrap();
     let engine = Engine::new(inferd::config::Config::default(), registry);
     let mut model = engine.load("tiny-vlm", &LoadOptions::default()).unwrap();
     cases()
@@ -104,6 +109,31 @@ fn greedy_tokens_equal_transformers_for_every_recorded_image() {
     {
         assert_eq!(&got, want, "{names:?}");
         assert_eq!(prompt_tokens, case["input_ids"].as_array().unwrap().len(), "{names:?}: image tokens count");
+    }
+}
+
+/// A prompt read in chunks of 5 tokens (image tokens split across chunks):
+/// the embeddings are made once and fed a chunk at a time, and the tokens
+/// are still transformers'.
+#[test]
+fn a_prompt_with_images_read_in_chunks_gives_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join("model")).unwrap() {
+        let entry = entry.unwrap();
+        let to = dir.path().join(entry.file_name());
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to).unwrap();
+        } else {
+            std::os::unix::fs::symlink(entry.path(), to).unwrap();
+        }
+    }
+    let path = dir.path().join("models.json");
+    let mut registry: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    registry["models"][0]["generation"]["prefill_chunk"] = json!(5);
+    std::fs::write(&path, registry.to_string()).unwrap();
+    for ((names, _, _, want), (got, _, prompt_tokens)) in cases().iter().zip(in_process_from(&path)) {
+        assert!(prompt_tokens > 10, "{names:?}: read in several chunks");
+        assert_eq!(&got, want, "{names:?}");
     }
 }
 

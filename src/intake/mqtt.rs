@@ -508,7 +508,10 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
             ctx.scheduler.metrics().record_error(e.kind);
             Err(e)
         }
-        Ok((mut input, options)) => {
+        Ok((mut input, mut options)) => {
+            // The content digest marks the job running for the poison-job quarantine.
+            options.digest = Some(crate::quarantine::digest(&model, &msg.payload, &msg.user_properties));
+            options.crash_on_run = crate::quarantine::crash_requested(&msg.payload);
             let partials = match &mut input {
                 JobInput::Generate(request) if parsed.partials => {
                     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -16,6 +16,7 @@
 pub mod image;
 
 pub use generate::ChatTemplate;
+pub use generate::json::{Grammar, JsonState, limits as schema_limits, parse_response_format};
 pub use ocr::ctc;
 
 use crate::backend::{InferenceBackend, NamedTensors};
@@ -275,11 +276,17 @@ const AN_IMAGE: (&[InputKind], &str) = (&[InputKind::Image], "an image");
 /// a job is queued, so a wrong body is refused without loading the model.
 pub fn admits(spec: &dyn TaskSpec, input: &JobInput) -> Result<(), InferError> {
     let (kinds, wanted) = spec.takes();
-    if kinds.contains(&input.kind()) {
-        Ok(())
-    } else {
-        Err(InferError::bad_input(format!("the {} task takes {wanted}", spec.task())))
+    if !kinds.contains(&input.kind()) {
+        return Err(InferError::bad_input(format!("the {} task takes {wanted}", spec.task())));
     }
+    // A response_format is compiled here too (linear in its size, within its
+    // limits), so a bad one is refused before its model loads.
+    if let JobInput::Generate(request) = input
+        && let Some(format) = &request.params.response_format
+    {
+        generate::json::parse_response_format(format).map_err(InferError::bad_input)?;
+    }
+    Ok(())
 }
 
 /// A problem with a model's spec, at a path relative to the model (`.input.width`).

@@ -2,7 +2,7 @@
 //! starts each as a sequence from the task's stepper and advances them all a
 //! step per round, knowing nothing else about the task.
 
-use super::{Cells, Job, Work, panic_text, set_busy};
+use super::{Cells, Job, Work, mark_running, panic_text, set_busy};
 use crate::engine::LoadedModel;
 use crate::error::InferError;
 use crate::job::JobOutput;
@@ -18,6 +18,10 @@ struct Active {
     memory_bytes: u64,
     timings: crate::job::Timings,
     error: Option<InferError>,
+    /// Runs alone (the quarantine's suspect): no other sequence joins while it runs.
+    suspect: bool,
+    /// Marked running for the quarantine until it ends.
+    _mark: crate::quarantine::Mark,
 }
 
 /// Runs the sequences of a many-call task (text generation) for `first` and
@@ -35,6 +39,8 @@ pub(super) fn interleave(
     let parallel = m.parallel().unwrap_or(1);
     let mut active: Vec<Active> = Vec::new();
     let admit = |job: Job, active: &mut Vec<Active>, m: &mut LoadedModel| {
+        let mark = mark_running(cells.ctx, &job.options);
+        let suspect = job.suspect;
         let admitted = m.start(job.input).and_then(|(seq, prep)| {
             // A sequence grows with every step: refuse now what memory cannot hold at the end.
             let need = seq.memory_bytes();
@@ -61,7 +67,7 @@ pub(super) fn interleave(
                     pre_ms: job.pre_ms + prep.pre_ms,
                     ..Default::default()
                 };
-                active.push(Active { reply: job.reply, seq, memory_bytes, timings, error: None })
+                active.push(Active { reply: job.reply, seq, memory_bytes, timings, error: None, suspect, _mark: mark })
             }
             Err(e) => {
                 let _ = job.reply.send(Err(e));
@@ -70,9 +76,11 @@ pub(super) fn interleave(
     };
     admit(first, &mut active, m);
     loop {
-        while active.len() < parallel && next.is_empty() {
+        // A suspect runs alone: none joins it, and it waits for the others to end.
+        while active.len() < parallel && next.is_empty() && !active.iter().any(|a| a.suspect) {
             match queue.try_recv() {
                 Ok(Work::Job(j)) if j.reply.is_closed() => {}
+                Ok(Work::Job(j)) if j.suspect && !active.is_empty() => next.push_back(Work::Job(j)),
                 Ok(Work::Job(j)) => admit(j, &mut active, m),
                 Ok(other) => next.push_back(other),
                 Err(_) => break,
@@ -106,6 +114,8 @@ pub(super) fn interleave(
             .into_iter()
             .partition(|a| a.seq.is_done() || a.error.is_some() || a.reply.is_closed() || a.seq.is_abandoned());
         active = running;
+        // A large cache (a long prompt) goes back to the system when its sequence ends, not only to the heap.
+        let freed: u64 = ended.iter().map(|a| a.memory_bytes).sum();
         for a in ended {
             let answer = match a.error {
                 Some(e) => Err(e),
@@ -114,5 +124,11 @@ pub(super) fn interleave(
             };
             let _ = a.reply.send(answer);
         }
+        if freed >= TRIM_AFTER_BYTES {
+            crate::memory::trim_heap();
+        }
     }
 }
+
+/// Memory of ended sequences from which the heap is trimmed (64 MiB).
+const TRIM_AFTER_BYTES: u64 = 64 << 20;

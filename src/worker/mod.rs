@@ -29,6 +29,8 @@ pub struct Job {
     /// Milliseconds of image work done before the job was queued.
     pub pre_ms: f64,
     pub reply: oneshot::Sender<Result<JobOutput, InferError>>,
+    /// Running at the last death of the daemon: runs alone (see `quarantine`).
+    pub suspect: bool,
 }
 
 /// What a worker is asked to do.
@@ -48,6 +50,8 @@ pub struct WorkerCtx {
     pub metrics: Arc<Metrics>,
     /// Models the manager wants unloaded to make room.
     pub evict: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Where jobs are marked running (poison-job quarantine).
+    pub quarantine: Arc<crate::quarantine::Quarantine>,
 }
 
 /// Where a model stands, as the API reports it.
@@ -189,8 +193,11 @@ fn run(
                     },
                 };
                 let jobs = match sessions.batching() {
-                    Some(b) => gather(job, &mut queue, &mut next, b.max_batch, Duration::from_micros(b.max_delay_us)),
-                    None => vec![job],
+                    // A suspect runs alone: if it kills the daemon again, nobody else is struck.
+                    Some(b) if !job.suspect => {
+                        gather(job, &mut queue, &mut next, b.max_batch, Duration::from_micros(b.max_delay_us))
+                    }
+                    _ => vec![job],
                 };
                 match (sessions, instance) {
                     (Sessions::Pool(pool), Some(i)) => pool.hand(i, jobs),
@@ -225,6 +232,7 @@ fn run_jobs(cells: &Cells<'_>, instance: usize, m: &mut LoadedModel, jobs: Vec<J
     set_busy(cells.busy, instance, Some(Instant::now()));
     let queue_ms: Vec<(f64, f64)> =
         jobs.iter().map(|j| (j.enqueued.elapsed().as_secs_f64() * 1000.0, j.pre_ms)).collect();
+    let _marks: Vec<crate::quarantine::Mark> = jobs.iter().map(|j| mark_running(cells.ctx, &j.options)).collect();
     let (inputs, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| ((j.input, j.options), j.reply)).unzip();
     let results = catch_unwind(AssertUnwindSafe(|| {
         if inputs.len() == 1 {
@@ -252,11 +260,21 @@ fn run_jobs(cells: &Cells<'_>, instance: usize, m: &mut LoadedModel, jobs: Vec<J
     }
 }
 
+/// Marks a job running for the quarantine (a death now leaves the mark); the
+/// test hook aborts here, with the mark in place, as a real crash would.
+fn mark_running(ctx: &WorkerCtx, options: &crate::job::JobOptions) -> crate::quarantine::Mark {
+    let mark = ctx.quarantine.running(options.digest.as_deref());
+    if options.crash_on_run {
+        crate::quarantine::crash_now();
+    }
+    mark
+}
+
 /// Loads `variant` (or the one the manager picks) as many times as the model
 /// has instances; returns the sessions, with their charge, and their measured
 /// footprint, all together. The room is reserved first: models that must make
-/// room are unloaded, and the load waits (up to a job's timeout) for their
-/// memory, or for a model just loaded to have served its shield.
+/// room are unloaded, and the load waits (up to 3/4 of a job's timeout) for
+/// their memory, or for a model just loaded to have served its shield.
 fn load(
     ctx: &WorkerCtx,
     model: &str,
@@ -265,7 +283,8 @@ fn load(
     busy: &BusyCell,
 ) -> Result<(Held, Option<u64>), InferError> {
     let spec = ctx.engine.registry().get(model).ok_or_else(|| InferError::unknown_model(model))?.clone();
-    let deadline = Instant::now() + Duration::from_millis(ctx.engine.config().jobs.timeout_ms);
+    // Three quarters of a job's timeout: a load that finds no room by then is answered before its job times out.
+    let deadline = Instant::now() + Duration::from_millis(ctx.engine.config().jobs.timeout_ms * 3 / 4);
     // Dropped last (after any sessions below): a failed load's room is free again.
     let (plan, charge) = ctx.manager.reserve_load(&spec, variant, deadline, &mut |victim| {
         tracing::info!(model = victim, "unloading to make room for {model}");
@@ -352,7 +371,8 @@ fn gather(
     while jobs.len() < max_batch && next.is_empty() {
         match queue.try_recv() {
             Ok(Work::Job(j)) if j.reply.is_closed() => {}
-            Ok(Work::Job(j)) => jobs.push(j),
+            // A suspect runs alone, after this batch.
+            Ok(Work::Job(j)) if !j.suspect => jobs.push(j),
             Ok(other) => next.push_back(other),
             Err(mpsc::error::TryRecvError::Empty) => {
                 let now = Instant::now();
@@ -481,6 +501,7 @@ mod tests {
             enqueued: Instant::now(),
             pre_ms: 0.0,
             reply,
+            suspect: false,
         };
         (job, if closed { None } else { Some(answer) })
     }

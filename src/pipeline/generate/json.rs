@@ -23,17 +23,40 @@ pub struct Grammar {
     nodes: Vec<Node>,
     /// Literal sets: each a list of candidate texts (JSON, compact).
     literals: Vec<Vec<Vec<u8>>>,
-    /// The shortest text of each node's values.
-    shortest: Vec<Vec<u8>>,
+    /// The length in bytes of each node's shortest value (saturating): the
+    /// text itself is written only when needed, piece by piece
+    /// ([`JsonState::completion`]), so it costs memory only as it is written.
+    shortest: Vec<u64>,
     root: Id,
 }
 
 type Id = u16;
 
-/// Most nodes a schema compiles to, values a literal set holds, and frames open at once.
-const MAX_NODES: usize = 4096;
-const MAX_LITERALS: usize = 64;
+/// Limits on a schema, each refused up front with the path and the limit.
+/// Together they bound compile time and memory linearly in the schema's
+/// size, and keep every recursion of the compiler shallow.
+pub mod limits {
+    /// Bytes of the schema, as compact JSON.
+    pub const SCHEMA_BYTES: usize = 64 * 1024;
+    /// Parts a schema compiles to.
+    pub const NODES: usize = 4096;
+    /// Parts nested inside parts, `$ref` hops included.
+    pub const DEPTH: usize = 32;
+    /// `$ref` hops along one path.
+    pub const REF_HOPS: usize = 16;
+    /// Values of an `enum`, properties of an object.
+    pub const LITERALS: usize = 64;
+    /// Alternatives of an `anyOf` or a `type` list.
+    pub const ALTERNATIVES: usize = 16;
+    /// Bytes of one `const`, `enum` value or property name (as JSON).
+    pub const LITERAL_BYTES: usize = 4096;
+}
+use limits::{LITERALS as MAX_LITERALS, NODES as MAX_NODES};
+/// Most frames (values) open at once while an answer is read.
 const MAX_DEPTH: usize = 48;
+/// Bytes a closing text may reach before it is cut (never reached by a
+/// schema admitted for its `max_tokens`: see `fits`).
+const MAX_COMPLETION: usize = 16 << 20;
 /// Longest run of whitespace between tokens of the JSON text.
 const MAX_WS_RUN: u8 = 24;
 /// Most digits of a number's integer and fraction parts (an integer then
@@ -45,10 +68,22 @@ const MAX_EXP_DIGITS: u8 = 2;
 enum Node {
     /// An object with fixed properties (written in this order), or, with
     /// `free`, any keys whose values are `free`'s node.
-    Object { props: Vec<Prop>, keys: u16, free: Option<Id> },
-    Array { items: Id, min: u32, max: u32 },
-    String { max_chars: u32 },
-    Number { integer: bool },
+    Object {
+        props: Vec<Prop>,
+        keys: u16,
+        free: Option<Id>,
+    },
+    Array {
+        items: Id,
+        min: u32,
+        max: u32,
+    },
+    String {
+        max_chars: u32,
+    },
+    Number {
+        integer: bool,
+    },
     /// One of a literal set's texts (`true`/`false`, `null`, enum, const).
     Literal(u16),
     /// One of several nodes, told apart by the value's first byte.
@@ -92,6 +127,22 @@ struct Compiler<'a> {
     any: Option<Id>,
 }
 
+/// Where the compiler stands in the schema: the path (for errors), how deep
+/// it is and how many `$ref` hops led there.
+#[derive(Clone, Copy)]
+struct At<'p> {
+    path: &'p str,
+    depth: usize,
+    hops: usize,
+}
+
+impl At<'_> {
+    /// One level further down, at `path`.
+    fn down(self, path: &str) -> At<'_> {
+        At { path, depth: self.depth + 1, hops: self.hops }
+    }
+}
+
 impl Grammar {
     /// Whether a value of `id` can begin with `b`.
     fn starts(&self, id: Id, b: u8) -> bool {
@@ -101,8 +152,52 @@ impl Grammar {
             Node::String { .. } => b == b'"',
             Node::Number { .. } => b == b'-' || b.is_ascii_digit(),
             Node::Literal(set) => self.literals[*set as usize].iter().any(|t| t[0] == b),
-            Node::Union(alts) => alts.iter().any(|&alt| self.starts(alt, b)),
+            // Unions are flat (an alternative is never a union): one level only.
+            Node::Union(alts) => {
+                alts.iter().any(|&alt| !matches!(self.nodes[alt as usize], Node::Union(_)) && self.starts(alt, b))
+            }
         }
+    }
+
+    /// Refuses a grammar whose values can need more closing text than
+    /// `max_tokens` tokens of at most `longest_token` bytes each can hold:
+    /// an answer cut by its budget is closed with that text, so admitting it
+    /// would let a few schema bytes demand an answer of any size.
+    pub fn fits(&self, max_tokens: usize, longest_token: usize) -> Result<(), String> {
+        let need = self.longest_shortest();
+        let tokens = need.div_ceil(longest_token.max(1) as u64);
+        if tokens > max_tokens as u64 {
+            return Err(format!(
+                "response_format json_schema: the shortest value of a part of this schema is {need} bytes, at least {tokens} tokens of this model; max_tokens is {max_tokens}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The first piece of the shortest value of `id`: the whole value for
+    /// scalars, the opening bracket for objects and arrays (the rest follows
+    /// from the state), so the closing text is written as it is needed.
+    fn opening(&self, id: Id) -> Vec<u8> {
+        match &self.nodes[id as usize] {
+            Node::Object { .. } => b"{".to_vec(),
+            Node::Array { .. } => b"[".to_vec(),
+            Node::String { .. } => b"\"\"".to_vec(),
+            Node::Number { .. } => b"0".to_vec(),
+            Node::Literal(set) => {
+                self.literals[*set as usize].iter().min_by_key(|t| t.len()).expect("non-empty").clone()
+            }
+            Node::Union(alts) => match alts.iter().min_by_key(|&&a| self.shortest[a as usize]) {
+                Some(&alt) if !matches!(self.nodes[alt as usize], Node::Union(_)) => self.opening(alt),
+                _ => b"null".to_vec(),
+            },
+        }
+    }
+
+    /// Bytes of the longest "shortest value" of any part: what closing the
+    /// answer can need at one level, at most (the whole closing text is at
+    /// most this times the open values).
+    pub fn longest_shortest(&self) -> u64 {
+        self.shortest.iter().copied().max().unwrap_or(0)
     }
 
     /// Any JSON object (`response_format` `json_object`).
@@ -116,8 +211,15 @@ impl Grammar {
     /// Compiles a JSON schema; the root must be an object or an array. A
     /// keyword inferd cannot keep the answer to is refused with its path.
     pub fn from_schema(schema: &Value) -> Result<Grammar, String> {
+        let bytes = serde_json::to_vec(schema).map_or(usize::MAX, |v| v.len());
+        if bytes > limits::SCHEMA_BYTES {
+            return Err(refuse(
+                "",
+                format!("the schema is {bytes} bytes; at most {} (limits::SCHEMA_BYTES)", limits::SCHEMA_BYTES),
+            ));
+        }
         let mut c = Compiler::new(schema);
-        let root = c.compile(schema, "")?;
+        let root = c.compile(schema, At { path: "", depth: 0, hops: 0 })?;
         let first = c.first_bytes(root);
         if first.iter().enumerate().any(|(b, &on)| on && b != b'{' as usize && b != b'[' as usize) {
             return Err(refuse("", "the root must be an object or an array (\"type\": \"object\")"));
@@ -149,9 +251,21 @@ impl<'a> Compiler<'a> {
         Ok((self.g.nodes.len() - 1) as Id)
     }
 
-    fn literal(&mut self, texts: Vec<Vec<u8>>) -> Result<Id, String> {
+    fn literal(&mut self, texts: Vec<Vec<u8>>, path: &str) -> Result<Id, String> {
+        Self::literal_sizes(&texts, path)?;
         self.g.literals.push(texts);
         self.push(Node::Literal((self.g.literals.len() - 1) as u16))
+    }
+
+    /// Refuses a literal text over the limit (a literal frame counts its bytes in a u16).
+    fn literal_sizes(texts: &[Vec<u8>], path: &str) -> Result<(), String> {
+        match texts.iter().map(Vec::len).max() {
+            Some(n) if n > limits::LITERAL_BYTES => Err(refuse(
+                path,
+                format!("a const, enum value or property name of {n} bytes; at most {}", limits::LITERAL_BYTES),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Any JSON value (objects and arrays nest, up to the depth limit).
@@ -162,8 +276,8 @@ impl<'a> Compiler<'a> {
         let union = self.push(Node::Union(Vec::new()))?;
         self.any = Some(union);
         let alts = vec![
-            self.literal(vec![b"null".to_vec()])?,
-            self.literal(vec![b"false".to_vec(), b"true".to_vec()])?,
+            self.literal(vec![b"null".to_vec()], "")?,
+            self.literal(vec![b"false".to_vec(), b"true".to_vec()], "")?,
             self.push(Node::Number { integer: false })?,
             self.push(Node::String { max_chars: u32::MAX })?,
             self.push(Node::Array { items: union, min: 0, max: u32::MAX })?,
@@ -173,7 +287,18 @@ impl<'a> Compiler<'a> {
         Ok(union)
     }
 
-    fn compile(&mut self, s: &Value, path: &str) -> Result<Id, String> {
+    fn compile(&mut self, s: &Value, at: At<'_>) -> Result<Id, String> {
+        let path = at.path;
+        if at.depth > limits::DEPTH {
+            return Err(refuse(
+                path,
+                format!(
+                    "parts nested over {} deep ($ref hops included); at most {} (limits::DEPTH)",
+                    limits::DEPTH,
+                    limits::DEPTH
+                ),
+            ));
+        }
         let obj = match s {
             Value::Bool(true) => return self.any(),
             Value::Object(o) => o,
@@ -191,25 +316,37 @@ impl<'a> Compiler<'a> {
             }
         }
         if let Some(r) = obj.get("$ref") {
-            return self.reference(r, path);
+            return self.reference(r, at);
         }
         if let Some(c) = obj.get("const") {
-            return self.literal(vec![serde_json::to_vec(c).expect("a JSON value")]);
+            return self.literal(vec![serde_json::to_vec(c).expect("a JSON value")], path);
         }
         if let Some(e) = obj.get("enum") {
-            let values = e.as_array().filter(|v| !v.is_empty()).ok_or_else(|| refuse(path, "'enum' must be a non-empty list"))?;
+            let values = e
+                .as_array()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| refuse(path, "'enum' must be a non-empty list"))?;
             if values.len() > MAX_LITERALS {
                 return Err(refuse(path, format!("'enum' has {} values; at most {MAX_LITERALS}", values.len())));
             }
             let mut texts: Vec<Vec<u8>> = values.iter().map(|v| serde_json::to_vec(v).expect("a JSON value")).collect();
             texts.dedup();
-            return self.literal(texts);
+            return self.literal(texts, path);
         }
         if let Some(any_of) = obj.get("anyOf") {
-            let alts = any_of.as_array().filter(|v| !v.is_empty()).ok_or_else(|| refuse(path, "'anyOf' must be a non-empty list"))?;
+            let alts = any_of
+                .as_array()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| refuse(path, "'anyOf' must be a non-empty list"))?;
+            if alts.len() > limits::ALTERNATIVES {
+                return Err(refuse(
+                    path,
+                    format!("'anyOf' has {} alternatives; at most {}", alts.len(), limits::ALTERNATIVES),
+                ));
+            }
             let mut ids = Vec::new();
             for (i, alt) in alts.iter().enumerate() {
-                ids.push(self.compile(alt, &format!("{path}.anyOf[{i}]"))?);
+                ids.push(self.compile(alt, at.down(&format!("{path}.anyOf[{i}]")))?);
             }
             return self.union(ids, path);
         }
@@ -218,19 +355,24 @@ impl<'a> Compiler<'a> {
             None if obj.contains_key("items") => vec!["array"],
             None => return self.any(),
             Some(Value::String(t)) => vec![t.as_str()],
-            Some(Value::Array(ts)) if !ts.is_empty() => {
-                ts.iter().map(|t| t.as_str().ok_or_else(|| refuse(path, "'type' must name types"))).collect::<Result<_, _>>()?
-            }
+            Some(Value::Array(ts)) if !ts.is_empty() => ts
+                .iter()
+                .map(|t| t.as_str().ok_or_else(|| refuse(path, "'type' must name types")))
+                .collect::<Result<_, _>>()?,
             Some(_) => return Err(refuse(path, "'type' must be a type name or a list of them")),
         };
+        if types.len() > limits::ALTERNATIVES {
+            return Err(refuse(path, format!("'type' lists {} types; at most {}", types.len(), limits::ALTERNATIVES)));
+        }
         let mut ids = Vec::new();
         for t in types {
-            ids.push(self.typed(t, obj, path)?);
+            ids.push(self.typed(t, obj, at)?);
         }
         if ids.len() == 1 { Ok(ids[0]) } else { self.union(ids, path) }
     }
 
-    fn typed(&mut self, t: &str, obj: &serde_json::Map<String, Value>, path: &str) -> Result<Id, String> {
+    fn typed(&mut self, t: &str, obj: &serde_json::Map<String, Value>, at: At<'_>) -> Result<Id, String> {
+        let path = at.path;
         let count = |key: &str| -> Result<Option<u32>, String> {
             match obj.get(key) {
                 None => Ok(None),
@@ -245,12 +387,12 @@ impl<'a> Compiler<'a> {
             "string" => Ok(self.push(Node::String { max_chars: count("maxLength")?.unwrap_or(u32::MAX) })?),
             "number" => self.push(Node::Number { integer: false }),
             "integer" => self.push(Node::Number { integer: true }),
-            "boolean" => self.literal(vec![b"false".to_vec(), b"true".to_vec()]),
-            "null" => self.literal(vec![b"null".to_vec()]),
+            "boolean" => self.literal(vec![b"false".to_vec(), b"true".to_vec()], path),
+            "null" => self.literal(vec![b"null".to_vec()], path),
             "array" => {
                 let items = match obj.get("items") {
                     None => self.any()?,
-                    Some(i) => self.compile(i, &format!("{path}.items"))?,
+                    Some(i) => self.compile(i, at.down(&format!("{path}.items")))?,
                 };
                 let (min, max) = (count("minItems")?.unwrap_or(0), count("maxItems")?.unwrap_or(u32::MAX));
                 if min > max {
@@ -261,12 +403,13 @@ impl<'a> Compiler<'a> {
                 }
                 self.push(Node::Array { items, min, max })
             }
-            "object" => self.object(obj, path),
+            "object" => self.object(obj, at),
             other => Err(refuse(path, format!("unknown type '{other}'"))),
         }
     }
 
-    fn object(&mut self, obj: &serde_json::Map<String, Value>, path: &str) -> Result<Id, String> {
+    fn object(&mut self, obj: &serde_json::Map<String, Value>, at: At<'_>) -> Result<Id, String> {
+        let path = at.path;
         let empty = serde_json::Map::new();
         let props = match obj.get("properties") {
             None => &empty,
@@ -275,9 +418,10 @@ impl<'a> Compiler<'a> {
         };
         let required: Vec<&str> = match obj.get("required") {
             None => Vec::new(),
-            Some(Value::Array(r)) => {
-                r.iter().map(|k| k.as_str().ok_or_else(|| refuse(path, "'required' must list names"))).collect::<Result<_, _>>()?
-            }
+            Some(Value::Array(r)) => r
+                .iter()
+                .map(|k| k.as_str().ok_or_else(|| refuse(path, "'required' must list names")))
+                .collect::<Result<_, _>>()?,
             Some(_) => return Err(refuse(path, "'required' must be a list")),
         };
         for r in &required {
@@ -289,7 +433,7 @@ impl<'a> Compiler<'a> {
             let free = match obj.get("additionalProperties") {
                 None | Some(Value::Bool(true)) => self.any()?,
                 Some(Value::Bool(false)) => return self.push(Node::Object { props: Vec::new(), keys: 0, free: None }),
-                Some(s) => self.compile(s, &format!("{path}.additionalProperties"))?,
+                Some(s) => self.compile(s, at.down(&format!("{path}.additionalProperties")))?,
             };
             return self.push(Node::Object { props: Vec::new(), keys: 0, free: Some(free) });
         }
@@ -299,33 +443,62 @@ impl<'a> Compiler<'a> {
         let mut list = Vec::new();
         let mut keys = Vec::new();
         for (name, schema) in props {
-            let node = self.compile(schema, &format!("{path}.properties.{name}"))?;
+            let key = serde_json::to_vec(name).expect("a string");
+            Self::literal_sizes(std::slice::from_ref(&key), path)?;
+            let node = self.compile(schema, at.down(&format!("{path}.properties.{name}")))?;
             list.push(Prop { node, required: required.contains(&name.as_str()) });
-            keys.push(serde_json::to_vec(name).expect("a string"));
+            keys.push(key);
         }
         self.g.literals.push(keys);
         let keys = (self.g.literals.len() - 1) as u16;
         self.push(Node::Object { props: list, keys, free: None })
     }
 
-    fn reference(&mut self, r: &Value, path: &str) -> Result<Id, String> {
+    fn reference(&mut self, r: &Value, at: At<'_>) -> Result<Id, String> {
+        let path = at.path;
         let r = r.as_str().ok_or_else(|| refuse(path, "'$ref' must be a string"))?;
         match self.refs.get(r) {
             Some(Some(id)) => return Ok(*id),
-            Some(None) => return Err(refuse(path, format!("'$ref' {r} refers to itself; recursive schemas are not supported"))),
+            Some(None) => {
+                return Err(refuse(path, format!("'$ref' {r} refers to itself; recursive schemas are not supported")));
+            }
             None => {}
         }
         let target = r
             .strip_prefix('#')
             .and_then(|pointer| self.root.pointer(pointer))
             .ok_or_else(|| refuse(path, format!("'$ref' {r} does not name a part of this schema (#/$defs/Name)")))?;
+        if at.hops >= limits::REF_HOPS {
+            return Err(refuse(
+                path,
+                format!(
+                    "'$ref' {r} is hop {} of a chain; at most {} (limits::REF_HOPS)",
+                    at.hops + 1,
+                    limits::REF_HOPS
+                ),
+            ));
+        }
         self.refs.insert(r.to_string(), None);
-        let id = self.compile(target, r.trim_start_matches('#'))?;
+        let next = At { path: r.trim_start_matches('#'), depth: at.depth + 1, hops: at.hops + 1 };
+        let id = self.compile(target, next)?;
         self.refs.insert(r.to_string(), Some(id));
         Ok(id)
     }
 
+    /// A union of `ids`, flattened: an alternative that is itself a union
+    /// gives its alternatives, so no union ever holds another (reading an
+    /// answer never recurses through unions), and one alternative is itself.
     fn union(&mut self, ids: Vec<Id>, path: &str) -> Result<Id, String> {
+        let ids: Vec<Id> = ids
+            .into_iter()
+            .flat_map(|id| match &self.g.nodes[id as usize] {
+                Node::Union(alts) => alts.clone(),
+                _ => vec![id],
+            })
+            .collect();
+        if let [one] = ids[..] {
+            return Ok(one);
+        }
         let mut seen = [false; 256];
         for &id in &ids {
             let first = self.first_bytes(id);
@@ -348,9 +521,11 @@ impl<'a> Compiler<'a> {
     fn finish(mut self, root: Id) -> Grammar {
         self.g.root = root;
         let n = self.g.nodes.len();
-        let mut shortest: Vec<Option<Vec<u8>>> = vec![None; n];
+        let mut shortest: Vec<Option<u64>> = vec![None; n];
         // Children are compiled before their parents, except through the
-        // free grammar's union (whose shortest value, `null`, needs no child).
+        // free grammar's union (whose shortest value, `null`, needs no
+        // child): a pass in order of ids settles nearly everything, and the
+        // passes stop once one changes nothing.
         for _ in 0..n + 1 {
             let mut changed = false;
             for id in 0..n {
@@ -363,41 +538,30 @@ impl<'a> Compiler<'a> {
                 break;
             }
         }
-        self.g.shortest = shortest.into_iter().map(|s| s.unwrap_or_else(|| b"null".to_vec())).collect();
+        self.g.shortest = shortest.into_iter().map(|s| s.unwrap_or(4)).collect();
         self.g
     }
 
-    fn shortest_of(&self, id: usize, known: &[Option<Vec<u8>>]) -> Option<Vec<u8>> {
+    /// The length of the shortest value of `id`, from its children's (`None` until they are known).
+    fn shortest_of(&self, id: usize, known: &[Option<u64>]) -> Option<u64> {
         let g = &self.g;
         Some(match &g.nodes[id] {
             Node::Object { props, keys, .. } => {
-                let mut out = b"{".to_vec();
+                let mut len = 2u64;
                 for (i, p) in props.iter().enumerate().filter(|(_, p)| p.required) {
-                    if out.len() > 1 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(&g.literals[*keys as usize][i]);
-                    out.push(b':');
-                    out.extend_from_slice(known[p.node as usize].as_ref()?);
+                    let key = g.literals[*keys as usize][i].len() as u64;
+                    len = len.saturating_add(key + 2).saturating_add(known[p.node as usize]?);
                 }
-                out.push(b'}');
-                out
+                len - u64::from(props.iter().any(|p| p.required))
             }
             Node::Array { items, min, .. } => {
-                let mut out = b"[".to_vec();
-                for i in 0..*min {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(known[*items as usize].as_ref()?);
-                }
-                out.push(b']');
-                out
+                let item = known[*items as usize]?;
+                2u64.saturating_add(item.saturating_add(1).saturating_mul(u64::from(*min))) - u64::from(*min > 0)
             }
-            Node::String { .. } => b"\"\"".to_vec(),
-            Node::Number { .. } => b"0".to_vec(),
-            Node::Literal(l) => g.literals[*l as usize].iter().min_by_key(|t| t.len()).expect("non-empty").clone(),
-            Node::Union(alts) => alts.iter().filter_map(|a| known[*a as usize].clone()).min_by_key(|t| t.len())?,
+            Node::String { .. } => 2,
+            Node::Number { .. } => 1,
+            Node::Literal(l) => g.literals[*l as usize].iter().map(|t| t.len() as u64).min().expect("non-empty"),
+            Node::Union(alts) => alts.iter().filter_map(|a| known[*a as usize]).min()?,
         })
     }
 }
@@ -442,15 +606,38 @@ enum Frame {
     /// A value of this node comes next (whitespace may come first).
     Value(Id),
     /// `next`: the first property not yet passed; `prop`: the one whose value is read.
-    Object { node: Id, step: ObjStep, next: u16, prop: u16 },
-    Array { node: Id, step: ArrStep, count: u32 },
+    Object {
+        node: Id,
+        step: ObjStep,
+        next: u16,
+        prop: u16,
+    },
+    Array {
+        node: Id,
+        step: ArrStep,
+        count: u32,
+    },
     /// `left`: characters still allowed; `esc`: 0, or 1 after `\`, or
     /// 2..=5 for the hex digits of `\u` still to come; `cont`: UTF-8
     /// continuation bytes still to come, the next in `lo..=hi`.
-    String { left: u32, esc: u8, cont: u8, lo: u8, hi: u8 },
-    Number { integer: bool, step: NumStep, digits: u8 },
+    String {
+        left: u32,
+        esc: u8,
+        cont: u8,
+        lo: u8,
+        hi: u8,
+    },
+    Number {
+        integer: bool,
+        step: NumStep,
+        digits: u8,
+    },
     /// `alive`: the set's texts that still match the `at` bytes read.
-    Literal { set: u16, at: u16, alive: u64 },
+    Literal {
+        set: u16,
+        at: u16,
+        alive: u64,
+    },
 }
 
 /// Reading a JSON answer: the open values, innermost last.
@@ -628,7 +815,8 @@ impl JsonState {
                 match next {
                     Some(step) => {
                         // Past the exponent's sign, the count starts again for the exponent's digits.
-                        let digits = if matches!(step, NumStep::Exp) { 0 } else { digits + u8::from(b.is_ascii_digit()) };
+                        let digits =
+                            if matches!(step, NumStep::Exp) { 0 } else { digits + u8::from(b.is_ascii_digit()) };
                         self.frames[last] = Frame::Number { integer, step, digits };
                         digits <= if step == NumStep::ExpDigits { MAX_EXP_DIGITS } else { MAX_DIGITS }
                     }
@@ -657,7 +845,11 @@ impl JsonState {
                     let at = at + 1;
                     self.frames[last] = Frame::Literal { set, at, alive: still };
                     // Done at once when every text still alive ends here.
-                    let ends = texts.iter().enumerate().filter(|(i, _)| still & (1 << i) != 0).all(|(_, t)| t.len() == at as usize);
+                    let ends = texts
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| still & (1 << i) != 0)
+                        .all(|(_, t)| t.len() == at as usize);
                     if ends {
                         let i = still.trailing_zeros();
                         self.frames.pop();
@@ -749,15 +941,17 @@ impl JsonState {
         }
     }
 
-    /// The shortest text that closes every open value (empty once done).
+    /// The shortest text that closes every open value (empty once done),
+    /// written piece by piece: its length is at most the open values' count
+    /// times [`Grammar::longest_shortest`], and no more is ever held.
     pub fn completion(&self, g: &Grammar) -> Vec<u8> {
         let mut s = self.clone();
         let mut out = Vec::new();
-        // Each round closes (at least) the innermost frame; the depth bounds the rounds.
-        for _ in 0..4 * MAX_DEPTH * MAX_LITERALS {
+        // Each round writes a piece or closes a frame; a schema's values are finite, so the rounds are too.
+        while out.len() <= MAX_COMPLETION {
             let Some(&top) = s.frames.last() else { break };
             let more: Vec<u8> = match top {
-                Frame::Value(id) => g.shortest[id as usize].clone(),
+                Frame::Value(id) => g.opening(id),
                 Frame::Object { node, step, next, .. } => {
                     let Node::Object { props, keys, free } = &g.nodes[node as usize] else { break };
                     let required = props.iter().enumerate().skip(next as usize).find(|(_, p)| p.required);
@@ -777,7 +971,7 @@ impl JsonState {
                         ArrStep::Open if min == 0 => b"]".to_vec(),
                         ArrStep::AfterValue if count >= min => b"]".to_vec(),
                         ArrStep::AfterValue => b",".to_vec(),
-                        ArrStep::Open | ArrStep::Comma => g.shortest[items as usize].clone(),
+                        ArrStep::Open | ArrStep::Comma => g.opening(items),
                     }
                 }
                 Frame::String { esc, cont, lo, .. } => match (cont, esc) {
@@ -848,6 +1042,11 @@ impl TokenBytes {
             })
             .collect();
         TokenBytes(tokens)
+    }
+
+    /// Bytes of the longest token.
+    pub fn longest(&self) -> usize {
+        self.0.iter().flatten().map(|t| t.len()).max().unwrap_or(1)
     }
 }
 
@@ -969,17 +1168,17 @@ mod tests {
             assert!(s.is_done(), "{ok}");
         }
         for bad in [
-            r#"{"total":1"#,                                         // merchant comes first
-            r#"{"merchant":"A","items":[]"#,                          // total is required
-            r#"{"merchant":"A","total":1,"items":[],"extra":1"#,      // not a property
-            r#"{"merchant":1"#,                                       // a number for a string
-            r#"{"merchant":"A","total":01"#,                          // a leading zero
-            r#"{"merchant":"A","total":1,"currency":"JPY""#,          // not in the enum
+            r#"{"total":1"#,                                               // merchant comes first
+            r#"{"merchant":"A","items":[]"#,                               // total is required
+            r#"{"merchant":"A","total":1,"items":[],"extra":1"#,           // not a property
+            r#"{"merchant":1"#,                                            // a number for a string
+            r#"{"merchant":"A","total":01"#,                               // a leading zero
+            r#"{"merchant":"A","total":1,"currency":"JPY""#,               // not in the enum
             r#"{"merchant":"A","total":1,"items":[{"name":"a","qty":1.5"#, // not an integer
-            r#"{"merchant":"A","total":1,"items":[{},{},{},{}"#,      // over maxItems (and missing fields)
-            "{\"merchant\":\"a\nb\"",                                 // a raw newline in a string
-            r#"{"merchant":"\x"#,                                     // a bad escape
-            "[",                                                       // the root is an object
+            r#"{"merchant":"A","total":1,"items":[{},{},{},{}"#,           // over maxItems (and missing fields)
+            "{\"merchant\":\"a\nb\"",                                      // a raw newline in a string
+            r#"{"merchant":"\x"#,                                          // a bad escape
+            "[",                                                           // the root is an object
         ] {
             assert!(read(&g, bad).is_none(), "took {bad}");
         }
@@ -1009,7 +1208,8 @@ mod tests {
             let s = read(&g, prefix).unwrap_or_else(|| panic!("refused {prefix}"));
             let tail = s.completion(&g);
             let whole = [prefix.as_bytes(), &tail].concat();
-            let v: Value = serde_json::from_slice(&whole).unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&whole)));
+            let v: Value =
+                serde_json::from_slice(&whole).unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&whole)));
             assert!(v["merchant"].is_string() && v["total"].is_number() && v["items"].is_array(), "{v}");
             assert!(read(&g, std::str::from_utf8(&whole).unwrap()).unwrap().is_done());
         }
@@ -1049,12 +1249,24 @@ mod tests {
         assert!(read(&g, r#"{"items":[],"kind":"receipt"}"#).unwrap().is_done());
         assert!(read(&g, r#"{"items":[],"kind":"other"#).is_none());
         for (schema, words) in [
-            (json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}), "properties.n: 'minimum' is not supported"),
-            (json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}}), "'pattern' is not supported"),
+            (
+                json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}),
+                "properties.n: 'minimum' is not supported",
+            ),
+            (
+                json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}}),
+                "'pattern' is not supported",
+            ),
             (json!({"type": "string"}), "the root must be an object"),
             (json!({"type": "object", "required": ["x"]}), "required 'x' is not among"),
-            (json!({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {"b": {}}}]}}}), "begin alike"),
-            (json!({"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}}}, "$ref": "#/$defs/N"}), "recursive"),
+            (
+                json!({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {"b": {}}}]}}}),
+                "begin alike",
+            ),
+            (
+                json!({"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}}}, "$ref": "#/$defs/N"}),
+                "recursive",
+            ),
             (json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}), "does not name a part"),
             (json!({"type": "object", "properties": {"a": {"type": "date"}}}), "unknown type 'date'"),
             (json!({"type": "array", "minItems": 3, "maxItems": 2}), "minItems is over maxItems"),
@@ -1062,9 +1274,86 @@ mod tests {
             let e = Grammar::from_schema(&schema).unwrap_err();
             assert!(e.contains(words), "{schema} -> {e}");
         }
-        assert!(parse_response_format(&json!({"type": "xml"})).unwrap_err().contains("unknown response_format type 'xml'"));
+        assert!(
+            parse_response_format(&json!({"type": "xml"})).unwrap_err().contains("unknown response_format type 'xml'")
+        );
         assert!(parse_response_format(&json!({"type": "json_schema"})).unwrap_err().contains("needs"));
         assert!(parse_response_format(&json!({"type": "text"})).unwrap().is_none());
+    }
+
+    /// A `$ref` chain of `hops` links, each `wrap`ped (`{"$ref": …}` or a one-branch `anyOf`).
+    fn chain(hops: usize, one_branch_any_of: bool) -> Value {
+        let mut defs = serde_json::Map::new();
+        for i in 0..hops {
+            let next = json!({"$ref": format!("#/$defs/d{}", i + 1)});
+            defs.insert(format!("d{i}"), if one_branch_any_of { json!({"anyOf": [next]}) } else { next });
+        }
+        defs.insert(format!("d{hops}"), json!({"type": "object"}));
+        json!({"$defs": defs, "$ref": "#/$defs/d0"})
+    }
+
+    #[test]
+    fn every_schema_dimension_has_a_limit_refused_up_front_with_the_path() {
+        let t = std::time::Instant::now();
+        for (schema, words) in [
+            // The reported attacks: 3,000 hops (106 KB) and nested one-branch anyOfs.
+            (chain(3000, false), "bytes; at most 65536"),
+            (chain(1000, true), "is hop 17 of a chain; at most 16"),
+            (chain(40, false), "is hop 17 of a chain; at most 16"),
+            // Nested inline, past the depth limit (within serde_json's own nesting limit).
+            (
+                (0..40)
+                    .fold(json!({"type": "object"}), |inner, _| json!({"type": "object", "properties": {"a": inner}})),
+                "nested over 32 deep",
+            ),
+            ((0..60).fold(json!({"type": "object"}), |inner, _| json!({"anyOf": [inner]})), "nested over 32 deep"),
+            (
+                json!({"type": "object", "properties": {"a": {"const": "x".repeat(5000)}}}),
+                "properties.a: a const, enum value or property name of 5002 bytes; at most 4096",
+            ),
+            (
+                json!({"type": "object", "properties": {"x".repeat(5000): {"type": "string"}}}),
+                "property name of 5002 bytes",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"anyOf": (0..17).map(|i| json!({"const": i})).collect::<Vec<_>>()}}}),
+                "17 alternatives; at most 16",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"enum": (0..65).collect::<Vec<_>>()}}}),
+                "65 values; at most 64",
+            ),
+            (json!({"type": "object", "description": "d".repeat(70_000)}), "bytes; at most 65536"),
+        ] {
+            let e = Grammar::from_schema(&schema).unwrap_err();
+            assert!(e.contains(words), "{e} (wanted {words})");
+        }
+        // A chain within the limits compiles, and so does a one-branch anyOf (it is its branch).
+        let g = Grammar::from_schema(&chain(15, true)).unwrap();
+        assert!(read(&g, "{}").unwrap().is_done());
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "refusals are cheap: {:?}", t.elapsed());
+    }
+
+    #[test]
+    fn the_closing_text_is_made_lazily_and_a_schema_that_cannot_fit_is_refused_with_the_numbers() {
+        // Arrays 5 deep, each at least 64 long: 64^5 integers in its shortest value (2.1 GB of text).
+        let deep = (0..5)
+            .fold(json!({"type": "integer"}), |inner, _| json!({"type": "array", "minItems": 64, "items": inner}));
+        let t = std::time::Instant::now();
+        let g = Grammar::from_schema(&json!({"type": "object", "properties": {"a": deep}, "required": ["a"]})).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_millis(500), "compiling is linear: {:?}", t.elapsed());
+        assert!(g.longest_shortest() > 2_000_000_000, "{}", g.longest_shortest());
+        let e = g.fits(256, 64).unwrap_err();
+        assert!(e.contains("bytes, at least") && e.contains("tokens of this model; max_tokens is 256"), "{e}");
+        // Small enough: the completion is the shortest value, written piece by piece.
+        let small =
+            (0..2).fold(json!({"type": "integer"}), |inner, _| json!({"type": "array", "minItems": 3, "items": inner}));
+        let g = Grammar::from_schema(&small).unwrap();
+        g.fits(16, 4).unwrap();
+        assert_eq!(g.start().completion(&g), b"[[0,0,0],[0,0,0],[0,0,0]]");
+        assert_eq!(g.longest_shortest(), 25);
+        let g = Grammar::from_schema(&receipt()).unwrap();
+        assert_eq!(String::from_utf8(g.start().completion(&g)).unwrap(), r#"{"merchant":"","total":0,"items":[]}"#);
     }
 
     #[test]
@@ -1095,9 +1384,52 @@ mod tests {
     #[test]
     fn random_walks_over_allowed_tokens_always_give_valid_json() {
         let pieces = [
-            "{", "}", "[", "]", ",", ":", "\"", " ", "\n", "\"merchant\"", "\"total\"", "\"items\"", "\"name\"", "\"qty\"",
-            "\"paid\"", "\"currency\"", "\"note\"", "\"date\"", "EUR", "\"EUR\"", "USD\"", "1", "0", "-", ".", "e", "5", "true",
-            "false", "null", "tr", "ue", "a", "b c", "\\", "n", "u00e9", "é", "\u{20ac}", "\"}", "\"]", "},", "\":", "12", "0.5", "x\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"",
+            " ",
+            "\n",
+            "\"merchant\"",
+            "\"total\"",
+            "\"items\"",
+            "\"name\"",
+            "\"qty\"",
+            "\"paid\"",
+            "\"currency\"",
+            "\"note\"",
+            "\"date\"",
+            "EUR",
+            "\"EUR\"",
+            "USD\"",
+            "1",
+            "0",
+            "-",
+            ".",
+            "e",
+            "5",
+            "true",
+            "false",
+            "null",
+            "tr",
+            "ue",
+            "a",
+            "b c",
+            "\\",
+            "n",
+            "u00e9",
+            "é",
+            "\u{20ac}",
+            "\"}",
+            "\"]",
+            "},",
+            "\":",
+            "12",
+            "0.5",
+            "x\"",
         ];
         // Every printable ASCII byte is a token too, as in real byte-level vocabularies.
         let singles: Vec<String> = (b' '..=b'~').map(|b| char::from(b).to_string()).collect();

@@ -16,7 +16,7 @@
 //! embeddings, and what the request attached to its prompt (images) into the
 //! prompt step's embeddings; everything else is the same loop.
 
-mod json;
+pub(super) mod json;
 mod sample;
 
 use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
@@ -57,10 +57,17 @@ pub struct GenerationSpec {
     /// for (default the context length, at most 2048).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserve_context: Option<usize>,
+    /// Most prompt tokens one engine call reads (a longer prompt is read in
+    /// chunks, other sequences stepping between them).
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
 }
 
 fn default_max_tokens() -> usize {
     256
+}
+fn default_prefill_chunk() -> usize {
+    512
 }
 fn default_parallel() -> usize {
     4
@@ -171,6 +178,9 @@ impl GenerationSpec {
     /// Checks the spec on its own.
     pub fn validate(&self) -> Vec<SpecProblem> {
         let mut p = Vec::new();
+        if self.prefill_chunk == 0 {
+            p.push(SpecProblem::new(".generation.prefill_chunk", "must be 1 or more"));
+        }
         if self.reserve_context.is_some_and(|r| r == 0 || r > self.context_length) {
             p.push(SpecProblem::new(".generation.reserve_context", "must be 1..=context_length"));
         }
@@ -214,6 +224,8 @@ struct Layout {
     position_ids: bool,
     /// The width of `inputs_embeds` when the decoder takes embeddings instead of ids.
     embeds: Option<usize>,
+    /// The logits' last dimension, when the graph fixes it.
+    vocab: Option<usize>,
 }
 
 fn kv_name(pattern: &str, layer: usize, kv: &str) -> String {
@@ -309,6 +321,7 @@ impl Layout {
             attention_mask: input(&names.attention_mask).is_some(),
             position_ids: input(&names.position_ids).is_some(),
             embeds,
+            vocab: outputs.iter().find(|o| o.name == names.logits).and_then(|o| o.shape.last().copied().flatten()),
         })
     }
 }
@@ -365,7 +378,8 @@ impl TaskSpec for GenerationTaskSpec {
             .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
         let path = graph.dir.join(&spec.tokenizer);
         let generator = Arc::new(Generator::new(spec, &path, graph.inputs, graph.outputs, None)?);
-        let preparer = Arc::new(ReadRequest { generator: generator.clone(), max_text_bytes: graph.limits.max_text_bytes });
+        let preparer =
+            Arc::new(ReadRequest { generator: generator.clone(), max_text_bytes: graph.limits.max_text_bytes });
         Ok(Box::new(GeneratePipeline::new(generator, preparer)))
     }
 }
@@ -405,8 +419,8 @@ impl GeneratePipeline {
     }
 
     fn start(&self, input: Prepared) -> Result<Sequence, InferError> {
-        let Rendered { request, prompt, chat, attached } = input.take()?;
-        self.generator.start_prompt(request, prompt, chat, attached)
+        let Rendered { request, prompt, chat, attached, grammar } = input.take()?;
+        self.generator.start_prompt(request, prompt, chat, attached, grammar)
     }
 }
 
@@ -430,9 +444,13 @@ pub struct Rendered {
     pub chat: bool,
     /// What the prompt's step embeds in place of its tokens (images).
     pub attached: Option<Attached>,
+    /// The `response_format` compiled ([`Generator::response_format`]).
+    pub grammar: Option<Arc<json::Grammar>>,
 }
 
-/// Reads a job's request and renders its prompt (no work worth moving off the worker).
+/// Reads a job's request, renders its prompt and compiles its
+/// `response_format`, on the decode threads (a schema's cost never falls on
+/// the model's worker).
 struct ReadRequest {
     generator: Arc<Generator>,
     max_text_bytes: usize,
@@ -443,7 +461,12 @@ impl Prepare for ReadRequest {
         let request = request_of(input)?;
         let (prompt, chat) = self.generator.render(&request)?;
         within_text_limit(&prompt, self.max_text_bytes)?;
-        Ok(Prepared::new(Rendered { request, prompt, chat, attached: None }))
+        let grammar = self.generator.response_format(&request)?;
+        Ok(Prepared::new(Rendered { request, prompt, chat, attached: None, grammar }))
+    }
+
+    fn off_worker(&self) -> bool {
+        true
     }
 }
 
@@ -563,7 +586,12 @@ pub struct Generator {
     vocab: std::sync::OnceLock<TokenBytes>,
     /// The caches of the sequences that last stepped together, kept batched.
     batch: BatchSlot,
+    /// Rounds in a row a long prompt's chunk waited for newcomers ([`Generator::step_together`]).
+    chunk_waits: std::sync::atomic::AtomicUsize,
 }
+
+/// Rounds in a row a long prompt's chunk may wait for newcomers, at most.
+const MAX_CHUNK_WAITS: usize = 3;
 
 /// The KV caches of sequences that stepped together, as the model returned
 /// them (`2 × layers` tensors `[rows, heads, total, head_dim]`, each row's
@@ -607,8 +635,11 @@ pub struct Sequence {
     finish: Option<FinishReason>,
     /// The JSON the answer is kept to (`response_format`).
     constraint: Option<Constraint>,
-    /// What the request attached to its prompt, until the prompt's step.
+    /// What the request attached to its prompt, until the prompt's first step.
     attached: Option<Attached>,
+    /// The embeddings of the prompt tokens still to feed, for a decoder fed
+    /// embeddings whose prompt is read in chunks (made once, with `attached`).
+    embeds: Option<Vec<f32>>,
 }
 
 impl Drop for Sequence {
@@ -666,15 +697,55 @@ impl Generator {
             eos,
             vocab: std::sync::OnceLock::new(),
             batch: Arc::new(std::sync::Mutex::new(None)),
+            chunk_waits: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// Bytes the KV cache of `seq` can reach (its prompt plus `max_tokens`,
     /// within the context), twice over: each step holds the cache it feeds
-    /// and the one the model returns.
+    /// and the one the model returns; plus the working memory of one prefill
+    /// chunk ([`Generator::prefill_bytes`]).
     pub fn cache_bytes(&self, seq: &Sequence) -> u64 {
-        let positions = (seq.prompt_tokens + seq.max_tokens).min(self.spec.context_length) as u64;
-        2 * positions * self.layout.bytes_per_position()
+        let positions = (seq.prompt_tokens + seq.max_tokens).min(self.spec.context_length);
+        2 * positions as u64 * self.layout.bytes_per_position() + self.prefill_bytes(seq.prompt_tokens, positions)
+    }
+
+    /// The working memory of reading a prompt of `prompt` tokens, one chunk
+    /// at a time, with `positions` in the cache at most: the chunk's logits
+    /// (`chunk × vocab` f32) and one layer's attention scores (`chunk ×
+    /// positions` f32 for each of, counted generously, 4 query heads per
+    /// cache head), the two largest tensors of a chunk's run.
+    pub fn prefill_bytes(&self, prompt: usize, positions: usize) -> u64 {
+        let chunk = prompt.min(self.spec.prefill_chunk) as u64;
+        let vocab = self.layout.vocab.unwrap_or(1 << 16) as u64;
+        4 * chunk * (vocab + 4 * self.layout.heads as u64 * positions as u64)
+    }
+
+    /// Compiles the `response_format` of `request` and checks it against the
+    /// request: no stop strings with a JSON format, and a schema whose values
+    /// can be closed within `max_tokens`.
+    pub fn response_format(&self, request: &GenerateRequest) -> Result<Option<Arc<json::Grammar>>, InferError> {
+        let Some(format) = &request.params.response_format else { return Ok(None) };
+        let Some(grammar) = json::parse_response_format(format).map_err(InferError::bad_input)? else {
+            return Ok(None);
+        };
+        if request.params.stop.iter().any(|s| !s.is_empty()) {
+            return Err(InferError::bad_input(
+                "stop strings do not go with a JSON response_format: the answer ends when its JSON value closes",
+            ));
+        }
+        let max_tokens = self.max_tokens(request)?;
+        grammar.fits(max_tokens, self.vocab().longest()).map_err(InferError::bad_input)?;
+        Ok(Some(Arc::new(grammar)))
+    }
+
+    /// The request's `max_tokens`, or the model's default; refused past the model's limit.
+    fn max_tokens(&self, request: &GenerateRequest) -> Result<usize, InferError> {
+        let max_tokens = request.params.max_tokens.unwrap_or(self.spec.max_tokens);
+        if max_tokens == 0 || max_tokens > self.spec.max_tokens {
+            return Err(InferError::bad_input(format!("max_tokens must be 1..={}", self.spec.max_tokens)));
+        }
+        Ok(max_tokens)
     }
 
     /// The id of `token` in the tokenizer's vocabulary.
@@ -701,24 +772,17 @@ impl Generator {
 
     /// Starts a sequence on `prompt` as rendered from `request` (a chat when
     /// `chat`: the template's stop strings apply), with what the request
-    /// attached to it for the [`Embedder`].
+    /// attached to it for the [`Embedder`] and its compiled `response_format`
+    /// ([`Generator::response_format`]).
     pub fn start_prompt(
         &self,
         request: GenerateRequest,
         prompt: String,
         chat: bool,
         attached: Option<Attached>,
+        grammar: Option<Arc<json::Grammar>>,
     ) -> Result<Sequence, InferError> {
-        let grammar = match &request.params.response_format {
-            None => None,
-            Some(format) => json::parse_response_format(format).map_err(InferError::bad_input)?,
-        };
         let mut stop = request.params.stop.clone();
-        if grammar.is_some() && stop.iter().any(|s| !s.is_empty()) {
-            return Err(InferError::bad_input(
-                "stop strings do not go with a JSON response_format: the answer ends when its JSON value closes",
-            ));
-        }
         if chat && grammar.is_none() {
             stop.extend(self.spec.chat_template.stop.iter().cloned());
         }
@@ -741,10 +805,7 @@ impl Generator {
                 tokens.len()
             )));
         }
-        let max_tokens = request.params.max_tokens.unwrap_or(self.spec.max_tokens);
-        if max_tokens == 0 || max_tokens > self.spec.max_tokens {
-            return Err(InferError::bad_input(format!("max_tokens must be 1..={}", self.spec.max_tokens)));
-        }
+        let max_tokens = self.max_tokens(&request)?;
         let sampler = Sampler::new(&request.params)?;
         let past = (0..2 * self.layout.layers)
             .map(|_| Tensor {
@@ -767,8 +828,9 @@ impl Generator {
             streamed: 0,
             stream: request.stream,
             finish: None,
-            constraint: grammar.map(|g| Constraint::new(Arc::new(g))),
+            constraint: grammar.map(Constraint::new),
             attached,
+            embeds: None,
         })
     }
 
@@ -787,7 +849,10 @@ impl Generator {
                         tokens.len()
                     )));
                 }
-                Ok((names.inputs_embeds.clone(), Tensor { shape: vec![rows, cols, width], data: TensorData::F32(values) }))
+                Ok((
+                    names.inputs_embeds.clone(),
+                    Tensor { shape: vec![rows, cols, width], data: TensorData::F32(values) },
+                ))
             }
             _ => Ok((
                 names.input_ids.clone(),
@@ -803,8 +868,29 @@ impl Generator {
             return Ok(());
         }
         let names = &self.spec.names;
-        let (fed, n) = (seq.tokens.len() - seq.feed.len(), seq.feed.len());
-        let mut inputs: NamedTensors = vec![self.feed(&seq.feed, 1, seq.attached.take())?];
+        // A long prompt is read a chunk per call: other sequences step in between, and a chunk's memory is bounded.
+        let (fed, n) = (seq.tokens.len() - seq.feed.len(), seq.feed.len().min(self.spec.prefill_chunk));
+        let chunked = n < seq.feed.len() || seq.embeds.is_some();
+        let input = match (&self.embedder, chunked) {
+            (Some(_), true) => {
+                if seq.embeds.is_none() {
+                    let (_, all) = self.feed(&seq.feed, 1, seq.attached.take())?;
+                    let TensorData::F32(values) = all.data else {
+                        return Err(InferError::internal("embeddings are not f32"));
+                    };
+                    seq.embeds = Some(values);
+                }
+                let embeds = seq.embeds.as_mut().expect("made above");
+                let width = embeds.len() / seq.feed.len().max(1);
+                let rows: Vec<f32> = embeds.drain(..n * width).collect();
+                if embeds.is_empty() {
+                    seq.embeds = None;
+                }
+                (names.inputs_embeds.clone(), Tensor { shape: vec![1, n, width], data: TensorData::F32(rows) })
+            }
+            _ => self.feed(&seq.feed[..n], 1, seq.attached.take())?,
+        };
+        let mut inputs: NamedTensors = vec![input];
         if self.layout.attention_mask {
             inputs.push((
                 names.attention_mask.clone(),
@@ -822,6 +908,14 @@ impl Generator {
             inputs.push((self.cache_name(&names.past, i), t));
         }
         let (all, vocab, presents) = self.run(engine, inputs)?;
+        if n < seq.feed.len() {
+            // A chunk of the prompt: its cache is kept, its logits are not needed.
+            check_cache(&presents, fed + n)?;
+            tracing::debug!(read = fed + n, prompt = seq.prompt_tokens, "prompt chunk read");
+            seq.past = presents;
+            seq.feed.drain(..n);
+            return Ok(());
+        }
         self.absorb(seq, &all[all.len() - vocab..], presents)
     }
 
@@ -857,10 +951,25 @@ impl Generator {
     /// together in one engine call, their caches left-padded to the longest
     /// and the padding masked out (each keeps its own positions); prompts, and
     /// graphs without an attention mask and position ids, run one by one.
-    pub fn step_together(&self, engine: &mut dyn InferenceBackend, seqs: &mut [&mut Sequence]) -> Vec<Result<(), InferError>> {
+    ///
+    /// A long prompt (over `prefill_chunk`) is read a chunk per round, one
+    /// long prompt per round; a round in which a newcomer reads its short
+    /// prompt or picks its first token skips the chunk (at most
+    /// [`MAX_CHUNK_WAITS`] rounds in a row), so a short request waits for at
+    /// most the chunk already running, not for every chunk of the long one.
+    pub fn step_together(
+        &self,
+        engine: &mut dyn InferenceBackend,
+        seqs: &mut [&mut Sequence],
+    ) -> Vec<Result<(), InferError>> {
         let batchable = self.layout.attention_mask && self.layout.position_ids;
         let decoding: Vec<usize> = (0..seqs.len())
-            .filter(|&i| batchable && seqs[i].finish.is_none() && seqs[i].feed.len() == 1)
+            .filter(|&i| {
+                batchable
+                    && seqs[i].finish.is_none()
+                    && seqs[i].feed.len() == 1
+                    && seqs[i].tokens.len() > seqs[i].prompt_tokens
+            })
             .collect();
         let mut results: Vec<Result<(), InferError>> = (0..seqs.len()).map(|_| Ok(())).collect();
         // Caches kept batched serve the same sequences stepping together again; else they go back to each.
@@ -883,11 +992,31 @@ impl Generator {
                 results[i] = r;
             }
         }
+        let chunk = self.spec.prefill_chunk;
+        let long = |s: &Sequence| {
+            s.finish.is_none()
+                && s.tokens.len() == s.prompt_tokens
+                && (s.feed.len() > chunk || s.feed.len() < s.prompt_tokens)
+        };
+        let young = seqs.iter().any(|s| s.finish.is_none() && !long(s) && s.tokens.len() <= s.prompt_tokens + 1);
+        let waits = self.chunk_waits.load(std::sync::atomic::Ordering::Relaxed);
+        let mut chunk_turn = !young || waits >= MAX_CHUNK_WAITS;
+        let (mut waited, mut ran) = (false, false);
         for (i, s) in seqs.iter_mut().enumerate() {
-            if decoding.len() <= 1 || !decoding.contains(&i) {
-                results[i] = self.step(engine, s);
+            if decoding.len() > 1 && decoding.contains(&i) {
+                continue;
             }
+            if long(s) {
+                if !chunk_turn {
+                    waited = true;
+                    continue;
+                }
+                (chunk_turn, ran) = (false, true);
+            }
+            results[i] = self.step(engine, s);
         }
+        let waits = if waited && !ran { waits + 1 } else { 0 };
+        self.chunk_waits.store(waits, std::sync::atomic::Ordering::Relaxed);
         results
     }
 
@@ -961,7 +1090,10 @@ impl Generator {
             ),
         ];
         for (i, data) in caches.into_iter().enumerate() {
-            inputs.push((self.cache_name(&names.past, i), Tensor { shape: vec![b, heads, longest, hd], data: TensorData::F32(data) }));
+            inputs.push((
+                self.cache_name(&names.past, i),
+                Tensor { shape: vec![b, heads, longest, hd], data: TensorData::F32(data) },
+            ));
         }
         let (all, vocab, outputs) = match self.run(engine, inputs) {
             Ok(o) => o,
@@ -988,15 +1120,7 @@ impl Generator {
 
     /// Takes a step's outcome into `seq`: its new cache, and the next token picked from `logits`.
     fn absorb(&self, seq: &mut Sequence, logits: &[f32], presents: Vec<Tensor>) -> Result<(), InferError> {
-        let fed = seq.tokens.len();
-        for (i, present) in presents.iter().enumerate() {
-            if present.shape.get(2) != Some(&fed) {
-                return Err(InferError::internal(format!(
-                    "cache output {i} has shape {:?}; expected {fed} positions",
-                    present.shape
-                )));
-            }
-        }
+        check_cache(&presents, seq.tokens.len())?;
         seq.past = presents;
         self.next_token(seq, logits)
     }
@@ -1141,6 +1265,19 @@ impl Generator {
     }
 }
 
+/// Checks that every cache output holds `fed` positions.
+fn check_cache(presents: &[Tensor], fed: usize) -> Result<(), InferError> {
+    for (i, present) in presents.iter().enumerate() {
+        if present.shape.get(2) != Some(&fed) {
+            return Err(InferError::internal(format!(
+                "cache output {i} has shape {:?}; expected {fed} positions",
+                present.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Bytes at the end of `text` that begin one of `stop` (and so may still
 /// become it): the longest such tail, 0 when none does.
 fn stop_prefix_tail(text: &str, stop: &[String]) -> usize {
@@ -1198,6 +1335,9 @@ mod tests {
         assert!(t.render(&[m("robot", "x")]).unwrap_err().message.contains("unknown chat role"));
         let with_default = ChatTemplate { default_system: Some("Be kind.".into()), ..ChatTemplate::default() };
         assert_eq!(with_default.render(&[m("user", "Hi")]).unwrap(), "Be kind.\nUser: Hi\nAssistant:");
-        assert_eq!(with_default.render(&[m("system", "Be brief."), m("user", "Hi")]).unwrap(), "Be brief.\nUser: Hi\nAssistant:");
+        assert_eq!(
+            with_default.render(&[m("system", "Be brief."), m("user", "Hi")]).unwrap(),
+            "Be brief.\nUser: Hi\nAssistant:"
+        );
     }
 }

@@ -231,8 +231,9 @@ impl TaskSpec for VisionLanguageSpec {
             InferError::unavailable(format!("the image token '{}' is not in the tokenizer's vocabulary", vision.spec.image_token))
         })?;
         embedder.image_token.set(image_token).ok();
-        let preparer = Arc::new(VisionPreparer { vision });
-        Ok(Box::new(GeneratePipeline::new(Arc::new(generator), preparer)))
+        let generator = Arc::new(generator);
+        let preparer = Arc::new(VisionPreparer { vision, generator: generator.clone() });
+        Ok(Box::new(GeneratePipeline::new(generator, preparer)))
     }
 }
 
@@ -433,6 +434,7 @@ impl FeatureCache {
 /// Renders a chat with images into its prompt and prepares the images (decode, views) on the decode threads.
 struct VisionPreparer {
     vision: Arc<Vision>,
+    generator: Arc<Generator>,
 }
 
 impl Prepare for VisionPreparer {
@@ -465,7 +467,8 @@ impl Prepare for VisionPreparer {
             }
         };
         let attached: Option<Attached> = if images.is_empty() { None } else { Some(Box::new(images)) };
-        Ok(Prepared::new(Rendered { request, prompt, chat, attached }))
+        let grammar = self.generator.response_format(&request)?;
+        Ok(Prepared::new(Rendered { request, prompt, chat, attached, grammar }))
     }
 
     fn off_worker(&self) -> bool {
