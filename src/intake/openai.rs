@@ -295,21 +295,6 @@ pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<OpenAi
     Ok(OpenAiRequest { model: c.model, request, stream: c.stream, fetches })
 }
 
-/// Refuses a chat with images for a model whose task reads none (before
-/// they are fetched). The task says so through its input description until
-/// `TaskSpec` carries the fact itself.
-fn images_taken(spec: &crate::registry::ModelSpec, input: &JobInput) -> Result<(), InferError> {
-    let JobInput::Generate(GenerateRequest { prompt: Prompt::Chat(messages), .. }) = input else { return Ok(()) };
-    if messages.iter().all(|m| m.images.is_empty()) || spec.task.takes().1.contains("image") {
-        return Ok(());
-    }
-    Err(InferError::bad_input(format!(
-        "model '{}' is a {} model: it reads no images (send them to a vision-language model)",
-        spec.name,
-        spec.task.task()
-    )))
-}
-
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn now_s() -> u64 {
@@ -332,7 +317,7 @@ async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest) -> Response {
     // The task's own checks (a response_format, images for a model that reads
     // none) come before any fetch: a request the model refuses costs no fetch.
     let input = JobInput::Generate(r.request);
-    if let Err(e) = crate::pipeline::admits(&*spec.task, &input).and_then(|()| images_taken(spec, &input)) {
+    if let Err(e) = crate::pipeline::admits(&*spec.task, &input) {
         return error_response(&e);
     }
     let JobInput::Generate(request) = input else { unreachable!("built as a generation just above") };

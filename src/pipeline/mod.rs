@@ -192,6 +192,11 @@ pub trait TaskSpec: Send + Sync + 'static {
     fn section(&self) -> serde_json::Map<String, serde_json::Value>;
     /// The kinds of input its jobs take, and how to say so when a job has another.
     fn takes(&self) -> (&'static [InputKind], &'static str);
+    /// Whether a chat's images reach its model (vision-language); other tasks
+    /// refuse a chat with images at admission, before any image is fetched.
+    fn reads_images(&self) -> bool {
+        false
+    }
     /// Files its section names, relative to models.json, each with its JSON path (`.labels`).
     fn files(&self) -> Vec<(String, &Path)> {
         Vec::new()
@@ -279,11 +284,19 @@ pub fn admits(spec: &dyn TaskSpec, input: &JobInput) -> Result<(), InferError> {
     if !kinds.contains(&input.kind()) {
         return Err(InferError::bad_input(format!("the {} task takes {wanted}", spec.task())));
     }
+    let JobInput::Generate(request) = input else { return Ok(()) };
+    if let crate::job::Prompt::Chat(messages) = &request.prompt
+        && messages.iter().any(|m| !m.images.is_empty())
+        && !spec.reads_images()
+    {
+        return Err(InferError::bad_input(format!(
+            "this is a {} model: it reads no images (send them to a vision-language model)",
+            spec.task()
+        )));
+    }
     // A response_format is compiled here too (linear in its size, within its
     // limits), so a bad one is refused before its model loads.
-    if let JobInput::Generate(request) = input
-        && let Some(format) = &request.params.response_format
-    {
+    if let Some(format) = &request.params.response_format {
         generate::json::parse_response_format(format).map_err(InferError::bad_input)?;
     }
     Ok(())

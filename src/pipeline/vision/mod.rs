@@ -140,6 +140,10 @@ impl TaskSpec for VisionLanguageSpec {
         (&[InputKind::Prompt, InputKind::Text], "a chat with images: POST /v1/chat/completions")
     }
 
+    fn reads_images(&self) -> bool {
+        true
+    }
+
     fn files(&self) -> Vec<(String, &Path)> {
         let mut files: Vec<(String, &Path)> =
             self.generation.iter().map(|g| (".generation.tokenizer".to_string(), g.tokenizer.as_path())).collect();
@@ -154,7 +158,9 @@ impl TaskSpec for VisionLanguageSpec {
     fn validate(&self) -> Vec<SpecProblem> {
         let mut p = match &self.generation {
             Some(g) => g.validate(),
-            None => vec![SpecProblem::new(".generation", "vision-language needs a 'generation' spec with its tokenizer")],
+            None => {
+                vec![SpecProblem::new(".generation", "vision-language needs a 'generation' spec with its tokenizer")]
+            }
         };
         match &self.vision {
             None => p.push(SpecProblem::new(".vision", "vision-language needs a 'vision' spec with its chat_template")),
@@ -228,7 +234,10 @@ impl TaskSpec for VisionLanguageSpec {
         let tokenizer = graph.dir.join(&generation.tokenizer);
         let generator = Generator::new(generation, &tokenizer, graph.inputs, graph.outputs, Some(embedder.clone()))?;
         let image_token = generator.token_id(&vision.spec.image_token).ok_or_else(|| {
-            InferError::unavailable(format!("the image token '{}' is not in the tokenizer's vocabulary", vision.spec.image_token))
+            InferError::unavailable(format!(
+                "the image token '{}' is not in the tokenizer's vocabulary",
+                vision.spec.image_token
+            ))
         })?;
         embedder.image_token.set(image_token).ok();
         let generator = Arc::new(generator);
@@ -271,7 +280,11 @@ fn vision_interface(v: &VisionSpec, inputs: &[TensorInfo], outputs: &[TensorInfo
         ));
     }
     if !outputs.iter().any(|o| o.name == names.image_features) {
-        return Err(format!("the vision encoder has no output '{}' (outputs: {})", names.image_features, list(outputs)));
+        return Err(format!(
+            "the vision encoder has no output '{}' (outputs: {})",
+            names.image_features,
+            list(outputs)
+        ));
     }
     Ok(mask.is_some())
 }
@@ -280,10 +293,20 @@ fn vision_interface(v: &VisionSpec, inputs: &[TensorInfo], outputs: &[TensorInfo
 fn embed_interface(names: &VisionNames, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<(), String> {
     match inputs {
         [i] if i.name == names.input_ids && i.dtype == Some(DType::I64) => {}
-        _ => return Err(format!("the embedding graph must take only '{}' (i64); it takes {}", names.input_ids, list(inputs))),
+        _ => {
+            return Err(format!(
+                "the embedding graph must take only '{}' (i64); it takes {}",
+                names.input_ids,
+                list(inputs)
+            ));
+        }
     }
     if !outputs.iter().any(|o| o.name == names.inputs_embeds) {
-        return Err(format!("the embedding graph has no output '{}' (outputs: {})", names.inputs_embeds, list(outputs)));
+        return Err(format!(
+            "the embedding graph has no output '{}' (outputs: {})",
+            names.inputs_embeds,
+            list(outputs)
+        ));
     }
     Ok(())
 }
@@ -320,7 +343,8 @@ struct Vision {
 
 impl Vision {
     fn new(spec: VisionSpec, template: String, limits: Limits) -> Vision {
-        let processor = ImageProcessor { longest_edge: spec.longest_edge, tile: spec.tile, mean: spec.mean, std: spec.std };
+        let processor =
+            ImageProcessor { longest_edge: spec.longest_edge, tile: spec.tile, mean: spec.mean, std: spec.std };
         let mut env = minijinja::Environment::new();
         // Templates are written for Python's Jinja: its string methods work as there.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -460,7 +484,9 @@ impl Prepare for VisionPreparer {
                 for m in messages.iter_mut() {
                     for (_, bytes) in std::mem::take(&mut m.images) {
                         let n = images.len() + 1;
-                        images.push(v.image(&bytes).map_err(|e| InferError::bad_input(format!("image {n}: {}", e.message)))?);
+                        images.push(
+                            v.image(&bytes).map_err(|e| InferError::bad_input(format!("image {n}: {}", e.message)))?,
+                        );
                     }
                 }
                 (expand(&rendered, &v.spec, &images)?, true, images)
@@ -585,7 +611,8 @@ impl VisionEmbedder {
 impl Embedder for VisionEmbedder {
     fn embed(&self, tokens: &[u32], attached: Option<Attached>) -> Result<Vec<f32>, InferError> {
         let names = &self.vision.spec.names;
-        let ids = Tensor { shape: vec![1, tokens.len()], data: TensorData::I64(tokens.iter().map(|&t| t as i64).collect()) };
+        let ids =
+            Tensor { shape: vec![1, tokens.len()], data: TensorData::I64(tokens.iter().map(|&t| t as i64).collect()) };
         let outputs = self.embed.lock().unwrap_or_else(|e| e.into_inner()).run(vec![(names.input_ids.clone(), ids)])?;
         let embeds = outputs
             .into_iter()
@@ -596,7 +623,8 @@ impl Embedder for VisionEmbedder {
             return Err(InferError::internal("the token embeddings are not f32"));
         };
         let Some(images) = attached else { return Ok(values) };
-        let images = images.downcast::<Vec<ImageIn>>().map_err(|_| InferError::internal("attached for another task"))?;
+        let images =
+            images.downcast::<Vec<ImageIn>>().map_err(|_| InferError::internal("attached for another task"))?;
         let width = values.len() / tokens.len().max(1);
         let image_token = *self.image_token.get().ok_or_else(|| InferError::internal("the image token is not set"))?;
         let mut slots = tokens.iter().enumerate().filter(|(_, t)| **t == image_token).map(|(i, _)| i);
@@ -671,7 +699,8 @@ mod tests {
             let names: Vec<&str> = case["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
             let images: Vec<(usize, Vec<u8>)> =
                 names.iter().map(|n| (0, std::fs::read(pictures.join(n)).unwrap())).collect();
-            let message = ChatMessage { role: "user".into(), content: case["question"].as_str().unwrap().into(), images };
+            let message =
+                ChatMessage { role: "user".into(), content: case["question"].as_str().unwrap().into(), images };
             let rendered = vision.render(std::slice::from_ref(&message)).unwrap();
             assert_eq!(rendered, case["prompt"].as_str().unwrap(), "{names:?}");
             let prepared: Vec<ImageIn> = message.images.iter().map(|(_, b)| vision.image(b).unwrap()).collect();
@@ -700,8 +729,12 @@ mod tests {
     #[test]
     fn text_and_images_interleave_in_the_parts_the_template_sees() {
         let vision = fixture_vision();
-        let m = ChatMessage { role: "user".into(), content: "Left.Right.".into(), images: vec![(5, vec![]), (11, vec![])] };
-        assert_eq!(vision.render(&[m]).unwrap(), "<|im_start|>User: Left.<image>Right.<image><end_of_utterance>\nAssistant:");
+        let m =
+            ChatMessage { role: "user".into(), content: "Left.Right.".into(), images: vec![(5, vec![]), (11, vec![])] };
+        assert_eq!(
+            vision.render(&[m]).unwrap(),
+            "<|im_start|>User: Left.<image>Right.<image><end_of_utterance>\nAssistant:"
+        );
         let text = ChatMessage { role: "user".into(), content: "Hi".into(), images: vec![] };
         assert_eq!(vision.render(&[text]).unwrap(), "<|im_start|>User: Hi<end_of_utterance>\nAssistant:");
         let sneaky = ChatMessage { role: "user".into(), content: "a <image> b".into(), images: vec![] };
