@@ -170,6 +170,26 @@ impl Manager {
         out
     }
 
+    /// The loads of others than `model` under way or waiting, as eviction
+    /// will see them once loaded: in use, shielded for the longest shield.
+    fn loads_under_way(&self, book: &Book, me: Option<u64>, model: &str) -> Vec<Resident> {
+        let registry = self.registry();
+        book.entries
+            .iter()
+            .filter(|(id, e)| {
+                Some(**id) != me && e.model != model && matches!(e.stage, Stage::Waiting | Stage::Loading)
+            })
+            .map(|(_, e)| Resident {
+                model: e.model.clone(),
+                bytes: e.bytes,
+                idle: Duration::ZERO,
+                pinned: registry.get(&e.model).is_some_and(|m| m.pin),
+                shielded: self.shield.cap.max(Duration::from_millis(100)),
+                warm: true,
+            })
+            .collect()
+    }
+
     /// Memory on its way back for a load of `model`: models being unloaded and,
     /// unless a swap asks (its own worker holds the old variant), older loads
     /// of the same model, whose workers are finishing their queue to exit.
@@ -194,6 +214,15 @@ impl Manager {
     ) -> Result<Decision, InferError> {
         let room = self.room_in(book, me)?;
         let releasing = Self::releasing(book, me, &model.name, requested.is_some());
+        // What will be free once that is back: under a budget, the books may hold more
+        // than the budget for a while (memory on its way back and the room set aside for it).
+        let releasing = match self.cfg.budget_mb {
+            Some(budget) => {
+                let others: u64 = book.entries.iter().filter(|(id, _)| Some(**id) != me).map(|(_, e)| e.bytes).sum();
+                (budget << 20).saturating_sub(others.saturating_sub(releasing)).saturating_sub(room)
+            }
+            None => releasing,
+        };
         if let Some(name) = requested {
             // A variant asked for (a pressure swap) never evicts others; under a
             // budget it must fit beside the variant it replaces.
@@ -214,9 +243,21 @@ impl Manager {
             };
         }
         let headroom = self.cfg.headroom_mb << 20;
-        let residents = self.residents(book, me, &model.name);
-        let (index, room_for, reason) = choose_room(needs, headroom, &residents, room, releasing)
-            .map_err(|why| InferError::unavailable(format!("model '{}' cannot load: {why}", model.name)))?;
+        let mut residents = self.residents(book, me, &model.name);
+        let (index, room_for, reason) = match choose_room(needs, headroom, &residents, room, releasing) {
+            Ok(chosen) => chosen,
+            Err(why) => {
+                // Not now, but once the other loads under way are done and have served
+                // their shields (taken as the longest): wait for them, not a refusal.
+                residents.extend(self.loads_under_way(book, me, &model.name));
+                match choose_room(needs, headroom, &residents, room, releasing) {
+                    Ok(later) => later,
+                    Err(_) => {
+                        return Err(InferError::unavailable(format!("model '{}' cannot load: {why}", model.name)));
+                    }
+                }
+            }
+        };
         let now = matches!(&room_for, Room::Evict(v) if v.is_empty())
             && needs[index].total().saturating_add(headroom) <= room;
         Ok(Decision { index, reason, room: room_for, now })
@@ -236,6 +277,7 @@ impl Manager {
         evict: &mut dyn FnMut(&str),
     ) -> Result<(LoadPlan, Charge), InferError> {
         let needs = self.needs(model);
+        let patience = deadline.saturating_duration_since(Instant::now());
         let mut book = self.ledger.lock();
         let charge = self.ledger.open(&mut book, &model.name);
         let id = charge.id();
@@ -248,9 +290,19 @@ impl Manager {
                 }
             };
             let need = &needs[d.index];
+            // Evictions are granted in arrival order: a load that must unload others (or
+            // wait for a shield) waits while an earlier load waits for room, so none starves.
+            let behind =
+                book.entries.range(..id).find(|(_, e)| e.stage == Stage::Waiting).map(|(_, e)| e.model.clone());
             let own = book.entries.get_mut(&id).expect("a load's own entry stays while its charge lives");
             own.variant = need.name.clone();
+            // A load that has made room already keeps its turn.
+            let queued = behind.is_some() && own.bytes == 0 && !matches!(&d.room, Room::Evict(v) if v.is_empty());
             let victims = match &d.room {
+                _ if queued => {
+                    own.bytes = 0;
+                    Vec::new()
+                }
                 Room::Evict(victims) if victims.is_empty() && d.now => {
                     own.bytes = need.bytes;
                     own.stage = Stage::Loading;
@@ -282,15 +334,25 @@ impl Manager {
                 book = self.ledger.lock();
                 continue;
             }
+            // The deadline bounds the wait for a turn and for shields; a load that has made
+            // room waits for that memory to come back (its models finish their queues) as
+            // long again rather than waste the evictions.
+            let earmarked = book.entries.get(&id).is_some_and(|e| e.bytes > 0);
+            let deadline = if earmarked { deadline + patience } else { deadline };
             let now = Instant::now();
             if now >= deadline {
                 drop(book);
+                let why = match behind {
+                    Some(earlier) if queued => format!("{}, after the load of '{earlier}' that waits first", d.reason),
+                    _ => d.reason,
+                };
                 return Err(InferError::overloaded(format!(
-                    "model '{}' found no room in time: {}; try again later",
-                    model.name, d.reason
+                    "model '{}' found no room in time: {why}; try again later",
+                    model.name
                 )));
             }
             let nap = match &d.room {
+                _ if queued => Duration::from_millis(250),
                 Room::Wait { after, .. } => *after,
                 Room::Evict(_) => Duration::from_secs(1),
             };

@@ -194,6 +194,48 @@ fn a_newcomer_whose_deadline_comes_first_gets_a_typed_error_naming_the_shielded_
 }
 
 #[test]
+fn a_load_that_fits_only_once_another_load_is_done_waits_for_it_instead_of_being_refused() {
+    let f = Arc::new(Fixture::new(&[OCR, RECEIPT], 600, 0, Shield::NONE));
+    let (plan, loading) = f.manager.reserve_load(&f.spec("ocr"), None, soon(), &mut |_| {}).unwrap();
+    let g = f.clone();
+    let receipt = std::thread::spawn(move || {
+        g.manager.reserve_load(&g.spec("receipt"), None, soon(), &mut |v| assert_eq!(v, "ocr")).map(|(p, _)| p)
+    });
+    std::thread::sleep(ms(100));
+    assert!(!receipt.is_finished(), "it waits while ocr loads");
+    let _ = f.manager.record_load(&loading, &f.spec("ocr"), &plan.variant, None, ms(10));
+    std::thread::sleep(ms(50));
+    drop(loading); // evicted once loaded (no shield here): its worker exits
+    assert_eq!(receipt.join().unwrap().unwrap().variant, "v6");
+}
+
+#[test]
+fn loads_that_must_unload_others_take_their_turn_in_arrival_order() {
+    let shield = Shield { factor: 0, floor: ms(200), cap: ms(200) };
+    let f = Arc::new(Fixture::new(&[OCR, RECEIPT, LLM], 600, 0, shield));
+    let ocr = Arc::new(Mutex::new(Some(f.load("ocr"))));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let start = |model: &'static str| {
+        let (f, ocr, order) = (f.clone(), ocr.clone(), order.clone());
+        std::thread::spawn(move || {
+            let (_, charge) = f
+                .manager
+                .reserve_load(&f.spec(model), None, soon(), &mut |_| drop(ocr.lock().unwrap().take()))
+                .unwrap();
+            order.lock().unwrap().push(model);
+            std::thread::sleep(ms(50));
+            drop(charge);
+        })
+    };
+    let first = start("llm"); // waits for ocr's shield
+    std::thread::sleep(ms(30));
+    let second = start("receipt");
+    first.join().unwrap();
+    second.join().unwrap();
+    assert_eq!(*order.lock().unwrap(), vec!["llm", "receipt"]);
+}
+
+#[test]
 fn beside_a_model_in_use_the_smaller_variant_is_taken_rather_than_unloading_it() {
     // 900 MiB: the LLM (int4) and minilm leave 424 MiB; ocr's v4 fits there, v6 would unload the LLM.
     let f = Fixture::new(&[OCR, LLM, MINILM], 900, 64, Shield::NONE);
@@ -330,7 +372,7 @@ fn churn(seed: u64) {
                         0..=49 => {
                             let requested = (rng.below(5) == 0)
                                 .then(|| spec.variants[rng.below(spec.variants.len() as u64) as usize].name.clone());
-                            let deadline = Instant::now() + ms(rng.below(300));
+                            let deadline = Instant::now() + ms(rng.below(150));
                             let mut evict = |v: &str| {
                                 EVICTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 evictions.lock().unwrap().push(v.to_string())
