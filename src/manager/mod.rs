@@ -108,7 +108,7 @@ impl Manager {
     fn room_in(&self, book: &Book, me: Option<u64>) -> Result<u64, InferError> {
         let others = || book.entries.iter().filter(move |(id, _)| Some(**id) != me).map(|(_, e)| e);
         match self.cfg.budget_mb {
-            Some(budget) => Ok((budget << 20).saturating_sub(others().map(|e| e.bytes).sum())),
+            Some(budget) => Ok((budget << 20).saturating_sub(Self::taken(others()))),
             None => {
                 let free =
                     self.probe.available_bytes().map_err(|e| InferError::unavailable(format!("memory probe: {e}")))?;
@@ -122,7 +122,21 @@ impl Manager {
 
     /// What loads are charged plus the room set aside for waiting ones, bytes.
     pub fn used(&self) -> u64 {
-        self.ledger.lock().entries.values().map(|e| e.bytes).sum()
+        Self::taken(self.ledger.lock().entries.values())
+    }
+
+    /// The memory `entries` take: what they hold, where the room set aside for
+    /// waiting loads counts only beyond the memory on its way back to them.
+    fn taken<'a>(entries: impl Iterator<Item = &'a Entry>) -> u64 {
+        let (mut held, mut evicting, mut set_aside) = (0u64, 0u64, 0u64);
+        for e in entries {
+            match e.stage {
+                Stage::Waiting => set_aside += e.bytes,
+                Stage::Evicting => evicting += e.bytes,
+                Stage::Loading | Stage::Loaded => held += e.bytes,
+            }
+        }
+        held + evicting.max(set_aside)
     }
 
     /// What each model's loads hold now (loading, loaded, or unloading), bytes.
