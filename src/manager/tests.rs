@@ -363,7 +363,7 @@ fn churn(seed: u64) {
             let (f, world, evictions) = (f.clone(), world.clone(), evictions.clone());
             let names = names.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ (t + 1) * 0x1234_5678_9abc);
+                let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ ((t + 1) * 0x1234_5678_9abc));
                 for _ in 0..150 {
                     let model = names[rng.below(names.len() as u64) as usize];
                     let spec = f.spec(model);
