@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-20000}"
 targets=("${@:2}")
-[ ${#targets[@]} -gt 0 ] || targets=(registry api_request mqtt_envelope image_decode prompt config)
+[ ${#targets[@]} -gt 0 ] || targets=(registry api_request mqtt_envelope image_decode prompt config schema)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
 for target in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$target"

@@ -275,6 +275,13 @@ impl LoadedModel {
         }
     }
 
+    /// Gives back the engine memory that ended sequences left pooled ([`pipeline::Stepper::release`]).
+    pub fn release(&mut self) {
+        if let Some(stepper) = self.pipeline.stepper() {
+            stepper.release(self.engine.as_mut());
+        }
+    }
+
     /// Whether this model's jobs are many engine calls each (they interleave), and how many run together.
     pub fn parallel(&self) -> Option<usize> {
         self.pipeline.stepper().map(|s| s.parallel())

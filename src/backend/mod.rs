@@ -30,6 +30,13 @@ pub trait InferenceBackend: Send {
     fn outputs(&self) -> &[TensorInfo];
     /// Runs the graph on `inputs` (every declared input, by name) and returns every output.
     fn run(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError>;
+    /// Runs the graph like [`InferenceBackend::run`], then gives the run's
+    /// working memory back to the system where the engine keeps it pooled
+    /// (ONNX Runtime's CPU arena holds on to its peak): for the rare large
+    /// run, such as a long prompt's chunk, whose peak should not stay.
+    fn run_releasing(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
+        self.run(inputs)
+    }
     /// Which providers registered and how many graph nodes each took, where the engine says.
     fn placement(&self) -> Option<&Placement> {
         None

@@ -229,6 +229,9 @@ pub struct OrtBackend {
     outputs: Vec<TensorInfo>,
     /// A TensorRT session being built in the background; swapped in when ready.
     upgrade: Option<std::sync::mpsc::Receiver<Result<Built, BackendError>>>,
+    /// Run options that give the CPU arena's free regions back at the end of
+    /// a run (`None` without the arena, where ONNX Runtime frees as it goes).
+    release: Option<ort::session::RunOptions>,
 }
 
 /// A created session: the session, where its nodes went, and its main provider.
@@ -312,6 +315,7 @@ impl OrtBackend {
             inputs,
             outputs,
             upgrade,
+            release: if request.runtime.cpu_arena { releasing_options() } else { None },
         })
     }
 
@@ -606,6 +610,21 @@ fn dispatch(spec: &ProviderSpec, caches: &Caches) -> Option<ExecutionProviderDis
     }
 }
 
+/// Run options that shrink the CPU arena once the run is done: its regions
+/// left wholly free go back to the system (ONNX Runtime's
+/// `memory.enable_memory_arena_shrinkage`).
+fn releasing_options() -> Option<ort::session::RunOptions> {
+    let made = ort::session::RunOptions::new()
+        .and_then(|mut o| o.set("memory.enable_memory_arena_shrinkage", "cpu:0").map(|()| o));
+    match made {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!("cannot make run options that shrink the arena ({e}); a long run's memory stays in it");
+            None
+        }
+    }
+}
+
 fn outlet_info(name: &str, ty: &ValueType) -> TensorInfo {
     match ty {
         ValueType::Tensor { ty, shape, .. } => TensorInfo {
@@ -669,6 +688,33 @@ fn from_value(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
     tensor.map_err(|e| BackendError::Run(format!("reading output '{name}': {e}")))
 }
 
+impl OrtBackend {
+    /// Runs the session; `release`: with the options that shrink the arena afterwards.
+    fn run_with(&mut self, inputs: NamedTensors, release: bool) -> Result<NamedTensors, BackendError> {
+        self.take_upgrade();
+        let inputs = check_inputs(&self.inputs, inputs)?;
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+        for (name, tensor) in inputs {
+            let value = to_value(tensor).map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
+            values.push((Cow::Owned(name), value.into()));
+        }
+        let outputs = match self.release.as_ref().filter(|_| release) {
+            Some(options) => self.session.run_with_options(values, options),
+            None => self.session.run(values),
+        }
+        .map_err(|e| BackendError::Run(e.to_string()))?;
+        self.outputs
+            .iter()
+            .map(|info| {
+                let value = outputs
+                    .get(&info.name)
+                    .ok_or_else(|| BackendError::Run(format!("ONNX Runtime returned no output '{}'", info.name)))?;
+                Ok((info.name.clone(), from_value(&info.name, value)?))
+            })
+            .collect()
+    }
+}
+
 impl InferenceBackend for OrtBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Ort
@@ -691,23 +737,11 @@ impl InferenceBackend for OrtBackend {
     }
 
     fn run(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
-        self.take_upgrade();
-        let inputs = check_inputs(&self.inputs, inputs)?;
-        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
-        for (name, tensor) in inputs {
-            let value = to_value(tensor).map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
-            values.push((Cow::Owned(name), value.into()));
-        }
-        let outputs = self.session.run(values).map_err(|e| BackendError::Run(e.to_string()))?;
-        self.outputs
-            .iter()
-            .map(|info| {
-                let value = outputs
-                    .get(&info.name)
-                    .ok_or_else(|| BackendError::Run(format!("ONNX Runtime returned no output '{}'", info.name)))?;
-                Ok((info.name.clone(), from_value(&info.name, value)?))
-            })
-            .collect()
+        self.run_with(inputs, false)
+    }
+
+    fn run_releasing(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
+        self.run_with(inputs, true)
     }
 }
 

@@ -439,6 +439,10 @@ pub trait Stepper {
         engine: &mut dyn InferenceBackend,
         seqs: &mut [&mut (dyn Sequence + 'static)],
     ) -> Vec<Result<(), InferError>>;
+    /// Gives back to the system the engine memory that large sequences, now
+    /// ended, left pooled in it (called when at least
+    /// [`crate::worker`]'s trim threshold of sequences ended at once).
+    fn release(&self, _engine: &mut dyn InferenceBackend) {}
 }
 
 /// One job of a many-call task in progress.

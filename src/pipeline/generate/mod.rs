@@ -518,6 +518,10 @@ impl super::Stepper for GeneratePipeline {
         }
         self.generator.step_together(engine, &mut own)
     }
+
+    fn release(&self, engine: &mut dyn InferenceBackend) {
+        self.generator.release(engine);
+    }
 }
 
 /// A sequence and the generator that advances it.
@@ -712,13 +716,16 @@ impl Generator {
 
     /// The working memory of reading a prompt of `prompt` tokens, one chunk
     /// at a time, with `positions` in the cache at most: the chunk's logits
-    /// (`chunk × vocab` f32) and one layer's attention scores (`chunk ×
-    /// positions` f32 for each of, counted generously, 4 query heads per
-    /// cache head), the two largest tensors of a chunk's run.
+    /// (`chunk × vocab` f32) and one layer's attention scores and their
+    /// softmax (`chunk × positions` f32 each, for, counted generously, 4
+    /// query heads per cache head), the largest tensors of a chunk's run.
+    /// SmolLM2's 8,130-token prompt: 477 MiB counted, and the process peaked
+    /// 1,060 MiB above the loaded model with the 715 MiB of caches
+    /// (docs/RELIABILITY.md, "Hostile generation requests").
     pub fn prefill_bytes(&self, prompt: usize, positions: usize) -> u64 {
         let chunk = prompt.min(self.spec.prefill_chunk) as u64;
         let vocab = self.layout.vocab.unwrap_or(1 << 16) as u64;
-        4 * chunk * (vocab + 4 * self.layout.heads as u64 * positions as u64)
+        4 * chunk * (vocab + 2 * 4 * self.layout.heads as u64 * positions as u64)
     }
 
     /// Compiles the `response_format` of `request` and checks it against the
@@ -907,7 +914,9 @@ impl Generator {
         for (i, t) in past.into_iter().enumerate() {
             inputs.push((self.cache_name(&names.past, i), t));
         }
-        let (all, vocab, presents) = self.run(engine, inputs)?;
+        // A long prompt's chunks leave the engine's pool as it was: their working memory does not stay.
+        let release = n > 1 && seq.prompt_tokens > self.spec.prefill_chunk;
+        let (all, vocab, presents) = self.run(engine, inputs, release)?;
         if n < seq.feed.len() {
             // A chunk of the prompt: its cache is kept, its logits are not needed.
             check_cache(&presents, fed + n)?;
@@ -924,9 +933,10 @@ impl Generator {
         &self,
         engine: &mut dyn InferenceBackend,
         inputs: NamedTensors,
+        release: bool,
     ) -> Result<(Vec<f32>, usize, Vec<Tensor>), InferError> {
         let names = &self.spec.names;
-        let mut outputs = engine.run(inputs)?;
+        let mut outputs = if release { engine.run_releasing(inputs)? } else { engine.run(inputs)? };
         let logits = take_output(&mut outputs, &names.logits)?;
         let mut presents = Vec::with_capacity(2 * self.layout.layers);
         for i in 0..2 * self.layout.layers {
@@ -940,6 +950,37 @@ impl Generator {
             return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
         }
         Ok((all, vocab, presents))
+    }
+
+    /// Gives back the engine memory that long sequences left pooled (the
+    /// arena keeps the peak of their last steps): one token with an empty
+    /// cache, run with the engine's releasing options. A few milliseconds.
+    pub fn release(&self, engine: &mut dyn InferenceBackend) {
+        let names = &self.spec.names;
+        let token = self.eos.first().copied().unwrap_or(0);
+        let mut inputs: NamedTensors = match self.feed(&[token], 1, None) {
+            Ok(feed) => vec![feed],
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot release the engine's pooled memory");
+                return;
+            }
+        };
+        if self.layout.attention_mask {
+            inputs.push((names.attention_mask.clone(), Tensor { shape: vec![1, 1], data: TensorData::I64(vec![1]) }));
+        }
+        if self.layout.position_ids {
+            inputs.push((names.position_ids.clone(), Tensor { shape: vec![1, 1], data: TensorData::I64(vec![0]) }));
+        }
+        let (heads, hd) = (self.layout.heads, self.layout.head_dim);
+        for i in 0..2 * self.layout.layers {
+            inputs.push((
+                self.cache_name(&names.past, i),
+                Tensor { shape: vec![1, heads, 0, hd], data: TensorData::F32(Vec::new()) },
+            ));
+        }
+        if let Err(e) = engine.run_releasing(inputs) {
+            tracing::debug!(error = %e, "cannot release the engine's pooled memory");
+        }
     }
 
     /// `past.{layer}.{kv}` (or `present`) of cache tensor `i` (key and value alternate).
@@ -1095,7 +1136,7 @@ impl Generator {
                 Tensor { shape: vec![b, heads, longest, hd], data: TensorData::F32(data) },
             ));
         }
-        let (all, vocab, outputs) = match self.run(engine, inputs) {
+        let (all, vocab, outputs) = match self.run(engine, inputs, false) {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
@@ -1260,6 +1301,9 @@ impl Generator {
                 return Err(InferError::bad_input("the client went away"));
             }
             self.step(engine, &mut seq)?;
+        }
+        if seq.tokens.len() > self.spec.prefill_chunk {
+            self.release(engine);
         }
         Ok(self.result(seq))
     }
