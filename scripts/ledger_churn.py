@@ -102,7 +102,7 @@ def main():
     sock = str(work / "inferd.sock")
     env = dict(os.environ, INFERD_SOCKET__PATH=sock, INFERD_MODELS=str(ROOT / "models.json"),
                INFERD_MEMORY__STATE_DIR=str(work / "state"), INFERD_MEMORY__BUDGET_MB=str(args.budget),
-               INFERD_LOG__LEVEL="info")
+               INFERD_LOG__LEVEL="info,ort=warn")
     env.pop("ORT_DYLIB_PATH", None)
     log = open(work / "inferd.log", "w")
     daemon = subprocess.Popen([binary, "serve"], env=env, cwd=ROOT, stderr=log)

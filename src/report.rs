@@ -71,6 +71,10 @@ pub struct Running {
     /// What it counts against `memory.budget_mb`: at least its need, and what it held after its first job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub charged_bytes: Option<u64>,
+    /// Room kept for its requests' work beyond the charge (a decoder's KV
+    /// cache): no other load takes it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub working_bytes: u64,
     /// Providers registered and graph nodes per provider (ONNX Runtime).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub placement: Option<crate::backend::Placement>,
@@ -138,6 +142,7 @@ impl ModelReport {
                     provider: provider.clone(),
                     memory_bytes: *memory_bytes,
                     charged_bytes: manager.charges().into_iter().find(|(m, _)| *m == spec.name).map(|(_, b)| b),
+                    working_bytes: manager.working(&spec.name),
                     placement: placement.clone(),
                 });
                 (r.state, r.loaded) = ("loaded", true);
@@ -165,4 +170,8 @@ pub struct BuildingEngine {
     pub building: String,
     /// The provider it serves on meanwhile.
     pub serving_on: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

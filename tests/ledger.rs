@@ -31,6 +31,12 @@ fn charged(c: &inferd::client::Client) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// The room the loaded models keep for their requests' work (the LLM's KV cache), MiB.
+fn working_mib(c: &inferd::client::Client) -> f64 {
+    let models: Value = serde_json::from_slice(&c.get("/v1/models").unwrap().body).unwrap();
+    models["models"].as_array().unwrap().iter().map(|m| m["working_bytes"].as_f64().unwrap_or(0.0) / MIB).sum()
+}
+
 fn room_mib(c: &inferd::client::Client) -> f64 {
     let text = String::from_utf8_lossy(&c.get("/metrics").unwrap().body).into_owned();
     text.lines().find_map(|l| l.strip_prefix("inferd_memory_room_bytes ")).unwrap().trim().parse::<f64>().unwrap() / MIB
@@ -121,8 +127,10 @@ fn under_churn_every_loaded_model_is_charged_and_the_charges_stay_within_the_bud
     let now = charged(&c);
     let total: f64 = now.iter().map(|(_, mib)| mib).sum();
     let room = room_mib(&c);
+    let working = working_mib(&c);
     eprintln!(
-        "{loads} loads, {evictions} evictions; loaded {now:?} = {total:.0} MiB charged, room {room:.0} MiB; \
+        "{loads} loads, {evictions} evictions; loaded {now:?} = {total:.0} MiB charged, {working:.0} MiB kept for \
+         the LLM's work, room {room:.0} MiB; \
          RSS {start:.0} MiB at start, peak {peak:.0} MiB"
     );
     assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
@@ -130,10 +138,12 @@ fn under_churn_every_loaded_model_is_charged_and_the_charges_stay_within_the_bud
     assert!(now.iter().any(|(m, _)| m == "smollm2"), "{now:?}");
     assert!(now.iter().all(|(_, mib)| *mib > 0.0), "every loaded model is charged: {now:?}");
     assert!(total <= budget, "{total:.0} MiB charged over a {budget} MiB budget: {now:?}");
+    assert!(working > 0.0, "the LLM keeps room for its KV cache");
+    assert!(total + working <= budget, "{total:.0} + {working:.0} MiB taken over a {budget} MiB budget: {now:?}");
     assert!(
-        (room - (budget - total)).abs() < 1.0,
-        "/metrics shows {room:.0} MiB of room, the charges leave {}",
-        budget - total
+        (room - (budget - total - working)).abs() < 1.0,
+        "/metrics shows {room:.0} MiB of room, the charges and the LLM's working room leave {}",
+        budget - total - working
     );
     assert!(evictions > 0.0, "models over the budget must evict");
     assert!(peak - start <= budget, "the process grew {:.0} MiB, over the {budget} MiB budget", peak - start);

@@ -41,6 +41,9 @@ pub struct Entry {
     pub variant: String,
     /// What it is charged (or, waiting, what is set aside for it).
     pub bytes: u64,
+    /// Room kept for its work beyond its charge (a decoder's KV cache): no
+    /// other load may take it; its own requests are admitted against it.
+    pub working: u64,
     /// Its RSS growth while loading.
     pub bytes_at_load: u64,
     pub stage: Stage,
@@ -57,12 +60,18 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// What it takes on the books: its charge and the room kept for its work.
+    pub fn taken(&self) -> u64 {
+        self.bytes.saturating_add(self.working)
+    }
+
     pub(super) fn new(model: &str) -> Entry {
         let now = Instant::now();
         Entry {
             model: model.to_string(),
             variant: String::new(),
             bytes: 0,
+            working: 0,
             bytes_at_load: 0,
             stage: Stage::Waiting,
             load_time: Duration::ZERO,

@@ -114,10 +114,27 @@ impl Manager {
                     self.probe.available_bytes().map_err(|e| InferError::unavailable(format!("memory probe: {e}")))?;
                 // Loaded models are in the probe's figure; loads under way and waiting are not yet.
                 let pending: u64 =
-                    others().filter(|e| matches!(e.stage, Stage::Waiting | Stage::Loading)).map(|e| e.bytes).sum();
+                    others().filter(|e| matches!(e.stage, Stage::Waiting | Stage::Loading)).map(|e| e.taken()).sum();
                 Ok(free.saturating_sub(pending))
             }
         }
+    }
+
+    /// The room for the work of `model`'s requests (a decoder's KV cache):
+    /// the room left plus, under a budget, what its loads keep for their work
+    /// (without one, the probe's free memory already holds it).
+    pub fn room_for_work(&self, model: &str) -> Result<u64, InferError> {
+        let book = self.ledger.lock();
+        let kept: u64 = match self.cfg.budget_mb {
+            Some(_) => book.entries.values().filter(|e| e.model == model && e.stage.holds()).map(|e| e.working).sum(),
+            None => 0,
+        };
+        Ok(self.room_in(&book, None)?.saturating_add(kept))
+    }
+
+    /// The room `model`'s loads keep for their work, bytes.
+    pub fn working(&self, model: &str) -> u64 {
+        self.ledger.lock().entries.values().filter(|e| e.model == model && e.stage.holds()).map(|e| e.working).sum()
     }
 
     /// What loads are charged plus the room set aside for waiting ones, bytes.
@@ -131,9 +148,9 @@ impl Manager {
         let (mut held, mut evicting, mut set_aside) = (0u64, 0u64, 0u64);
         for e in entries {
             match e.stage {
-                Stage::Waiting => set_aside += e.bytes,
-                Stage::Evicting => evicting += e.bytes,
-                Stage::Loading | Stage::Loaded => held += e.bytes,
+                Stage::Waiting => set_aside += e.taken(),
+                Stage::Evicting => evicting += e.taken(),
+                Stage::Loading | Stage::Loaded => held += e.taken(),
             }
         }
         held + evicting.max(set_aside)
@@ -165,7 +182,7 @@ impl Manager {
             let idle = now - e.last_used;
             let r = Resident {
                 model: e.model.clone(),
-                bytes: e.bytes,
+                bytes: e.taken(),
                 idle,
                 pinned: registry.get(&e.model).is_some_and(|m| m.pin),
                 shielded: self.shield.left(e.load_time, now - e.since),
@@ -195,7 +212,7 @@ impl Manager {
             })
             .map(|(_, e)| Resident {
                 model: e.model.clone(),
-                bytes: e.bytes,
+                bytes: e.taken(),
                 idle: Duration::ZERO,
                 pinned: registry.get(&e.model).is_some_and(|m| m.pin),
                 shielded: self.shield.cap.max(Duration::from_millis(100)),
@@ -214,7 +231,7 @@ impl Manager {
                 Some(**id) != me
                     && (e.stage == Stage::Evicting || (!swap && e.model == model && e.stage == Stage::Loaded))
             })
-            .map(|(_, e)| e.bytes)
+            .map(|(_, e)| e.taken())
             .sum()
     }
 
@@ -232,7 +249,7 @@ impl Manager {
         // than the budget for a while (memory on its way back and the room set aside for it).
         let releasing = match self.cfg.budget_mb {
             Some(budget) => {
-                let others: u64 = book.entries.iter().filter(|(id, _)| Some(**id) != me).map(|(_, e)| e.bytes).sum();
+                let others: u64 = book.entries.iter().filter(|(id, _)| Some(**id) != me).map(|(_, e)| e.taken()).sum();
                 (budget << 20).saturating_sub(others.saturating_sub(releasing)).saturating_sub(room)
             }
             None => releasing,
@@ -312,13 +329,14 @@ impl Manager {
             own.variant = need.name.clone();
             // A load that has made room already keeps its turn.
             let queued = behind.is_some() && own.bytes == 0 && !matches!(&d.room, Room::Evict(v) if v.is_empty());
+            let working = need.working.as_ref().map_or(0, |w| w.0);
             let victims = match &d.room {
                 _ if queued => {
-                    own.bytes = 0;
+                    (own.bytes, own.working) = (0, 0);
                     Vec::new()
                 }
                 Room::Evict(victims) if victims.is_empty() && d.now => {
-                    own.bytes = need.bytes;
+                    (own.bytes, own.working) = (need.bytes, working);
                     own.stage = Stage::Loading;
                     own.since = Instant::now();
                     book.begin(id);
@@ -327,11 +345,13 @@ impl Manager {
                     return Ok((plan, charge));
                 }
                 Room::Evict(victims) => {
-                    own.bytes = need.bytes; // set aside: the memory coming back is this load's
+                    // Set aside: the memory coming back is this load's, with the room its
+                    // work needs (a decoder's KV cache), so a newcomer cannot take it meanwhile.
+                    (own.bytes, own.working) = (need.bytes, working);
                     victims.clone()
                 }
                 Room::Wait { .. } => {
-                    own.bytes = 0;
+                    (own.bytes, own.working) = (0, 0);
                     Vec::new()
                 }
             };

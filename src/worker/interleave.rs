@@ -45,7 +45,7 @@ pub(super) fn interleave(
             // A sequence grows with every step: refuse now what memory cannot hold at the end.
             let need = seq.memory_bytes();
             let held: u64 = active.iter().map(|a| a.memory_bytes).sum();
-            match cells.ctx.manager.room() {
+            match cells.ctx.manager.room_for_work(cells.model) {
                 Ok(room) if need.saturating_add(held) > room => {
                     let (need_mib, room_mib) = (crate::memory::mib(need), crate::memory::mib(room));
                     let why = format!(
@@ -125,6 +125,7 @@ pub(super) fn interleave(
             let _ = a.reply.send(answer);
         }
         if freed >= TRIM_AFTER_BYTES {
+            let _ = catch_unwind(AssertUnwindSafe(|| m.release()));
             crate::memory::trim_heap();
         }
     }
