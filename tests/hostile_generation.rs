@@ -178,6 +178,33 @@ async fn a_job_that_kills_the_daemon_twice_is_answered_as_poison_and_never_run_a
     assert!(daemon.child.as_mut().unwrap().try_wait().unwrap().is_none(), "alive: {}", daemon.log());
 }
 
+#[test]
+fn a_socket_request_that_kills_the_daemon_twice_is_answered_as_poison() {
+    // The same hook as over MQTT: a client that sends the killing request again after each
+    // restart (as an app retrying would) kills the daemon twice, then gets 422 `poison`.
+    // SAFETY: the same value the MQTT test sets; no test of this binary reads it otherwise.
+    unsafe { std::env::set_var("TESTHOOK_INFERD_CRASH_ON", "crash-me-now") };
+    let mut daemon = Process::start_with(registry(vec![tiny_gpt(|_| {})]), "", "", "");
+    let killer =
+        json!({"model": "tiny-gpt", "messages": [{"role": "user", "content": "crash-me-now"}], "max_tokens": 2});
+    for death in 1..=2 {
+        let r = daemon.client().post("/v1/chat/completions", "application/json", killer.to_string().as_bytes());
+        assert!(r.is_err() || r.as_ref().unwrap().status >= 500, "death {death}: {:?}", r.map(|r| r.status));
+        let status =
+            wait_for_exit(&mut daemon, WAIT).unwrap_or_else(|| panic!("death {death} did not come: {}", daemon.log()));
+        assert!(!status.success(), "death {death}: {status:?}");
+        daemon.launch();
+    }
+    let (status, v) = post(&daemon.client(), "/v1/chat/completions", &killer);
+    assert_eq!((status, v["error"]["kind"].clone()), (422, json!("poison")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("2 times in a row"), "{v}");
+    // Others are served, and the daemon stays up.
+    let fine = json!({"model": "tiny-gpt", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let (status, v) = post(&daemon.client(), "/v1/chat/completions", &fine);
+    assert_eq!(status, 200, "{v}");
+    assert!(daemon.child.as_mut().unwrap().try_wait().unwrap().is_none(), "alive: {}", daemon.log());
+}
+
 /// The fixture's reference tokens (scripts/make_tiny_decoder.py).
 fn cases() -> Vec<(String, Vec<u64>, String)> {
     let expected: Value =

@@ -188,9 +188,22 @@ async fn infer(
             return error_response(&e);
         }
     };
+    // The content digest marks the job running for the poison-job quarantine: a request
+    // that killed the daemon twice in a row, sent again, is answered `poison`.
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let top_k = query.as_ref().ok().and_then(|q| q.top_k).map(|k| k.to_string()).unwrap_or_default();
+    let digest = crate::quarantine::digest(
+        &name,
+        &bytes,
+        &[("content-type".into(), content_type.into()), ("top_k".into(), top_k)],
+    );
+    let crash = crate::quarantine::crash_requested(&bytes);
     let prepared = prepare(&app, query, &headers, bytes).await;
     let result = match prepared {
-        Ok((input, options)) => app.scheduler.submit(&name, input, options).await,
+        Ok((input, mut options)) => {
+            (options.digest, options.crash_on_run) = (Some(digest), crash);
+            app.scheduler.submit(&name, input, options).await
+        }
         Err(e) => {
             app.scheduler.metrics().record_error(e.kind);
             Err(e)

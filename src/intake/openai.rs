@@ -243,10 +243,19 @@ pub async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -
 }
 
 async fn answer(app: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Response {
-    let parsed =
-        read_body(&app, body, &headers).await.and_then(|(b, _room)| parse_request(&b, kind == Kind::Chat, &app.limits));
+    let parsed = read_body(&app, body, &headers).await.and_then(|(b, _room)| {
+        let r = parse_request(&b, kind == Kind::Chat, &app.limits)?;
+        // The content digest marks the job running for the poison-job quarantine.
+        let path = if kind == Kind::Chat { "chat" } else { "completions" };
+        let options = JobOptions {
+            digest: Some(crate::quarantine::digest(&r.model, &b, &[("endpoint".into(), path.into())])),
+            crash_on_run: crate::quarantine::crash_requested(&b),
+            ..JobOptions::default()
+        };
+        Ok((r, options))
+    });
     match parsed {
-        Ok(r) => run(app, kind, r).await,
+        Ok((r, options)) => run(app, kind, r, options).await,
         Err(e) => error_response(&e),
     }
 }
@@ -302,7 +311,7 @@ fn now_s() -> u64 {
 }
 
 /// Checks the request against the model, submits it, and answers whole or as a stream.
-async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest) -> Response {
+async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest, options: JobOptions) -> Response {
     let engine = app.scheduler.engine();
     let Some(spec) = engine.registry().get(&r.model) else {
         return error_response(&InferError::unknown_model(&r.model));
@@ -333,7 +342,7 @@ async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest) -> Response {
         format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let meta = Meta { id, model: model.clone(), created: now_s(), kind };
     if !stream {
-        let out = app.scheduler.submit(&model, JobInput::Generate(request), JobOptions::default()).await;
+        let out = app.scheduler.submit(&model, JobInput::Generate(request), options).await;
         return match out {
             Ok(out) => axum::Json(meta.whole(&out)).into_response(),
             Err(e) => error_response(&e),
@@ -343,9 +352,7 @@ async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest) -> Response {
     request.stream = Some(tx);
     let scheduler = app.scheduler.clone();
     let mut job =
-        Job(tokio::spawn(
-            async move { scheduler.submit(&model, JobInput::Generate(request), JobOptions::default()).await },
-        ));
+        Job(tokio::spawn(async move { scheduler.submit(&model, JobInput::Generate(request), options).await }));
     // Wait for the first piece (or the end), so a request refused at once gets its status code.
     let first = tokio::select! {
         biased;
