@@ -253,7 +253,7 @@ fn a_long_prompt_leaves_no_memory_behind_in_the_engine() {
     // SmolLM2 reads a ~1,600-token prompt in 4 chunks; before, ONNX
     // Runtime's arena kept the peak of the last chunks (the 512-token chunk's logits alone are
     // 96 MiB): 357 MiB kept after a 4,030-token prompt, 7.79 GB after 8,180 tokens.
-    let mut daemon = Process::start("", "budget_mb = 1500", "");
+    let daemon = Process::start("", "budget_mb = 1500", "");
     let client = daemon.client();
     let chat = |text: &str| {
         let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": text}],
