@@ -805,7 +805,8 @@ impl JsonState {
                     (NumStep::Minus, b'0') => Some(NumStep::Zero),
                     (NumStep::Minus, b'1'..=b'9') => Some(NumStep::Int),
                     (NumStep::Int, b'0'..=b'9') => Some(NumStep::Int),
-                    (NumStep::Zero | NumStep::Int, b'.') if !integer => Some(NumStep::Dot),
+                    // A dot needs a digit after it: only while one may still come.
+                    (NumStep::Zero | NumStep::Int, b'.') if !integer && digits < MAX_DIGITS => Some(NumStep::Dot),
                     (NumStep::Dot | NumStep::Frac, b'0'..=b'9') => Some(NumStep::Frac),
                     (NumStep::Zero | NumStep::Int | NumStep::Frac, b'e' | b'E') if !integer => Some(NumStep::Exp),
                     (NumStep::Exp, b'+' | b'-') => Some(NumStep::ExpSign),
@@ -1354,6 +1355,20 @@ mod tests {
         assert_eq!(g.longest_shortest(), 25);
         let g = Grammar::from_schema(&receipt()).unwrap();
         assert_eq!(String::from_utf8(g.start().completion(&g)).unwrap(), r#"{"merchant":"","total":0,"items":[]}"#);
+    }
+
+    #[test]
+    fn a_number_at_its_digit_limit_takes_no_dot_so_its_answer_still_closes() {
+        // Found by the schema fuzz target: 18 digits and a dot were taken, and no digit could follow.
+        let g = Grammar::from_schema(&json!({"type": "array", "minItems": 4, "items": {}})).unwrap();
+        let mut s = read(&g, "[[999991999999922222").unwrap();
+        assert!(!s.clone().feed(&g, b"."), "no dot after 18 digits");
+        assert!(read(&g, "[[99999199999992222.").is_some(), "a dot after 17");
+        assert!(s.feed(&g, b"e"), "an exponent is still fine");
+        let whole = [b"[[999991999999922222e".to_vec(), s.completion(&g)].concat();
+        let done = read(&g, std::str::from_utf8(&whole).unwrap()).unwrap();
+        assert!(done.is_done(), "{}", String::from_utf8_lossy(&whole));
+        serde_json::from_slice::<Value>(&whole).unwrap();
     }
 
     #[test]
