@@ -132,8 +132,12 @@ impl Manager {
         Ok(self.room_in(&book, None)?.saturating_add(kept))
     }
 
-    /// The room `model`'s loads keep for their work, bytes.
+    /// The room `model`'s loads keep for their work under a budget, bytes
+    /// (without one, requests are admitted against the probe's free memory).
     pub fn working(&self, model: &str) -> u64 {
+        if self.cfg.budget_mb.is_none() {
+            return 0;
+        }
         self.ledger.lock().entries.values().filter(|e| e.model == model && e.stage.holds()).map(|e| e.working).sum()
     }
 

@@ -442,3 +442,54 @@ fn the_books_equal_the_loaded_footprints_under_random_concurrent_loads_unloads_e
     eprintln!("{seeds} seeds: {loads} loads reserved, {evictions} evictions, {refused} refused");
     assert!(loads > 100 * seeds && evictions > 10 * seeds && refused > 0, "the churn exercised too little");
 }
+
+#[test]
+fn a_decoder_keeps_the_room_of_its_kv_cache_and_a_model_that_fits_only_in_it_must_evict_it() {
+    // The 900 MiB churn: PP-OCR loaded beside a just-loaded LLM into the room of its KV
+    // cache, and the chats were refused until the next turn. Here the tiny decoder (8 MiB,
+    // and a KV cache of 128 positions) and a raw model of exactly the rest of the budget.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("m.onnx"), b"x").unwrap();
+    let fixture = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generate"));
+    let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture.join("models.json")).unwrap()).unwrap();
+    let mut llm = raw["models"][0].clone();
+    llm["name"] = "llm".into();
+    llm["generation"]["tokenizer"] = fixture.join("tokenizer.json").display().to_string().into();
+    llm["variants"][0]["file"] = fixture.join("tiny-decoder.onnx").display().to_string().into();
+    let json = serde_json::json!({"models": [
+        llm,
+        {"name": "big", "task": "raw", "variants": [{"name": "v", "file": "m.onnx", "sha256": SHA, "memory_mb": 92}]}
+    ]});
+    let registry = Arc::new(Registry::from_json(&json.to_string(), &dir.path().join("models.json")).unwrap());
+    let cfg = MemoryConfig {
+        budget_mb: Some(100),
+        headroom_mb: 0,
+        state_dir: Some(dir.path().join("state")),
+        ..Default::default()
+    };
+    let manager = Manager::new(cfg, Arc::new(FakeProbe::new_mib(1 << 20)), registry.clone()).with_shield(Shield::NONE);
+    let spec = |m: &str| registry.get(m).unwrap().clone();
+    let (plan, llm) = manager.reserve_load(&spec("llm"), None, soon(), &mut |v| panic!("evicted {v}")).unwrap();
+    let _ = manager.record_load(&llm, &spec("llm"), &plan.variant, None, ms(10));
+    let working = manager.working("llm");
+    assert!(working > 0, "the decoder keeps room for its KV cache");
+    assert_eq!(manager.room().unwrap(), 92 * MB - working, "the room left is the budget less its charge and that");
+    assert_eq!(manager.room_for_work("llm").unwrap(), 92 * MB, "its own requests are admitted against it");
+    // 8 + 92 MiB is the budget: 'big' would fit beside the decoder's charge, not beside its KV room.
+    let evicted = Mutex::new(Vec::new());
+    let big = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            manager.reserve_load(&spec("big"), None, soon(), &mut |v| evicted.lock().unwrap().push(v.to_string()))
+        });
+        while evicted.lock().unwrap().is_empty() && !t.is_finished() {
+            std::thread::sleep(ms(5));
+        }
+        drop(llm); // the evicted decoder's sessions are gone
+        t.join().unwrap()
+    });
+    assert_eq!(*evicted.lock().unwrap(), vec!["llm".to_string()], "the decoder is evicted, not squeezed");
+    let (plan, charge) = big.unwrap();
+    assert_eq!(plan.variant, "v");
+    drop(charge);
+    assert!(manager.ledger().is_empty());
+}
