@@ -13,6 +13,7 @@
 
 use crate::config::{Broker, MqttConfig};
 use std::path::PathBuf;
+#[cfg(feature = "tls")]
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
