@@ -588,6 +588,8 @@ pub struct Generator {
     eos: Vec<u32>,
     /// Each token's bytes, read on the first request with a `response_format`.
     vocab: std::sync::OnceLock<TokenBytes>,
+    /// The longest token's bytes (a schema's fit is checked with it on every request).
+    longest_token: std::sync::OnceLock<usize>,
     /// The caches of the sequences that last stepped together, kept batched.
     batch: BatchSlot,
     /// Rounds in a row a long prompt's chunk waited for newcomers ([`Generator::step_together`]).
@@ -700,6 +702,7 @@ impl Generator {
             layout,
             eos,
             vocab: std::sync::OnceLock::new(),
+            longest_token: std::sync::OnceLock::new(),
             batch: Arc::new(std::sync::Mutex::new(None)),
             chunk_waits: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -742,7 +745,8 @@ impl Generator {
             ));
         }
         let max_tokens = self.max_tokens(request)?;
-        grammar.fits(max_tokens, self.vocab().longest()).map_err(InferError::bad_input)?;
+        let longest = *self.longest_token.get_or_init(|| self.vocab().longest());
+        grammar.fits(max_tokens, longest).map_err(InferError::bad_input)?;
         Ok(Some(Arc::new(grammar)))
     }
 
