@@ -13,7 +13,8 @@
 //! *suspect*: it runs alone (no batch, no other sequence beside it), so the
 //! second death, if it comes, is its own and strikes nobody else.
 //!
-//! Only deaths strike: a job that fails with an error is not marked at exit.
+//! Only deaths strike: a job that fails with an error is not marked at exit,
+//! and a suspect that runs to its end (answered or failed) loses its strike.
 //! Strikes of digests that were not running at the last death are dropped
 //! (two deaths *in a row*); poison verdicts are kept (at most
 //! [`MAX_POISON`], oldest first out).
@@ -155,29 +156,50 @@ impl Quarantine {
     }
 
     /// Marks `digest` running until the returned guard drops (the job ended,
-    /// answered or failed). A death before that leaves the mark.
-    pub fn running(&self, digest: Option<&str>) -> Mark {
-        let path = match (&self.dir, digest) {
-            (Some(dir), Some(d)) => dir.join("running").join(d),
-            _ => return Mark(None),
+    /// answered or failed). A death before that leaves the mark. A suspect
+    /// that ends loses its strike: the same content (a request sent again and
+    /// again) is only poison when it is running at two deaths in a row *and*
+    /// has not run to its end between them.
+    pub fn running(self: &std::sync::Arc<Self>, digest: Option<&str>) -> Mark {
+        let (path, d) = match (&self.dir, digest) {
+            (Some(dir), Some(d)) => (dir.join("running").join(d), d),
+            _ => return Mark { path: None, suspect: None },
         };
+        let suspect = (self.verdict(d) == Verdict::Suspect).then(|| (self.clone(), d.to_string()));
         match std::fs::File::create(&path) {
-            Ok(_) => Mark(Some(path)),
+            Ok(_) => Mark { path: Some(path), suspect },
             Err(e) => {
                 tracing::warn!("cannot mark a job running: {e}");
-                Mark(None)
+                Mark { path: None, suspect }
             }
+        }
+    }
+
+    /// A suspect ran to its end: its strike goes.
+    fn cleared(&self, digest: &str) {
+        let mut strikes = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
+        if strikes.get(digest).is_some_and(|&n| n < STRIKES) {
+            strikes.remove(digest);
+            drop(strikes);
+            tracing::info!(digest, "a job that was running when the daemon died ran to its end: no longer a suspect");
+            self.save();
         }
     }
 }
 
-/// A job marked running; unmarked when dropped.
-pub struct Mark(Option<PathBuf>);
+/// A job marked running; unmarked when dropped (and, a suspect, cleared).
+pub struct Mark {
+    path: Option<PathBuf>,
+    suspect: Option<(std::sync::Arc<Quarantine>, Digest)>,
+}
 
 impl Drop for Mark {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
+        if let Some(p) = self.path.take() {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some((q, d)) = self.suspect.take() {
+            q.cleared(&d);
         }
     }
 }
@@ -240,18 +262,36 @@ mod tests {
         let job = digest("llm", b"{\"prompt\":\"x\"}", &[]);
         assert_ne!(job, digest("llm", b"{\"prompt\":\"y\"}", &[]));
         assert_ne!(job, digest("llm", b"{\"prompt\":\"x\"}", &[("prompt".into(), "z".into())]));
-        let q = Quarantine::open(dir.path());
+        let open = || std::sync::Arc::new(Quarantine::open(dir.path()));
+        let q = open();
         assert_eq!(q.verdict(&job), Verdict::Clean);
         drop(q.running(Some(&job))); // ran and ended: no mark
-        let q = Quarantine::open(dir.path());
+        let q = open();
         assert_eq!(q.verdict(&job), Verdict::Clean);
         std::mem::forget(q.running(Some(&job))); // died while it ran
-        let q = Quarantine::open(dir.path());
+        let q = open();
         assert_eq!(q.verdict(&job), Verdict::Suspect);
         std::mem::forget(q.running(Some(&job))); // and again
-        let q = Quarantine::open(dir.path());
+        let q = open();
         assert_eq!(q.verdict(&job), Verdict::Poison);
-        let q = Quarantine::open(dir.path()); // a clean restart keeps the verdict
+        let q = open(); // a clean restart keeps the verdict
         assert_eq!(q.verdict(&job), Verdict::Poison);
+    }
+
+    #[test]
+    fn a_suspect_that_runs_to_its_end_is_cleared_so_a_repeated_request_is_not_poisoned_by_unrelated_deaths() {
+        // A health check sent every few seconds is running at one death (an OOM kill, a power cut),
+        // runs fine many times after, and is running again at the next death: not poison.
+        let dir = tempfile::tempdir().unwrap();
+        let open = || std::sync::Arc::new(Quarantine::open(dir.path()));
+        let job = digest("color", b"same image", &[]);
+        std::mem::forget(open().running(Some(&job))); // a death while it ran
+        let q = open();
+        assert_eq!(q.verdict(&job), Verdict::Suspect);
+        drop(q.running(Some(&job))); // it ran to its end: cleared, also on disk
+        assert_eq!(q.verdict(&job), Verdict::Clean);
+        std::mem::forget(q.running(Some(&job))); // running at the next death
+        let q = open();
+        assert_eq!(q.verdict(&job), Verdict::Suspect, "one death in a row, not two");
     }
 }
