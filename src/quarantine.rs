@@ -31,6 +31,26 @@ pub const STRIKES: u32 = 2;
 /// A job's content digest (hex sha256 of what the client sent).
 pub type Digest = String;
 
+/// What the quarantine needs of a job, read from what its client sent: its
+/// digest (its model and the bytes and properties it came with) and, in
+/// tests, the crash hook. Every intake whose clients may send a job again
+/// tags its jobs with it.
+pub struct Tag {
+    digest: Digest,
+    crash: bool,
+}
+
+impl Tag {
+    pub fn of(model: &str, payload: &[u8], properties: &[(String, String)]) -> Tag {
+        Tag { digest: digest(model, payload, properties), crash: crash_requested(payload) }
+    }
+
+    /// Puts the tag on a job's options.
+    pub fn apply(self, options: &mut crate::job::JobOptions) {
+        (options.digest, options.crash_on_run) = (Some(self.digest), self.crash);
+    }
+}
+
 /// The digest of a job: its model and the bytes and properties it came with.
 pub fn digest(model: &str, payload: &[u8], properties: &[(String, String)]) -> Digest {
     use sha2::{Digest as _, Sha256};

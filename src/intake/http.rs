@@ -192,16 +192,15 @@ async fn infer(
     // that killed the daemon twice in a row, sent again, is answered `poison`.
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let top_k = query.as_ref().ok().and_then(|q| q.top_k).map(|k| k.to_string()).unwrap_or_default();
-    let digest = crate::quarantine::digest(
+    let tag = crate::quarantine::Tag::of(
         &name,
         &bytes,
         &[("content-type".into(), content_type.into()), ("top_k".into(), top_k)],
     );
-    let crash = crate::quarantine::crash_requested(&bytes);
     let prepared = prepare(&app, query, &headers, bytes).await;
     let result = match prepared {
         Ok((input, mut options)) => {
-            (options.digest, options.crash_on_run) = (Some(digest), crash);
+            tag.apply(&mut options);
             app.scheduler.submit(&name, input, options).await
         }
         Err(e) => {

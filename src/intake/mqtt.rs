@@ -510,8 +510,7 @@ async fn handle(ctx: Arc<Ctx>, msg: Message) {
         }
         Ok((mut input, mut options)) => {
             // The content digest marks the job running for the poison-job quarantine.
-            options.digest = Some(crate::quarantine::digest(&model, &msg.payload, &msg.user_properties));
-            options.crash_on_run = crate::quarantine::crash_requested(&msg.payload);
+            crate::quarantine::Tag::of(&model, &msg.payload, &msg.user_properties).apply(&mut options);
             let partials = match &mut input {
                 JobInput::Generate(request) if parsed.partials => {
                     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

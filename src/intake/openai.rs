@@ -247,11 +247,8 @@ async fn answer(app: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
         let r = parse_request(&b, kind == Kind::Chat, &app.limits)?;
         // The content digest marks the job running for the poison-job quarantine.
         let path = if kind == Kind::Chat { "chat" } else { "completions" };
-        let options = JobOptions {
-            digest: Some(crate::quarantine::digest(&r.model, &b, &[("endpoint".into(), path.into())])),
-            crash_on_run: crate::quarantine::crash_requested(&b),
-            ..JobOptions::default()
-        };
+        let mut options = JobOptions::default();
+        crate::quarantine::Tag::of(&r.model, &b, &[("endpoint".into(), path.into())]).apply(&mut options);
         Ok((r, options))
     });
     match parsed {

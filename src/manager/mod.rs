@@ -125,20 +125,20 @@ impl Manager {
     /// (without one, the probe's free memory already holds it).
     pub fn room_for_work(&self, model: &str) -> Result<u64, InferError> {
         let book = self.ledger.lock();
-        let kept: u64 = match self.cfg.budget_mb {
-            Some(_) => book.entries.values().filter(|e| e.model == model && e.stage.holds()).map(|e| e.working).sum(),
-            None => 0,
-        };
-        Ok(self.room_in(&book, None)?.saturating_add(kept))
+        Ok(self.room_in(&book, None)?.saturating_add(self.kept_for_work(&book, model)))
     }
 
     /// The room `model`'s loads keep for their work under a budget, bytes
     /// (without one, requests are admitted against the probe's free memory).
     pub fn working(&self, model: &str) -> u64 {
+        self.kept_for_work(&self.ledger.lock(), model)
+    }
+
+    fn kept_for_work(&self, book: &Book, model: &str) -> u64 {
         if self.cfg.budget_mb.is_none() {
             return 0;
         }
-        self.ledger.lock().entries.values().filter(|e| e.model == model && e.stage.holds()).map(|e| e.working).sum()
+        book.entries.values().filter(|e| e.model == model && e.stage.holds()).map(|e| e.working).sum()
     }
 
     /// What loads are charged plus the room set aside for waiting ones, bytes.

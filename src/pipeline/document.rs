@@ -24,11 +24,11 @@ use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::InferenceBackend;
 use crate::error::InferError;
 use crate::job::{DocumentFields, InputKind, Item, JobOptions, JobResult, TextLine, Timings};
-use std::sync::Arc;
 use crate::tensor::TensorInfo;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::LazyLock;
 
 /// The models.json section of a `document-fields` model: OCR's settings and the extractor's.
