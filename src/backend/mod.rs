@@ -41,6 +41,40 @@ pub trait InferenceBackend: Send {
     fn placement(&self) -> Option<&Placement> {
         None
     }
+    /// `count` f32 buffers of `shape` that the engine keeps and runs read
+    /// and write in place ([`InferenceBackend::run_in_place`]), zeroed;
+    /// `None` where the engine keeps none (callers pass tensors instead).
+    fn new_state(&mut self, _count: usize, _shape: &[usize]) -> Option<Result<Box<dyn State>, BackendError>> {
+        None
+    }
+    /// Runs the graph with `inputs` and, for each pair of `bind`, buffer `i`
+    /// of `state` as both the input `bind[i].0` and the output `bind[i].1`
+    /// (a decoder's KV cache whose past and present share one buffer: no copy
+    /// into or out of the engine); returns the outputs named in `outputs`.
+    /// `release`: as [`InferenceBackend::run_releasing`].
+    fn run_in_place(
+        &mut self,
+        _inputs: NamedTensors,
+        _state: &mut dyn State,
+        _bind: &[(String, String)],
+        _outputs: &[String],
+        _release: bool,
+    ) -> Result<NamedTensors, BackendError> {
+        Err(BackendError::Run("this engine keeps no state between runs".into()))
+    }
+}
+
+/// Buffers an engine keeps between runs ([`InferenceBackend::new_state`]):
+/// equally shaped f32 tensors in host memory, readable and writable between runs.
+pub trait State: Send {
+    /// The shape of every buffer.
+    fn shape(&self) -> &[usize];
+    /// How many buffers there are.
+    fn count(&self) -> usize;
+    /// Buffer `i`, row-major.
+    fn buffer(&mut self, i: usize) -> &mut [f32];
+    /// For the engine that made it.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 /// What ONNX Runtime did with a session's graph.

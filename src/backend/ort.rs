@@ -9,7 +9,7 @@ use super::providers::{ComputeUnits, CoreMlFormat};
 use super::providers::{ProviderOptions, ProviderSpec, TensorRtOptions};
 use super::trt_cache;
 use super::{
-    BackendError, BackendKind, InferenceBackend, LoadRequest, NamedTensors, Placement, Provider, check_inputs,
+    BackendError, BackendKind, InferenceBackend, LoadRequest, NamedTensors, Placement, Provider, State, check_inputs,
 };
 use crate::config::GraphOptimization;
 use crate::config::RuntimeConfig;
@@ -742,6 +742,111 @@ impl InferenceBackend for OrtBackend {
 
     fn run_releasing(&mut self, inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
         self.run_with(inputs, true)
+    }
+
+    fn new_state(&mut self, count: usize, shape: &[usize]) -> Option<Result<Box<dyn State>, BackendError>> {
+        // Host buffers bound in place serve a CPU session; another provider would copy them each run.
+        if self.provider != Provider::Cpu.ort_name() {
+            return None;
+        }
+        let make = || -> ort::Result<Box<dyn State>> {
+            let allocator = ort::memory::Allocator::default();
+            let mut values = Vec::with_capacity(count);
+            for _ in 0..count {
+                let mut t =
+                    ort::value::Tensor::<f32>::new(&allocator, shape.iter().map(|&d| d as i64).collect::<Vec<_>>())?;
+                t.extract_tensor_mut().1.fill(0.0);
+                values.push(t);
+            }
+            Ok(Box::new(OrtState { shape: shape.to_vec(), values }))
+        };
+        Some(make().map_err(|e| BackendError::Run(format!("cannot allocate the engine's buffers {shape:?}: {e}"))))
+    }
+
+    fn run_in_place(
+        &mut self,
+        inputs: NamedTensors,
+        state: &mut dyn State,
+        bind: &[(String, String)],
+        outputs: &[String],
+        release: bool,
+    ) -> Result<NamedTensors, BackendError> {
+        self.take_upgrade();
+        let state = state
+            .as_any_mut()
+            .downcast_mut::<OrtState>()
+            .ok_or_else(|| BackendError::Run("buffers made by another engine".into()))?;
+        if bind.len() > state.values.len() {
+            return Err(BackendError::Run(format!("{} bindings for {} buffers", bind.len(), state.values.len())));
+        }
+        let run = |e: ort::Error| BackendError::Run(e.to_string());
+        let mut binding = self.session.create_binding().map_err(run)?;
+        let mut held = Vec::with_capacity(inputs.len());
+        for (name, tensor) in inputs {
+            if let Some(info) = self.inputs.iter().find(|i| i.name == name)
+                && let Some(dtype) = info.dtype
+                && dtype != tensor.dtype()
+            {
+                return Err(BackendError::Input(format!("input '{name}' must be {dtype}, got {}", tensor.dtype())));
+            }
+            let value = to_value(tensor).map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
+            binding.bind_input(name.as_str(), &value).map_err(run)?;
+            held.push(value);
+        }
+        for ((input, output), value) in bind.iter().zip(state.values.iter_mut()) {
+            binding.bind_input(input.as_str(), &*value).map_err(run)?;
+            binding.bind_output(output.as_str(), &mut *value).map_err(run)?;
+        }
+        let cpu = ort::memory::MemoryInfo::new(
+            ort::memory::AllocationDevice::CPU,
+            0,
+            ort::memory::AllocatorType::Device,
+            ort::memory::MemoryType::Default,
+        )
+        .map_err(run)?;
+        for name in outputs {
+            binding.bind_output_to_device(name.as_str(), &cpu).map_err(run)?;
+        }
+        let results = match self.release.as_ref().filter(|_| release) {
+            Some(options) => self.session.run_binding_with_options(&binding, options),
+            None => self.session.run_binding(&binding),
+        }
+        .map_err(run)?;
+        let out = outputs
+            .iter()
+            .map(|name| {
+                let value = results
+                    .get(name)
+                    .ok_or_else(|| BackendError::Run(format!("ONNX Runtime returned no output '{name}'")))?;
+                Ok((name.clone(), from_value(name, value)?))
+            })
+            .collect();
+        drop(held);
+        out
+    }
+}
+
+/// ONNX Runtime tensors kept between runs ([`InferenceBackend::new_state`]).
+struct OrtState {
+    shape: Vec<usize>,
+    values: Vec<ort::value::Tensor<f32>>,
+}
+
+impl State for OrtState {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn count(&self) -> usize {
+        self.values.len()
+    }
+
+    fn buffer(&mut self, i: usize) -> &mut [f32] {
+        self.values[i].extract_tensor_mut().1
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 

@@ -17,10 +17,11 @@
 //! prompt step's embeddings; everything else is the same loop.
 
 pub(super) mod json;
+mod kv;
 mod sample;
 
 use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
-use crate::backend::{InferenceBackend, NamedTensors};
+use crate::backend::{InferenceBackend, NamedTensors, State};
 use crate::error::InferError;
 use crate::job::{FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Prompt, Timings, Usage};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
@@ -222,6 +223,10 @@ struct Layout {
     head_dim: usize,
     attention_mask: bool,
     position_ids: bool,
+    /// Where a row's positions sit in a batch: a graph with a mask and no
+    /// position ids reads each row's positions from its mask, ones first
+    /// (ONNX Runtime's `GroupQueryAttention`), so rows are left-aligned.
+    align: kv::Align,
     /// The width of `inputs_embeds` when the decoder takes embeddings instead of ids.
     embeds: Option<usize>,
     /// The logits' last dimension, when the graph fixes it.
@@ -233,6 +238,16 @@ fn kv_name(pattern: &str, layer: usize, kv: &str) -> String {
 }
 
 impl Layout {
+    /// How one cache tensor's rows are laid out in a batch.
+    fn rows(&self) -> kv::Rows {
+        kv::Rows { heads: self.heads, head_dim: self.head_dim, align: self.align }
+    }
+
+    /// Whether sequences of different lengths can step together in one call.
+    fn batchable(&self) -> bool {
+        self.attention_mask
+    }
+
     /// Bytes one position of the cache takes: a key and a value per layer, f32.
     fn bytes_per_position(&self) -> u64 {
         (2 * self.layers * self.heads * self.head_dim * 4) as u64
@@ -314,12 +329,15 @@ impl Layout {
                 }
             }
         }
+        let (attention_mask, position_ids) =
+            (input(&names.attention_mask).is_some(), input(&names.position_ids).is_some());
         Ok(Layout {
             layers,
             heads,
             head_dim,
-            attention_mask: input(&names.attention_mask).is_some(),
-            position_ids: input(&names.position_ids).is_some(),
+            attention_mask,
+            position_ids,
+            align: if attention_mask && !position_ids { kv::Align::Left } else { kv::Align::Right },
             embeds,
             vocab: outputs.iter().find(|o| o.name == names.logits).and_then(|o| o.shape.last().copied().flatten()),
         })
@@ -610,6 +628,9 @@ struct Batch {
     alive: Vec<bool>,
     total: usize,
     caches: Vec<Vec<f32>>,
+    /// The batch's cache in the engine's own buffers, written in place by
+    /// each step (`[rows, heads, room, head_dim]`), instead of `caches`.
+    state: Option<Box<dyn State>>,
 }
 
 type BatchSlot = Arc<std::sync::Mutex<Option<Batch>>>;
@@ -646,6 +667,13 @@ pub struct Sequence {
     /// The embeddings of the prompt tokens still to feed, for a decoder fed
     /// embeddings whose prompt is read in chunks (made once, with `attached`).
     embeds: Option<Vec<f32>>,
+    /// The cache in the engine's own buffers (`[1, heads, room, head_dim]`,
+    /// room for the prompt and `max_tokens`), written in place by each step,
+    /// for graphs whose attention writes each row's entries where its length
+    /// says; `past` stays empty then.
+    state: Option<Box<dyn State>>,
+    /// The engine keeps no buffers: the cache goes in and out as tensors.
+    no_state: bool,
 }
 
 impl Drop for Sequence {
@@ -842,6 +870,8 @@ impl Generator {
             constraint: grammar.map(Constraint::new),
             attached,
             embeds: None,
+            state: None,
+            no_state: false,
         })
     }
 
@@ -878,29 +908,11 @@ impl Generator {
         if seq.finish.is_some() {
             return Ok(());
         }
+        if self.in_place(engine, seq)? {
+            return self.step_in_place(engine, seq);
+        }
         let names = &self.spec.names;
-        // A long prompt is read a chunk per call: other sequences step in between, and a chunk's memory is bounded.
-        let (fed, n) = (seq.tokens.len() - seq.feed.len(), seq.feed.len().min(self.spec.prefill_chunk));
-        let chunked = n < seq.feed.len() || seq.embeds.is_some();
-        let input = match (&self.embedder, chunked) {
-            (Some(_), true) => {
-                if seq.embeds.is_none() {
-                    let (_, all) = self.feed(&seq.feed, 1, seq.attached.take())?;
-                    let TensorData::F32(values) = all.data else {
-                        return Err(InferError::internal("embeddings are not f32"));
-                    };
-                    seq.embeds = Some(values);
-                }
-                let embeds = seq.embeds.as_mut().expect("made above");
-                let width = embeds.len() / seq.feed.len().max(1);
-                let rows: Vec<f32> = embeds.drain(..n * width).collect();
-                if embeds.is_empty() {
-                    seq.embeds = None;
-                }
-                (names.inputs_embeds.clone(), Tensor { shape: vec![1, n, width], data: TensorData::F32(rows) })
-            }
-            _ => self.feed(&seq.feed[..n], 1, seq.attached.take())?,
-        };
+        let (fed, n, input) = self.next_chunk(seq)?;
         let mut inputs: NamedTensors = vec![input];
         if self.layout.attention_mask {
             inputs.push((
@@ -930,6 +942,97 @@ impl Generator {
             return Ok(());
         }
         self.absorb(seq, &all[all.len() - vocab..], presents)
+    }
+
+    /// What `seq` feeds next: a long prompt is read a chunk per call (other
+    /// sequences step in between, and a chunk's memory is bounded). Returns
+    /// the positions already fed, the tokens fed now and their input.
+    fn next_chunk(&self, seq: &mut Sequence) -> Result<(usize, usize, (String, Tensor)), InferError> {
+        let names = &self.spec.names;
+        let (fed, n) = (seq.tokens.len() - seq.feed.len(), seq.feed.len().min(self.spec.prefill_chunk));
+        let chunked = n < seq.feed.len() || seq.embeds.is_some();
+        let input = match (&self.embedder, chunked) {
+            (Some(_), true) => {
+                if seq.embeds.is_none() {
+                    let (_, all) = self.feed(&seq.feed, 1, seq.attached.take())?;
+                    let TensorData::F32(values) = all.data else {
+                        return Err(InferError::internal("embeddings are not f32"));
+                    };
+                    seq.embeds = Some(values);
+                }
+                let embeds = seq.embeds.as_mut().expect("made above");
+                let width = embeds.len() / seq.feed.len().max(1);
+                let rows: Vec<f32> = embeds.drain(..n * width).collect();
+                if embeds.is_empty() {
+                    seq.embeds = None;
+                }
+                (names.inputs_embeds.clone(), Tensor { shape: vec![1, n, width], data: TensorData::F32(rows) })
+            }
+            _ => self.feed(&seq.feed[..n], 1, seq.attached.take())?,
+        };
+        Ok((fed, n, input))
+    }
+
+    /// Whether `seq` keeps its cache in the engine's buffers, made on its
+    /// first step: graphs that write each row's entries where its length
+    /// says ([`kv::Align::Left`]), on engines that keep buffers.
+    fn in_place(&self, engine: &mut dyn InferenceBackend, seq: &mut Sequence) -> Result<bool, InferError> {
+        if seq.state.is_some() {
+            return Ok(true);
+        }
+        if seq.no_state || self.layout.align != kv::Align::Left || seq.tokens.len() != seq.feed.len() {
+            return Ok(false);
+        }
+        let room = (seq.prompt_tokens + seq.max_tokens).min(self.spec.context_length);
+        let shape = [1, self.layout.heads, room, self.layout.head_dim];
+        match engine.new_state(2 * self.layout.layers, &shape) {
+            Some(state) => {
+                seq.state = Some(state?);
+                Ok(true)
+            }
+            None => {
+                seq.no_state = true;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Pairs of cache input and output names, bound to one buffer each.
+    fn bindings(&self) -> Vec<(String, String)> {
+        let names = &self.spec.names;
+        (0..2 * self.layout.layers).map(|i| (self.cache_name(&names.past, i), self.cache_name(&names.present, i))).collect()
+    }
+
+    /// [`Generator::step`] of a sequence whose cache is in the engine's buffers.
+    fn step_in_place(&self, engine: &mut dyn InferenceBackend, seq: &mut Sequence) -> Result<(), InferError> {
+        let names = &self.spec.names;
+        let (fed, n, input) = self.next_chunk(seq)?;
+        let state = seq.state.as_mut().expect("in place");
+        let room = state.shape()[2];
+        if fed + n > room {
+            return Err(InferError::internal(format!("{} positions for a cache of {room}", fed + n)));
+        }
+        let inputs: NamedTensors = vec![
+            input,
+            (names.attention_mask.clone(), Tensor { shape: vec![1, fed + n], data: TensorData::I64(vec![1; fed + n]) }),
+        ];
+        let release = n > 1 && seq.prompt_tokens > self.spec.prefill_chunk;
+        let mut outputs =
+            engine.run_in_place(inputs, state.as_mut(), &self.bindings(), std::slice::from_ref(&names.logits), release)?;
+        if n < seq.feed.len() {
+            tracing::debug!(read = fed + n, prompt = seq.prompt_tokens, "prompt chunk read");
+            seq.feed.drain(..n);
+            return Ok(());
+        }
+        let logits = take_output(&mut outputs, &names.logits)?;
+        let vocab = *logits.shape.last().unwrap_or(&0);
+        let TensorData::F32(all) = logits.data else {
+            return Err(InferError::internal("the logits are not f32"));
+        };
+        if vocab == 0 || all.len() < vocab {
+            return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
+        }
+        self.next_token(seq, &all[all.len() - vocab..])
     }
 
     /// Runs the decoder: the logits (f32, at least one row of `vocab`), `vocab`, and the cache outputs.
@@ -993,9 +1096,10 @@ impl Generator {
     }
 
     /// Advances every sequence by one step. Sequences past their prompt step
-    /// together in one engine call, their caches left-padded to the longest
-    /// and the padding masked out (each keeps its own positions); prompts, and
-    /// graphs without an attention mask and position ids, run one by one.
+    /// together in one engine call, their caches packed into one batch as the
+    /// graph reads it ([`kv::Rows`]: padded and masked, each row keeping its
+    /// own positions); prompts, and graphs without an attention mask, run one
+    /// by one.
     ///
     /// A long prompt (over `prefill_chunk`) is read a chunk per round, one
     /// long prompt per round; a round in which a newcomer reads its short
@@ -1007,7 +1111,7 @@ impl Generator {
         engine: &mut dyn InferenceBackend,
         seqs: &mut [&mut Sequence],
     ) -> Vec<Result<(), InferError>> {
-        let batchable = self.layout.attention_mask && self.layout.position_ids;
+        let batchable = self.layout.batchable();
         let decoding: Vec<usize> = (0..seqs.len())
             .filter(|&i| {
                 batchable
@@ -1066,21 +1170,36 @@ impl Generator {
     }
 
     /// Gives each sequence of `batch` its own cache back (the rows' positions).
-    fn unbatch(&self, batch: Batch, seqs: &mut [&mut Sequence]) {
-        let (heads, hd, total) = (self.layout.heads, self.layout.head_dim, batch.total);
+    fn unbatch(&self, mut batch: Batch, seqs: &mut [&mut Sequence]) {
+        if let Some(state) = batch.state.as_mut() {
+            // Each row's positions back into its own buffers (rows are left-aligned).
+            let (heads, hd, room) = (self.layout.heads, self.layout.head_dim, state.shape()[2]);
+            for s in seqs.iter_mut().filter(|s| s.finish.is_none()) {
+                let (Some(row), Some(own)) = (batch.ids.iter().position(|&id| id == s.id), s.state.as_mut()) else {
+                    continue;
+                };
+                let (keep, own_room) = (s.tokens.len() - s.feed.len(), own.shape()[2]);
+                for i in 0..2 * self.layout.layers {
+                    let from = state.buffer(i);
+                    let to = own.buffer(i);
+                    for h in 0..heads {
+                        let (f, t) = ((row * heads + h) * room * hd, h * own_room * hd);
+                        to[t..t + keep * hd].copy_from_slice(&from[f..f + keep * hd]);
+                    }
+                }
+            }
+            return;
+        }
+        let (rows, total) = (self.layout.rows(), batch.total);
         for s in seqs.iter_mut().filter(|s| s.finish.is_none()) {
             let Some(row) = batch.ids.iter().position(|&id| id == s.id) else { continue };
             let keep = s.tokens.len() - s.feed.len();
             s.past = batch
                 .caches
                 .iter()
-                .map(|c| {
-                    let mut v = Vec::with_capacity(heads * keep * hd);
-                    for h in 0..heads {
-                        let from = ((row * heads + h) * total + total - keep) * hd;
-                        v.extend_from_slice(&c[from..from + keep * hd]);
-                    }
-                    Tensor { shape: vec![1, heads, keep, hd], data: TensorData::F32(v) }
+                .map(|c| Tensor {
+                    shape: vec![1, rows.heads, keep, rows.head_dim],
+                    data: TensorData::F32(rows.unpack(c, row, total, keep)),
                 })
                 .collect();
         }
@@ -1090,6 +1209,9 @@ impl Generator {
     /// caches come from the batch the same sequences made last step, else
     /// are packed from each one's own; the caches returned stay batched.
     fn step_batch(&self, engine: &mut dyn InferenceBackend, seqs: &mut [&mut Sequence]) -> Vec<Result<(), InferError>> {
+        if seqs.iter().all(|s| s.state.is_some()) {
+            return self.step_batch_in_place(engine, seqs);
+        }
         let names = &self.spec.names;
         let (b, heads, hd) = (seqs.len(), self.layout.heads, self.layout.head_dim);
         let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - 1).collect();
@@ -1098,29 +1220,24 @@ impl Generator {
             Some(kept) => (kept.total, kept.caches),
             None => {
                 let longest = lens.iter().copied().max().unwrap_or(0);
+                let rows = self.layout.rows();
                 let caches = (0..2 * self.layout.layers)
                     .map(|i| {
-                        // Each row's cache right-aligned in [heads, longest, head_dim]; zeros (masked) before it.
-                        let mut data = vec![0f32; b * heads * longest * hd];
-                        for (row, s) in seqs.iter().enumerate() {
-                            let TensorData::F32(src) = &s.past[i].data else { continue };
-                            let len = lens[row];
-                            for h in 0..heads {
-                                let to = ((row * heads + h) * longest + longest - len) * hd;
-                                data[to..to + len * hd].copy_from_slice(&src[h * len * hd..(h + 1) * len * hd]);
-                            }
-                        }
-                        data
+                        let own: Vec<&[f32]> = seqs
+                            .iter()
+                            .map(|s| match &s.past[i].data {
+                                TensorData::F32(v) => v.as_slice(),
+                                _ => &[],
+                            })
+                            .collect();
+                        rows.pack(&own, &lens, longest)
                     })
                     .collect();
                 seqs.iter_mut().for_each(|s| s.past.clear());
                 (longest, caches)
             }
         };
-        let mut mask = vec![0i64; b * (longest + 1)];
-        for (row, &len) in lens.iter().enumerate() {
-            mask[row * (longest + 1) + longest - len..(row + 1) * (longest + 1)].fill(1);
-        }
+        let mask = self.layout.rows().step_mask(&lens, longest);
         let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
         let feed = match self.feed(&seqs.iter().map(|s| s.feed[0]).collect::<Vec<_>>(), b, None) {
             Ok(f) => f,
@@ -1129,11 +1246,13 @@ impl Generator {
         let mut inputs: NamedTensors = vec![
             feed,
             (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
-            (
+        ];
+        if self.layout.position_ids {
+            inputs.push((
                 names.position_ids.clone(),
                 Tensor { shape: vec![b, 1], data: TensorData::I64(lens.iter().map(|&l| l as i64).collect()) },
-            ),
-        ];
+            ));
+        }
         for (i, data) in caches.into_iter().enumerate() {
             inputs.push((
                 self.cache_name(&names.past, i),
@@ -1159,6 +1278,78 @@ impl Generator {
             alive: vec![true; b],
             total: longest + 1,
             caches: presents,
+            state: None,
+        });
+        seqs.iter_mut().enumerate().map(|(row, s)| self.next_token(s, &all[row * vocab..(row + 1) * vocab])).collect()
+    }
+
+    /// [`Generator::step_batch`] of sequences whose caches are in the
+    /// engine's buffers: the batch's buffers (made by packing each row's
+    /// positions, left-aligned, when the group is new) are written in place
+    /// by each step and kept for the same group's next step.
+    fn step_batch_in_place(
+        &self,
+        engine: &mut dyn InferenceBackend,
+        seqs: &mut [&mut Sequence],
+    ) -> Vec<Result<(), InferError>> {
+        let names = &self.spec.names;
+        let (b, heads, hd) = (seqs.len(), self.layout.heads, self.layout.head_dim);
+        let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
+        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - 1).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let kept = self.batch.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut state = match kept.and_then(|k| k.state) {
+            Some(state) if state.shape()[2] > longest => state,
+            _ => {
+                let room = seqs.iter_mut().map(|s| s.state.as_mut().map_or(0, |st| st.shape()[2])).max().unwrap_or(0);
+                let mut state = match engine.new_state(2 * self.layout.layers, &[b, heads, room.max(longest + 1), hd]) {
+                    Some(Ok(state)) => state,
+                    Some(Err(e)) => return fail(e.into()),
+                    None => return fail(InferError::internal("the engine kept buffers for one sequence, not for a batch")),
+                };
+                let batch_room = state.shape()[2];
+                for (row, s) in seqs.iter_mut().enumerate() {
+                    let own = s.state.as_mut().expect("checked by the caller");
+                    let own_room = own.shape()[2];
+                    for i in 0..2 * self.layout.layers {
+                        let (from, to) = (own.buffer(i), state.buffer(i));
+                        for h in 0..heads {
+                            let (f, t) = (h * own_room * hd, (row * heads + h) * batch_room * hd);
+                            to[t..t + lens[row] * hd].copy_from_slice(&from[f..f + lens[row] * hd]);
+                        }
+                    }
+                }
+                state
+            }
+        };
+        let mask = self.layout.rows().step_mask(&lens, longest);
+        let feed = match self.feed(&seqs.iter().map(|s| s.feed[0]).collect::<Vec<_>>(), b, None) {
+            Ok(f) => f,
+            Err(e) => return fail(e),
+        };
+        let inputs: NamedTensors = vec![
+            feed,
+            (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
+        ];
+        let outputs = engine.run_in_place(
+            inputs,
+            state.as_mut(),
+            &self.bindings(),
+            std::slice::from_ref(&names.logits),
+            false,
+        );
+        let all = match outputs.map_err(InferError::from).and_then(|mut o| take_output(&mut o, &names.logits)) {
+            Ok(Tensor { data: TensorData::F32(all), .. }) if !all.is_empty() && all.len() % b == 0 => all,
+            Ok(t) => return fail(InferError::internal(format!("the logits have shape {:?}", t.shape))),
+            Err(e) => return fail(e),
+        };
+        let vocab = all.len() / b;
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch {
+            ids: seqs.iter().map(|s| s.id).collect(),
+            alive: vec![true; b],
+            total: longest + 1,
+            caches: Vec::new(),
+            state: Some(state),
         });
         seqs.iter_mut().enumerate().map(|(row, s)| self.next_token(s, &all[row * vocab..(row + 1) * vocab])).collect()
     }
