@@ -8,11 +8,12 @@
 //! front-ends name no task module: [`TASKS`] is the only place that lists them.
 //!
 //! Adding a task: a module here implementing [`TaskSpec`] (+ [`Section`]),
-//! its line in `tasks!`, its docs (docs/models-json.md). See docs/DESIGN.md.
+//! its `mod` line and its line in `tasks!`, its docs (docs/models-json.md).
+//! See docs/DESIGN.md.
 
-// `image` is the image helpers tasks share; the task modules are declared by
-// `tasks!` below, private: nothing outside `src/pipeline/` can name one (the
-// compiler keeps the rule).
+// `image` is the image helpers tasks share; the task modules are declared
+// below, private: nothing outside `src/pipeline/` can name one (the compiler
+// keeps the rule).
 pub mod image;
 
 pub use generate::ChatTemplate;
@@ -31,15 +32,23 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Declares each task's module and lists its section in [`TASKS`].
+/// Lists each task's section in [`TASKS`].
 macro_rules! tasks {
     ($($module:ident::$section:ident),* $(,)?) => {
-        $(mod $module;)*
-
         /// Every task inferd knows, by its models.json name.
         pub static TASKS: &[TaskKind] = &[$(TaskKind::of::<$module::$section>()),*];
     };
 }
+
+// The task modules, declared outside the macro so that `cargo fmt` reaches them.
+mod classify;
+mod detect;
+mod document;
+mod embed;
+mod generate;
+mod ocr;
+mod raw;
+mod vision;
 
 // The one registration point: a task is its module and its line here.
 tasks! {

@@ -1000,7 +1000,9 @@ impl Generator {
     /// Pairs of cache input and output names, bound to one buffer each.
     fn bindings(&self) -> Vec<(String, String)> {
         let names = &self.spec.names;
-        (0..2 * self.layout.layers).map(|i| (self.cache_name(&names.past, i), self.cache_name(&names.present, i))).collect()
+        (0..2 * self.layout.layers)
+            .map(|i| (self.cache_name(&names.past, i), self.cache_name(&names.present, i)))
+            .collect()
     }
 
     /// [`Generator::step`] of a sequence whose cache is in the engine's buffers.
@@ -1017,8 +1019,13 @@ impl Generator {
             (names.attention_mask.clone(), Tensor { shape: vec![1, fed + n], data: TensorData::I64(vec![1; fed + n]) }),
         ];
         let release = n > 1 && seq.prompt_tokens > self.spec.prefill_chunk;
-        let mut outputs =
-            engine.run_in_place(inputs, state.as_mut(), &self.bindings(), std::slice::from_ref(&names.logits), release)?;
+        let mut outputs = engine.run_in_place(
+            inputs,
+            state.as_mut(),
+            &self.bindings(),
+            std::slice::from_ref(&names.logits),
+            release,
+        )?;
         if n < seq.feed.len() {
             tracing::debug!(read = fed + n, prompt = seq.prompt_tokens, "prompt chunk read");
             seq.feed.drain(..n);
@@ -1305,7 +1312,9 @@ impl Generator {
                 let mut state = match engine.new_state(2 * self.layout.layers, &[b, heads, room.max(longest + 1), hd]) {
                     Some(Ok(state)) => state,
                     Some(Err(e)) => return fail(e.into()),
-                    None => return fail(InferError::internal("the engine kept buffers for one sequence, not for a batch")),
+                    None => {
+                        return fail(InferError::internal("the engine kept buffers for one sequence, not for a batch"));
+                    }
                 };
                 let batch_room = state.shape()[2];
                 for (row, s) in seqs.iter_mut().enumerate() {
@@ -1331,13 +1340,8 @@ impl Generator {
             feed,
             (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
         ];
-        let outputs = engine.run_in_place(
-            inputs,
-            state.as_mut(),
-            &self.bindings(),
-            std::slice::from_ref(&names.logits),
-            false,
-        );
+        let outputs =
+            engine.run_in_place(inputs, state.as_mut(), &self.bindings(), std::slice::from_ref(&names.logits), false);
         let all = match outputs.map_err(InferError::from).and_then(|mut o| take_output(&mut o, &names.logits)) {
             Ok(Tensor { data: TensorData::F32(all), .. }) if !all.is_empty() && all.len() % b == 0 => all,
             Ok(t) => return fail(InferError::internal(format!("the logits have shape {:?}", t.shape))),
