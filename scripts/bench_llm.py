@@ -4,7 +4,7 @@ first token (prefill), prefill and decode tokens/s, and the daemon's RSS, for
 1 and 4 concurrent streams, on each variant of a model.
 
     scripts/setup.sh && cargo build --release --locked
-    python3 scripts/bench_llm.py [--model smollm2] [--variants fp32,int4] [--tokens 128] \
+    python3 scripts/bench_llm.py [--model smollm2] [--variants int4-fast,int4,fp32] [--tokens 128] \
         [--genai-python /tmp/genai/bin/python]
 
 With --genai-python (a Python with onnxruntime-genai, see scripts/peers/genai_llm.py)
@@ -127,7 +127,7 @@ def run_variant(model, variant, max_tokens, threads):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--variants", default="fp32,int4")
+    ap.add_argument("--variants", default="int4-fast,int4,fp32")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--genai-python", help="a Python with onnxruntime-genai: run it as the peer")

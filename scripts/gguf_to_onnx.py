@@ -20,8 +20,9 @@ without torch:
 
 The fused graphs take input_ids, attention_mask (each row's tokens then
 zeros: GroupQueryAttention reads the lengths from it) and the same caches,
-and no position_ids; rows are left-aligned. All give logits (the last
-position only: [batch, 1, vocab]) and present.{i}.key|value. The GGUF's Q
+and no position_ids; rows are left-aligned. All give logits of the last
+`logits_to_keep` positions (an optional int64 [1] input; 0, the default,
+is every position) and present.{i}.key|value. The GGUF's Q
 and K rows are permuted for llama.cpp's RoPE (rotating adjacent pairs); they
 are put back in Hugging Face's order, and the graphs rotate halves. Q, K and
 V are one product (gate and up another). The output is the same bytes on
@@ -110,6 +111,29 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
+def keep_input(g, inputs):
+    """The optional input logits_to_keep (int64 [1]; an initializer of the same name gives the
+    default, 0: every position, as onnxruntime-genai expects of a prompt): how many of the last
+    positions get logits. inferd feeds 1 while decoding and the chunk's length while it scores a
+    prompt (echo with logprobs). Returns the Slice starts for the positions kept."""
+    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+    g.inits.append(numpy_helper.from_array(np.array([0], np.int64), "logits_to_keep"))
+    return g.op("Neg", ["logits_to_keep"])
+
+
+def tied_head(g, y, starts, embed, hidden):
+    """Logits [batch, kept, vocab] of the kept positions of y through the f32 table [vocab, hidden] (Gemm with
+    transB reads it as it is: no transposed copy)."""
+    b = g.op
+    kept = b("Slice", [y, starts, g.const([2**62]), g.const([1])])
+    # (Shapes spelled out: tract infers no -1 against symbolic sizes.)
+    rows = b("Slice", [b("Shape", [kept]), g.const([0]), g.const([2])])
+    flat = b("Gemm", [b("Reshape", [kept, b("Concat", [b("ReduceProd", [rows], keepdims=1), g.const([hidden])],
+                                               axis=0)]), embed], transB=1)
+    vocab = b("Slice", [b("Shape", [embed]), g.const([0]), g.const([1])])
+    b("Reshape", [flat, b("Concat", [rows, vocab], axis=0)], outputs=["logits"])
+
+
 def build_standard(reader, cfg):
     """The fp32 graph of standard ONNX ops (ONNX Runtime and tract both run it)."""
     tensors = {t.name: t for t in reader.tensors}
@@ -143,7 +167,7 @@ def build_standard(reader, cfg):
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab])]
     for i in range(cfg.layers):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
@@ -152,8 +176,10 @@ def build_standard(reader, cfg):
                 f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "total", hd]))
 
     # Embeddings (shared with the output head: tied).
-    embed = g.init(dequantize(tensors["token_embd.weight"]), "embed")
-    x = b("Gather", [embed, "input_ids"], axis=0)
+    # One f32 table, [hidden, vocab]: the head multiplies by it as it is (no reshape, which tract
+    # cannot do on the head's variable length), the embedding gathers its columns.
+    table = g.init(dequantize(tensors["token_embd.weight"]).T.copy(), "embed")
+    x = b("Transpose", [b("Gather", [table, "input_ids"], axis=1)], perm=[1, 2, 0])
 
     # The mask, once: key t is visible to query j (absolute past + j) when t <= past + j and attention_mask[t] = 1.
     total = b("Gather", [b("Shape", ["attention_mask"]), g.const(1)], axis=0)
@@ -224,9 +250,10 @@ def build_standard(reader, cfg):
         act = b("Mul", [b("Mul", [gate, b("Sigmoid", [gate])]), up])
         x = b("Add", [x, linear(act, p + "ffn_down.weight")])
 
-    last = b("Gather", [rms_norm(x, "output_norm.weight"), g.const(-1)], axis=1)
-    logits = b("Gemm", [last, embed], transB=1)
-    b("Unsqueeze", [logits, g.const([1])], outputs=["logits"])
+    starts = keep_input(g, inputs)
+    normed = rms_norm(x, "output_norm.weight")
+    ends = b("Slice", [b("Shape", [normed]), g.const([1]), g.const([2])])  # (tract clamps no end past the length)
+    b("MatMul", [b("Slice", [normed, starts, ends, g.const([1])]), table], outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
@@ -254,7 +281,7 @@ def q4_0_blocks(t):
     return q.reshape(rows, -1).astype(np.uint8), d
 
 
-def build_fused(reader, cfg, accuracy):
+def build_fused(reader, cfg, accuracy, q8_head=True, exact=()):
     """ONNX Runtime's fused decoder layout (what its model builder writes, with
     the GGUF's own blocks): GroupQueryAttention (rotary embedding, causal
     attention and the KV-cache update in one op; past and present may share
@@ -274,9 +301,11 @@ def build_fused(reader, cfg, accuracy):
     h, hd = cfg.hidden, cfg.head_dim
     Q = gguf.GGMLQuantizationType
 
+    level = {"": accuracy}
+
     def nbits(x, q, scale, zp, k, n, bits):
         return b("MatMulNBits", [x, g.init(q, f"q{bits}"), g.init(scale.reshape(-1), "scale"), g.init(zp, "zp")],
-                 domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=accuracy)
+                 domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=level[""])
 
     def linear(x, names, n_heads=None):
         """x @ W.T of GGUF matrices [out, in] side by side, one product (Q/K rows in HF order)."""
@@ -329,7 +358,7 @@ def build_fused(reader, cfg, accuracy):
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab])]
     for i in range(cfg.layers):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
@@ -339,7 +368,7 @@ def build_fused(reader, cfg, accuracy):
 
     # The embedding: rows of the table; a Q8_0 table stays in its blocks when the head reads them too.
     embed_t = tensors["token_embd.weight"]
-    q8_table = embed_t.tensor_type == Q.Q8_0 and accuracy == 4
+    q8_table = embed_t.tensor_type == Q.Q8_0 and accuracy == 4 and q8_head
     if q8_table:
         q, d = q8_0_blocks(embed_t)
         n, k = q.shape
@@ -386,7 +415,9 @@ def build_fused(reader, cfg, accuracy):
         gate_up = linear(y, [p + "ffn_gate.weight", p + "ffn_up.weight"])
         gate, up = b("Split", [gate_up, g.const([cfg.ffn, cfg.ffn])], axis=-1, outputs=[g.name("gate"), g.name("up")])
         act = b("Mul", [b("Mul", [gate, b("Sigmoid", [gate])]), up])
+        level[""] = 0 if "down" in exact else accuracy
         down = linear(act, p + "ffn_down.weight")
+        level[""] = accuracy
         norm = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.layers else "output_norm.weight"
         y, _, _, residual = b("SkipSimplifiedLayerNormalization", [down, residual, gamma(norm)],
                               domain="com.microsoft", epsilon=cfg.eps,
@@ -395,13 +426,13 @@ def build_fused(reader, cfg, accuracy):
     # The last position of each row, then the tied head: the table's own Q8_0 blocks (8-bit
     # MatMulNBits is fast only with 8-bit activations: at accuracy 0 it dequantises the whole
     # table on every call), else the f32 table, shared with the embedding.
+    starts = keep_input(g, inputs)
     if q8_table:
-        last = b("Slice", [y, g.const([-1]), g.const([2**62]), g.const([1])])
+        last = b("Slice", [y, starts, g.const([2**62]), g.const([1])])
         b("MatMulNBits", [last, table, g.init(d.reshape(-1), "scale"), g.init(np.full(d.size, 128, np.uint8), "zp")],
           domain="com.microsoft", K=k, N=n, bits=8, block_size=32, accuracy_level=accuracy, outputs=["logits"])
     else:
-        last = b("Gather", [y, g.const(-1)], axis=1)
-        b("Unsqueeze", [b("Gemm", [last, embed], transB=1), g.const([1])], outputs=["logits"])
+        tied_head(g, y, starts, embed, h)
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]

@@ -162,9 +162,9 @@ echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $ROOT/mo
   | sha256sum -c --quiet - || { echo "setup.sh: sha256 of the SmolLM2 GGUF does not match" >&2; exit 1; }
 SMOL_DIR="$ROOT/models/fetched/smollm2"
 # What the converter writes, byte for byte (models.json pins the same sums).
-SMOL_SUMS="a68832953f0180eb4d9bb7feb357e7bdd233a9907a7fcdad97405a03818039ef  $SMOL_DIR/fp32.onnx
-22bbca53436878774def1c28011e13faa0ed8ef59bcfa228f1a4c65e634b6f5b  $SMOL_DIR/int4.onnx
-a8c790a497d1b5145369d0fcc23fe687886033d2f357d2aa89ad90088d26fac9  $SMOL_DIR/int4-fast.onnx"
+SMOL_SUMS="3ed6df2c0d7c35b3248c3c869a9614f05c807eed0ea00573246ca3de00469c64  $SMOL_DIR/fp32.onnx
+50932b8c997bbde38fb8c3c6171d165398a2fc7a289c447682a9f93a24b38cbd  $SMOL_DIR/int4.onnx
+48ef21be470145b01569091de44f36425777db25b86d823f27c451e169c43c47  $SMOL_DIR/int4-fast.onnx"
 if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ]; then
   VENV="$ROOT/.cache/convert-venv"
   if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then

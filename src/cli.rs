@@ -419,7 +419,7 @@ fn chat_output(body: &[u8]) -> Result<JobOutput, InferError> {
         provider: text_of("provider"),
         timings: serde_json::from_value(v["timings"].clone()).map_err(|e| unexpected(e.to_string()))?,
         batch: None,
-        result: JobResult::Generation { text, finish_reason, usage, tokens: Vec::new() },
+        result: JobResult::Generation { text, finish_reason, usage, tokens: Vec::new(), logprobs: None },
     })
 }
 

@@ -176,6 +176,7 @@ impl Engine {
         let pipeline = model.task.build(pipeline::Graph {
             dir: &self.registry.dir,
             inputs: engine.inputs(),
+            optional_inputs: engine.optional_inputs(),
             outputs: engine.outputs(),
             parts,
             limits: &self.config.limits,

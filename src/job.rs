@@ -77,6 +77,79 @@ pub struct GenerationParams {
     /// a JSON answer is kept to by constrained decoding.
     #[serde(default)]
     pub response_format: Option<Box<serde_json::Value>>,
+    /// Log-probabilities of the tokens: `true` (chat) or the number of
+    /// likeliest alternatives to list with each (completions, 0..=20).
+    #[serde(default, deserialize_with = "bool_or_count")]
+    pub logprobs: Option<u8>,
+    /// The likeliest alternatives listed with each token's log-probability (chat, 0..=20).
+    #[serde(default)]
+    pub top_logprobs: Option<u8>,
+    /// The prompt comes back before the answer; with `logprobs`, its tokens
+    /// are scored too (the first has none). `max_tokens` may then be 0.
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// `true`/`false`/`null` or a count: `true` is 0 alternatives, `false` and `null` none.
+fn bool_or_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BoolOrCount {
+        Bool(bool),
+        Count(u8),
+    }
+    Ok(match Option::<BoolOrCount>::deserialize(d)? {
+        None | Some(BoolOrCount::Bool(false)) => None,
+        Some(BoolOrCount::Bool(true)) => Some(0),
+        Some(BoolOrCount::Count(n)) => Some(n),
+    })
+}
+
+impl GenerationParams {
+    /// Most alternatives listed with a token's log-probability.
+    pub const MAX_TOP_LOGPROBS: usize = 20;
+
+    /// How many alternatives go with each token's log-probability, when
+    /// log-probabilities are asked for at all; refused past [`Self::MAX_TOP_LOGPROBS`].
+    pub fn logprobs_wanted(&self) -> Result<Option<usize>, String> {
+        let top = match (self.logprobs, self.top_logprobs) {
+            (None, None) => return Ok(None),
+            (_, Some(t)) | (Some(t), None) => usize::from(t),
+        };
+        if top > Self::MAX_TOP_LOGPROBS {
+            return Err(format!("top_logprobs must be 0..={}", Self::MAX_TOP_LOGPROBS));
+        }
+        Ok(Some(top))
+    }
+}
+
+/// One token's log-probability under the model (its raw logits, before
+/// temperature and sampling), with the likeliest alternatives at its place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    /// The token's bytes (a token may hold part of a character).
+    pub bytes: Vec<u8>,
+    /// `None` for the prompt's first token: nothing precedes it.
+    pub logprob: Option<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+/// An alternative at a token's place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// The log-probabilities of a generation: the prompt's tokens (with `echo`) and the answer's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Logprobs {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt: Vec<TokenLogprob>,
+    pub completion: Vec<TokenLogprob>,
 }
 
 /// One string or a list of strings, as a list (`null` is none).
@@ -205,7 +278,15 @@ pub enum JobResult {
     /// `ocr`: text lines in reading order.
     Ocr { lines: Vec<TextLine> },
     /// `text-generation`: the text, why it ended, the token counts and the generated token ids.
-    Generation { text: String, finish_reason: FinishReason, usage: Usage, tokens: Vec<u32> },
+    Generation {
+        text: String,
+        finish_reason: FinishReason,
+        usage: Usage,
+        tokens: Vec<u32>,
+        /// When the request asked for them (`logprobs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprobs: Option<Box<Logprobs>>,
+    },
     /// A task's own answer, as the JSON object it writes: a task added as one
     /// module answers with this when none of the shapes above is its answer.
     Other(serde_json::Map<String, serde_json::Value>),

@@ -339,7 +339,7 @@ impl Scheduler {
             let (input, pre_ms) = self.prepare(worker::get_preparer(&preparer), input).await?;
             let (reply, answer) = oneshot::channel();
             let suspect = verdict == Verdict::Suspect;
-            place.send(Work::Job(Job { input, options, enqueued: Instant::now(), pre_ms, reply, suspect }));
+            place.send(Work::Job(Box::new(Job { input, options, enqueued: Instant::now(), pre_ms, reply, suspect })));
             match answer.await {
                 Ok(result) => result,
                 Err(_) => Err(InferError::internal(format!("the worker of model '{model}' stopped without answering"))),

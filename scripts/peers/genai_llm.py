@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The onnxruntime-genai peer for scripts/bench_llm.py: the same ONNX file
-inferd runs (models/fetched/smollm2/{fp32,int4}.onnx), the same tokenizer,
+inferd runs (models/fetched/smollm2/{fp32,int4,int4-fast}.onnx), the same tokenizer,
 the same chat prompts, greedy, 2 intra-op threads; one stream at a time.
 
     python3 -m venv /tmp/genai && /tmp/genai/bin/pip install onnxruntime-genai==0.18.0
@@ -32,6 +32,11 @@ def model_dir(variant):
         "tokenizer_class": "GPT2Tokenizer", "clean_up_tokenization_spaces": False}))
     names = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    # The fused graphs (int4, int4-fast) take no position ids and update the cache in place, as the
+    # model builder's graphs do: genai shares one buffer between past and present for them.
+    fused = variant != "fp32"
+    if fused:
+        del names["position_ids"]
     (d / "genai_config.json").write_text(json.dumps({
         "model": {"bos_token_id": 1, "context_length": 8192, "eos_token_id": [2, 0], "pad_token_id": 2,
                   "type": "llama", "vocab_size": 49152,
@@ -41,7 +46,7 @@ def model_dir(variant):
                               "inputs": names,
                               "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                                           "present_value_names": "present.%d.value"}}},
-        "search": {"do_sample": False, "max_length": 8192, "num_beams": 1, "past_present_share_buffer": False}}))
+        "search": {"do_sample": False, "max_length": 8192, "num_beams": 1, "past_present_share_buffer": fused}}))
     return d
 
 

@@ -41,6 +41,11 @@ pub trait InferenceBackend: Send {
     fn placement(&self) -> Option<&Placement> {
         None
     }
+    /// Inputs the graph gives a default for (initializers that are also
+    /// inputs, such as a decoder's `logits_to_keep`): a run may feed them.
+    fn optional_inputs(&self) -> &[TensorInfo] {
+        &[]
+    }
     /// `count` f32 buffers of `shape` that the engine keeps and runs read
     /// and write in place ([`InferenceBackend::run_in_place`]), zeroed;
     /// `None` where the engine keeps none (callers pass tensors instead).
@@ -265,7 +270,28 @@ pub fn load(
 /// Checks `inputs` against `declared`: every declared input given once, no
 /// others, dtypes equal, ranks equal and fixed dims equal. Returns the
 /// inputs reordered to the declared order.
-pub fn check_inputs(declared: &[TensorInfo], mut inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
+pub fn check_inputs(declared: &[TensorInfo], inputs: NamedTensors) -> Result<NamedTensors, BackendError> {
+    check_inputs_with(declared, &[], inputs)
+}
+
+/// [`check_inputs`], also taking the `optional` inputs (put after the declared ones).
+pub fn check_inputs_with(
+    declared: &[TensorInfo],
+    optional: &[TensorInfo],
+    mut inputs: NamedTensors,
+) -> Result<NamedTensors, BackendError> {
+    let mut extra = Vec::new();
+    for info in optional {
+        if let Some(pos) = inputs.iter().position(|(n, _)| n == &info.name) {
+            let (name, tensor) = inputs.swap_remove(pos);
+            if let Some(dtype) = info.dtype
+                && dtype != tensor.dtype()
+            {
+                return Err(BackendError::Input(format!("input '{name}' must be {dtype}, got {}", tensor.dtype())));
+            }
+            extra.push((name, tensor));
+        }
+    }
     for (name, _) in &inputs {
         if !declared.iter().any(|d| &d.name == name) {
             let known: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
@@ -298,6 +324,7 @@ pub fn check_inputs(declared: &[TensorInfo], mut inputs: NamedTensors) -> Result
     if let Some((name, _)) = inputs.first() {
         return Err(BackendError::Input(format!("input '{name}' is given twice")));
     }
+    ordered.extend(extra);
     Ok(ordered)
 }
 

@@ -9,7 +9,8 @@ use super::providers::{ComputeUnits, CoreMlFormat};
 use super::providers::{ProviderOptions, ProviderSpec, TensorRtOptions};
 use super::trt_cache;
 use super::{
-    BackendError, BackendKind, InferenceBackend, LoadRequest, NamedTensors, Placement, Provider, State, check_inputs,
+    BackendError, BackendKind, InferenceBackend, LoadRequest, NamedTensors, Placement, Provider, State,
+    check_inputs_with,
 };
 use crate::config::GraphOptimization;
 use crate::config::RuntimeConfig;
@@ -226,6 +227,8 @@ pub struct OrtBackend {
     provider: String,
     placement: Placement,
     inputs: Vec<TensorInfo>,
+    /// Initializers that are also inputs: fed when a run gives them.
+    optional: Vec<TensorInfo>,
     outputs: Vec<TensorInfo>,
     /// A TensorRT session being built in the background; swapped in when ready.
     upgrade: Option<std::sync::mpsc::Receiver<Result<Built, BackendError>>>,
@@ -306,6 +309,8 @@ impl OrtBackend {
             }
         };
         let inputs = built.session.inputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
+        let optional =
+            built.session.overridable_initializers().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
         let outputs = built.session.outputs().iter().map(|o| outlet_info(o.name(), o.dtype())).collect();
         tracing::info!(model = request.model, placement = %built.placement.summary(), "session created");
         Ok(OrtBackend {
@@ -313,6 +318,7 @@ impl OrtBackend {
             provider: built.provider,
             placement: built.placement,
             inputs,
+            optional,
             outputs,
             upgrade,
             release: if request.runtime.cpu_arena { releasing_options() } else { None },
@@ -457,6 +463,10 @@ fn create(
             sink.lock().unwrap_or_else(|e| e.into_inner()).push(message.to_string());
         }
         match level {
+            // An optional input (an initializer a run may override, such as `logits_to_keep`) is meant.
+            LogLevel::Warning if message.contains("appears in graph inputs and will not be treated as constant") => {
+                tracing::debug!(target: "onnxruntime", "{message}")
+            }
             LogLevel::Warning => tracing::warn!(target: "onnxruntime", "{message}"),
             LogLevel::Error | LogLevel::Fatal => tracing::error!(target: "onnxruntime", "{message}"),
             _ => {}
@@ -692,7 +702,7 @@ impl OrtBackend {
     /// Runs the session; `release`: with the options that shrink the arena afterwards.
     fn run_with(&mut self, inputs: NamedTensors, release: bool) -> Result<NamedTensors, BackendError> {
         self.take_upgrade();
-        let inputs = check_inputs(&self.inputs, inputs)?;
+        let inputs = check_inputs_with(&self.inputs, &self.optional, inputs)?;
         let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
             let value = to_value(tensor).map_err(|e| BackendError::Input(format!("input '{name}': {e}")))?;
@@ -730,6 +740,10 @@ impl InferenceBackend for OrtBackend {
 
     fn outputs(&self) -> &[TensorInfo] {
         &self.outputs
+    }
+
+    fn optional_inputs(&self) -> &[TensorInfo] {
+        &self.optional
     }
 
     fn placement(&self) -> Option<&Placement> {

@@ -295,6 +295,13 @@ pub fn parse_request(bytes: &[u8], chat: bool, limits: &Limits) -> Result<OpenAi
     if c.params.stop.len() > 4 {
         return Err(InferError::bad_input("at most 4 stop strings"));
     }
+    if chat && c.params.echo {
+        return Err(InferError::bad_input("echo is for /v1/completions"));
+    }
+    c.params.logprobs_wanted().map_err(InferError::bad_input)?;
+    if c.stream && (c.params.logprobs.is_some() || c.params.top_logprobs.is_some()) {
+        return Err(InferError::bad_input("logprobs come with whole answers: ask without stream"));
+    }
     let mut params = c.params;
     params.max_tokens = params.max_tokens.or(c.max_completion_tokens);
     let request = GenerateRequest { prompt, params, stream: None };
@@ -337,7 +344,11 @@ async fn run(app: AppState, kind: Kind, mut r: OpenAiRequest, options: JobOption
     let OpenAiRequest { model, mut request, stream, .. } = r;
     let id =
         format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let meta = Meta { id, model: model.clone(), created: now_s(), kind };
+    let echo = match (&request.prompt, request.params.echo) {
+        (crate::job::Prompt::Text(t), true) => Some(t.clone()),
+        _ => None,
+    };
+    let meta = Meta { id, model: model.clone(), created: now_s(), kind, echo };
     if !stream {
         let out = app.scheduler.submit(&model, JobInput::Generate(request), options).await;
         return match out {
@@ -432,6 +443,8 @@ struct Meta {
     model: String,
     created: u64,
     kind: Kind,
+    /// The prompt, given back before the answer (completions with `echo`).
+    echo: Option<String>,
 }
 
 fn parts(out: &JobOutput) -> (&str, FinishReason, Value) {
@@ -489,15 +502,56 @@ impl Meta {
 
     fn whole(&self, out: &JobOutput) -> Value {
         let (text, reason, usage) = parts(out);
+        let logprobs = match &out.result {
+            JobResult::Generation { logprobs: Some(l), .. } => Some(l.as_ref()),
+            _ => None,
+        };
         let choice = match self.kind {
-            Kind::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason})
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": logprobs.map(chat_logprobs), "finish_reason": reason}),
+            Kind::Completion => {
+                let prompt = self.echo.as_deref();
+                json!({"index": 0, "text": format!("{}{text}", prompt.unwrap_or_default()),
+                       "logprobs": logprobs.map(completion_logprobs), "finish_reason": reason})
             }
-            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
         };
         // Extensions (as llama.cpp's server adds its own): where the time went, in ms, and what ran it.
         json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
                "choices": [choice], "usage": usage, "timings": out.timings,
                "variant": out.variant, "backend": out.backend, "provider": out.provider})
     }
+}
+
+/// Chat's `logprobs`: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`.
+fn chat_logprobs(l: &crate::job::Logprobs) -> Value {
+    let content: Vec<Value> = l
+        .completion
+        .iter()
+        .map(|t| {
+            let top: Vec<Value> =
+                t.top.iter().map(|a| json!({"token": a.token, "logprob": a.logprob, "bytes": a.bytes})).collect();
+            json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes, "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Completions' `logprobs`: parallel lists of tokens, their log-probabilities,
+/// the alternatives (token -> log-probability) and each token's character
+/// offset in the returned text; with `echo`, the prompt's tokens first (the
+/// very first has no log-probability).
+fn completion_logprobs(l: &crate::job::Logprobs) -> Value {
+    let (mut tokens, mut values, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut at = 0usize;
+    for t in l.prompt.iter().chain(&l.completion) {
+        tokens.push(json!(t.token));
+        values.push(json!(t.logprob));
+        tops.push(match t.logprob {
+            None => Value::Null,
+            Some(_) => Value::Object(t.top.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect()),
+        });
+        offsets.push(json!(at));
+        at += t.token.chars().count();
+    }
+    json!({"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets})
 }

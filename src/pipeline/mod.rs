@@ -277,6 +277,8 @@ pub struct Graph<'a> {
     /// models.json's folder (labels and tokenizers are relative to it).
     pub dir: &'a Path,
     pub inputs: &'a [TensorInfo],
+    /// Inputs the graph gives a default for ([`InferenceBackend::optional_inputs`]).
+    pub optional_inputs: &'a [TensorInfo],
     pub outputs: &'a [TensorInfo],
     /// The variant's further graphs.
     pub parts: Vec<Part>,

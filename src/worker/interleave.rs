@@ -81,7 +81,7 @@ pub(super) fn interleave(
             match queue.try_recv() {
                 Ok(Work::Job(j)) if j.reply.is_closed() => {}
                 Ok(Work::Job(j)) if j.suspect && !active.is_empty() => next.push_back(Work::Job(j)),
-                Ok(Work::Job(j)) => admit(j, &mut active, m),
+                Ok(Work::Job(j)) => admit(*j, &mut active, m),
                 Ok(other) => next.push_back(other),
                 Err(_) => break,
             }

@@ -35,7 +35,7 @@ pub struct Job {
 
 /// What a worker is asked to do.
 pub enum Work {
-    Job(Job),
+    Job(Box<Job>),
     /// Load now (if not loaded) and say how it went.
     Load(oneshot::Sender<Result<(), InferError>>),
     /// Switch to this variant (memory pressure): load it, then drop the old one.
@@ -158,6 +158,7 @@ fn run(
             }
             Work::Swap(variant) => swap(&ctx, &model, &mut loaded, (&state, &busy, &preparer), &variant),
             Work::Job(job) => {
+                let job = *job;
                 if job.reply.is_closed() {
                     continue; // the client gave up (timeout or disconnect): do not spend the engine on it
                 }
@@ -372,7 +373,7 @@ fn gather(
         match queue.try_recv() {
             Ok(Work::Job(j)) if j.reply.is_closed() => {}
             // A suspect runs alone, after this batch.
-            Ok(Work::Job(j)) if !j.suspect => jobs.push(j),
+            Ok(Work::Job(j)) if !j.suspect => jobs.push(*j),
             Ok(other) => next.push_back(other),
             Err(mpsc::error::TryRecvError::Empty) => {
                 let now = Instant::now();
@@ -514,17 +515,17 @@ mod tests {
         for _ in 0..5 {
             let (j, a) = job(false);
             kept.push(a);
-            tx.try_send(Work::Job(j)).unwrap_or_else(|_| panic!("queue full"));
+            tx.try_send(Work::Job(Box::new(j))).unwrap_or_else(|_| panic!("queue full"));
         }
         let (first, _a) = job(false);
         let batch = gather(first, &mut rx, &mut next, 4, Duration::from_millis(5));
         assert_eq!(batch.len(), 4, "up to max_batch");
         // A job whose client went away is skipped; other work stops the batch and is kept.
         let (gone, _) = job(true);
-        tx.try_send(Work::Job(gone)).unwrap_or_else(|_| panic!("queue full"));
+        tx.try_send(Work::Job(Box::new(gone))).unwrap_or_else(|_| panic!("queue full"));
         tx.try_send(Work::Swap("small".into())).unwrap_or_else(|_| panic!("queue full"));
         let (after, _b) = job(false);
-        tx.try_send(Work::Job(after)).unwrap_or_else(|_| panic!("queue full"));
+        tx.try_send(Work::Job(Box::new(after))).unwrap_or_else(|_| panic!("queue full"));
         let (first, _c) = job(false);
         let batch = gather(first, &mut rx, &mut next, 8, Duration::from_millis(5));
         assert_eq!(batch.len(), 3, "the first and the two left from before; the closed one skipped");

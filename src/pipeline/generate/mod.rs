@@ -18,12 +18,16 @@
 
 pub(super) mod json;
 mod kv;
+mod logprobs;
 mod sample;
 
 use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::{InferenceBackend, NamedTensors, State};
 use crate::error::InferError;
-use crate::job::{FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Prompt, Timings, Usage};
+use crate::job::{
+    FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Logprobs, Prompt, Timings, TokenLogprob,
+    TopLogprob, Usage,
+};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use json::{Constraint, TokenBytes};
 use sample::Sampler;
@@ -88,6 +92,8 @@ pub struct GenerationNames {
     pub past: String,
     pub present: String,
     pub logits: String,
+    /// How many of the last positions get logits (fed when a prompt is scored; optional).
+    pub logits_to_keep: String,
 }
 
 impl Default for GenerationNames {
@@ -100,6 +106,7 @@ impl Default for GenerationNames {
             past: "past_key_values.{layer}.{kv}".into(),
             present: "present.{layer}.{kv}".into(),
             logits: "logits".into(),
+            logits_to_keep: "logits_to_keep".into(),
         }
     }
 }
@@ -231,6 +238,9 @@ struct Layout {
     embeds: Option<usize>,
     /// The logits' last dimension, when the graph fixes it.
     vocab: Option<usize>,
+    /// The graph takes `logits_to_keep` (logits of more than the last
+    /// position, to score a prompt): `Some(true)` when it must always be fed.
+    keep: Option<bool>,
 }
 
 fn kv_name(pattern: &str, layer: usize, kv: &str) -> String {
@@ -340,6 +350,7 @@ impl Layout {
             align: if attention_mask && !position_ids { kv::Align::Left } else { kv::Align::Right },
             embeds,
             vocab: outputs.iter().find(|o| o.name == names.logits).and_then(|o| o.shape.last().copied().flatten()),
+            keep: input(&names.logits_to_keep).map(|_| true),
         })
     }
 }
@@ -395,7 +406,8 @@ impl TaskSpec for GenerationTaskSpec {
             .clone()
             .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
         let path = graph.dir.join(&spec.tokenizer);
-        let generator = Arc::new(Generator::new(spec, &path, graph.inputs, graph.outputs, None)?);
+        let generator =
+            Arc::new(Generator::new(spec, &path, graph.inputs, graph.optional_inputs, graph.outputs, None)?);
         let preparer =
             Arc::new(ReadRequest { generator: generator.clone(), max_text_bytes: graph.limits.max_text_bytes });
         Ok(Box::new(GeneratePipeline::new(generator, preparer)))
@@ -674,6 +686,15 @@ pub struct Sequence {
     state: Option<Box<dyn State>>,
     /// The engine keeps no buffers: the cache goes in and out as tensors.
     no_state: bool,
+    /// Log-probabilities asked for: alternatives per token, the prompt's too (`echo`), and those so far.
+    scores: Option<Scores>,
+}
+
+/// What a sequence records of its tokens' log-probabilities.
+struct Scores {
+    top: usize,
+    echo: bool,
+    out: Logprobs,
 }
 
 impl Drop for Sequence {
@@ -709,12 +730,16 @@ impl Generator {
         spec: GenerationSpec,
         tokenizer: &Path,
         inputs: &[TensorInfo],
+        optional: &[TensorInfo],
         outputs: &[TensorInfo],
         embedder: Option<Arc<dyn Embedder>>,
     ) -> Result<Generator, InferError> {
-        let layout = Layout::read(&spec.names, inputs, outputs)
+        let mut layout = Layout::read(&spec.names, inputs, outputs)
             .and_then(|l| l.feeds(&spec.names, embedder.is_some()).map(|()| l))
             .map_err(InferError::unavailable)?;
+        if layout.keep.is_none() && optional.iter().any(|o| o.name == spec.names.logits_to_keep) {
+            layout.keep = Some(false);
+        }
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer)
             .map_err(|e| InferError::unavailable(format!("cannot read tokenizer {}: {e}", tokenizer.display())))?;
         let mut eos = Vec::new();
@@ -781,8 +806,10 @@ impl Generator {
     /// The request's `max_tokens`, or the model's default; refused past the model's limit.
     fn max_tokens(&self, request: &GenerateRequest) -> Result<usize, InferError> {
         let max_tokens = request.params.max_tokens.unwrap_or(self.spec.max_tokens);
-        if max_tokens == 0 || max_tokens > self.spec.max_tokens {
-            return Err(InferError::bad_input(format!("max_tokens must be 1..={}", self.spec.max_tokens)));
+        // 0 only to score a prompt (echo): nothing is generated.
+        let least = usize::from(!request.params.echo);
+        if max_tokens < least || max_tokens > self.spec.max_tokens {
+            return Err(InferError::bad_input(format!("max_tokens must be {least}..={}", self.spec.max_tokens)));
         }
         Ok(max_tokens)
     }
@@ -846,6 +873,20 @@ impl Generator {
         }
         let max_tokens = self.max_tokens(&request)?;
         let sampler = Sampler::new(&request.params)?;
+        let scores = match request.params.logprobs_wanted().map_err(InferError::bad_input)? {
+            None => None,
+            Some(top) => {
+                let echo = request.params.echo;
+                if echo && self.layout.keep.is_none() {
+                    return Err(InferError::bad_input(format!(
+                        "this model's graph gives logits for the last position only: it cannot score the prompt \
+                         (echo with logprobs needs a '{}' input)",
+                        self.spec.names.logits_to_keep
+                    )));
+                }
+                Some(Scores { top, echo, out: Logprobs::default() })
+            }
+        };
         let past = (0..2 * self.layout.layers)
             .map(|_| Tensor {
                 shape: vec![1, self.layout.heads, 0, self.layout.head_dim],
@@ -872,6 +913,7 @@ impl Generator {
             embeds: None,
             state: None,
             no_state: false,
+            scores,
         })
     }
 
@@ -914,6 +956,7 @@ impl Generator {
         let names = &self.spec.names;
         let (fed, n, input) = self.next_chunk(seq)?;
         let mut inputs: NamedTensors = vec![input];
+        inputs.extend(self.keep_input(seq, n));
         if self.layout.attention_mask {
             inputs.push((
                 names.attention_mask.clone(),
@@ -933,6 +976,7 @@ impl Generator {
         // A long prompt's chunks leave the engine's pool as it was: their working memory does not stay.
         let release = n > 1 && seq.prompt_tokens > self.spec.prefill_chunk;
         let (all, vocab, presents) = self.run(engine, inputs, release)?;
+        self.score_prompt(seq, fed, n, &all, vocab);
         if n < seq.feed.len() {
             // A chunk of the prompt: its cache is kept, its logits are not needed.
             check_cache(&presents, fed + n)?;
@@ -1009,16 +1053,17 @@ impl Generator {
     fn step_in_place(&self, engine: &mut dyn InferenceBackend, seq: &mut Sequence) -> Result<(), InferError> {
         let names = &self.spec.names;
         let (fed, n, input) = self.next_chunk(seq)?;
-        let state = seq.state.as_mut().expect("in place");
-        let room = state.shape()[2];
+        let room = seq.state.as_ref().expect("in place").shape()[2];
         if fed + n > room {
             return Err(InferError::internal(format!("{} positions for a cache of {room}", fed + n)));
         }
-        let inputs: NamedTensors = vec![
+        let mut inputs: NamedTensors = vec![
             input,
             (names.attention_mask.clone(), Tensor { shape: vec![1, fed + n], data: TensorData::I64(vec![1; fed + n]) }),
         ];
+        inputs.extend(self.keep_input(seq, n));
         let release = n > 1 && seq.prompt_tokens > self.spec.prefill_chunk;
+        let state = seq.state.as_mut().expect("in place");
         let mut outputs = engine.run_in_place(
             inputs,
             state.as_mut(),
@@ -1026,11 +1071,6 @@ impl Generator {
             std::slice::from_ref(&names.logits),
             release,
         )?;
-        if n < seq.feed.len() {
-            tracing::debug!(read = fed + n, prompt = seq.prompt_tokens, "prompt chunk read");
-            seq.feed.drain(..n);
-            return Ok(());
-        }
         let logits = take_output(&mut outputs, &names.logits)?;
         let vocab = *logits.shape.last().unwrap_or(&0);
         let TensorData::F32(all) = logits.data else {
@@ -1039,7 +1079,75 @@ impl Generator {
         if vocab == 0 || all.len() < vocab {
             return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
         }
+        self.score_prompt(seq, fed, n, &all, vocab);
+        if n < seq.feed.len() {
+            tracing::debug!(read = fed + n, prompt = seq.prompt_tokens, "prompt chunk read");
+            seq.feed.drain(..n);
+            return Ok(());
+        }
         self.next_token(seq, &all[all.len() - vocab..])
+    }
+
+    /// `logits_to_keep` for a step of `seq` feeding `n` tokens, where the
+    /// graph takes it: all `n` while its prompt is scored (echo with
+    /// logprobs), else 1 (a graph's default may be every position).
+    fn keep_input(&self, seq: &Sequence, n: usize) -> Option<(String, Tensor)> {
+        let scoring = seq.scores.as_ref().is_some_and(|s| s.echo) && seq.tokens.len() == seq.prompt_tokens;
+        self.layout.keep?;
+        let keep = if scoring { n } else { 1 };
+        Some((
+            self.spec.names.logits_to_keep.clone(),
+            Tensor { shape: vec![1], data: TensorData::I64(vec![keep as i64]) },
+        ))
+    }
+
+    /// `logits_to_keep` = 1 where the graph takes it (steps that score no prompt).
+    fn last_only(&self) -> Option<(String, Tensor)> {
+        self.layout.keep.map(|_| {
+            (self.spec.names.logits_to_keep.clone(), Tensor { shape: vec![1], data: TensorData::I64(vec![1]) })
+        })
+    }
+
+    /// Records the log-probabilities of the prompt's tokens from a prompt
+    /// step's logits (`all`: the rows of positions `fed..fed + n`, when the
+    /// prompt is scored): row `j` scores the token after position `fed + j`.
+    fn score_prompt(&self, seq: &mut Sequence, fed: usize, n: usize, all: &[f32], vocab: usize) {
+        let Some(scores) = seq.scores.as_mut().filter(|s| s.echo) else { return };
+        if seq.tokens.len() != seq.prompt_tokens || all.len() != n * vocab {
+            return;
+        }
+        if fed == 0 {
+            let first = seq.tokens[0];
+            let (token, bytes) = self.token_text(first);
+            scores.out.prompt.push(TokenLogprob { token, bytes, logprob: None, top: Vec::new() });
+        }
+        let top = scores.top;
+        for j in 0..n {
+            let Some(&next) = seq.tokens.get(fed + j + 1).filter(|_| fed + j + 1 < seq.prompt_tokens) else { break };
+            let entry = self.logprob_of(&all[j * vocab..(j + 1) * vocab], next, top);
+            seq.scores.as_mut().expect("checked").out.prompt.push(entry);
+        }
+    }
+
+    /// `token`'s log-probability in one row of logits, with the `top` likeliest.
+    fn logprob_of(&self, logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+        let row = logprobs::Row::new(logits);
+        let (text, bytes) = self.token_text(token);
+        let top = row
+            .top(top)
+            .into_iter()
+            .map(|(t, logprob)| {
+                let (token, bytes) = self.token_text(t as u32);
+                TopLogprob { token, bytes, logprob }
+            })
+            .collect();
+        TokenLogprob { token: text, bytes, logprob: Some(row.of(token as usize)), top }
+    }
+
+    /// A token's bytes and their text (lossy where the token holds part of a character).
+    fn token_text(&self, token: u32) -> (String, Vec<u8>) {
+        let bytes = self.vocab().0.get(token as usize).and_then(|b| b.as_deref()).unwrap_or_default().to_vec();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
     }
 
     /// Runs the decoder: the logits (f32, at least one row of `vocab`), `vocab`, and the cache outputs.
@@ -1082,6 +1190,7 @@ impl Generator {
         if self.layout.attention_mask {
             inputs.push((names.attention_mask.clone(), Tensor { shape: vec![1, 1], data: TensorData::I64(vec![1]) }));
         }
+        inputs.extend(self.last_only());
         if self.layout.position_ids {
             inputs.push((names.position_ids.clone(), Tensor { shape: vec![1, 1], data: TensorData::I64(vec![0]) }));
         }
@@ -1131,7 +1240,13 @@ impl Generator {
         // Caches kept batched serve the same sequences stepping together again; else they go back to each.
         let ids: Vec<u64> = decoding.iter().map(|&i| seqs[i].id).collect();
         let mut kept = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.as_ref().is_some_and(|b| decoding.len() <= 1 || b.ids != ids) {
+        // A batch in the engine's buffers keeps serving when streams left it (their rows idle, no copy);
+        // one of tensors, or a batch someone new joins, goes back to each sequence.
+        let serves = |b: &Batch| match b.state {
+            Some(_) => ids.iter().all(|id| b.ids.contains(id)),
+            None => b.ids == ids,
+        };
+        if kept.as_ref().is_some_and(|b| decoding.len() <= 1 || !serves(b)) {
             let batch = kept.take().expect("checked above");
             self.unbatch(batch, seqs);
         }
@@ -1254,6 +1369,7 @@ impl Generator {
             feed,
             (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
         ];
+        inputs.extend(self.last_only());
         if self.layout.position_ids {
             inputs.push((
                 names.position_ids.clone(),
@@ -1300,12 +1416,20 @@ impl Generator {
         seqs: &mut [&mut Sequence],
     ) -> Vec<Result<(), InferError>> {
         let names = &self.spec.names;
-        let (b, heads, hd) = (seqs.len(), self.layout.heads, self.layout.head_dim);
-        let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
-        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len() - 1).collect();
-        let longest = lens.iter().copied().max().unwrap_or(0);
+        let (n, heads, hd) = (seqs.len(), self.layout.heads, self.layout.head_dim);
+        let fail = |e: InferError| (0..n).map(|_| Err(e.clone())).collect();
         let kept = self.batch.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut state = match kept.and_then(|k| k.state) {
+        // The rows: the kept batch's (a sequence that left keeps its row, idle), or these sequences in order.
+        let (ids, state) = match kept {
+            Some(Batch { ids, state: Some(state), .. }) => (ids, Some(state)),
+            _ => (seqs.iter().map(|s| s.id).collect(), None),
+        };
+        let at: Vec<Option<usize>> = ids.iter().map(|id| seqs.iter().position(|s| s.id == *id)).collect();
+        // An idle row is fed one token at position 0 (its length 0): it writes only its own first column.
+        let lens: Vec<usize> = at.iter().map(|a| a.map_or(0, |i| seqs[i].tokens.len() - 1)).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let b = ids.len();
+        let mut state = match state {
             Some(state) if state.shape()[2] > longest => state,
             _ => {
                 let room = seqs.iter_mut().map(|s| s.state.as_mut().map_or(0, |st| st.shape()[2])).max().unwrap_or(0);
@@ -1317,11 +1441,11 @@ impl Generator {
                     }
                 };
                 let batch_room = state.shape()[2];
-                for (row, s) in seqs.iter_mut().enumerate() {
-                    let own = s.state.as_mut().expect("checked by the caller");
+                for (row, i) in at.iter().enumerate() {
+                    let Some(own) = i.and_then(|i| seqs[i].state.as_mut()) else { continue };
                     let own_room = own.shape()[2];
-                    for i in 0..2 * self.layout.layers {
-                        let (from, to) = (own.buffer(i), state.buffer(i));
+                    for k in 0..2 * self.layout.layers {
+                        let (from, to) = (own.buffer(k), state.buffer(k));
                         for h in 0..heads {
                             let (f, t) = (h * own_room * hd, (row * heads + h) * batch_room * hd);
                             to[t..t + lens[row] * hd].copy_from_slice(&from[f..f + lens[row] * hd]);
@@ -1332,14 +1456,17 @@ impl Generator {
             }
         };
         let mask = self.layout.rows().step_mask(&lens, longest);
-        let feed = match self.feed(&seqs.iter().map(|s| s.feed[0]).collect::<Vec<_>>(), b, None) {
+        let pad = self.eos.first().copied().unwrap_or(0);
+        let tokens: Vec<u32> = at.iter().map(|a| a.map_or(pad, |i| seqs[i].feed[0])).collect();
+        let feed = match self.feed(&tokens, b, None) {
             Ok(f) => f,
             Err(e) => return fail(e),
         };
-        let inputs: NamedTensors = vec![
+        let mut inputs: NamedTensors = vec![
             feed,
             (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
         ];
+        inputs.extend(self.last_only());
         let outputs =
             engine.run_in_place(inputs, state.as_mut(), &self.bindings(), std::slice::from_ref(&names.logits), false);
         let all = match outputs.map_err(InferError::from).and_then(|mut o| take_output(&mut o, &names.logits)) {
@@ -1349,13 +1476,19 @@ impl Generator {
         };
         let vocab = all.len() / b;
         *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch {
-            ids: seqs.iter().map(|s| s.id).collect(),
-            alive: vec![true; b],
+            alive: at.iter().map(Option::is_some).collect(),
+            ids,
             total: longest + 1,
             caches: Vec::new(),
             state: Some(state),
         });
-        seqs.iter_mut().enumerate().map(|(row, s)| self.next_token(s, &all[row * vocab..(row + 1) * vocab])).collect()
+        let mut results: Vec<Result<(), InferError>> = (0..n).map(|_| Ok(())).collect();
+        for (row, i) in at.iter().enumerate() {
+            if let Some(i) = *i {
+                results[i] = self.next_token(seqs[i], &all[row * vocab..(row + 1) * vocab]);
+            }
+        }
+        results
     }
 
     /// Takes a step's outcome into `seq`: its new cache, and the next token picked from `logits`.
@@ -1367,10 +1500,18 @@ impl Generator {
 
     /// Picks the next token of `seq` from `logits` and ends the sequence when it should.
     fn next_token(&self, seq: &mut Sequence, logits: &[f32]) -> Result<(), InferError> {
+        if seq.max_tokens == 0 {
+            // A prompt scored (echo), nothing generated.
+            return self.end(seq, FinishReason::Length);
+        }
         let next = match seq.constraint.as_mut() {
             None => seq.sampler.pick(logits),
             Some(c) => self.pick_constrained(c, &mut seq.sampler, logits)?,
         } as u32;
+        if let Some(top) = seq.scores.as_ref().map(|s| s.top) {
+            let entry = self.logprob_of(logits, next, top);
+            seq.scores.as_mut().expect("checked").out.completion.push(entry);
+        }
         if let Some(c) = seq.constraint.as_mut()
             && !c.accept(self.vocab(), next as usize)
         {
@@ -1381,6 +1522,9 @@ impl Generator {
         let generated = seq.tokens.len() - seq.prompt_tokens;
         if self.eos.contains(&next) {
             seq.tokens.pop(); // the end token is not part of the text
+            if let Some(scores) = seq.scores.as_mut() {
+                scores.out.completion.pop();
+            }
             return self.end(seq, FinishReason::Stop);
         }
         self.update_text(seq)?;
@@ -1475,6 +1619,7 @@ impl Generator {
         self.send(seq, all);
         seq.stream = None; // the stream ends with the sequence
         seq.past.clear();
+        seq.state = None;
         Ok(())
     }
 
@@ -1490,6 +1635,7 @@ impl Generator {
                 total_tokens: seq.prompt_tokens + completion,
             },
             tokens: seq.tokens[seq.prompt_tokens..].to_vec(),
+            logprobs: seq.scores.take().map(|s| Box::new(s.out)),
         }
     }
 

@@ -232,7 +232,14 @@ impl TaskSpec for VisionLanguageSpec {
         let vision = Arc::new(Vision::new(spec, template, graph.limits.clone()));
         let embedder = Arc::new(VisionEmbedder::new(vision.clone(), encoder, embed)?);
         let tokenizer = graph.dir.join(&generation.tokenizer);
-        let generator = Generator::new(generation, &tokenizer, graph.inputs, graph.outputs, Some(embedder.clone()))?;
+        let generator = Generator::new(
+            generation,
+            &tokenizer,
+            graph.inputs,
+            graph.optional_inputs,
+            graph.outputs,
+            Some(embedder.clone()),
+        )?;
         let image_token = generator.token_id(&vision.spec.image_token).ok_or_else(|| {
             InferError::unavailable(format!(
                 "the image token '{}' is not in the tokenizer's vocabulary",
