@@ -315,9 +315,8 @@ fn logprobs_score_answers_and_prompts_alike_through_the_openai_api() {
     assert!(scored[0].is_null(), "nothing precedes the first token: {l}");
     assert_eq!(scored.len() as u64, v["usage"]["prompt_tokens"].as_u64().unwrap());
     // The answer's tokens as the prompt's tokenisation spells them again (the tokenizer may merge its last ones).
-    let same = (0..generated.len())
-        .take_while(|&j| l["tokens"].get(prompt_tokens + j) == generated_tokens.get(j))
-        .count();
+    let same =
+        (0..generated.len()).take_while(|&j| l["tokens"].get(prompt_tokens + j) == generated_tokens.get(j)).count();
     assert!(same >= 2, "{l} against {generated_tokens}");
     let tail: Vec<f64> = scored[prompt_tokens..prompt_tokens + same].iter().map(|x| x.as_f64().unwrap()).collect();
     assert!(max_abs_diff(&tail, &generated[..same]) < 1e-3, "scored {tail:?}, generated {generated:?}");
