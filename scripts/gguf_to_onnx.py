@@ -111,6 +111,26 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
+def interface(cfg, position_ids, present):
+    """The decoder's declared inputs and outputs: ids, mask (and position ids), the caches
+    ([batch, kv_heads, past, head_dim]; `present` names the returned caches' length) and the
+    logits of the kept positions."""
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+    ]
+    if position_ids:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab])]
+    for i in range(cfg.layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "past", cfg.head_dim]))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, present, cfg.head_dim]))
+    return inputs, outputs
+
+
 def keep_input(g, inputs):
     """The optional input logits_to_keep (int64 [1]; an initializer of the same name gives the
     default, 0: every position, as onnxruntime-genai expects of a prompt): how many of the last
@@ -162,18 +182,7 @@ def build_standard(reader, cfg):
         root = b("Sqrt", [b("Add", [mean, g.const(cfg.eps, np.float32)])])
         return b("Mul", [b("Div", [x, root]), w])
 
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab])]
-    for i in range(cfg.layers):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "past", hd]))
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "total", hd]))
+    inputs, outputs = interface(cfg, position_ids=True, present="total")
 
     # Embeddings (shared with the output head: tied).
     # One f32 table, [hidden, vocab]: the head multiplies by it as it is (no reshape, which tract
@@ -354,17 +363,7 @@ def build_fused(reader, cfg, accuracy, q8_head=True, exact=()):
     def gamma(name):
         return g.init(dequantize(tensors[name]).reshape(-1), "norm")
 
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab])]
-    for i in range(cfg.layers):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "past", hd]))
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", cfg.kv_heads, "present", hd]))
+    inputs, outputs = interface(cfg, position_ids=False, present="present")
 
     # The embedding: rows of the table; a Q8_0 table stays in its blocks when the head reads them too.
     embed_t = tensors["token_embd.weight"]

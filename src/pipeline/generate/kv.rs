@@ -68,6 +68,20 @@ impl Rows {
         out
     }
 
+    /// Copies the `len` positions of row `from.1` of `from.0` (`from.2` wide)
+    /// to row `to.1` of `to.0` (`to.2` wide), where the layout puts them in
+    /// each: a row moving between a sequence's own buffers and a batch's.
+    pub fn copy_row(&self, from: (&[f32], usize, usize), to: (&mut [f32], usize, usize), len: usize) {
+        let ((src, from_row, from_width), (dst, to_row, to_width)) = (from, to);
+        let (heads, hd) = (self.heads, self.head_dim);
+        let (a, b) = (self.start(len, from_width), self.start(len, to_width));
+        for h in 0..heads {
+            let f = ((from_row * heads + h) * from_width + a) * hd;
+            let t = ((to_row * heads + h) * to_width + b) * hd;
+            dst[t..t + len * hd].copy_from_slice(&src[f..f + len * hd]);
+        }
+    }
+
     /// The attention mask of one decoding step: rows of `lens[r]` cached
     /// positions plus the token fed, `width + 1` columns (the cache's width
     /// and the new token's).
@@ -132,6 +146,21 @@ mod tests {
         let right = Rows { heads: 1, head_dim: 1, align: Align::Right };
         let stepped = vec![1.0, 2.0, 3.0, /* row 1: */ 0.0, 7.0, 8.0];
         assert_eq!(right.unpack(&stepped, 1, 3, 2), vec![7.0, 8.0]);
+    }
+
+    #[test]
+    fn a_row_copied_between_buffers_of_other_widths_keeps_its_positions() {
+        for align in [Align::Right, Align::Left] {
+            let rows = Rows { heads: 2, head_dim: 3, align };
+            let own = cache(2, 3, 3, 0.0);
+            // Into row 1 of a batch 5 wide, then back out into a buffer of its own 4 wide.
+            let mut batch = vec![0f32; 2 * 2 * 5 * 3];
+            rows.copy_row((&own, 0, 3), (&mut batch, 1, 5), 3);
+            assert_eq!(rows.unpack(&batch, 1, 5, 3), own, "{align:?}");
+            let mut back = vec![0f32; 2 * 4 * 3];
+            rows.copy_row((&batch, 1, 5), (&mut back, 0, 4), 3);
+            assert_eq!(rows.unpack(&back, 0, 4, 3), own, "{align:?}");
+        }
     }
 
     #[test]

@@ -1071,14 +1071,7 @@ impl Generator {
             std::slice::from_ref(&names.logits),
             release,
         )?;
-        let logits = take_output(&mut outputs, &names.logits)?;
-        let vocab = *logits.shape.last().unwrap_or(&0);
-        let TensorData::F32(all) = logits.data else {
-            return Err(InferError::internal("the logits are not f32"));
-        };
-        if vocab == 0 || all.len() < vocab {
-            return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
-        }
+        let (all, vocab) = take_logits(&mut outputs, &names.logits)?;
         self.score_prompt(seq, fed, n, &all, vocab);
         if n < seq.feed.len() {
             tracing::debug!(read = fed + n, prompt = seq.prompt_tokens, "prompt chunk read");
@@ -1099,6 +1092,27 @@ impl Generator {
             self.spec.names.logits_to_keep.clone(),
             Tensor { shape: vec![1], data: TensorData::I64(vec![keep as i64]) },
         ))
+    }
+
+    /// The inputs of one decoding step of a batch but its caches: one token a
+    /// row, the mask of rows of `lens` cached positions in a batch `longest`
+    /// wide, `logits_to_keep` and the rows' positions where the graph takes them.
+    fn step_inputs(&self, tokens: &[u32], lens: &[usize], longest: usize) -> Result<NamedTensors, InferError> {
+        let names = &self.spec.names;
+        let b = tokens.len();
+        let mask = self.layout.rows().step_mask(lens, longest);
+        let mut inputs: NamedTensors = vec![
+            self.feed(tokens, b, None)?,
+            (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
+        ];
+        inputs.extend(self.last_only());
+        if self.layout.position_ids {
+            inputs.push((
+                names.position_ids.clone(),
+                Tensor { shape: vec![b, 1], data: TensorData::I64(lens.iter().map(|&l| l as i64).collect()) },
+            ));
+        }
+        Ok(inputs)
     }
 
     /// `logits_to_keep` = 1 where the graph takes it (steps that score no prompt).
@@ -1159,17 +1173,10 @@ impl Generator {
     ) -> Result<(Vec<f32>, usize, Vec<Tensor>), InferError> {
         let names = &self.spec.names;
         let mut outputs = if release { engine.run_releasing(inputs)? } else { engine.run(inputs)? };
-        let logits = take_output(&mut outputs, &names.logits)?;
+        let (all, vocab) = take_logits(&mut outputs, &names.logits)?;
         let mut presents = Vec::with_capacity(2 * self.layout.layers);
         for i in 0..2 * self.layout.layers {
             presents.push(take_output(&mut outputs, &self.cache_name(&names.present, i))?);
-        }
-        let vocab = *logits.shape.last().unwrap_or(&0);
-        let TensorData::F32(all) = logits.data else {
-            return Err(InferError::internal("the logits are not f32"));
-        };
-        if vocab == 0 || all.len() < vocab {
-            return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
         }
         Ok((all, vocab, presents))
     }
@@ -1295,19 +1302,14 @@ impl Generator {
     fn unbatch(&self, mut batch: Batch, seqs: &mut [&mut Sequence]) {
         if let Some(state) = batch.state.as_mut() {
             // Each row's positions back into its own buffers (rows are left-aligned).
-            let (heads, hd, room) = (self.layout.heads, self.layout.head_dim, state.shape()[2]);
+            let (rows, room) = (self.layout.rows(), state.shape()[2]);
             for s in seqs.iter_mut().filter(|s| s.finish.is_none()) {
                 let (Some(row), Some(own)) = (batch.ids.iter().position(|&id| id == s.id), s.state.as_mut()) else {
                     continue;
                 };
                 let (keep, own_room) = (s.tokens.len() - s.feed.len(), own.shape()[2]);
                 for i in 0..2 * self.layout.layers {
-                    let from = state.buffer(i);
-                    let to = own.buffer(i);
-                    for h in 0..heads {
-                        let (f, t) = ((row * heads + h) * room * hd, h * own_room * hd);
-                        to[t..t + keep * hd].copy_from_slice(&from[f..f + keep * hd]);
-                    }
+                    rows.copy_row((state.buffer(i), row, room), (own.buffer(i), 0, own_room), keep);
                 }
             }
             return;
@@ -1359,23 +1361,11 @@ impl Generator {
                 (longest, caches)
             }
         };
-        let mask = self.layout.rows().step_mask(&lens, longest);
         let fail = |e: InferError| (0..b).map(|_| Err(e.clone())).collect();
-        let feed = match self.feed(&seqs.iter().map(|s| s.feed[0]).collect::<Vec<_>>(), b, None) {
-            Ok(f) => f,
+        let mut inputs = match self.step_inputs(&seqs.iter().map(|s| s.feed[0]).collect::<Vec<_>>(), &lens, longest) {
+            Ok(inputs) => inputs,
             Err(e) => return fail(e),
         };
-        let mut inputs: NamedTensors = vec![
-            feed,
-            (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
-        ];
-        inputs.extend(self.last_only());
-        if self.layout.position_ids {
-            inputs.push((
-                names.position_ids.clone(),
-                Tensor { shape: vec![b, 1], data: TensorData::I64(lens.iter().map(|&l| l as i64).collect()) },
-            ));
-        }
         for (i, data) in caches.into_iter().enumerate() {
             inputs.push((
                 self.cache_name(&names.past, i),
@@ -1440,41 +1430,36 @@ impl Generator {
                         return fail(InferError::internal("the engine kept buffers for one sequence, not for a batch"));
                     }
                 };
-                let batch_room = state.shape()[2];
+                let (rows, batch_room) = (self.layout.rows(), state.shape()[2]);
                 for (row, i) in at.iter().enumerate() {
                     let Some(own) = i.and_then(|i| seqs[i].state.as_mut()) else { continue };
                     let own_room = own.shape()[2];
                     for k in 0..2 * self.layout.layers {
-                        let (from, to) = (own.buffer(k), state.buffer(k));
-                        for h in 0..heads {
-                            let (f, t) = (h * own_room * hd, (row * heads + h) * batch_room * hd);
-                            to[t..t + lens[row] * hd].copy_from_slice(&from[f..f + lens[row] * hd]);
-                        }
+                        rows.copy_row((own.buffer(k), 0, own_room), (state.buffer(k), row, batch_room), lens[row]);
                     }
                 }
                 state
             }
         };
-        let mask = self.layout.rows().step_mask(&lens, longest);
         let pad = self.eos.first().copied().unwrap_or(0);
         let tokens: Vec<u32> = at.iter().map(|a| a.map_or(pad, |i| seqs[i].feed[0])).collect();
-        let feed = match self.feed(&tokens, b, None) {
-            Ok(f) => f,
+        let inputs = match self.step_inputs(&tokens, &lens, longest) {
+            Ok(inputs) => inputs,
             Err(e) => return fail(e),
         };
-        let mut inputs: NamedTensors = vec![
-            feed,
-            (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
-        ];
-        inputs.extend(self.last_only());
         let outputs =
             engine.run_in_place(inputs, state.as_mut(), &self.bindings(), std::slice::from_ref(&names.logits), false);
-        let all = match outputs.map_err(InferError::from).and_then(|mut o| take_output(&mut o, &names.logits)) {
-            Ok(Tensor { data: TensorData::F32(all), .. }) if !all.is_empty() && all.len() % b == 0 => all,
-            Ok(t) => return fail(InferError::internal(format!("the logits have shape {:?}", t.shape))),
+        let (all, vocab) = match outputs.map_err(InferError::from).and_then(|mut o| take_logits(&mut o, &names.logits))
+        {
+            Ok((all, vocab)) if all.len() == b * vocab => (all, vocab),
+            Ok((all, vocab)) => {
+                return fail(InferError::internal(format!(
+                    "the logits are {} values for {b} rows of {vocab}",
+                    all.len()
+                )));
+            }
             Err(e) => return fail(e),
         };
-        let vocab = all.len() / b;
         *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch {
             alive: at.iter().map(Option::is_some).collect(),
             ids,
@@ -1677,6 +1662,19 @@ fn stop_prefix_tail(text: &str, stop: &[String]) -> usize {
 }
 
 /// Removes the output `name` from `outputs`.
+/// The logits among `outputs` (f32, at least one row) and their last dimension (the vocabulary).
+fn take_logits(outputs: &mut NamedTensors, name: &str) -> Result<(Vec<f32>, usize), InferError> {
+    let logits = take_output(outputs, name)?;
+    let vocab = *logits.shape.last().unwrap_or(&0);
+    let TensorData::F32(all) = logits.data else {
+        return Err(InferError::internal("the logits are not f32"));
+    };
+    if vocab == 0 || all.len() < vocab {
+        return Err(InferError::internal(format!("the logits have shape {:?}", logits.shape)));
+    }
+    Ok((all, vocab))
+}
+
 fn take_output(outputs: &mut NamedTensors, name: &str) -> Result<Tensor, InferError> {
     let i = outputs
         .iter()
