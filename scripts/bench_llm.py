@@ -80,6 +80,8 @@ def run_variant(model, variant, max_tokens, threads):
     for v in spec["variants"]:
         v["file"] = str(ROOT / v["file"])
     spec["generation"]["tokenizer"] = str(ROOT / spec["generation"]["tokenizer"])
+    if isinstance(spec["generation"].get("chat_template"), str):
+        spec["generation"]["chat_template"] = str(ROOT / spec["generation"]["chat_template"])
     work = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     (work / "models.json").write_text(json.dumps({"models": [spec]}))
     sock = str(work / "inferd.sock")

@@ -107,7 +107,7 @@ def main():
     base = Path(args.models).resolve().parent
     for m in registry["models"]:  # absolute paths, so the registry can live in the work folder
         m["generation"]["tokenizer"] = str(base / m["generation"]["tokenizer"])
-        m["vision"]["chat_template"] = str(base / m["vision"]["chat_template"])
+        m["generation"]["chat_template"] = str(base / m["generation"]["chat_template"])
         for v in m["variants"]:
             v["file"] = str(base / v["file"])
             for p in v.get("parts", {}).values():

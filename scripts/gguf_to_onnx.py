@@ -16,7 +16,7 @@ without torch:
                   embedding's own Q8_0 blocks: the fast variant
   tokenizer.json  the GGUF's byte-level BPE (vocabulary, merges, special tokens)
                   as a Hugging Face tokenizer
-  chat.json       the chat template of the GGUF, in models.json's form
+  chat_template.jinja  the GGUF's own chat template (tokenizer.chat_template), as models.json names it
 
 The fused graphs take input_ids, attention_mask (each row's tokens then
 zeros: GroupQueryAttention reads the lengths from it) and the same caches,
@@ -460,21 +460,11 @@ def tokenizer_json(m):
 
 
 def chat_template(m):
-    """models.json's chat_template for the GGUF's (ChatML) template, with its default system message."""
-    t = m.get("tokenizer.chat_template", "")
-    if "<|im_start|>" not in t:
-        raise SystemExit("the GGUF's chat template is not ChatML; write chat_template by hand")
-    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t)
-    out = {
-        "system": "<|im_start|>system\n{content}<|im_end|>\n",
-        "user": "<|im_start|>user\n{content}<|im_end|>\n",
-        "assistant": "<|im_start|>assistant\n{content}<|im_end|>\n",
-        "generation_prompt": "<|im_start|>assistant\n",
-        "stop": ["<|im_start|>"],
-    }
-    if found:
-        out["default_system"] = found.group(1)
-    return out
+    """The GGUF's own Jinja chat template (tokenizer.chat_template), for models.json's chat_template."""
+    t = m.get("tokenizer.chat_template")
+    if not t:
+        raise SystemExit("the GGUF carries no chat template (tokenizer.chat_template); write one by hand")
+    return t
 
 
 def main():
@@ -498,8 +488,8 @@ def main():
         tmp.replace(out / f"{variant}.onnx")
         print(f"wrote {out / (variant + '.onnx')}")
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(m), ensure_ascii=False))
-    (out / "chat.json").write_text(json.dumps(chat_template(m), indent=1) + "\n")
-    print(f"wrote {out / 'tokenizer.json'}, {out / 'chat.json'}")
+    (out / "chat_template.jinja").write_text(chat_template(m))
+    print(f"wrote {out / 'tokenizer.json'}, {out / 'chat_template.jinja'}")
 
 
 if __name__ == "__main__":

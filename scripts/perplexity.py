@@ -160,6 +160,8 @@ class Pinned:
         for v in spec["variants"]:
             v["file"] = str(ROOT / v["file"])
         spec["generation"]["tokenizer"] = str(ROOT / spec["generation"]["tokenizer"])
+        if isinstance(spec["generation"].get("chat_template"), str):
+            spec["generation"]["chat_template"] = str(ROOT / spec["generation"]["chat_template"])
         self.work = Path(tempfile.mkdtemp(prefix="perplexity-"))
         (self.work / "models.json").write_text(json.dumps({"models": [spec]}))
         self.sock = str(self.work / "inferd.sock")

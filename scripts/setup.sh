@@ -165,7 +165,8 @@ SMOL_DIR="$ROOT/models/fetched/smollm2"
 SMOL_SUMS="3ed6df2c0d7c35b3248c3c869a9614f05c807eed0ea00573246ca3de00469c64  $SMOL_DIR/fp32.onnx
 50932b8c997bbde38fb8c3c6171d165398a2fc7a289c447682a9f93a24b38cbd  $SMOL_DIR/int4.onnx
 48ef21be470145b01569091de44f36425777db25b86d823f27c451e169c43c47  $SMOL_DIR/int4-fast.onnx"
-if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ]; then
+if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ] \
+  || [ ! -f "$SMOL_DIR/chat_template.jinja" ]; then
   VENV="$ROOT/.cache/convert-venv"
   if ! "$VENV/bin/python" -c "import gguf, onnx, numpy, tokenizers" 2>/dev/null; then
     log "creating the converter's Python environment in .cache/convert-venv"

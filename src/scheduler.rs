@@ -266,7 +266,13 @@ impl Scheduler {
         let (tx, rx) = mpsc::channel(self.jobs.queue_capacity);
         let state: StateCell = Arc::new(Mutex::new(ModelState::Unloaded));
         let busy: worker::BusyCell = Arc::default();
-        let preparer: worker::PreparerCell = Arc::default();
+        // Until the model loads, jobs are prepared from its models.json section where the task can
+        // (a generation request is tokenised and checked before any load).
+        let registry = engine.registry();
+        let from_spec = registry.get(model).and_then(|m| m.task.spec_preparer(&registry.dir, &engine.config().limits));
+        let preparer: worker::PreparerCell = Arc::new(Mutex::new(
+            from_spec.map(|make| Arc::new(crate::pipeline::Deferred::new(make)) as Arc<dyn crate::pipeline::Prepare>),
+        ));
         let ctx = WorkerCtx {
             engine,
             manager: self.manager.clone(),

@@ -227,7 +227,7 @@ fn concurrent_requests_keep_their_own_caches() {
 }
 
 #[test]
-fn over_long_prompts_and_bad_settings_get_clear_errors_and_the_model_keeps_serving() {
+fn over_long_prompts_and_bad_settings_are_refused_before_the_model_loads_and_it_then_serves() {
     let d = daemon();
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(40);
     let (status, v) = post(&d, "/v1/completions", json!({"model": "tiny-gpt", "prompt": long}));

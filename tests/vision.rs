@@ -410,7 +410,7 @@ fn the_variant_choice_counts_the_three_graphs_and_the_caches() {
     let model = &mut registry["models"][0];
     let base = fixtures().join("model");
     model["generation"]["tokenizer"] = json!(base.join("tokenizer.json"));
-    model["vision"]["chat_template"] = json!(base.join("chat_template.json"));
+    model["generation"]["chat_template"] = json!(base.join("chat_template.json"));
     model["vision"]["feature_cache_mb"] = json!(1);
     let mut better = model["variants"][0].clone();
     better["file"] = json!(base.join(better["file"].as_str().unwrap()));

@@ -16,7 +16,6 @@
 // keeps the rule).
 pub mod image;
 
-pub use generate::ChatTemplate;
 pub use generate::json::{Grammar, JsonState, limits as schema_limits, parse_response_format};
 pub use ocr::ctc;
 
@@ -242,6 +241,48 @@ pub trait TaskSpec: Send + Sync + 'static {
     /// counted when a variant is chosen. `file`: the variant's graph.
     fn working_memory(&self, _file: &Path) -> Option<(u64, String)> {
         None
+    }
+
+    /// What prepares this task's jobs from its section alone (a tokenizer, a
+    /// chat template; `dir` is models.json's folder), for admission while the
+    /// model is not loaded, so a bad request is refused before any load.
+    /// None: jobs wait for the loaded model's preparer.
+    fn spec_preparer(&self, _dir: &Path, _limits: &Limits) -> Option<MakePreparer> {
+        None
+    }
+}
+
+/// Makes a task's preparer from its section alone ([`TaskSpec::spec_preparer`]).
+pub type MakePreparer = Box<dyn FnOnce() -> Result<Arc<dyn Prepare>, InferError> + Send>;
+
+/// A preparer made on its first job, on the decode threads where admission
+/// runs it (reading a tokenizer takes a while); a failure to make it is each
+/// job's answer (the model could not load either).
+pub struct Deferred {
+    make: std::sync::Mutex<Option<MakePreparer>>,
+    made: std::sync::OnceLock<Result<Arc<dyn Prepare>, InferError>>,
+}
+
+impl Deferred {
+    pub fn new(make: MakePreparer) -> Deferred {
+        Deferred { make: std::sync::Mutex::new(Some(make)), made: std::sync::OnceLock::new() }
+    }
+}
+
+impl Prepare for Deferred {
+    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
+        let made = self.made.get_or_init(|| {
+            let make = self.make.lock().unwrap_or_else(|e| e.into_inner()).take();
+            make.map_or_else(|| Err(InferError::internal("the preparer was not made")), |make| make())
+        });
+        match made {
+            Ok(preparer) => preparer.prepare(input),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    fn off_worker(&self) -> bool {
+        true
     }
 }
 

@@ -13,27 +13,40 @@
 //!
 //! A decoder may take `inputs_embeds` instead of `input_ids` (the language
 //! half of a vision-language model): an [`Embedder`] then turns tokens into
-//! embeddings, and what the request attached to its prompt (images) into the
-//! prompt step's embeddings; everything else is the same loop.
+//! embeddings, and what the request embedded in its prompt (images, at the
+//! positions [`request`] found for them) into the prompt step's embeddings;
+//! everything else is the same loop.
+//!
+//! The parts, each in its own file: [`request`] makes a request ready before
+//! it queues (template, tokens, checks, the compiled `response_format`);
+//! [`template`] is the one chat-template mechanism; [`choose`] picks tokens
+//! (sampling and the grammar); [`kv`] packs the caches of sequences that
+//! step together; [`text_out`] turns tokens into the answer's text, stop
+//! strings and stream; [`logprobs`] scores tokens. This file is the loop.
 
+mod choose;
 pub(super) mod json;
 mod kv;
 mod logprobs;
+pub mod request;
 mod sample;
+pub mod template;
+mod text_out;
 
 use super::{Graph, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::{InferenceBackend, NamedTensors, State};
+use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{
-    FinishReason, GenerateRequest, InputKind, JobInput, JobOptions, JobResult, Logprobs, Prompt, Timings, TokenLogprob,
-    TopLogprob, Usage,
-};
+use crate::job::{FinishReason, InputKind, JobOptions, JobResult, Logprobs, Timings, TokenLogprob, TopLogprob, Usage};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
-use json::{Constraint, TokenBytes};
-use sample::Sampler;
+use choose::Chooser;
+pub use request::{Admission, Chunk, Lexicon, Placed, Ready, request_of};
+use request::{ReadRequest, Scoring};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+pub use template::{ChatTemplateSpec, Content};
+use text_out::TextOut;
 
 /// models.json `generation`: the tokenizer, the graph's names and the limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,9 +68,15 @@ pub struct GenerationSpec {
     /// Input and output names, `{layer}` and `{kv}` (`key`, `value`) filled in.
     #[serde(default)]
     pub names: GenerationNames,
-    /// How chat messages become the prompt.
-    #[serde(default)]
-    pub chat_template: ChatTemplate,
+    /// How chat messages become the prompt: the model's Jinja chat template
+    /// (a `.jinja` file, or JSON with a `chat_template` string, relative to
+    /// models.json), or the inline patterns; none: `User: …` / `Assistant:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<ChatTemplateSpec>,
+    /// Stop strings every chat request gets (default: the inline patterns'
+    /// `stop`; none with a template file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_stop: Option<Vec<String>>,
     /// Tokens of context whose KV cache the choice of variant leaves room
     /// for (default the context length, at most 2048).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,64 +130,16 @@ impl Default for GenerationNames {
     }
 }
 
-/// A simple chat template: each message is its role's pattern with
-/// `{content}` filled in, then `generation_prompt` opens the answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ChatTemplate {
-    pub system: String,
-    pub user: String,
-    pub assistant: String,
-    pub generation_prompt: String,
-    /// Stop strings every chat request gets (the next turn's opening).
-    pub stop: Vec<String>,
-    /// A system message put first when a conversation starts without one
-    /// (the model's own default, as its template writes it).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub default_system: Option<String>,
-}
-
-impl Default for ChatTemplate {
-    fn default() -> Self {
-        ChatTemplate {
-            system: "{content}\n".into(),
-            user: "User: {content}\n".into(),
-            assistant: "Assistant: {content}\n".into(),
-            generation_prompt: "Assistant:".into(),
-            stop: vec!["\nUser:".into()],
-            default_system: None,
-        }
-    }
-}
-
-impl ChatTemplate {
-    /// The prompt for `messages`; an unknown role is a bad request.
-    pub fn render(&self, messages: &[crate::job::ChatMessage]) -> Result<String, InferError> {
-        let mut out = String::new();
-        if let Some(system) = &self.default_system
-            && messages.first().is_none_or(|m| !matches!(m.role.as_str(), "system" | "developer"))
-        {
-            out.push_str(&self.system.replace("{content}", system));
-        }
-        for m in messages {
-            let pattern = match m.role.as_str() {
-                "system" | "developer" => &self.system,
-                "user" => &self.user,
-                "assistant" => &self.assistant,
-                other => {
-                    return Err(InferError::bad_input(format!(
-                        "unknown chat role '{other}' (system, user or assistant)"
-                    )));
-                }
-            };
-            out.push_str(&pattern.replace("{content}", &m.content));
-        }
-        out.push_str(&self.generation_prompt);
-        Ok(out)
-    }
-}
-
 impl GenerationSpec {
+    /// The files the spec names (tokenizer, chat template), with their JSON paths.
+    pub fn files(&self) -> Vec<(String, &Path)> {
+        let mut files = vec![(".generation.tokenizer".to_string(), self.tokenizer.as_path())];
+        if let Some(ChatTemplateSpec::File(path)) = &self.chat_template {
+            files.push((".generation.chat_template".to_string(), path.as_path()));
+        }
+        files
+    }
+
     /// The KV cache of `reserve_context` tokens of the decoder at `file`,
     /// twice over as a step holds the cache it feeds and the one it gets back
     /// (as a request is admitted).
@@ -376,7 +347,7 @@ impl TaskSpec for GenerationTaskSpec {
     }
 
     fn files(&self) -> Vec<(String, &Path)> {
-        self.generation.iter().map(|g| (".generation.tokenizer".to_string(), g.tokenizer.as_path())).collect()
+        self.generation.iter().flat_map(GenerationSpec::files).collect()
     }
 
     fn validate(&self) -> Vec<SpecProblem> {
@@ -401,16 +372,27 @@ impl TaskSpec for GenerationTaskSpec {
     }
 
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
+        let admission = Arc::new(self.admission(graph.dir, graph.limits)?);
+        let spec = self.generation.clone().expect("checked by admission");
+        let lexicon = admission.lexicon().clone();
+        let generator =
+            Arc::new(Generator::new(spec, lexicon, graph.inputs, graph.optional_inputs, graph.outputs, None)?);
+        Ok(Box::new(GeneratePipeline::new(generator, Arc::new(ReadRequest(admission)))))
+    }
+
+    fn spec_preparer(&self, dir: &Path, limits: &Limits) -> Option<super::MakePreparer> {
+        let (me, dir, limits) = (self.clone(), dir.to_path_buf(), limits.clone());
+        Some(Box::new(move || Ok(Arc::new(ReadRequest(Arc::new(me.admission(&dir, &limits)?))) as Arc<dyn Prepare>)))
+    }
+}
+
+impl GenerationTaskSpec {
+    fn admission(&self, dir: &Path, limits: &Limits) -> Result<Admission, InferError> {
         let spec = self
             .generation
-            .clone()
+            .as_ref()
             .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
-        let path = graph.dir.join(&spec.tokenizer);
-        let generator =
-            Arc::new(Generator::new(spec, &path, graph.inputs, graph.optional_inputs, graph.outputs, None)?);
-        let preparer =
-            Arc::new(ReadRequest { generator: generator.clone(), max_text_bytes: graph.limits.max_text_bytes });
-        Ok(Box::new(GeneratePipeline::new(generator, preparer)))
+        Admission::new(spec, dir, None, limits.max_text_bytes)
     }
 }
 
@@ -443,60 +425,13 @@ pub struct GeneratePipeline {
 }
 
 impl GeneratePipeline {
-    /// Runs `generator` on the jobs `preparer` makes into [`Rendered`] requests.
+    /// Runs `generator` on the jobs `preparer` makes [`Ready`].
     pub fn new(generator: Arc<Generator>, preparer: Arc<dyn Prepare>) -> GeneratePipeline {
         GeneratePipeline { generator, preparer }
     }
 
     fn start(&self, input: Prepared) -> Result<Sequence, InferError> {
-        let Rendered { request, prompt, chat, attached, grammar } = input.take()?;
-        self.generator.start_prompt(request, prompt, chat, attached, grammar)
-    }
-}
-
-/// Refuses a prompt over `limits.max_text_bytes`, as the client wrote it
-/// (before the tokens a task adds for images).
-pub fn within_text_limit(prompt: &str, max_text_bytes: usize) -> Result<(), InferError> {
-    if prompt.len() > max_text_bytes {
-        return Err(InferError::bad_input(format!(
-            "the prompt is {} bytes, over the limit of {max_text_bytes}",
-            prompt.len()
-        )));
-    }
-    Ok(())
-}
-
-/// A request with its prompt rendered, ready to start.
-pub struct Rendered {
-    pub request: GenerateRequest,
-    pub prompt: String,
-    /// A chat: the template's stop strings apply.
-    pub chat: bool,
-    /// What the prompt's step embeds in place of its tokens (images).
-    pub attached: Option<Attached>,
-    /// The `response_format` compiled ([`Generator::response_format`]).
-    pub grammar: Option<Arc<json::Grammar>>,
-}
-
-/// Reads a job's request, renders its prompt and compiles its
-/// `response_format`, on the decode threads (a schema's cost never falls on
-/// the model's worker).
-struct ReadRequest {
-    generator: Arc<Generator>,
-    max_text_bytes: usize,
-}
-
-impl Prepare for ReadRequest {
-    fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
-        let request = request_of(input)?;
-        let (prompt, chat) = self.generator.render(&request)?;
-        within_text_limit(&prompt, self.max_text_bytes)?;
-        let grammar = self.generator.response_format(&request)?;
-        Ok(Prepared::new(Rendered { request, prompt, chat, attached: None, grammar }))
-    }
-
-    fn off_worker(&self) -> bool {
-        true
+        self.generator.start(input.take()?)
     }
 }
 
@@ -582,30 +517,16 @@ impl super::Sequence for Running {
     }
 }
 
-/// The generation request in a job: a prompt from the OpenAI-style
-/// endpoints, or one plain text (`inferd infer --text`, the native API) with the model's defaults.
-pub fn request_of(input: JobInput) -> Result<GenerateRequest, InferError> {
-    match input {
-        JobInput::Generate(request) => Ok(request),
-        JobInput::Text(mut texts) if texts.len() == 1 => {
-            Ok(GenerateRequest { prompt: Prompt::Text(texts.remove(0)), ..Default::default() })
-        }
-        _ => {
-            Err(InferError::bad_input("text-generation takes one prompt: POST /v1/completions or /v1/chat/completions"))
-        }
-    }
-}
-
 /// Turns tokens into a decoder's `inputs_embeds`, for decoders that take
 /// embeddings (a vision-language model's language half).
 pub trait Embedder: Send + Sync {
-    /// The embeddings of `tokens`, `tokens.len() × width` values. `attached`
-    /// is what the request attached to its prompt (images), given with the
-    /// prompt's step only: its embeddings go in place of their tokens'.
-    fn embed(&self, tokens: &[u32], attached: Option<Attached>) -> Result<Vec<f32>, InferError>;
+    /// The embeddings of `tokens`, `tokens.len() × width` values. `placed`
+    /// is what the request embedded in its prompt (images), given with the
+    /// prompt's step only: each item's embeddings go at its positions.
+    fn embed(&self, tokens: &[u32], placed: Vec<Placed>) -> Result<Vec<f32>, InferError>;
 }
 
-/// What a task attaches to a request's prompt for its [`Embedder`].
+/// What a task embeds in a request's prompt for its [`Embedder`] (its own type).
 pub type Attached = Box<dyn std::any::Any + Send>;
 
 /// The loaded tokenizer, the layout and the spec of one decoder.
@@ -613,13 +534,9 @@ pub struct Generator {
     spec: GenerationSpec,
     /// Makes the decoder's `inputs_embeds` when it takes embeddings.
     embedder: Option<Arc<dyn Embedder>>,
-    tokenizer: tokenizers::Tokenizer,
+    lexicon: Arc<Lexicon>,
     layout: Layout,
     eos: Vec<u32>,
-    /// Each token's bytes, read on the first request with a `response_format`.
-    vocab: std::sync::OnceLock<TokenBytes>,
-    /// The longest token's bytes (a schema's fit is checked with it on every request).
-    longest_token: std::sync::OnceLock<usize>,
     /// The caches of the sequences that last stepped together, kept batched.
     batch: BatchSlot,
     /// Rounds in a row a long prompt's chunk waited for newcomers ([`Generator::step_together`]).
@@ -664,18 +581,13 @@ pub struct Sequence {
     /// (empty while a [`Batch`] holds it).
     past: Vec<Tensor>,
     max_tokens: usize,
-    sampler: Sampler,
-    stop: Vec<String>,
-    /// The generated text, cut at a stop string once one appears.
-    text: String,
-    /// Bytes of `text` already streamed.
-    streamed: usize,
-    stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Picks its tokens (sampling, the `response_format` grammar).
+    chooser: Chooser,
+    /// The answer's text, stop strings and stream.
+    out: TextOut,
     finish: Option<FinishReason>,
-    /// The JSON the answer is kept to (`response_format`).
-    constraint: Option<Constraint>,
-    /// What the request attached to its prompt, until the prompt's first step.
-    attached: Option<Attached>,
+    /// What the request embedded in its prompt, until the prompt's first step.
+    placed: Vec<Placed>,
     /// The embeddings of the prompt tokens still to feed, for a decoder fed
     /// embeddings whose prompt is read in chunks (made once, with `attached`).
     embeds: Option<Vec<f32>>,
@@ -695,6 +607,12 @@ struct Scores {
     top: usize,
     echo: bool,
     out: Logprobs,
+}
+
+impl Scores {
+    fn new(s: Scoring) -> Scores {
+        Scores { top: s.top, echo: s.echo, out: Logprobs::default() }
+    }
 }
 
 impl Drop for Sequence {
@@ -719,16 +637,16 @@ impl Sequence {
 
     /// True when the client streaming this sequence went away.
     pub fn is_abandoned(&self) -> bool {
-        self.stream.as_ref().is_some_and(|s| s.is_closed())
+        self.out.is_abandoned()
     }
 }
 
 impl Generator {
-    /// Loads the tokenizer at `tokenizer` and reads the graph's layout; a
+    /// Reads the graph's layout; `lexicon` is the model's tokenizer; a
     /// decoder that takes embeddings is fed by `embedder`.
     pub fn new(
         spec: GenerationSpec,
-        tokenizer: &Path,
+        lexicon: Arc<Lexicon>,
         inputs: &[TensorInfo],
         optional: &[TensorInfo],
         outputs: &[TensorInfo],
@@ -740,22 +658,18 @@ impl Generator {
         if layout.keep.is_none() && optional.iter().any(|o| o.name == spec.names.logits_to_keep) {
             layout.keep = Some(false);
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer)
-            .map_err(|e| InferError::unavailable(format!("cannot read tokenizer {}: {e}", tokenizer.display())))?;
         let mut eos = Vec::new();
         for t in &spec.eos_tokens {
-            eos.push(tokenizer.token_to_id(t).ok_or_else(|| {
+            eos.push(lexicon.token_id(t).ok_or_else(|| {
                 InferError::unavailable(format!("the end-of-sequence token '{t}' is not in the tokenizer's vocabulary"))
             })?);
         }
         Ok(Generator {
             spec,
             embedder,
-            tokenizer,
+            lexicon,
             layout,
             eos,
-            vocab: std::sync::OnceLock::new(),
-            longest_token: std::sync::OnceLock::new(),
             batch: Arc::new(std::sync::Mutex::new(None)),
             chunk_waits: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -784,116 +698,27 @@ impl Generator {
         4 * chunk * (vocab + 2 * 4 * self.layout.heads as u64 * positions as u64)
     }
 
-    /// Compiles the `response_format` of `request` and checks it against the
-    /// request: no stop strings with a JSON format, and a schema whose values
-    /// can be closed within `max_tokens`.
-    pub fn response_format(&self, request: &GenerateRequest) -> Result<Option<Arc<json::Grammar>>, InferError> {
-        let Some(format) = &request.params.response_format else { return Ok(None) };
-        let Some(grammar) = json::parse_response_format(format).map_err(InferError::bad_input)? else {
-            return Ok(None);
-        };
-        if request.params.stop.iter().any(|s| !s.is_empty()) {
-            return Err(InferError::bad_input(
-                "stop strings do not go with a JSON response_format: the answer ends when its JSON value closes",
-            ));
-        }
-        let max_tokens = self.max_tokens(request)?;
-        let longest = *self.longest_token.get_or_init(|| self.vocab().longest());
-        grammar.fits(max_tokens, longest).map_err(InferError::bad_input)?;
-        Ok(Some(Arc::new(grammar)))
-    }
-
-    /// The request's `max_tokens`, or the model's default; refused past the model's limit.
-    fn max_tokens(&self, request: &GenerateRequest) -> Result<usize, InferError> {
-        let max_tokens = request.params.max_tokens.unwrap_or(self.spec.max_tokens);
-        // 0 only to score a prompt (echo): nothing is generated.
-        let least = usize::from(!request.params.echo);
-        if max_tokens < least || max_tokens > self.spec.max_tokens {
-            return Err(InferError::bad_input(format!("max_tokens must be {least}..={}", self.spec.max_tokens)));
-        }
-        Ok(max_tokens)
-    }
-
-    /// The id of `token` in the tokenizer's vocabulary.
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.tokenizer.token_to_id(token)
-    }
-
     /// Most sequences to interleave on one session.
     pub fn parallel(&self) -> usize {
         self.spec.parallel
     }
 
-    /// The prompt of `request` through the model's chat template, and
-    /// whether it is a chat (the template's stop strings apply).
-    pub fn render(&self, request: &GenerateRequest) -> Result<(String, bool), InferError> {
-        match &request.prompt {
-            Prompt::Text(t) => Ok((t.clone(), false)),
-            Prompt::Chat(messages) if messages.iter().any(|m| !m.images.is_empty()) => Err(InferError::bad_input(
-                "this is a text-generation model: it reads no images (send them to a vision-language model)",
-            )),
-            Prompt::Chat(messages) => Ok((self.spec.chat_template.render(messages)?, true)),
-        }
-    }
-
-    /// Starts a sequence on `prompt` as rendered from `request` (a chat when
-    /// `chat`: the template's stop strings apply), with what the request
-    /// attached to it for the [`Embedder`] and its compiled `response_format`
-    /// ([`Generator::response_format`]).
-    pub fn start_prompt(
-        &self,
-        request: GenerateRequest,
-        prompt: String,
-        chat: bool,
-        attached: Option<Attached>,
-        grammar: Option<Arc<json::Grammar>>,
-    ) -> Result<Sequence, InferError> {
-        let mut stop = request.params.stop.clone();
-        if chat && grammar.is_none() {
-            stop.extend(self.spec.chat_template.stop.iter().cloned());
-        }
-        if prompt.is_empty() {
-            return Err(InferError::bad_input("the prompt is empty"));
-        }
-        let tokens: Vec<u32> = self
-            .tokenizer
-            .encode(prompt.as_str(), false)
-            .map_err(|e| InferError::bad_input(format!("cannot tokenise the prompt: {e}")))?
-            .get_ids()
-            .to_vec();
-        let context = self.spec.context_length;
-        if tokens.is_empty() {
-            return Err(InferError::bad_input("the prompt has no tokens"));
-        }
-        if tokens.len() >= context {
+    /// Starts a sequence on a request made [`Ready`] at admission.
+    pub fn start(&self, ready: Ready) -> Result<Sequence, InferError> {
+        let Ready { request, tokens, placed, max_tokens, stop, chooser, scoring } = ready;
+        if scoring.is_some_and(|s| s.echo) && self.layout.keep.is_none() {
             return Err(InferError::bad_input(format!(
-                "the prompt is {} tokens; the model's context holds {context}, and at least one must be left to generate",
-                tokens.len()
+                "this model's graph gives logits for the last position only: it cannot score the prompt \
+                 (echo with logprobs needs a '{}' input)",
+                self.spec.names.logits_to_keep
             )));
         }
-        let max_tokens = self.max_tokens(&request)?;
-        let sampler = Sampler::new(&request.params)?;
-        let scores = match request.params.logprobs_wanted().map_err(InferError::bad_input)? {
-            None => None,
-            Some(top) => {
-                let echo = request.params.echo;
-                if echo && self.layout.keep.is_none() {
-                    return Err(InferError::bad_input(format!(
-                        "this model's graph gives logits for the last position only: it cannot score the prompt \
-                         (echo with logprobs needs a '{}' input)",
-                        self.spec.names.logits_to_keep
-                    )));
-                }
-                Some(Scores { top, echo, out: Logprobs::default() })
-            }
-        };
         let past = (0..2 * self.layout.layers)
             .map(|_| Tensor {
                 shape: vec![1, self.layout.heads, 0, self.layout.head_dim],
                 data: TensorData::F32(vec![]),
             })
             .collect();
-        stop.retain(|s| !s.is_empty());
         Ok(Sequence {
             id: NEXT_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             slot: self.batch.clone(),
@@ -902,29 +727,25 @@ impl Generator {
             tokens,
             past,
             max_tokens,
-            sampler,
-            stop,
-            text: String::new(),
-            streamed: 0,
-            stream: request.stream,
+            chooser,
+            out: TextOut::new(stop, request.stream),
             finish: None,
-            constraint: grammar.map(Constraint::new),
-            attached,
+            placed,
             embeds: None,
             state: None,
             no_state: false,
-            scores,
+            scores: scoring.map(Scores::new),
         })
     }
 
     /// The tokens the decoder is fed, `rows` rows of equal length: token ids,
-    /// or their embeddings (with what was attached to the prompt in place).
-    fn feed(&self, tokens: &[u32], rows: usize, attached: Option<Attached>) -> Result<(String, Tensor), InferError> {
+    /// or their embeddings (with what the prompt embeds in place).
+    fn feed(&self, tokens: &[u32], rows: usize, placed: Vec<Placed>) -> Result<(String, Tensor), InferError> {
         let names = &self.spec.names;
         let cols = tokens.len() / rows.max(1);
         match (&self.embedder, self.layout.embeds) {
             (Some(embedder), Some(width)) => {
-                let values = embedder.embed(tokens, attached)?;
+                let values = embedder.embed(tokens, placed)?;
                 if values.len() != tokens.len() * width {
                     return Err(InferError::internal(format!(
                         "{} embedding values for {} tokens of width {width}",
@@ -998,7 +819,7 @@ impl Generator {
         let input = match (&self.embedder, chunked) {
             (Some(_), true) => {
                 if seq.embeds.is_none() {
-                    let (_, all) = self.feed(&seq.feed, 1, seq.attached.take())?;
+                    let (_, all) = self.feed(&seq.feed, 1, std::mem::take(&mut seq.placed))?;
                     let TensorData::F32(values) = all.data else {
                         return Err(InferError::internal("embeddings are not f32"));
                     };
@@ -1012,7 +833,7 @@ impl Generator {
                 }
                 (names.inputs_embeds.clone(), Tensor { shape: vec![1, n, width], data: TensorData::F32(rows) })
             }
-            _ => self.feed(&seq.feed[..n], 1, seq.attached.take())?,
+            _ => self.feed(&seq.feed[..n], 1, std::mem::take(&mut seq.placed))?,
         };
         Ok((fed, n, input))
     }
@@ -1102,7 +923,7 @@ impl Generator {
         let b = tokens.len();
         let mask = self.layout.rows().step_mask(lens, longest);
         let mut inputs: NamedTensors = vec![
-            self.feed(tokens, b, None)?,
+            self.feed(tokens, b, Vec::new())?,
             (names.attention_mask.clone(), Tensor { shape: vec![b, longest + 1], data: TensorData::I64(mask) }),
         ];
         inputs.extend(self.last_only());
@@ -1160,7 +981,7 @@ impl Generator {
 
     /// A token's bytes and their text (lossy where the token holds part of a character).
     fn token_text(&self, token: u32) -> (String, Vec<u8>) {
-        let bytes = self.vocab().0.get(token as usize).and_then(|b| b.as_deref()).unwrap_or_default().to_vec();
+        let bytes = self.lexicon.vocab().0.get(token as usize).and_then(|b| b.as_deref()).unwrap_or_default().to_vec();
         (String::from_utf8_lossy(&bytes).into_owned(), bytes)
     }
 
@@ -1187,7 +1008,7 @@ impl Generator {
     pub fn release(&self, engine: &mut dyn InferenceBackend) {
         let names = &self.spec.names;
         let token = self.eos.first().copied().unwrap_or(0);
-        let mut inputs: NamedTensors = match self.feed(&[token], 1, None) {
+        let mut inputs: NamedTensors = match self.feed(&[token], 1, Vec::new()) {
             Ok(feed) => vec![feed],
             Err(e) => {
                 tracing::debug!(error = %e, "cannot release the engine's pooled memory");
@@ -1489,18 +1310,10 @@ impl Generator {
             // A prompt scored (echo), nothing generated.
             return self.end(seq, FinishReason::Length);
         }
-        let next = match seq.constraint.as_mut() {
-            None => seq.sampler.pick(logits),
-            Some(c) => self.pick_constrained(c, &mut seq.sampler, logits)?,
-        } as u32;
+        let next = seq.chooser.choose(logits, || self.lexicon.vocab())?;
         if let Some(top) = seq.scores.as_ref().map(|s| s.top) {
             let entry = self.logprob_of(logits, next, top);
             seq.scores.as_mut().expect("checked").out.completion.push(entry);
-        }
-        if let Some(c) = seq.constraint.as_mut()
-            && !c.accept(self.vocab(), next as usize)
-        {
-            return Err(InferError::internal("the picked token does not continue the JSON answer"));
         }
         seq.tokens.push(next);
         seq.feed = vec![next];
@@ -1512,11 +1325,8 @@ impl Generator {
             }
             return self.end(seq, FinishReason::Stop);
         }
-        self.update_text(seq)?;
-        if seq.finish.is_some() {
-            return Ok(());
-        }
-        if seq.constraint.as_ref().is_some_and(Constraint::is_done) {
+        let text = self.lexicon.decode(&seq.tokens[seq.prompt_tokens..])?;
+        if seq.out.update(text) || seq.chooser.is_complete() {
             return self.end(seq, FinishReason::Stop);
         }
         if generated >= seq.max_tokens || seq.tokens.len() >= self.spec.context_length {
@@ -1525,84 +1335,16 @@ impl Generator {
         Ok(())
     }
 
-    fn vocab(&self) -> &TokenBytes {
-        self.vocab.get_or_init(|| TokenBytes::of(&self.tokenizer))
-    }
-
-    /// Picks the next token among those that continue the JSON answer. Greedy
-    /// decoding tries the likeliest tokens first (usually the best is
-    /// allowed); sampling, and a greedy pick that finds none soon, masks the
-    /// whole vocabulary.
-    fn pick_constrained(&self, c: &mut Constraint, sampler: &mut Sampler, logits: &[f32]) -> Result<usize, InferError> {
-        let vocab = self.vocab();
-        if sampler.is_greedy() {
-            let mut best = sample::argmax(logits);
-            if c.allows(vocab, best) {
-                return Ok(best);
-            }
-            let mut rest = logits.to_vec();
-            for _ in 0..32 {
-                rest[best] = f32::NEG_INFINITY;
-                best = sample::argmax(&rest);
-                if c.allows(vocab, best) {
-                    return Ok(best);
-                }
-            }
-        }
-        let masked: Vec<f32> =
-            logits.iter().enumerate().map(|(t, &v)| if c.allows(vocab, t) { v } else { f32::NEG_INFINITY }).collect();
-        if !masked.iter().any(|v| v.is_finite()) {
-            return Err(InferError::internal("no token of the vocabulary continues the JSON answer"));
-        }
-        Ok(sampler.pick(&masked))
-    }
-
-    /// Decodes the generated tokens, cuts at a stop string, and streams what is settled.
-    fn update_text(&self, seq: &mut Sequence) -> Result<(), InferError> {
-        let text = self
-            .tokenizer
-            .decode(&seq.tokens[seq.prompt_tokens..], false)
-            .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
-        seq.text = text;
-        if cut_at_stop(&mut seq.text, &seq.stop) {
-            return self.end(seq, FinishReason::Stop);
-        }
-        // Hold back a tail that may still become a stop string, or a character still being spelled byte by byte.
-        let hold = stop_prefix_tail(&seq.text, &seq.stop);
-        let mut settled = seq.text.len() - hold;
-        while !seq.text.is_char_boundary(settled) {
-            settled -= 1;
-        }
-        let incomplete = seq.text[..settled].trim_end_matches('\u{FFFD}').len();
-        self.send(seq, incomplete);
-        Ok(())
-    }
-
-    fn send(&self, seq: &mut Sequence, upto: usize) {
-        if upto > seq.streamed {
-            if let Some(s) = &seq.stream {
-                let _ = s.send(seq.text[seq.streamed..upto].to_string());
-            }
-            seq.streamed = upto;
-        }
-    }
-
+    /// Ends `seq`: its text settled (decoded whole when cut by length, and
+    /// a JSON value closed), streamed to its end, its cache let go.
     fn end(&self, seq: &mut Sequence, reason: FinishReason) -> Result<(), InferError> {
-        if reason == FinishReason::Length || seq.text.is_empty() {
-            seq.text = self
-                .tokenizer
-                .decode(&seq.tokens[seq.prompt_tokens..], false)
-                .map_err(|e| InferError::internal(format!("cannot decode the tokens: {e}")))?;
-            cut_at_stop(&mut seq.text, &seq.stop);
-        }
-        if let Some(c) = seq.constraint.as_ref().filter(|c| !c.is_done()) {
-            // Cut short by its budget: the shortest text that closes the JSON value.
-            seq.text.push_str(&c.completion());
-        }
+        let decoded = if reason == FinishReason::Length || seq.out.is_empty() {
+            Some(self.lexicon.decode(&seq.tokens[seq.prompt_tokens..])?)
+        } else {
+            None
+        };
+        seq.out.finish(decoded, seq.chooser.closing());
         seq.finish = Some(reason);
-        let all = seq.text.len();
-        self.send(seq, all);
-        seq.stream = None; // the stream ends with the sequence
         seq.past.clear();
         seq.state = None;
         Ok(())
@@ -1612,7 +1354,7 @@ impl Generator {
     pub fn result(&self, mut seq: Sequence) -> JobResult {
         let completion = seq.tokens.len() - seq.prompt_tokens;
         JobResult::Generation {
-            text: std::mem::take(&mut seq.text),
+            text: seq.out.take(),
             finish_reason: seq.finish.unwrap_or(FinishReason::Length),
             usage: Usage {
                 prompt_tokens: seq.prompt_tokens,
@@ -1652,15 +1394,6 @@ fn check_cache(presents: &[Tensor], fed: usize) -> Result<(), InferError> {
     Ok(())
 }
 
-/// Bytes at the end of `text` that begin one of `stop` (and so may still
-/// become it): the longest such tail, 0 when none does.
-fn stop_prefix_tail(text: &str, stop: &[String]) -> usize {
-    stop.iter()
-        .flat_map(|s| (1..s.len()).rev().filter(move |&n| s.is_char_boundary(n) && text.ends_with(&s[..n])))
-        .max()
-        .unwrap_or(0)
-}
-
 /// Removes the output `name` from `outputs`.
 /// The logits among `outputs` (f32, at least one row) and their last dimension (the vocabulary).
 fn take_logits(outputs: &mut NamedTensors, name: &str) -> Result<(Vec<f32>, usize), InferError> {
@@ -1681,50 +1414,4 @@ fn take_output(outputs: &mut NamedTensors, name: &str) -> Result<Tensor, InferEr
         .position(|(n, _)| n == name)
         .ok_or_else(|| InferError::internal(format!("the model gave no output '{name}'")))?;
     Ok(outputs.swap_remove(i).1)
-}
-
-/// Cuts `text` before the first of `stop` in it; says whether one was found.
-fn cut_at_stop(text: &mut String, stop: &[String]) -> bool {
-    match stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-        Some(at) => {
-            text.truncate(at);
-            true
-        }
-        None => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_tail_that_may_become_a_stop_string_is_held_back() {
-        let stop = vec!["<|im_start|>".to_string(), "\nUser:".to_string()];
-        assert_eq!(stop_prefix_tail("Paris.", &stop), 0);
-        assert_eq!(stop_prefix_tail("Paris.<|im", &stop), 4);
-        assert_eq!(stop_prefix_tail("Paris.\nUse", &stop), 4);
-        assert_eq!(stop_prefix_tail("a <", &stop), 1);
-        assert_eq!(stop_prefix_tail("", &stop), 0);
-    }
-
-    #[test]
-    fn chat_messages_render_through_the_template() {
-        let t = ChatTemplate::default();
-        let m = |role: &str, content: &str| crate::job::ChatMessage {
-            role: role.into(),
-            content: content.into(),
-            images: Vec::new(),
-        };
-        let prompt =
-            t.render(&[m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello."), m("user", "2+2?")]);
-        assert_eq!(prompt.unwrap(), "Be brief.\nUser: Hi\nAssistant: Hello.\nUser: 2+2?\nAssistant:");
-        assert!(t.render(&[m("robot", "x")]).unwrap_err().message.contains("unknown chat role"));
-        let with_default = ChatTemplate { default_system: Some("Be kind.".into()), ..ChatTemplate::default() };
-        assert_eq!(with_default.render(&[m("user", "Hi")]).unwrap(), "Be kind.\nUser: Hi\nAssistant:");
-        assert_eq!(
-            with_default.render(&[m("system", "Be brief."), m("user", "Hi")]).unwrap(),
-            "Be brief.\nUser: Hi\nAssistant:"
-        );
-    }
 }

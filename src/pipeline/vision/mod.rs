@@ -9,11 +9,12 @@
 //! - `file` — `decoder_model_merged.onnx`: `inputs_embeds`, `attention_mask`,
 //!   `position_ids`, `past_key_values.*` → `logits`, `present.*`.
 //!
-//! A chat is rendered by the model's own Jinja chat template (an image part
-//! becomes the image token), each image is cut into views by
-//! [`processor::ImageProcessor`] (on the decode threads) and its token
-//! expanded to the views' prompt text; the prompt step embeds the tokens and
-//! puts the views' features in place of the image tokens, in order. From
+//! A chat is rendered by the model's own Jinja chat template (text
+//! generation's, [`super::generate::template`]: an image part becomes the
+//! image token), each image is cut into views by
+//! [`processor::ImageProcessor`] (on the decode threads) and becomes a typed
+//! prompt chunk: the views' prompt text, and the views themselves, which the
+//! prompt step embeds at the positions of that text's image tokens. From
 //! there it is text generation's loop, reused as it is (sampling, stop
 //! strings, streaming, structured output, sequences stepped together).
 //! An image's features are kept by the hash of its bytes (bounded), so a
@@ -22,19 +23,20 @@
 pub mod processor;
 
 use super::generate::{
-    Attached, Embedder, GeneratePipeline, GenerationSpec, Generator, Rendered, request_of, within_text_limit,
+    Admission, ChatTemplateSpec, Chunk, Content, Embedder, GeneratePipeline, GenerationSpec, Generator, Placed,
+    request_of,
 };
-use super::{Graph, Part, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
+use super::{Graph, MakePreparer, Part, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::InferenceBackend;
 use crate::config::Limits;
 use crate::error::InferError;
-use crate::job::{ChatMessage, InputKind, JobInput, Prompt};
+use crate::job::{InputKind, JobInput, Prompt};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use processor::ImageProcessor;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// The models.json section of a `vision-language` model.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -57,10 +59,10 @@ impl Section for VisionLanguageSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VisionSpec {
-    /// The model's Jinja chat template, relative to models.json: a `.jinja`
-    /// file, or a JSON file with a `chat_template` string (the model's
-    /// chat_template.json or tokenizer_config.json).
-    pub chat_template: PathBuf,
+    /// The model's Jinja chat template: the same as `generation.chat_template`
+    /// (the older place for it; one of the two names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
     /// Images are resized so that their longest edge is this (`size.longest_edge`).
     #[serde(default = "default_longest_edge")]
     pub longest_edge: u32,
@@ -145,9 +147,9 @@ impl TaskSpec for VisionLanguageSpec {
     }
 
     fn files(&self) -> Vec<(String, &Path)> {
-        let mut files: Vec<(String, &Path)> =
-            self.generation.iter().map(|g| (".generation.tokenizer".to_string(), g.tokenizer.as_path())).collect();
-        files.extend(self.vision.iter().map(|v| (".vision.chat_template".to_string(), v.chat_template.as_path())));
+        let mut files: Vec<(String, &Path)> = self.generation.iter().flat_map(GenerationSpec::files).collect();
+        let alias = self.vision.iter().flat_map(|v| v.chat_template.as_deref());
+        files.extend(alias.map(|t| (".vision.chat_template".to_string(), t)));
         files
     }
 
@@ -163,8 +165,20 @@ impl TaskSpec for VisionLanguageSpec {
             }
         };
         match &self.vision {
-            None => p.push(SpecProblem::new(".vision", "vision-language needs a 'vision' spec with its chat_template")),
+            None => p.push(SpecProblem::new(".vision", "vision-language needs a 'vision' spec")),
             Some(v) => {
+                let in_generation = self.generation.as_ref().and_then(|g| g.chat_template.as_ref());
+                match (in_generation, &v.chat_template) {
+                    (Some(ChatTemplateSpec::File(_)), None) | (None, Some(_)) => {}
+                    (Some(_), Some(_)) => p.push(SpecProblem::new(
+                        ".vision.chat_template",
+                        "the chat template is named twice: keep generation.chat_template",
+                    )),
+                    (Some(ChatTemplateSpec::Patterns(_)), None) | (None, None) => p.push(SpecProblem::new(
+                        ".generation.chat_template",
+                        "vision-language needs the model's Jinja chat template (a .jinja or chat_template.json file)",
+                    )),
+                }
                 if !(1..=8192).contains(&v.tile) {
                     p.push(SpecProblem::new(".vision.tile", "must be 1..=8192"));
                 }
@@ -214,9 +228,6 @@ impl TaskSpec for VisionLanguageSpec {
     }
 
     fn build(&self, graph: Graph<'_>) -> Result<Box<dyn Pipeline>, InferError> {
-        let (Some(generation), Some(spec)) = (self.generation.clone(), self.vision.clone()) else {
-            return Err(InferError::unavailable("vision-language needs 'generation' and 'vision' specs"));
-        };
         let (mut encoder, mut embed) = (None, None);
         for part in graph.parts {
             match part.role.as_str() {
@@ -228,28 +239,37 @@ impl TaskSpec for VisionLanguageSpec {
         let (Some(encoder), Some(embed)) = (encoder, embed) else {
             return Err(InferError::unavailable("a vision-language variant needs parts 'vision' and 'embed'"));
         };
-        let template = read_chat_template(&graph.dir.join(&spec.chat_template))?;
-        let vision = Arc::new(Vision::new(spec, template, graph.limits.clone()));
-        let embedder = Arc::new(VisionEmbedder::new(vision.clone(), encoder, embed)?);
-        let tokenizer = graph.dir.join(&generation.tokenizer);
-        let generator = Generator::new(
-            generation,
-            &tokenizer,
-            graph.inputs,
-            graph.optional_inputs,
-            graph.outputs,
-            Some(embedder.clone()),
-        )?;
-        let image_token = generator.token_id(&vision.spec.image_token).ok_or_else(|| {
+        let preparer = self.preparer(graph.dir, graph.limits)?;
+        let embedder = Arc::new(VisionEmbedder::new(preparer.vision.clone(), encoder, embed)?);
+        let generation = self.generation.clone().expect("checked by the preparer");
+        let lexicon = preparer.admission.lexicon().clone();
+        let generator =
+            Generator::new(generation, lexicon, graph.inputs, graph.optional_inputs, graph.outputs, Some(embedder))?;
+        Ok(Box::new(GeneratePipeline::new(Arc::new(generator), Arc::new(preparer))))
+    }
+
+    fn spec_preparer(&self, dir: &Path, limits: &Limits) -> Option<MakePreparer> {
+        let (me, dir, limits) = (self.clone(), dir.to_path_buf(), limits.clone());
+        Some(Box::new(move || Ok(Arc::new(me.preparer(&dir, &limits)?) as Arc<dyn Prepare>)))
+    }
+}
+
+impl VisionLanguageSpec {
+    /// What makes its requests ready: the template, the tokenizer, the image processor.
+    fn preparer(&self, dir: &Path, limits: &Limits) -> Result<VisionPreparer, InferError> {
+        let (Some(generation), Some(spec)) = (&self.generation, &self.vision) else {
+            return Err(InferError::unavailable("vision-language needs 'generation' and 'vision' specs"));
+        };
+        let alias = spec.chat_template.clone().map(ChatTemplateSpec::File);
+        let admission = Admission::new(generation, dir, alias.as_ref(), limits.max_text_bytes)?;
+        let image_token = admission.lexicon().token_id(&spec.image_token).ok_or_else(|| {
             InferError::unavailable(format!(
                 "the image token '{}' is not in the tokenizer's vocabulary",
-                vision.spec.image_token
+                spec.image_token
             ))
         })?;
-        embedder.image_token.set(image_token).ok();
-        let generator = Arc::new(generator);
-        let preparer = Arc::new(VisionPreparer { vision, generator: generator.clone() });
-        Ok(Box::new(GeneratePipeline::new(generator, preparer)))
+        let vision = Arc::new(Vision::new(spec.clone(), limits.clone()));
+        Ok(VisionPreparer { vision, admission: Arc::new(admission), image_token })
     }
 }
 
@@ -322,76 +342,32 @@ fn list(infos: &[TensorInfo]) -> String {
     infos.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// Reads a chat template: a Jinja file, or JSON with a `chat_template` string.
-fn read_chat_template(path: &Path) -> Result<String, InferError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| InferError::unavailable(format!("cannot read the chat template {}: {e}", path.display())))?;
-    if path.extension().is_none_or(|e| e != "json") {
-        return Ok(text);
-    }
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| InferError::unavailable(format!("the chat template {} is not JSON: {e}", path.display())))?;
-    match value.get("chat_template") {
-        Some(serde_json::Value::String(t)) => Ok(t.clone()),
-        _ => Err(InferError::unavailable(format!("{} has no \"chat_template\" string", path.display()))),
-    }
-}
-
-/// What the preparer and the embedder share: the processor, the template
-/// and the features of recent images.
+/// What the preparer and the embedder share: the processor and the
+/// features of recent images.
 struct Vision {
     spec: VisionSpec,
     processor: ImageProcessor,
-    template: String,
-    env: minijinja::Environment<'static>,
     cache: Mutex<FeatureCache>,
     limits: Limits,
 }
 
 impl Vision {
-    fn new(spec: VisionSpec, template: String, limits: Limits) -> Vision {
+    fn new(spec: VisionSpec, limits: Limits) -> Vision {
         let processor =
             ImageProcessor { longest_edge: spec.longest_edge, tile: spec.tile, mean: spec.mean, std: spec.std };
-        let mut env = minijinja::Environment::new();
-        // Templates are written for Python's Jinja: its string methods work as there.
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        // Hugging Face templates call raise_exception to refuse a conversation.
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-        });
         let cache = Mutex::new(FeatureCache { entries: VecDeque::new(), bytes: 0, max: spec.feature_cache_mb << 20 });
-        Vision { spec, processor, template, env, cache, limits }
+        Vision { spec, processor, cache, limits }
     }
 
-    /// Renders `messages` through the model's template, an image part where each image stood.
-    fn render(&self, messages: &[ChatMessage]) -> Result<String, InferError> {
+    /// Refuses text that spells the image token (it stands for an image in this model's prompts).
+    fn no_image_token(&self, text: &str, how: &str) -> Result<(), InferError> {
         let token = &self.spec.image_token;
-        let mut rendered = Vec::with_capacity(messages.len());
-        for m in messages {
-            if m.content.contains(token.as_str()) {
-                return Err(InferError::bad_input(format!(
-                    "the text contains '{token}', which stands for an image in this model's prompts: send images as image_url parts"
-                )));
-            }
-            let mut parts = Vec::new();
-            let mut at = 0;
-            for (offset, _) in &m.images {
-                let offset = (*offset).min(m.content.len());
-                if offset > at {
-                    parts.push(serde_json::json!({"type": "text", "text": &m.content[at..offset]}));
-                }
-                parts.push(serde_json::json!({"type": "image"}));
-                at = offset.max(at);
-            }
-            if at < m.content.len() || parts.is_empty() {
-                parts.push(serde_json::json!({"type": "text", "text": &m.content[at..]}));
-            }
-            rendered.push(serde_json::json!({"role": m.role, "content": parts}));
+        if text.contains(token.as_str()) {
+            return Err(InferError::bad_input(format!(
+                "the text contains '{token}', which stands for an image in this model's prompts: {how}"
+            )));
         }
-        let ctx = minijinja::context! { messages => rendered, add_generation_prompt => true };
-        self.env
-            .render_str(&self.template, ctx)
-            .map_err(|e| InferError::bad_input(format!("the chat template cannot render these messages: {e}")))
+        Ok(())
     }
 
     /// An image's views, or its cached features (then it is not decoded).
@@ -462,31 +438,33 @@ impl FeatureCache {
     }
 }
 
-/// Renders a chat with images into its prompt and prepares the images (decode, views) on the decode threads.
+/// Makes a chat with images ready: rendered by the template, each image
+/// decoded and cut into views (on the decode threads) and put in the prompt
+/// as a typed chunk.
 struct VisionPreparer {
     vision: Arc<Vision>,
-    generator: Arc<Generator>,
+    admission: Arc<Admission>,
+    /// The id of the image token (the slots an image's features fill).
+    image_token: u32,
 }
 
 impl Prepare for VisionPreparer {
     fn prepare(&self, input: JobInput) -> Result<Prepared, InferError> {
         let mut request = request_of(input)?;
         let v = &self.vision;
-        let (prompt, chat, images) = match &mut request.prompt {
-            Prompt::Text(t) if t.contains(v.spec.image_token.as_str()) => {
-                return Err(InferError::bad_input(format!(
-                    "the text contains '{}', which stands for an image in this model's prompts: send images in a chat",
-                    v.spec.image_token
-                )));
-            }
+        let (chunks, chat) = match &mut request.prompt {
             Prompt::Text(t) => {
-                within_text_limit(t, v.limits.max_text_bytes)?;
-                (t.clone(), false, Vec::new())
+                v.no_image_token(t, "send images in a chat")?;
+                self.admission.within_text_limit(t)?;
+                (vec![Chunk::Text(t.clone())], false)
             }
             Prompt::Chat(messages) => {
-                let rendered = v.render(messages)?;
+                for m in messages.iter() {
+                    v.no_image_token(&m.content, "send images as image_url parts")?;
+                }
+                let rendered = self.admission.render(messages, Content::Parts)?;
                 // The limit is on what the client wrote: an image's tokens come on top.
-                within_text_limit(&rendered, v.limits.max_text_bytes)?;
+                self.admission.within_text_limit(&rendered)?;
                 let mut images = Vec::new();
                 for m in messages.iter_mut() {
                     for (_, bytes) in std::mem::take(&mut m.images) {
@@ -496,12 +474,10 @@ impl Prepare for VisionPreparer {
                         );
                     }
                 }
-                (expand(&rendered, &v.spec, &images)?, true, images)
+                (chunks(&rendered, &v.spec, images, self.image_token)?, true)
             }
         };
-        let attached: Option<Attached> = if images.is_empty() { None } else { Some(Box::new(images)) };
-        let grammar = self.generator.response_format(&request)?;
-        Ok(Prepared::new(Rendered { request, prompt, chat, attached, grammar }))
+        Ok(Prepared::new(self.admission.ready(request, chunks, chat)?))
     }
 
     fn off_worker(&self) -> bool {
@@ -509,8 +485,9 @@ impl Prepare for VisionPreparer {
     }
 }
 
-/// The prompt with each image token the template wrote replaced by its image's views' text.
-fn expand(rendered: &str, spec: &VisionSpec, images: &[ImageIn]) -> Result<String, InferError> {
+/// The prompt as chunks: the template's text, and each image token it wrote
+/// as the image's chunk (its views' prompt text, the views to embed).
+fn chunks(rendered: &str, spec: &VisionSpec, images: Vec<ImageIn>, slot: u32) -> Result<Vec<Chunk>, InferError> {
     let pieces: Vec<&str> = rendered.split(spec.image_token.as_str()).collect();
     if pieces.len() - 1 != images.len() {
         return Err(InferError::bad_input(format!(
@@ -519,11 +496,15 @@ fn expand(rendered: &str, spec: &VisionSpec, images: &[ImageIn]) -> Result<Strin
             images.len()
         )));
     }
-    let mut out = String::with_capacity(rendered.len());
-    for (i, piece) in pieces.iter().enumerate() {
-        out.push_str(piece);
-        if let Some(image) = images.get(i) {
-            out.push_str(&processor::image_prompt(image.rows, image.cols, spec.image_seq_len));
+    let mut images = images.into_iter();
+    let mut out = Vec::with_capacity(2 * pieces.len());
+    for piece in pieces {
+        if !piece.is_empty() {
+            out.push(Chunk::Text(piece.to_string()));
+        }
+        if let Some(image) = images.next() {
+            let text = processor::image_prompt(image.rows, image.cols, spec.image_seq_len);
+            out.push(Chunk::Embedded { text, slot, item: Box::new(image) });
         }
     }
     Ok(out)
@@ -538,8 +519,6 @@ struct VisionEmbedder {
     /// Whether the encoder takes `pixel_attention_mask`.
     mask: bool,
     embed: Mutex<Box<dyn InferenceBackend>>,
-    /// Set once the tokenizer is loaded.
-    image_token: OnceLock<u32>,
 }
 
 impl VisionEmbedder {
@@ -548,13 +527,7 @@ impl VisionEmbedder {
             .map_err(|e| InferError::unavailable(format!("part 'vision': {e}")))?;
         embed_interface(&vision.spec.names, embed.engine.inputs(), embed.engine.outputs())
             .map_err(|e| InferError::unavailable(format!("part 'embed': {e}")))?;
-        Ok(VisionEmbedder {
-            vision,
-            encoder: Mutex::new(encoder.engine),
-            mask,
-            embed: Mutex::new(embed.engine),
-            image_token: OnceLock::new(),
-        })
+        Ok(VisionEmbedder { vision, encoder: Mutex::new(encoder.engine), mask, embed: Mutex::new(embed.engine) })
     }
 
     /// The features of `image`: cached, or from the vision encoder (then cached).
@@ -616,7 +589,7 @@ impl VisionEmbedder {
 }
 
 impl Embedder for VisionEmbedder {
-    fn embed(&self, tokens: &[u32], attached: Option<Attached>) -> Result<Vec<f32>, InferError> {
+    fn embed(&self, tokens: &[u32], placed: Vec<Placed>) -> Result<Vec<f32>, InferError> {
         let names = &self.vision.spec.names;
         let ids =
             Tensor { shape: vec![1, tokens.len()], data: TensorData::I64(tokens.iter().map(|&t| t as i64).collect()) };
@@ -629,30 +602,27 @@ impl Embedder for VisionEmbedder {
         let TensorData::F32(mut values) = embeds.data else {
             return Err(InferError::internal("the token embeddings are not f32"));
         };
-        let Some(images) = attached else { return Ok(values) };
-        let images =
-            images.downcast::<Vec<ImageIn>>().map_err(|_| InferError::internal("attached for another task"))?;
         let width = values.len() / tokens.len().max(1);
-        let image_token = *self.image_token.get().ok_or_else(|| InferError::internal("the image token is not set"))?;
-        let mut slots = tokens.iter().enumerate().filter(|(_, t)| **t == image_token).map(|(i, _)| i);
-        for (n, image) in images.into_iter().enumerate() {
-            let features = self.features(image)?;
-            if features.values.len() != features.views * self.vision.spec.image_seq_len * width {
+        for (n, placed) in placed.into_iter().enumerate() {
+            let image =
+                placed.item.downcast::<ImageIn>().map_err(|_| InferError::internal("embedded for another task"))?;
+            let features = self.features(*image)?;
+            let rows = features.views * self.vision.spec.image_seq_len;
+            if features.values.len() != rows * width || placed.positions.len() != rows {
                 return Err(InferError::internal(format!(
-                    "image {}: its features are not {} tokens of the decoder's width {width} per view",
+                    "image {}: {} feature values of width {width} for {} image tokens ({} per view)",
                     n + 1,
+                    features.values.len(),
+                    placed.positions.len(),
                     self.vision.spec.image_seq_len
                 )));
             }
-            for feature in features.values.chunks(width) {
-                let Some(at) = slots.next() else {
-                    return Err(InferError::internal(format!("image {}: more features than image tokens", n + 1)));
+            for (feature, &at) in features.values.chunks(width).zip(&placed.positions) {
+                let Some(slot) = values.get_mut(at * width..(at + 1) * width) else {
+                    return Err(InferError::internal(format!("image {}: position {at} is past the prompt", n + 1)));
                 };
-                values[at * width..(at + 1) * width].copy_from_slice(feature);
+                slot.copy_from_slice(feature);
             }
-        }
-        if slots.next().is_some() {
-            return Err(InferError::internal("more image tokens in the prompt than image features"));
         }
         Ok(values)
     }
@@ -661,6 +631,7 @@ impl Embedder for VisionEmbedder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::ChatMessage;
     use serde_json::Value;
 
     fn model_dir() -> PathBuf {
@@ -671,10 +642,22 @@ mod tests {
         image.features.as_ref().map_or(image.views.len(), |f| f.views)
     }
 
+    /// The fixture's preparer, as models.json declares it.
+    fn fixture() -> VisionPreparer {
+        fixture_spec().preparer(&model_dir(), &Limits::default()).unwrap()
+    }
+
+    /// The fixture's section in models.json.
+    fn fixture_spec() -> VisionLanguageSpec {
+        let registry: Value = serde_json::from_slice(&std::fs::read(model_dir().join("models.json")).unwrap()).unwrap();
+        let model = &registry["models"][0];
+        serde_json::from_value(serde_json::json!({"generation": model["generation"], "vision": model["vision"]}))
+            .unwrap()
+    }
+
     fn fixture_vision() -> Vision {
-        let dir = model_dir();
         let spec = VisionSpec {
-            chat_template: "chat_template.json".into(),
+            chat_template: None,
             longest_edge: 192,
             tile: 64,
             image_seq_len: 4,
@@ -685,8 +668,11 @@ mod tests {
             feature_cache_mb: 1,
             max_views_per_run: 4,
         };
-        let template = read_chat_template(&dir.join(&spec.chat_template)).unwrap();
-        Vision::new(spec, template, Limits::default())
+        Vision::new(spec, Limits::default())
+    }
+
+    fn ask(messages: Vec<ChatMessage>) -> JobInput {
+        JobInput::Generate(crate::job::GenerateRequest { prompt: Prompt::Chat(messages), ..Default::default() })
     }
 
     /// The prompt the template renders, the pixel values (within 1e-6) and
@@ -697,8 +683,8 @@ mod tests {
     fn prompts_and_input_ids_equal_transformers() {
         let dir = model_dir();
         let reference: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
-        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-        let vision = fixture_vision();
+        let preparer = fixture();
+        let vision = &preparer.vision;
         let pictures = dir.parent().unwrap();
         let cases = reference["cases"].as_array().unwrap();
         assert!(cases.len() >= 7);
@@ -708,7 +694,7 @@ mod tests {
                 names.iter().map(|n| (0, std::fs::read(pictures.join(n)).unwrap())).collect();
             let message =
                 ChatMessage { role: "user".into(), content: case["question"].as_str().unwrap().into(), images };
-            let rendered = vision.render(std::slice::from_ref(&message)).unwrap();
+            let rendered = preparer.admission.render(std::slice::from_ref(&message), Content::Parts).unwrap();
             assert_eq!(rendered, case["prompt"].as_str().unwrap(), "{names:?}");
             let prepared: Vec<ImageIn> = message.images.iter().map(|(_, b)| vision.image(b).unwrap()).collect();
             let views: usize = prepared.iter().map(view_count).sum();
@@ -726,27 +712,35 @@ mod tests {
             let sum: f64 = values.iter().map(|&v| v as f64).sum();
             let want = case["pixel_values_sum"].as_f64().unwrap();
             assert!((sum - want).abs() <= 1e-6 * values.len() as f64, "{names:?}: sum {sum} vs {want}");
-            let prompt = expand(&rendered, &vision.spec, &prepared).unwrap();
-            let ids: Vec<u64> = tokenizer.encode(prompt, false).unwrap().get_ids().iter().map(|&i| i as u64).collect();
+            // The whole request made ready: transformers' input_ids, and each
+            // image's features placed exactly where its image tokens are.
+            let ready = preparer.prepare(ask(vec![message])).unwrap().take::<super::super::generate::Ready>().unwrap();
+            let ids: Vec<u64> = ready.tokens().iter().map(|&i| i as u64).collect();
             let want: Vec<u64> = case["input_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect();
             assert_eq!(ids, want, "{names:?}");
+            let image_positions: Vec<usize> =
+                (0..ids.len()).filter(|&i| ids[i] == u64::from(preparer.image_token)).collect();
+            let placed: Vec<usize> = ready.placed().iter().flat_map(|p| p.positions.iter().copied()).collect();
+            assert_eq!(placed, image_positions, "{names:?}");
+            let per_image: Vec<usize> = ready.placed().iter().map(|p| p.positions.len()).collect();
+            let want: Vec<usize> = prepared.iter().map(|i| view_count(i) * 4).collect();
+            assert_eq!(per_image, want, "{names:?}: each image fills its own views' tokens");
         }
     }
 
     #[test]
     fn text_and_images_interleave_in_the_parts_the_template_sees() {
-        let vision = fixture_vision();
+        let preparer = fixture();
+        let render = |m: ChatMessage| preparer.admission.render(&[m], Content::Parts);
         let m =
             ChatMessage { role: "user".into(), content: "Left.Right.".into(), images: vec![(5, vec![]), (11, vec![])] };
-        assert_eq!(
-            vision.render(&[m]).unwrap(),
-            "<|im_start|>User: Left.<image>Right.<image><end_of_utterance>\nAssistant:"
-        );
+        assert_eq!(render(m).unwrap(), "<|im_start|>User: Left.<image>Right.<image><end_of_utterance>\nAssistant:");
         let text = ChatMessage { role: "user".into(), content: "Hi".into(), images: vec![] };
-        assert_eq!(vision.render(&[text]).unwrap(), "<|im_start|>User: Hi<end_of_utterance>\nAssistant:");
+        assert_eq!(render(text).unwrap(), "<|im_start|>User: Hi<end_of_utterance>\nAssistant:");
         let sneaky = ChatMessage { role: "user".into(), content: "a <image> b".into(), images: vec![] };
-        assert!(vision.render(&[sneaky]).unwrap_err().message.contains("stands for an image"));
-        let bad = vision.image(b"not an image").err().unwrap();
+        let refused = preparer.prepare(ask(vec![sneaky])).err().unwrap();
+        assert!(refused.message.contains("stands for an image"), "{refused:?}");
+        let bad = preparer.vision.image(b"not an image").err().unwrap();
         assert_eq!(bad.kind, crate::error::ErrorKind::BadInput, "{bad:?}");
     }
 
@@ -793,16 +787,22 @@ mod tests {
     #[test]
     fn templates_written_for_python_jinja_render() {
         // Python string methods and raise_exception, as Hugging Face templates use them.
-        let template = "{% for m in messages %}{% if m['role'] == 'robot' %}{{ raise_exception('no robots') }}{% endif %}\
+        let template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}\
             {{ m['role'].upper() }}:{% for p in m['content'] %}{% if p['type'] == 'text' %} {{ p['text'].strip() }}\
             {% else %}<image>{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}";
-        let mut vision = fixture_vision();
-        vision.template = template.to_string();
+        let dir = std::env::temp_dir().join(format!("inferd-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("t.jinja"), template).unwrap();
+        std::fs::copy(model_dir().join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        let mut spec = fixture_spec();
+        spec.generation.as_mut().unwrap().chat_template = Some(ChatTemplateSpec::File("t.jinja".into()));
+        let preparer = spec.preparer(&dir, &Limits::default()).unwrap();
         let m = ChatMessage { role: "user".into(), content: "  Gate?  ".into(), images: vec![(0, vec![])] };
-        assert_eq!(vision.render(&[m]).unwrap(), "USER:<image> Gate?\nASSISTANT:");
-        let robot = ChatMessage { role: "robot".into(), content: "x".into(), images: vec![] };
-        let e = vision.render(&[robot]).unwrap_err();
-        assert!(e.kind == crate::error::ErrorKind::BadInput && e.message.contains("no robots"), "{e:?}");
+        assert_eq!(preparer.admission.render(&[m], Content::Parts).unwrap(), "USER:<image> Gate?\nASSISTANT:");
+        let system = ChatMessage { role: "system".into(), content: "x".into(), images: vec![] };
+        let e = preparer.admission.render(&[system], Content::Parts).unwrap_err();
+        assert!(e.kind == crate::error::ErrorKind::BadInput && e.message.contains("no system messages"), "{e:?}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
