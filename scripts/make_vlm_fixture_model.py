@@ -130,7 +130,8 @@ def write_models_json(out, parameters):
         "description": "A tiny SmolVLM with random weights (scripts/make_vlm_fixture_model.py): the vision-language "
                        "task's test fixture, checked against transformers, not a model that sees",
         "generation": {"tokenizer": "tokenizer.json", "context_length": 2048, "eos_tokens": ["<end_of_utterance>"],
-                       "max_tokens": 64, "parallel": 4, "chat_template": "chat_template.json"},
+                       "max_tokens": 64, "parallel": 4, "chat_template": "chat_template.json",
+                       "chat_stop": ["\nUser:"]},
         "vision": {"longest_edge": 192, "tile": 64, "image_seq_len": 4},
         "variants": [{"name": "fp32", "file": "onnx/decoder_model_merged.onnx", "sha256": sha("onnx/decoder_model_merged.onnx"),
                       "parts": {"vision": part("onnx/vision_encoder.onnx"), "embed": part("onnx/embed_tokens.onnx")},

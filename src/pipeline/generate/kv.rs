@@ -99,6 +99,63 @@ impl Rows {
     }
 }
 
+/// The KV caches of sequences that stepped together, kept for the same
+/// group's next step (no copy into and out of per-sequence caches): as the
+/// model returned them (`2 × layers` tensors `[rows, heads, total,
+/// head_dim]`, rows right-aligned), or in the engine's own buffers, written
+/// in place by each step (`[rows, heads, room, head_dim]`, rows left-aligned).
+pub(super) struct Batch {
+    /// The sequence of each row.
+    ids: Vec<u64>,
+    /// Rows whose sequence still exists: the batch goes once none does.
+    alive: Vec<bool>,
+    /// Positions of the widest row (tensors).
+    pub total: usize,
+    pub caches: Vec<Vec<f32>>,
+    pub state: Option<Box<dyn crate::backend::State>>,
+}
+
+impl Batch {
+    /// The caches a step returned for the sequences `ids`, row by row.
+    pub fn of_tensors(ids: Vec<u64>, total: usize, caches: Vec<Vec<f32>>) -> Batch {
+        let alive = vec![true; ids.len()];
+        Batch { ids, alive, total, caches, state: None }
+    }
+
+    /// The engine's buffers holding the rows of `ids` (`alive`: whose sequence still steps).
+    pub fn in_place(ids: Vec<u64>, alive: Vec<bool>, total: usize, state: Box<dyn crate::backend::State>) -> Batch {
+        Batch { ids, alive, total, caches: Vec::new(), state: Some(state) }
+    }
+
+    /// The row of sequence `id`.
+    pub fn row_of(&self, id: u64) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
+    }
+
+    /// Whether the batch can take the next step of the sequences `ids`: the
+    /// same group, in the same rows (tensors); any of its rows (buffers in
+    /// place: rows whose sequence left or pauses stay idle, nothing moves).
+    pub fn serves(&self, ids: &[u64]) -> bool {
+        match self.state {
+            Some(_) => ids.iter().all(|id| self.ids.contains(id)),
+            None => self.ids == ids,
+        }
+    }
+
+    /// Releases the row of sequence `id` (gone); true when no row is used any more.
+    pub fn release(&mut self, id: u64) -> bool {
+        if let Some(row) = self.row_of(id) {
+            self.alive[row] = false;
+        }
+        !self.alive.contains(&true)
+    }
+
+    /// Its rows' sequences and the engine's buffers, when it keeps its cache there.
+    pub fn into_state(self) -> Option<(Vec<u64>, Box<dyn crate::backend::State>)> {
+        Some((self.ids, self.state?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +218,43 @@ mod tests {
             rows.copy_row((&batch, 1, 5), (&mut back, 0, 4), 3);
             assert_eq!(rows.unpack(&back, 0, 4, 3), own, "{align:?}");
         }
+    }
+
+    #[test]
+    fn a_batch_serves_its_own_group_and_goes_when_its_last_row_is_released() {
+        let mut tensors = Batch::of_tensors(vec![7, 8, 9], 5, Vec::new());
+        assert!(tensors.serves(&[7, 8, 9]));
+        assert!(!tensors.serves(&[7, 9]), "tensors: a smaller group is repacked");
+        assert!(!tensors.serves(&[9, 8, 7]), "tensors: rows in another order are another batch");
+        assert!(!tensors.serves(&[7, 8, 9, 10]), "a newcomer is packed in");
+        assert_eq!((tensors.row_of(8), tensors.row_of(10)), (Some(1), None));
+        assert!(!tensors.release(8) && !tensors.release(10) && !tensors.release(7));
+        assert!(tensors.release(9), "the last row released: nothing is left to keep");
+        assert!(tensors.into_state().is_none());
+
+        // Buffers in the engine: any of its rows step again, the others idle; a newcomer is packed in.
+        struct Buffers(Vec<usize>);
+        impl crate::backend::State for Buffers {
+            fn shape(&self) -> &[usize] {
+                &self.0
+            }
+            fn count(&self) -> usize {
+                0
+            }
+            fn buffer(&mut self, _: usize) -> &mut [f32] {
+                &mut []
+            }
+            fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+                self
+            }
+        }
+        let mut in_place = Batch::in_place(vec![7, 8, 9], vec![true, false, true], 5, Box::new(Buffers(vec![3])));
+        assert!(in_place.serves(&[7, 8, 9]) && in_place.serves(&[9]) && in_place.serves(&[7, 9]));
+        assert!(!in_place.serves(&[7, 10]));
+        assert!(!in_place.release(7), "row 9 still steps");
+        assert!(in_place.release(9));
+        let (ids, state) = in_place.into_state().unwrap();
+        assert_eq!((ids, state.shape()), (vec![7, 8, 9], &[3][..]));
     }
 
     #[test]

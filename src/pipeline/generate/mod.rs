@@ -40,12 +40,13 @@ use crate::error::InferError;
 use crate::job::{FinishReason, InputKind, JobOptions, JobResult, Logprobs, Timings, TokenLogprob, TopLogprob, Usage};
 use crate::tensor::{DType, Tensor, TensorData, TensorInfo};
 use choose::Chooser;
+use kv::Batch;
 pub use request::{Admission, Chunk, Lexicon, Placed, Ready, request_of};
 use request::{ReadRequest, Scoring};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-pub use template::{ChatTemplateSpec, Content};
+pub use template::{ChatPatterns, ChatTemplateSpec, Content};
 use text_out::TextOut;
 
 /// models.json `generation`: the tokenizer, the graph's names and the limits.
@@ -546,22 +547,6 @@ pub struct Generator {
 /// Rounds in a row a long prompt's chunk may wait for newcomers, at most.
 const MAX_CHUNK_WAITS: usize = 3;
 
-/// The KV caches of sequences that stepped together, as the model returned
-/// them (`2 × layers` tensors `[rows, heads, total, head_dim]`, each row's
-/// positions right-aligned): the next step of the same sequences feeds them
-/// as they are, with no copy into and out of per-sequence caches.
-struct Batch {
-    ids: Vec<u64>,
-    /// Rows whose sequence still exists: the batch goes once none does, so
-    /// no cache outlives its requests.
-    alive: Vec<bool>,
-    total: usize,
-    caches: Vec<Vec<f32>>,
-    /// The batch's cache in the engine's own buffers, written in place by
-    /// each step (`[rows, heads, room, head_dim]`), instead of `caches`.
-    state: Option<Box<dyn State>>,
-}
-
 type BatchSlot = Arc<std::sync::Mutex<Option<Batch>>>;
 
 static NEXT_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -618,13 +603,8 @@ impl Scores {
 impl Drop for Sequence {
     fn drop(&mut self) {
         let mut kept = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(batch) = kept.as_mut()
-            && let Some(row) = batch.ids.iter().position(|&id| id == self.id)
-        {
-            batch.alive[row] = false;
-            if !batch.alive.contains(&true) {
-                *kept = None;
-            }
+        if kept.as_mut().is_some_and(|batch| batch.release(self.id)) {
+            *kept = None; // no row is used: no cache outlives its requests
         }
     }
 }
@@ -1070,11 +1050,7 @@ impl Generator {
         let mut kept = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         // A batch in the engine's buffers keeps serving when streams left it (their rows idle, no copy);
         // one of tensors, or a batch someone new joins, goes back to each sequence.
-        let serves = |b: &Batch| match b.state {
-            Some(_) => ids.iter().all(|id| b.ids.contains(id)),
-            None => b.ids == ids,
-        };
-        if kept.as_ref().is_some_and(|b| decoding.len() <= 1 || !serves(b)) {
+        if kept.as_ref().is_some_and(|b| decoding.len() <= 1 || !b.serves(&ids)) {
             let batch = kept.take().expect("checked above");
             self.unbatch(batch, seqs);
         }
@@ -1121,11 +1097,12 @@ impl Generator {
 
     /// Gives each sequence of `batch` its own cache back (the rows' positions).
     fn unbatch(&self, mut batch: Batch, seqs: &mut [&mut Sequence]) {
+        let rows_of: Vec<Option<usize>> = seqs.iter().map(|s| batch.row_of(s.id)).collect();
         if let Some(state) = batch.state.as_mut() {
             // Each row's positions back into its own buffers (rows are left-aligned).
             let (rows, room) = (self.layout.rows(), state.shape()[2]);
-            for s in seqs.iter_mut().filter(|s| s.finish.is_none()) {
-                let (Some(row), Some(own)) = (batch.ids.iter().position(|&id| id == s.id), s.state.as_mut()) else {
+            for (s, row) in seqs.iter_mut().zip(rows_of).filter(|(s, _)| s.finish.is_none()) {
+                let (Some(row), Some(own)) = (row, s.state.as_mut()) else {
                     continue;
                 };
                 let (keep, own_room) = (s.tokens.len() - s.feed.len(), own.shape()[2]);
@@ -1137,7 +1114,7 @@ impl Generator {
         }
         let (rows, total) = (self.layout.rows(), batch.total);
         for s in seqs.iter_mut().filter(|s| s.finish.is_none()) {
-            let Some(row) = batch.ids.iter().position(|&id| id == s.id) else { continue };
+            let Some(row) = batch.row_of(s.id) else { continue };
             let keep = s.tokens.len() - s.feed.len();
             s.past = batch
                 .caches
@@ -1207,13 +1184,8 @@ impl Generator {
                 t => return fail(InferError::internal(format!("cache output {i} has shape {:?}", t.shape))),
             }
         }
-        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch {
-            ids: seqs.iter().map(|s| s.id).collect(),
-            alive: vec![true; b],
-            total: longest + 1,
-            caches: presents,
-            state: None,
-        });
+        let ids = seqs.iter().map(|s| s.id).collect();
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch::of_tensors(ids, longest + 1, presents));
         seqs.iter_mut().enumerate().map(|(row, s)| self.next_token(s, &all[row * vocab..(row + 1) * vocab])).collect()
     }
 
@@ -1231,9 +1203,9 @@ impl Generator {
         let fail = |e: InferError| (0..n).map(|_| Err(e.clone())).collect();
         let kept = self.batch.lock().unwrap_or_else(|e| e.into_inner()).take();
         // The rows: the kept batch's (a sequence that left keeps its row, idle), or these sequences in order.
-        let (ids, state) = match kept {
-            Some(Batch { ids, state: Some(state), .. }) => (ids, Some(state)),
-            _ => (seqs.iter().map(|s| s.id).collect(), None),
+        let (ids, state) = match kept.and_then(Batch::into_state) {
+            Some((ids, state)) => (ids, Some(state)),
+            None => (seqs.iter().map(|s| s.id).collect(), None),
         };
         let at: Vec<Option<usize>> = ids.iter().map(|id| seqs.iter().position(|s| s.id == *id)).collect();
         // An idle row is fed one token at position 0 (its length 0): it writes only its own first column.
@@ -1281,13 +1253,8 @@ impl Generator {
             }
             Err(e) => return fail(e),
         };
-        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch {
-            alive: at.iter().map(Option::is_some).collect(),
-            ids,
-            total: longest + 1,
-            caches: Vec::new(),
-            state: Some(state),
-        });
+        let alive = at.iter().map(Option::is_some).collect();
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Batch::in_place(ids, alive, longest + 1, state));
         let mut results: Vec<Result<(), InferError>> = (0..n).map(|_| Ok(())).collect();
         for (row, i) in at.iter().enumerate() {
             if let Some(i) = *i {

@@ -59,7 +59,7 @@ impl Lexicon {
     }
 
     /// `text`'s tokens and each one's byte range in it.
-    fn encode(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), InferError> {
+    fn encode(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>), InferError> {
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -67,6 +67,9 @@ impl Lexicon {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 }
+
+/// A token's bytes in the prompt, from..to.
+type Span = (usize, usize);
 
 /// One piece of a prompt.
 pub enum Chunk {
@@ -131,7 +134,9 @@ pub struct Admission {
 
 impl Admission {
     /// The admission of a model with `spec` (files relative to `dir`);
-    /// `template` overrides the spec's chat template.
+    /// `template` is the chat template named in its older place
+    /// (`vision.chat_template`), whose stop strings were the default
+    /// patterns' (`\nUser:`) unless `chat_stop` says otherwise.
     pub fn new(
         spec: &GenerationSpec,
         dir: &Path,
@@ -139,7 +144,9 @@ impl Admission {
         max_text_bytes: usize,
     ) -> Result<Admission, InferError> {
         let lexicon = Arc::new(Lexicon::load(&dir.join(&spec.tokenizer))?);
-        let template = ChatTemplate::load(template.or(spec.chat_template.as_ref()), spec.chat_stop.as_deref(), dir)?;
+        let default_stop = super::ChatPatterns::default().stop;
+        let stop = spec.chat_stop.as_deref().or(template.map(|_| default_stop.as_slice()));
+        let template = ChatTemplate::load(template.or(spec.chat_template.as_ref()), stop, dir)?;
         Ok(Admission {
             lexicon,
             template,
@@ -264,8 +271,8 @@ impl Admission {
 }
 
 /// Positions of the tokens that are `slot` and lie within `span` (bytes of the prompt).
-fn positions(tokens: &[u32], offsets: &[(usize, usize)], span: std::ops::Range<usize>, slot: u32) -> Vec<usize> {
-    let inside = |&(a, b): &(usize, usize)| a >= span.start && b <= span.end;
+fn positions(tokens: &[u32], offsets: &[Span], span: std::ops::Range<usize>, slot: u32) -> Vec<usize> {
+    let inside = |&(a, b): &Span| a >= span.start && b <= span.end;
     (0..tokens.len()).filter(|&i| tokens[i] == slot && offsets.get(i).is_some_and(inside)).collect()
 }
 
