@@ -399,6 +399,8 @@ def build_fused(reader, cfg, accuracy, q8_head=True, exact=()):
     residual = x
     for i in range(cfg.layers):
         p = f"blk.{i}."
+        whole = f"layer{i}" in exact
+        level[""] = 0 if whole or "qkv" in exact else accuracy
         qkv = linear(y, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
                      [cfg.heads, cfg.kv_heads, None])
         ctx = b("GroupQueryAttention",
@@ -407,14 +409,16 @@ def build_fused(reader, cfg, accuracy, q8_head=True, exact=()):
                 outputs=[g.name("attn"), f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
                 num_heads=cfg.heads, kv_num_heads=cfg.kv_heads, do_rotary=1, rotary_interleaved=0,
                 scale=float(1.0 / np.sqrt(hd)))[0]
+        level[""] = 0 if whole or "o" in exact else accuracy
         attn = linear(ctx, p + "attn_output.weight")
         y, _, _, residual = b("SkipSimplifiedLayerNormalization", [attn, residual, gamma(p + "ffn_norm.weight")],
                               domain="com.microsoft", epsilon=cfg.eps,
                               outputs=[g.name("normed"), g.name("mean"), g.name("inv"), g.name("sum")])
+        level[""] = 0 if whole or "gate_up" in exact else accuracy
         gate_up = linear(y, [p + "ffn_gate.weight", p + "ffn_up.weight"])
         gate, up = b("Split", [gate_up, g.const([cfg.ffn, cfg.ffn])], axis=-1, outputs=[g.name("gate"), g.name("up")])
         act = b("Mul", [b("Mul", [gate, b("Sigmoid", [gate])]), up])
-        level[""] = 0 if "down" in exact else accuracy
+        level[""] = 0 if whole or "down" in exact else accuracy
         down = linear(act, p + "ffn_down.weight")
         level[""] = accuracy
         norm = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.layers else "output_norm.weight"
