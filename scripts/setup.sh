@@ -164,7 +164,7 @@ SMOL_DIR="$ROOT/models/fetched/smollm2"
 # What the converter writes, byte for byte (models.json pins the same sums).
 SMOL_SUMS="3ed6df2c0d7c35b3248c3c869a9614f05c807eed0ea00573246ca3de00469c64  $SMOL_DIR/fp32.onnx
 50932b8c997bbde38fb8c3c6171d165398a2fc7a289c447682a9f93a24b38cbd  $SMOL_DIR/int4.onnx
-48ef21be470145b01569091de44f36425777db25b86d823f27c451e169c43c47  $SMOL_DIR/int4-fast.onnx"
+8b2e92d484f3d3d47df2806bdf93be60884635d0d1f7a6859c598a7bb1e88071  $SMOL_DIR/int4-fast.onnx"
 if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL_DIR/expected.json" ] \
   || [ ! -f "$SMOL_DIR/chat_template.jinja" ]; then
   VENV="$ROOT/.cache/convert-venv"

@@ -84,17 +84,18 @@ fn fp32_and_int4_give_exactly_the_reference_tokens_for_chat_and_plain_prompts() 
 }
 
 #[test]
-fn the_fast_variant_keeps_close_to_the_reference_and_the_exact_one_is_the_default() {
-    // models.json ranks int4 first: the fastest variant within the quality bar (perplexity within 1% of
-    // fp32's; int4-fast is 1.7% over, docs/BENCHMARKS.md), then int4-fast where int4 does not fit.
+fn the_fast_variant_keeps_close_to_the_reference_and_is_the_default() {
+    // models.json ranks int4-fast first: the fastest variant within the quality bar (perplexity
+    // within 1% of fp32's: +0.87%; agreement at least llama.cpp's: 152 against 138 of 175 tokens,
+    // docs/BENCHMARKS.md), then the exact int4, then fp32.
     let registry = inferd::registry::Registry::load(&repo("models.json")).unwrap();
     let mut ranked = registry.get("smollm2").unwrap().variants.clone();
     ranked.sort_by_key(|v| std::cmp::Reverse(v.quality));
     let names: Vec<&str> = ranked.iter().map(|v| v.name.as_str()).collect();
-    assert_eq!(names, ["int4", "int4-fast", "fp32"]);
+    assert_eq!(names, ["int4-fast", "int4", "fp32"]);
     // 8-bit activations move the logits a little: greedy answers follow the
     // reference for most of their length (175 of 175 tokens on the exact
-    // graphs; 144 measured here, llama.cpp's own 8-bit path agrees less).
+    // graphs; 152 measured here, llama.cpp's own 8-bit path 138).
     let reference = reference();
     let (cases, steps) = (reference["cases"].as_array().unwrap(), reference["steps"].as_u64().unwrap() as usize);
     let engine = engine();
@@ -115,7 +116,7 @@ fn the_fast_variant_keeps_close_to_the_reference_and_the_exact_one_is_the_defaul
         total += want.len();
     }
     assert_eq!(first, cases.len(), "every answer starts with the reference's token");
-    assert!(agreed * 10 >= total * 7, "{agreed} of {total} tokens before the first difference");
+    assert!(agreed * 10 >= total * 8, "{agreed} of {total} tokens before the first difference");
 }
 
 #[test]
