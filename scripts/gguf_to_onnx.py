@@ -64,7 +64,7 @@ class Config:
         self.rope_base = float(m["llama.rope.freq_base"])
         self.eps = float(m["llama.attention.layer_norm_rms_epsilon"])
         self.context = int(m["llama.context_length"])
-        self.vocab = int(m.get("llama.vocab_size", len(m["tokenizer.ggml.tokens"])))
+        self.vocab = int(m["llama.vocab_size"] if "llama.vocab_size" in m else len(m["tokenizer.ggml.tokens"]))
 
 
 def unpermute_rows(n_rows, n_head):
