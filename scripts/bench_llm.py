@@ -9,6 +9,10 @@ first token (prefill), prefill and decode tokens/s, and the daemon's RSS, for
 
 With --genai-python (a Python with onnxruntime-genai, see scripts/peers/genai_llm.py)
 the same ONNX files also run under onnxruntime-genai, one stream, same threads;
+with --genai-builder too (that Python also needs torch, transformers, onnx_ir,
+safetensors and gguf) onnxruntime-genai's model builder makes its own int4 and fp32
+graphs from the same weights (the GGUF dequantised into a Hugging Face folder by
+scripts/peers/gguf_to_hf.py; kept in .cache/genai-builder/) and genai runs them;
 with --llamacpp-python (a Python with llama-cpp-python built on this machine, see
 scripts/peers/llamacpp_llm.py) llama.cpp runs the GGUF they were converted from.
 
@@ -126,6 +130,32 @@ def run_variant(model, variant, max_tokens, threads):
         daemon.wait()
 
 
+def genai(args, variant):
+    """One row: onnxruntime-genai on `variant` (inferd's file, or builder-PRECISION)."""
+    out = subprocess.run([args.genai_python, str(ROOT / "scripts/peers/genai_llm.py"), variant,
+                          str(args.tokens), json.dumps(PROMPTS[:1])], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"onnxruntime-genai failed: {out.stderr}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"| onnxruntime-genai | {variant} | 1 | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
+          f"{r['decode_tok_s']:.1f} | {r['rss_mib']:.0f} |", flush=True)
+
+
+def build_with_genai_builder(python, precision):
+    """onnxruntime-genai's model builder on the GGUF's weights (once per clone): .cache/genai-builder/PRECISION."""
+    cache = ROOT / ".cache" / "genai-builder"
+    if (cache / precision / "genai_config.json").exists():
+        return
+    hf = cache / "hf"
+    if not (hf / "model.safetensors").exists():
+        subprocess.run([python, str(ROOT / "scripts/peers/gguf_to_hf.py"),
+                        str(ROOT / "models/fetched/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), str(hf)], check=True,
+                       stdout=subprocess.DEVNULL)
+    subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(cache / precision),
+                    "-p", precision, "-e", "cpu", "-c", str(cache / "work")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -134,6 +164,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--genai-python", help="a Python with onnxruntime-genai: run it as the peer")
     ap.add_argument("--llamacpp-python", help="a Python with llama-cpp-python: run llama.cpp on the GGUF as the peer")
+    ap.add_argument("--genai-builder", action="store_true",
+                    help="with --genai-python: also onnxruntime-genai on its model builder's int4 and fp32 graphs")
     args = ap.parse_args()
     print("| engine | variant | streams | time to first token ms | prefill tok/s | decode tok/s (all streams) | RSS MiB |")
     print("|---|---|---|---|---|---|---|")
@@ -142,13 +174,11 @@ def main():
             print(f"| inferd | {r['variant']} | {r['streams']} | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
                   f"{r['decode_tok_s']:.1f} | {r['rss_mib']:.0f} |", flush=True)
         if args.genai_python:
-            out = subprocess.run([args.genai_python, str(ROOT / "scripts/peers/genai_llm.py"), variant,
-                                  str(args.tokens), json.dumps(PROMPTS[:1])], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"onnxruntime-genai failed: {out.stderr}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| onnxruntime-genai | {variant} | 1 | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
-                  f"{r['decode_tok_s']:.1f} | {r['rss_mib']:.0f} |", flush=True)
+            genai(args, variant)
+    if args.genai_python and args.genai_builder:
+        for precision in ("int4", "fp32"):
+            build_with_genai_builder(args.genai_python, precision)
+            genai(args, f"builder-{precision}")
     if args.llamacpp_python:
         out = subprocess.run([args.llamacpp_python, str(ROOT / "scripts/peers/llamacpp_llm.py"), str(args.tokens),
                               json.dumps(PROMPTS[:1]), str(args.threads)], capture_output=True, text=True)

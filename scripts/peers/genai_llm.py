@@ -2,6 +2,9 @@
 """The onnxruntime-genai peer for scripts/bench_llm.py: the same ONNX file
 inferd runs (models/fetched/smollm2/{fp32,int4,int4-fast}.onnx), the same tokenizer,
 the same chat prompts, greedy, 2 intra-op threads; one stream at a time.
+VARIANT `builder-int4` / `builder-fp32` runs instead the graph onnxruntime-genai's
+own model builder made from the same weights (.cache/genai-builder/, made by
+`scripts/bench_llm.py --genai-builder`), with its own genai_config.json.
 
     python3 -m venv /tmp/genai && /tmp/genai/bin/pip install onnxruntime-genai==0.18.0
     /tmp/genai/bin/python scripts/peers/genai_llm.py VARIANT MAX_TOKENS
@@ -22,7 +25,22 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 SMOL = ROOT / "models" / "fetched" / "smollm2"
 
 
+def builder_dir(precision):
+    """The builder's folder with the same thread count as every engine here (2)."""
+    src = ROOT / ".cache" / "genai-builder" / precision
+    d = Path(tempfile.mkdtemp(prefix="genai-builder-"))
+    for f in src.iterdir():
+        if f.name != "genai_config.json":
+            (d / f.name).symlink_to(f)
+    config = json.loads((src / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = 2
+    (d / "genai_config.json").write_text(json.dumps(config))
+    return d
+
+
 def model_dir(variant):
+    if variant.startswith("builder-"):
+        return builder_dir(variant.removeprefix("builder-"))
     d = Path(tempfile.mkdtemp(prefix="genai-"))
     (d / f"{variant}.onnx").symlink_to(SMOL / f"{variant}.onnx")
     (d / "tokenizer.json").symlink_to(SMOL / "tokenizer.json")
