@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import jinja2
 import numpy as np
 from llama_cpp import Llama
 
@@ -25,15 +26,10 @@ SMOL = ROOT / "models" / "fetched" / "smollm2"
 
 
 def render(case, template):
+    """The case's prompt; a chat through the model's own Jinja template (chat_template.jinja, as inferd renders it)."""
     if "prompt" in case:
         return case["prompt"]
-    messages = case["chat"]
-    text = ""
-    if messages[0]["role"] != "system" and template.get("default_system"):
-        text += template["system"].replace("{content}", template["default_system"])
-    for m in messages:
-        text += template[m["role"]].replace("{content}", m["content"])
-    return text + template["generation_prompt"]
+    return template.render(messages=case["chat"], add_generation_prompt=True)
 
 
 def main():
@@ -56,7 +52,7 @@ def main():
     ppl = math.exp(-total / count)
 
     reference = json.loads((SMOL / "expected.json").read_text())
-    template = json.loads((SMOL / "chat.json").read_text())
+    template = jinja2.Environment().from_string((SMOL / "chat_template.jinja").read_text())
     agreed = want_total = 0
     for case in reference["cases"]:
         ids = llm.tokenize(render(case, template).encode(), add_bos=False, special=True)
