@@ -487,16 +487,21 @@ def chat_template(m):
     return t
 
 
+def open_llama(src):
+    """A llama GGUF: its reader, metadata and shape."""
+    reader = gguf.GGUFReader(str(src))
+    m = meta(reader)
+    if m.get("general.architecture") != "llama":
+        raise SystemExit(f"{src}: architecture {m.get('general.architecture')}, this converter reads llama")
+    return reader, m, Config(m)
+
+
 def main():
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    reader = gguf.GGUFReader(str(src))
-    m = meta(reader)
-    if m.get("general.architecture") != "llama":
-        raise SystemExit(f"{src}: architecture {m.get('general.architecture')}, this converter reads llama")
-    cfg = Config(m)
+    reader, m, cfg = open_llama(src)
     for variant, make in (("fp32", lambda: build_standard(reader, cfg)),
                           ("int4", lambda: build_fused(reader, cfg, 0)),
                           ("int4-fast", lambda: build_fused(reader, cfg, 4, exact=FAST_EXACT))):

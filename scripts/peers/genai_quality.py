@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 import onnxruntime_genai as og
 from genai_llm import model_dir
+from llm_report import agreement
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SMOL = ROOT / "models" / "fetched" / "smollm2"
@@ -43,12 +44,7 @@ def main():
         while not g.is_done() and len(got) < len(case["tokens"]):
             g.generate_next_token()
             got.append(int(g.get_next_tokens()[0]))
-        same = 0
-        for a, b in zip(got, case["tokens"]):
-            if a != b:
-                break
-            same += 1
-        agreed += same
+        agreed += agreement(got, case["tokens"])
         total += len(case["tokens"])
     print(json.dumps({"variant": variant, "agreement": agreed, "of": total}))
 

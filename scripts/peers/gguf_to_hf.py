@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -26,11 +25,9 @@ import gguf_to_onnx as conv  # noqa: E402
 def main():
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out = Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    reader = gguf.GGUFReader(str(src))
-    m = conv.meta(reader)
-    cfg = conv.Config(m)
+    reader, m, cfg = conv.open_llama(sys.argv[1])
     t = {x.name: x for x in reader.tensors}
 
     def w(name):

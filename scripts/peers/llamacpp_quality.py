@@ -20,6 +20,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 from llama_cpp import Llama
+from llm_report import agreement
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SMOL = ROOT / "models" / "fetched" / "smollm2"
@@ -64,12 +65,7 @@ def main():
             got.append(t)
             if len(got) >= len(case["tokens"]) or t == llm.token_eos():
                 break
-        same = 0
-        for a, b in zip(got, case["tokens"]):
-            if a != b:
-                break
-            same += 1
-        agreed += same
+        agreed += agreement(got, case["tokens"])
         want_total += len(case["tokens"])
     seconds = time.perf_counter() - t0
     print(f"| llama.cpp (Q4_1 GGUF) | {count} | {ppl:.4f} | | {agreed} / {want_total} | {seconds:.0f} |")

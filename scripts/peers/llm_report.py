@@ -27,3 +27,13 @@ def report(rows):
                       "prefill_tok_s": sum(r["prompt_tokens"] for r in rows) / len(rows) / (ttft / 1000),
                       "decode_tok_s": sum(r["decode_tok_s"] for r in rows) / len(rows), "rss_mib": rss,
                       "tokens": [r["tokens"] for r in rows]}))
+
+
+def agreement(got, want):
+    """Tokens of `got` equal to `want` before the first difference."""
+    same = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        same += 1
+    return same
