@@ -553,6 +553,10 @@ pub struct Limits {
     pub image_dirs: Vec<PathBuf>,
     /// Fetching a chat request's http(s) images: off unless hosts are listed.
     pub image_fetch: ImageFetch,
+    /// Turn images upright by their EXIF orientation tag before anything else
+    /// reads them (as Pillow's `ImageOps.exif_transpose`, transformers'
+    /// `load_image` and OpenCV's `imread` do); off for cameras that write a wrong tag.
+    pub exif_orientation: bool,
 }
 
 /// `limits.image_fetch`: which hosts a chat request's `http(s)://` images
@@ -602,6 +606,7 @@ impl Default for Limits {
             max_images_per_request: 8,
             image_dirs: Vec::new(),
             image_fetch: ImageFetch::default(),
+            exif_orientation: true,
         }
     }
 }

@@ -205,6 +205,30 @@ fn chat_completions_with_images_answer_whole_streamed_and_side_by_side() {
 }
 
 #[test]
+fn a_photo_stored_sideways_with_its_orientation_tag_gets_the_upright_photos_answer() {
+    // portrait.png stored turned with EXIF orientation 6, as a phone held sideways writes it
+    // (scripts/make_orientation_fixtures.py): read upright, it is cut into the same grid and answered
+    // with the same tokens; with limits.exif_orientation off, it is read as stored (another grid).
+    let upright = std::fs::read(fixtures().join("images/portrait.png")).unwrap();
+    let sideways = std::fs::read(repo("tests/fixtures/orientation/portrait-tag-6.png")).unwrap();
+    let ask = |d: &Daemon, image: &[u8]| {
+        let (status, v) = post(d, &chat(&[image.to_vec()], "What is in the picture?", 8));
+        assert_eq!(status, 200, "{v}");
+        (v["choices"][0]["message"]["content"].clone(), v["usage"]["prompt_tokens"].clone())
+    };
+    let d = Daemon::start(|c| c.models = Some(models()));
+    let want = ask(&d, &upright);
+    assert_eq!(ask(&d, &sideways), want, "the tagged photo is read upright");
+    drop(d);
+    let off = Daemon::start(|c| {
+        c.models = Some(models());
+        c.limits.exif_orientation = false;
+    });
+    let (_, prompt_tokens) = ask(&off, &sideways);
+    assert_ne!(prompt_tokens, want.1, "read as stored, its tiles are another grid");
+}
+
+#[test]
 fn bad_images_and_prompts_get_typed_errors_and_the_model_keeps_serving() {
     let d = Daemon::start(|c| {
         c.models = Some(models());

@@ -342,6 +342,15 @@ fn decode_jpeg_scaled(
     }
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     decoder.read_info().ok()?;
+    // An image to turn upright is decoded whole (then turned), so the sizes asked for are the upright ones.
+    let turned = limits.exif_orientation
+        && decoder
+            .exif_data()
+            .and_then(image::metadata::Orientation::from_exif_chunk)
+            .is_some_and(|o| o != image::metadata::Orientation::NoTransforms);
+    if turned {
+        return None;
+    }
     let info = decoder.info()?;
     let (w, h) = (u32::from(info.width), u32::from(info.height));
     let pixels = u64::from(w) * u64::from(h);
@@ -401,7 +410,12 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
         image::ImageError::Unsupported(u) => InferError::bad_input(format!("unsupported {fmt_name} image: {u}")),
         other => InferError::bad_input(format!("corrupt or truncated {fmt_name} image: {other}")),
     };
-    let decoder = reader.into_decoder().map_err(bad)?;
+    let mut decoder = reader.into_decoder().map_err(bad)?;
+    // A tag that cannot be read leaves the pixels as stored (as Pillow does).
+    let orientation = match limits.exif_orientation {
+        true => decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms),
+        false => image::metadata::Orientation::NoTransforms,
+    };
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
     if pixels > limits.max_image_pixels {
@@ -413,7 +427,8 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
     if pixels == 0 {
         return Err(InferError::bad_input(format!("the {fmt_name} image has no pixels ({w}x{h})")));
     }
-    let img = DynamicImage::from_decoder(decoder).map_err(bad)?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(bad)?;
+    img.apply_orientation(orientation);
     Ok(img.into_rgb8())
 }
 
@@ -449,6 +464,41 @@ fn resize_rgb(img: RgbImage, w: u32, h: u32, crop: Option<(f64, f64, f64, f64)>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every EXIF orientation tag, PNG (eXIf) and JPEG (APP1), turned as
+    /// Pillow's `ImageOps.exif_transpose` turns it (scripts/make_orientation_fixtures.py):
+    /// the same size and, for PNG, the same pixels; with the switch off, the pixels as stored.
+    #[test]
+    fn every_exif_orientation_is_turned_upright_as_pillow_turns_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/orientation");
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let on = Limits::default();
+        let off = Limits { exif_orientation: false, ..Limits::default() };
+        let plain = |name: &str| decode(&read(name), &on).unwrap();
+        for tag in 1..=8 {
+            for ext in ["png", "jpg"] {
+                let file = format!("tag-{tag}.{ext}");
+                let got = decode(&read(&file), &on).unwrap();
+                let want = plain(&format!("upright-{tag}.{ext}.png"));
+                assert_eq!(got.dimensions(), want.dimensions(), "{file}");
+                // JPEG: Pillow's pixels come from libjpeg-turbo, these from another decoder (a few levels apart).
+                let most = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+                assert!(most <= if ext == "png" { 0 } else { 12 }, "{file}: pixels differ by up to {most}");
+                let stored = decode(&read(&file), &off).unwrap();
+                let turned = if tag >= 5 { (want.height(), want.width()) } else { want.dimensions() };
+                assert_eq!(stored.dimensions(), turned, "{file}: with the switch off, as stored");
+                if tag > 1 && ext == "png" {
+                    assert_ne!(stored, got, "{file}: the switch changes what is read");
+                }
+            }
+            // Classification's small inputs: a JPEG to turn is decoded whole and turned (the scaled
+            // decode serves upright ones, at 1/8 here).
+            let file = format!("tag-{tag}.jpg");
+            let (small, size) = decode_at_least(&read(&file), &on, |_, _| (2, 2)).unwrap();
+            let whole = if tag == 1 { (3, 2) } else { (24, 16) };
+            assert_eq!((small.dimensions(), size), (whole, (24, 16)), "{file}: decoded upright");
+        }
+    }
 
     fn spec(w: u32, h: u32, resize: ResizeMode) -> ImageInputSpec {
         serde_json::from_value(

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""EXIF orientation fixtures (tests/fixtures/orientation/), made with Pillow:
+one 24×16 picture stored under each of the 8 orientation tags, as PNG (eXIf
+chunk) and as JPEG (APP1), and what Pillow's `ImageOps.exif_transpose(...)
+.convert("RGB")` makes of each, saved as a plain PNG (`upright-N.png`, no tag).
+
+    python3 -m venv /tmp/pil && /tmp/pil/bin/pip install pillow==12.0.0
+    /tmp/pil/bin/python scripts/make_orientation_fixtures.py
+
+The stored pixels are the picture turned by the inverse of the tag, so every
+upright result is the same picture (a camera writes the sensor's pixels and
+the tag that turns them upright). Also `portrait-tag-6.png`: the VLM fixture's
+portrait.png stored as a phone held sideways writes it (turned, tag 6), which
+must give the VLM the same answer as the upright file. Byte-identical output
+from run to run.
+"""
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "orientation"
+# What turns the upright picture into the stored pixels for each tag (the inverse of the tag's transform).
+STORE = {
+    1: [],
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.TRANSPOSE],
+    6: [Image.Transpose.ROTATE_90],
+    7: [Image.Transpose.TRANSVERSE],
+    8: [Image.Transpose.ROTATE_270],
+}
+
+
+def picture():
+    """24×16, smooth (so JPEG keeps it close) and no symmetry (so every turn shows)."""
+    im = Image.new("RGB", (24, 16))
+    for y in range(16):
+        for x in range(24):
+            im.putpixel((x, y), (10 * x, 15 * y, 120 + 4 * x - 3 * y))
+    return im
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    upright = picture()
+    for tag, ops in STORE.items():
+        stored = upright
+        for op in ops:
+            stored = stored.transpose(op)
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        stored.save(OUT / f"tag-{tag}.png", exif=exif.tobytes())
+        stored.save(OUT / f"tag-{tag}.jpg", quality=95, subsampling=0, exif=exif.tobytes())
+        for ext in ("png", "jpg"):
+            with Image.open(OUT / f"tag-{tag}.{ext}") as im:
+                turned = ImageOps.exif_transpose(im).convert("RGB")
+                assert turned.size == upright.size, (tag, ext, turned.size)
+                if ext == "png":
+                    assert turned.tobytes() == upright.tobytes(), f"tag {tag}: Pillow does not turn it back upright"
+                turned.save(OUT / f"upright-{tag}.{ext}.png")
+    portrait = Image.open(OUT.parent / "vlm" / "images" / "portrait.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    portrait.transpose(Image.Transpose.ROTATE_90).save(OUT / "portrait-tag-6.png", exif=exif.tobytes())
+    with Image.open(OUT / "portrait-tag-6.png") as im:
+        assert ImageOps.exif_transpose(im).convert("RGB").tobytes() == portrait.tobytes()
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
