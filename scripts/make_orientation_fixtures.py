@@ -9,9 +9,10 @@ chunk) and as JPEG (APP1), and what Pillow's `ImageOps.exif_transpose(...)
 
 The stored pixels are the picture turned by the inverse of the tag, so every
 upright result is the same picture (a camera writes the sensor's pixels and
-the tag that turns them upright). Also `portrait-tag-6.png`: the VLM fixture's
-portrait.png stored as a phone held sideways writes it (turned, tag 6), which
-must give the VLM the same answer as the upright file. Byte-identical output
+the tag that turns them upright). Also `portrait-tag-6.png` and
+`cafe-tag-6.png`: the VLM fixture's portrait.png and the OCR receipt stored as
+a phone held sideways writes them (turned, tag 6), which must give the same
+answers as the upright files (tokens; lines and polygons). Byte-identical output
 from run to run.
 """
 from pathlib import Path
@@ -59,12 +60,14 @@ def main():
                 if ext == "png":
                     assert turned.tobytes() == upright.tobytes(), f"tag {tag}: Pillow does not turn it back upright"
                 turned.save(OUT / f"upright-{tag}.{ext}.png")
-    portrait = Image.open(OUT.parent / "vlm" / "images" / "portrait.png").convert("RGB")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    portrait.transpose(Image.Transpose.ROTATE_90).save(OUT / "portrait-tag-6.png", exif=exif.tobytes())
-    with Image.open(OUT / "portrait-tag-6.png") as im:
-        assert ImageOps.exif_transpose(im).convert("RGB").tobytes() == portrait.tobytes()
+    for source, name in ((OUT.parent / "vlm" / "images" / "portrait.png", "portrait-tag-6.png"),
+                         (OUT.parent / "ocr" / "cafe.png", "cafe-tag-6.png")):
+        upright_photo = Image.open(source).convert("RGB")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        upright_photo.transpose(Image.Transpose.ROTATE_90).save(OUT / name, exif=exif.tobytes())
+        with Image.open(OUT / name) as im:
+            assert ImageOps.exif_transpose(im).convert("RGB").tobytes() == upright_photo.tobytes()
     print(f"wrote {OUT}")
 
 

@@ -131,6 +131,17 @@ fn pp_ocr_v6_small_reads_like_rapidocr() {
 }
 
 #[test]
+fn a_receipt_photographed_sideways_reads_as_the_upright_one_in_its_coordinates() {
+    // cafe.png stored turned with EXIF orientation 6 (scripts/make_orientation_fixtures.py): the
+    // same lines, and their polygons in the upright image's coordinates.
+    let mut model = load("v6-small");
+    let upright = ocr(&mut model, fixture("cafe.png"));
+    let sideways = ocr(&mut model, std::fs::read(repo("tests/fixtures/orientation/cafe-tag-6.png")).unwrap());
+    assert!(upright.len() >= 5, "{upright:?}");
+    assert_eq!(sideways, upright);
+}
+
+#[test]
 fn ocr_bad_input_is_refused_or_answered_empty() {
     let mut model = load("v4");
     assert!(ocr(&mut model, fixture("blank.png")).is_empty(), "no text: an empty result, not an error");
