@@ -429,7 +429,28 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, InferError> {
     }
     let mut img = DynamicImage::from_decoder(decoder).map_err(bad)?;
     img.apply_orientation(orientation);
-    Ok(img.into_rgb8())
+    Ok(to_rgb8(img))
+}
+
+/// 8-bit RGB as Pillow's `convert("RGB")` makes it (the reference pipelines
+/// read images so): 16-bit samples keep their high byte (the image crate's
+/// own conversion rounds, `(v + 128) / 257`, a level apart for about one
+/// value in five; for 16-bit gray, which Pillow clips white, this is the PNG
+/// standard's scaling); alpha is dropped, not composited, as transformers'
+/// `load_image` does; low bit depths, palettes and tRNS as Pillow expands them.
+fn to_rgb8(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb16(_)
+        | DynamicImage::ImageRgba16(_)
+        | DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageLumaA16(_) => {
+            let wide = img.into_rgb16();
+            let (w, h) = wide.dimensions();
+            let narrow = wide.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
+            RgbImage::from_raw(w, h, narrow).expect("as many values as the 16-bit image")
+        }
+        other => other.into_rgb8(),
+    }
 }
 
 /// A complete JPEG ends its last scan with an EOI marker (`FF D9`). Entropy-coded
@@ -464,6 +485,33 @@ fn resize_rgb(img: RgbImage, w: u32, h: u32, crop: Option<(f64, f64, f64, f64)>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PNGs of every bit depth and colour type (scripts/make_png_fixtures.py) read as Pillow's
+    /// `convert("RGB")` reads them, value for value (16-bit gray: by the PNG standard, where Pillow
+    /// clips it white).
+    #[test]
+    fn every_png_depth_and_colour_type_reads_as_pillow_converts_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/png");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.ends_with(".rgb.png"))
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 21, "{names:?}");
+        let limits = Limits::default();
+        let mut wrong = Vec::new();
+        for name in &names {
+            let got = decode(&std::fs::read(dir.join(name)).unwrap(), &limits).unwrap();
+            let want = decode(&std::fs::read(dir.join(name.replace(".png", ".rgb.png"))).unwrap(), &limits).unwrap();
+            assert_eq!(got.dimensions(), want.dimensions(), "{name}");
+            let differ = got.as_raw().iter().zip(want.as_raw()).filter(|(a, b)| a != b).count();
+            if differ > 0 {
+                wrong.push(format!("{name}: {differ} of {} values differ", got.as_raw().len()));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
 
     /// Every EXIF orientation tag, PNG (eXIf) and JPEG (APP1), turned as
     /// Pillow's `ImageOps.exif_transpose` turns it (scripts/make_orientation_fixtures.py):
