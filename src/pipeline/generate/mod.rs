@@ -119,7 +119,7 @@ impl GenerationTaskSpec {
             .generation
             .as_ref()
             .ok_or_else(|| InferError::unavailable("text-generation needs a 'generation' spec"))?;
-        Admission::new(spec, dir, None, limits.max_text_bytes)
+        Admission::new(spec, dir, limits.max_text_bytes)
     }
 }
 
@@ -293,16 +293,15 @@ pub struct Sequence {
     scores: Option<Scores>,
 }
 
-/// What a sequence records of its tokens' log-probabilities.
+/// What a sequence records of its tokens' log-probabilities, as asked.
 struct Scores {
-    top: usize,
-    echo: bool,
+    asked: Scoring,
     out: Logprobs,
 }
 
 impl Scores {
-    fn new(s: Scoring) -> Scores {
-        Scores { top: s.top, echo: s.echo, out: Logprobs::default() }
+    fn new(asked: Scoring) -> Scores {
+        Scores { asked, out: Logprobs::default() }
     }
 }
 
@@ -592,7 +591,7 @@ impl Generator {
     /// graph takes it: all `n` while its prompt is scored (echo with
     /// logprobs), else 1 (a graph's default may be every position).
     fn keep_input(&self, seq: &Sequence, n: usize) -> Option<(String, Tensor)> {
-        let scoring = seq.scores.as_ref().is_some_and(|s| s.echo) && seq.tokens.len() == seq.prompt_tokens;
+        let scoring = seq.scores.as_ref().is_some_and(|s| s.asked.echo) && seq.tokens.len() == seq.prompt_tokens;
         self.layout.keep?;
         let keep = if scoring { n } else { 1 };
         Some((
@@ -633,7 +632,7 @@ impl Generator {
     /// step's logits (`all`: the rows of positions `fed..fed + n`, when the
     /// prompt is scored): row `j` scores the token after position `fed + j`.
     fn score_prompt(&self, seq: &mut Sequence, fed: usize, n: usize, all: &[f32], vocab: usize) {
-        let Some(scores) = seq.scores.as_mut().filter(|s| s.echo) else { return };
+        let Some(scores) = seq.scores.as_mut().filter(|s| s.asked.echo) else { return };
         if seq.tokens.len() != seq.prompt_tokens || all.len() != n * vocab {
             return;
         }
@@ -642,7 +641,7 @@ impl Generator {
             let (token, bytes) = self.token_text(first);
             scores.out.prompt.push(TokenLogprob { token, bytes, logprob: None, top: Vec::new() });
         }
-        let top = scores.top;
+        let top = scores.asked.top;
         for j in 0..n {
             let Some(&next) = seq.tokens.get(fed + j + 1).filter(|_| fed + j + 1 < seq.prompt_tokens) else { break };
             let entry = self.logprob_of(&all[j * vocab..(j + 1) * vocab], next, top);
@@ -984,7 +983,7 @@ impl Generator {
             return self.end(seq, FinishReason::Length);
         }
         let next = seq.chooser.choose(logits, || self.lexicon.vocab())?;
-        if let Some(top) = seq.scores.as_ref().map(|s| s.top) {
+        if let Some(top) = seq.scores.as_ref().map(|s| s.asked.top) {
             let entry = self.logprob_of(logits, next, top);
             seq.scores.as_mut().expect("checked").out.completion.push(entry);
         }

@@ -133,20 +133,10 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// The admission of a model with `spec` (files relative to `dir`);
-    /// `template` is the chat template named in its older place
-    /// (`vision.chat_template`), whose stop strings were the default
-    /// patterns' (`\nUser:`) unless `chat_stop` says otherwise.
-    pub fn new(
-        spec: &GenerationSpec,
-        dir: &Path,
-        template: Option<&super::ChatTemplateSpec>,
-        max_text_bytes: usize,
-    ) -> Result<Admission, InferError> {
+    /// The admission of a model with `spec` (files relative to `dir`).
+    pub fn new(spec: &GenerationSpec, dir: &Path, max_text_bytes: usize) -> Result<Admission, InferError> {
         let lexicon = Arc::new(Lexicon::load(&dir.join(&spec.tokenizer))?);
-        let default_stop = super::ChatPatterns::default().stop;
-        let stop = spec.chat_stop.as_deref().or(template.map(|_| default_stop.as_slice()));
-        let template = ChatTemplate::load(template.or(spec.chat_template.as_ref()), stop, dir)?;
+        let template = ChatTemplate::load(spec.chat_template.as_ref(), spec.chat_stop.as_deref(), dir)?;
         Ok(Admission {
             lexicon,
             template,

@@ -23,8 +23,8 @@
 pub mod processor;
 
 use super::generate::{
-    Admission, ChatTemplateSpec, Chunk, Content, Embedder, GeneratePipeline, GenerationSpec, Generator, Placed,
-    request_of,
+    Admission, ChatPatterns, ChatTemplateSpec, Chunk, Content, Embedder, GeneratePipeline, GenerationSpec, Generator,
+    Placed, request_of,
 };
 use super::{Graph, MakePreparer, Part, Pipeline, Prepare, Prepared, Section, SpecProblem, TaskSpec};
 use crate::backend::InferenceBackend;
@@ -260,8 +260,13 @@ impl VisionLanguageSpec {
         let (Some(generation), Some(spec)) = (&self.generation, &self.vision) else {
             return Err(InferError::unavailable("vision-language needs 'generation' and 'vision' specs"));
         };
-        let alias = spec.chat_template.clone().map(ChatTemplateSpec::File);
-        let admission = Admission::new(generation, dir, alias.as_ref(), limits.max_text_bytes)?;
+        // The template in its older place is generation's, with the stop strings it had there.
+        let mut generation = generation.clone();
+        if let Some(template) = &spec.chat_template {
+            generation.chat_template = Some(ChatTemplateSpec::File(template.clone()));
+            generation.chat_stop.get_or_insert_with(|| ChatPatterns::default().stop);
+        }
+        let admission = Admission::new(&generation, dir, limits.max_text_bytes)?;
         let image_token = admission.lexicon().token_id(&spec.image_token).ok_or_else(|| {
             InferError::unavailable(format!(
                 "the image token '{}' is not in the tokenizer's vocabulary",
