@@ -52,6 +52,10 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 # systemd-analyze checks the unit files; dpkg-deb reads the .deb in the package tests.
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
+# libjpeg-turbo (JPEG as Pillow and OpenCV decode it) is built from source by
+# cmake, its x86 SIMD code by nasm (on aarch64 its NEON code is C).
+command -v cmake >/dev/null || need_apt+=(cmake)
+[ "$(uname -m)" != x86_64 ] || command -v nasm >/dev/null || need_apt+=(nasm)
 # clang compiles tract's assembly for the aarch64-apple-darwin type-check.
 command -v clang >/dev/null || need_apt+=(clang)
 if [ ${#need_apt[@]} -gt 0 ]; then

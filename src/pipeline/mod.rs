@@ -15,6 +15,8 @@
 // below, private: nothing outside `src/pipeline/` can name one (the compiler
 // keeps the rule).
 pub mod image;
+#[cfg(feature = "libjpeg-turbo")]
+mod jpeg;
 
 pub use generate::json::{Grammar, JsonState, limits as schema_limits, parse_response_format};
 pub use ocr::ctc;
