@@ -12,7 +12,8 @@
 # (no Python tools needed; the binary then needs the build box's glibc, 2.36 on Debian 12).
 #
 # Tools it installs when missing: the Rust target (rustup), Debian's
-# gcc-aarch64-linux-gnu and libc6-dev-arm64-cross (apt), cargo-zigbuild and
+# gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and cmake (apt; cmake builds
+# libjpeg-turbo, whose aarch64 SIMD code is C), cargo-zigbuild and
 # ziglang (pinned, from PyPI, into target/cross-tools), cargo-deb (cargo install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,7 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null || [ ! -d /usr/aarch64-linux-gn
   say "installing gcc-aarch64-linux-gnu and libc6-dev-arm64-cross"
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 fi
+command -v cmake >/dev/null || { say "installing cmake"; sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake; }
 command -v cargo-deb >/dev/null || { say "installing cargo-deb $CARGO_DEB_VERSION"; cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"; }
 
 if [ "${INFERD_CROSS_PLAIN:-0}" = 1 ]; then

@@ -5,6 +5,7 @@ chunk) and as JPEG (APP1), and what Pillow's `ImageOps.exif_transpose(...)
 .convert("RGB")` makes of each, saved as a plain PNG (`upright-N.png`, no tag).
 
     python3 -m venv /tmp/pil && /tmp/pil/bin/pip install pillow==12.0.0
+    /tmp/pil/bin/pip install scikit-image==0.26.0    # the phone photo
     /tmp/pil/bin/python scripts/make_orientation_fixtures.py
 
 The stored pixels are the picture turned by the inverse of the tag, so every
@@ -68,7 +69,27 @@ def main():
         upright_photo.transpose(Image.Transpose.ROTATE_90).save(OUT / name, exif=exif.tobytes())
         with Image.open(OUT / name) as im:
             assert ImageOps.exif_transpose(im).convert("RGB").tobytes() == upright_photo.tobytes()
+    phone_photo()
     print(f"wrote {OUT}")
+
+
+def phone_photo():
+    """`phone-tag-6.jpg`: a portrait photo (a 192×256 piece of the JPEG corpus's astronaut photo)
+    as a phone held upright writes it: the sensor's landscape pixels, 4:2:0, tag 6; and
+    `phone-upright.png`, what transformers' `load_image` reads from it (Pillow's decode, turned
+    upright). Classification, boxes and VLM tokens of the two must be the same."""
+    from skimage import data
+
+    upright = Image.fromarray(data.astronaut()).crop((150, 40, 342, 296))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(
+        OUT / "phone-tag-6.jpg", quality=90, subsampling=2, exif=exif.tobytes()
+    )
+    with Image.open(OUT / "phone-tag-6.jpg") as im:
+        read = ImageOps.exif_transpose(im).convert("RGB")
+    assert read.size == (192, 256), read.size
+    read.save(OUT / "phone-upright.png")
 
 
 if __name__ == "__main__":

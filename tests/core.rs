@@ -455,6 +455,37 @@ fn yolo_v5_and_v8_outputs_decode_like_the_reference_decoder_on_both_backends() {
     assert!(stdout.contains("cat 0.855 at (18,18)-(42,36)"), "{stdout}");
 }
 
+#[test]
+fn a_phone_photo_stored_sideways_gets_the_upright_photos_classes_and_boxes() {
+    // phone-tag-6.jpg: a portrait photo as a phone writes it, the sensor's landscape pixels and EXIF
+    // orientation 6; phone-upright.png: what Pillow reads from it, turned upright, as transformers'
+    // load_image reads it (scripts/make_orientation_fixtures.py). The same pixels, so the same
+    // classes and scores, and boxes in the upright image's coordinates; with the switch off the
+    // stored pixels give other answers.
+    let tagged = std::fs::read(repo("tests/fixtures/orientation/phone-tag-6.jpg")).unwrap();
+    let upright = std::fs::read(repo("tests/fixtures/orientation/phone-upright.png")).unwrap();
+    let detectors = detector_registry();
+    let run = |exif: bool, registry: &std::path::Path, model: &str, image: &[u8]| {
+        let mut config = Config::default();
+        config.limits.exif_orientation = exif;
+        let engine = Engine::new(config, Registry::load(registry).unwrap());
+        let mut m = engine.load(model, &LoadOptions::default()).unwrap();
+        let out = m.infer(JobInput::Image(image.to_vec()), &JobOptions::default()).unwrap();
+        serde_json::to_value(out.result).unwrap()
+    };
+    for (registry, model) in [(repo("models.json"), "tinycnn"), (detectors.path(), "detector-yolov8")] {
+        let want = run(true, &registry, model, &upright);
+        assert_eq!(run(true, &registry, model, &tagged), want, "{model}: the tagged photo is read upright");
+        assert_ne!(run(false, &registry, model, &tagged), want, "{model}: read as stored, another answer");
+    }
+    // Boxes are in the upright image's coordinates: 192 wide, 256 high.
+    let found = run(true, &detectors.path(), "detector-yolov8", &tagged);
+    let boxes: Vec<Vec<f64>> = found["detections"].as_array().unwrap().iter().map(|d| numbers(&d["box"])).collect();
+    assert!(!boxes.is_empty(), "{found}");
+    assert!(boxes.iter().all(|b| b[2] <= 192.0 && b[3] <= 256.0), "{found}");
+    assert!(boxes.iter().any(|b| b[3] > 192.0), "some box reaches below the stored height: {found}");
+}
+
 fn cosine(a: &[f32], b: &[f64]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
     let na = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();

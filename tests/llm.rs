@@ -93,30 +93,63 @@ fn the_fast_variant_keeps_close_to_the_reference_and_is_the_default() {
     ranked.sort_by_key(|v| std::cmp::Reverse(v.quality));
     let names: Vec<&str> = ranked.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["int4-fast", "int4", "fp32"]);
-    // 8-bit activations move the logits a little: greedy answers follow the
-    // reference for most of their length (175 of 175 tokens on the exact
-    // graphs; 152 measured here, llama.cpp's own 8-bit path 138).
+    // 8-bit activations move the logits a little, so a greedy answer may leave the exact
+    // reference's path; it may do so only where the reference nearly ties. At the first token
+    // that differs, the exact fp32 graph must rank the fast graph's choice within NEAR_TIE nats of
+    // its own. Where paths split depends on the CPU's int8 kernels (152 of 175 tokens before the
+    // first difference on an AVX2 box, 126 on an AVX-512 VNNI/AMX one, splitting at margins of
+    // 0.10-0.40 nats); the near tie does not.
+    const NEAR_TIE: f32 = 1.0;
     let reference = reference();
     let (cases, steps) = (reference["cases"].as_array().unwrap(), reference["steps"].as_u64().unwrap() as usize);
     let engine = engine();
-    let options = LoadOptions { variant: Some("int4-fast".into()), ..Default::default() };
-    let mut model = engine.load("smollm2", &options).unwrap();
-    let (mut agreed, mut total, mut first) = (0, 0, 0);
-    for case in cases {
-        let want: Vec<u32> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let load = |variant: &str| {
+        let options = LoadOptions { variant: Some(variant.into()), ..Default::default() };
+        engine.load("smollm2", &options).unwrap()
+    };
+    let (mut fast, mut exact) = (load("int4-fast"), load("fp32"));
+    let run = |model: &mut inferd::engine::LoadedModel, case: &Value, top: u8| {
         let request = GenerateRequest {
             prompt: prompt(case),
-            params: GenerationParams { max_tokens: Some(steps), temperature: Some(0.0), ..Default::default() },
+            params: GenerationParams {
+                max_tokens: Some(steps),
+                temperature: Some(0.0),
+                logprobs: Some(top),
+                top_logprobs: Some(top),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let out = model.infer(JobInput::Generate(request), &JobOptions::default()).unwrap();
-        let JobResult::Generation { tokens, .. } = out.result else { panic!("{:?}", out.result) };
-        agreed += agreement(&tokens, &want);
-        first += usize::from(tokens.first() == want.first());
+        let JobResult::Generation { tokens, logprobs, .. } = out.result else { panic!("{:?}", out.result) };
+        (tokens, logprobs.unwrap().completion)
+    };
+    let (mut agreed, mut total, mut splits) = (0, 0, Vec::new());
+    for case in cases {
+        let want: Vec<u32> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        let (tokens, chosen) = run(&mut fast, case, 0);
+        let (reference_tokens, ranked) = run(&mut exact, case, 10);
+        assert_eq!(reference_tokens, want, "fp32 is the exact reference");
+        let k = agreement(&tokens, &want);
+        agreed += k;
         total += want.len();
+        if k == want.len().min(tokens.len()) {
+            continue;
+        }
+        let at = &ranked[k];
+        let mine = at.top.iter().find(|t| t.bytes == chosen[k].bytes);
+        let margin = mine.map(|m| at.logprob.unwrap() - m.logprob);
+        assert!(
+            margin.is_some_and(|m| m <= NEAR_TIE),
+            "{:?}: the fast graph chose {:?} at token {k}, {margin:?} nats under the reference's {:?}",
+            case["answer"],
+            chosen[k].token,
+            at.token
+        );
+        splits.push(format!("token {k}: {:.3} nats", margin.unwrap()));
     }
-    assert_eq!(first, cases.len(), "every answer starts with the reference's token");
-    assert!(agreed * 10 >= total * 8, "{agreed} of {total} tokens before the first difference");
+    assert!(agreed * 2 >= total, "{agreed} of {total} tokens before the first difference ({splits:?})");
+    eprintln!("int4-fast: {agreed} of {total} tokens before the first difference; splits at near ties: {splits:?}");
 }
 
 #[test]

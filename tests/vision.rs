@@ -229,6 +229,23 @@ fn a_photo_stored_sideways_with_its_orientation_tag_gets_the_upright_photos_answ
 }
 
 #[test]
+fn a_phone_jpeg_stored_sideways_gets_the_tokens_of_what_transformers_reads_from_it() {
+    // phone-tag-6.jpg: the sensor's landscape pixels, 4:2:0, EXIF orientation 6; phone-upright.png:
+    // Pillow's decode of it turned upright, what transformers' load_image hands the processor
+    // (scripts/make_orientation_fixtures.py). The fixture model's tokens flip for a one-level
+    // change of any pixel, so equal answers mean libjpeg-turbo's pixels, turned as Pillow turns them.
+    let tagged = std::fs::read(repo("tests/fixtures/orientation/phone-tag-6.jpg")).unwrap();
+    let upright = std::fs::read(repo("tests/fixtures/orientation/phone-upright.png")).unwrap();
+    let d = Daemon::start(|c| c.models = Some(models()));
+    let ask = |image: &[u8]| {
+        let (status, v) = post(&d, &chat(&[image.to_vec()], "What is in the picture?", 8));
+        assert_eq!(status, 200, "{v}");
+        (v["choices"][0]["message"]["content"].clone(), v["usage"]["prompt_tokens"].clone())
+    };
+    assert_eq!(ask(&tagged), ask(&upright));
+}
+
+#[test]
 fn bad_images_and_prompts_get_typed_errors_and_the_model_keeps_serving() {
     let d = Daemon::start(|c| {
         c.models = Some(models());

@@ -1,5 +1,7 @@
 //! Image decoding under the daemon's limits (small ones here, so a bomb is
-//! refused from its header): whole, and at reduced JPEG scale for a model input.
+//! refused from its header): JPEG through libjpeg-turbo (scripts/fuzz.sh
+//! builds it with AddressSanitizer and libFuzzer's coverage), PNG through the
+//! image crate, both turned by their orientation tags.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -12,8 +14,6 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(img) = inferd::pipeline::image::decode(data, &limits) {
         assert!(u64::from(img.width()) * u64::from(img.height()) <= limits.max_image_pixels);
-    }
-    if let Ok((img, (w, h))) = inferd::pipeline::image::decode_at_least(data, &limits, |w, h| (w.min(64), h.min(64))) {
-        assert!(img.width() <= w && img.height() <= h);
+        assert!(img.width() > 0 && img.height() > 0);
     }
 });

@@ -197,8 +197,12 @@ impl ImageInputSpec {
     pub fn tensor_and_size(&self, bytes: &[u8], limits: &Limits) -> Result<(Tensor, (u32, u32)), InferError> {
         let rgb = decode(bytes, limits)?;
         let size = rgb.dimensions();
-        let resized = self.resize(rgb)?;
-        Ok((self.to_tensor(&resized), size))
+        Ok((self.tensor_of(rgb)?, size))
+    }
+
+    /// The input tensor (batch of one) of decoded pixels: resized, laid out, normalised.
+    pub fn tensor_of(&self, rgb: RgbImage) -> Result<Tensor, InferError> {
+        Ok(self.to_tensor(&self.resize(rgb)?))
     }
 
     /// Maps a point in input-tensor pixels back to the original `w`×`h`
@@ -505,7 +509,10 @@ mod tests {
                     let differ = got.as_raw().iter().zip(want.as_raw()).filter(|(a, b)| a != b).count();
                     if differ > 0 {
                         let most = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max();
-                        wrong.push(format!("{name}: {differ} of {} values differ (by up to {most:?})", got.as_raw().len()));
+                        wrong.push(format!(
+                            "{name}: {differ} of {} values differ (by up to {most:?})",
+                            got.as_raw().len()
+                        ));
                     }
                 }
             }

@@ -16,7 +16,7 @@
 // keeps the rule).
 pub mod image;
 #[cfg(feature = "libjpeg-turbo")]
-mod jpeg;
+pub mod jpeg;
 
 pub use generate::json::{Grammar, JsonState, limits as schema_limits, parse_response_format};
 pub use ocr::ctc;
