@@ -54,7 +54,13 @@ fn turbojpeg_scaled(bytes: &[u8], need: u32) -> RgbImage {
         let (w, hh) =
             (tj::tj3Get(h, tj::TJPARAM_TJPARAM_JPEGWIDTH as i32), tj::tj3Get(h, tj::TJPARAM_TJPARAM_JPEGHEIGHT as i32));
         let s = [1, 2, 4].into_iter().find(|s| (w.min(hh) * s + 7) / 8 >= need as i32).unwrap_or(8);
-        assert_eq!(tj::tj3SetScalingFactor(h, tj::tjscalingfactor { num: s, denom: 8 }), 0);
+        let (num, denom) = match s {
+            1 => (1, 8),
+            2 => (1, 4),
+            4 => (1, 2),
+            _ => (1, 1),
+        };
+        assert_eq!(tj::tj3SetScalingFactor(h, tj::tjscalingfactor { num, denom }), 0);
         let (sw, sh) = ((w * s + 7) / 8, (hh * s + 7) / 8);
         let mut out = vec![0u8; (sw * sh * 3) as usize];
         let rc = tj::tj3Decompress8(
@@ -74,6 +80,7 @@ fn turbojpeg_scaled(bytes: &[u8], need: u32) -> RgbImage {
 fn main() {
     let mut args = std::env::args().skip(1);
     let seconds: f64 = args.next().expect("SECONDS FILE...").parse().expect("seconds");
+    let files: Vec<String> = args.collect();
     // As the daemon's decode threads run: one thread, a one-thread rayon pool.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let spec: ImageInputSpec = serde_json::from_value(serde_json::json!({
@@ -83,10 +90,10 @@ fn main() {
     .unwrap();
     let limits = Limits::default();
     pool.install(|| {
-        for file in args {
+        for file in files {
             let bytes = std::fs::read(&file).unwrap();
             let (w, h) = decode(&bytes, &limits).unwrap().dimensions();
-            let mut line = |path: &str, ms: f64| {
+            let line = |path: &str, ms: f64| {
                 println!("{}", serde_json::json!({"file": file, "width": w, "height": h, "path": path, "ms": ms}));
             };
             line("inferd decode (libjpeg-turbo)", time(seconds, || drop(decode(&bytes, &limits).unwrap())));

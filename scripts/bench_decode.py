@@ -5,19 +5,27 @@ own reduced-scale decode (measured, left off), and what Python servers run
 (Pillow, OpenCV), one thread each, on the same camera-sized photos, in one run.
 
     python3 -m venv /tmp/pil && /tmp/pil/bin/pip install pillow==12.0.0 \\
-        opencv-python-headless==5.1.0.95 scikit-image==0.26.0 numpy
-    cargo build --release --locked --example decode_bench
-    /tmp/pil/bin/python scripts/bench_decode.py [--seconds 2]
+        opencv-python-headless==5.1.0.95 scikit-image==0.26.0 numpy onnx
+    cargo build --release --locked --bin inferd --example decode_bench
+    /tmp/pil/bin/python scripts/bench_decode.py [--seconds 2] [--before-bin OLD/inferd]
 
 The photos are scikit-image's `astronaut`, `coffee` and `chelsea` scaled to
 phone and camera sizes with a little sensor noise, saved as cameras save them
 (quality 90, 4:2:0). The resize is a 224×224 center crop (EfficientNet-Lite0's
 input) and the tensor layout, normalised, as inferd's classifier path does.
+
+Then the socket path: the daemon serving a 224×224-input classifier (a pooled
+linear head with EfficientNet-Lite0's input and 1,000 classes, made here with
+`onnx`, so the engine's time is small and the image work shows), driven by
+`inferd bench --via socket` with 2 clients per photo size, for this build and,
+with `--before-bin`, an inferd built before libjpeg-turbo (same registry).
 """
 import argparse
+import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +39,7 @@ from skimage import data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "target" / "release" / "examples" / "decode_bench"
+BIN = ROOT / "target" / "release" / "inferd"
 SIZES = [(640, 480), (1280, 720), (1920, 1080), (4032, 3024)]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -95,9 +104,78 @@ def peers(path, seconds):
     ]
 
 
+def classifier(work):
+    """A 224×224-input classifier: global average pool and a 3×1000 linear head."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.normal(0, 1, (3, 1000)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(1000, np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+        ],
+        "lite0_sized",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])],
+        [w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = Path(work) / "lite0-sized.onnx"
+    onnx.save(model, path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    registry = {"version": 1, "models": [{
+        "name": "lite0-sized", "task": "image-classification",
+        "variants": [{"name": "fp32", "file": str(path), "sha256": sha}],
+        "input": {"tensor": "images", "layout": "NCHW", "width": 224, "height": 224, "resize": "center-crop",
+                  "mean": list(map(float, MEAN)), "std": list(map(float, STD))},
+        "output": {"tensor": "logits", "top_k": 1},
+    }]}
+    reg = Path(work) / "models.json"
+    reg.write_text(json.dumps(registry))
+    return reg
+
+
+def wait_socket(path, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.01)
+    raise SystemExit(f"nothing listens on {path}")
+
+
+def socket_path(binary, registry, files, seconds, work, tag):
+    sock = Path(work) / f"{tag}.sock"
+    env = dict(os.environ, INFERD_SOCKET__PATH=str(sock), INFERD_MODELS=str(registry), INFERD_MODELS_OUTSIDE="true",
+               INFERD_MEMORY__STATE_DIR=str(Path(work) / f"state-{tag}"), INFERD_LOG__LEVEL="warn")
+    daemon = subprocess.Popen([str(binary), "serve"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(sock)
+        out = {}
+        for f in files:
+            cmd = [str(binary), "bench", "--model", "lite0-sized", "--via", "socket", "--socket", str(sock),
+                   "--clients", "2", "--duration", str(seconds), "--json", str(f)]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+            out[f.name] = json.loads(r.stdout.strip().splitlines()[-1])
+        return out
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--before-bin", help="an inferd built before libjpeg-turbo, for the socket path")
+    ap.add_argument("--now-bin", default=str(BIN), help="this inferd (default target/release/inferd)")
     args = ap.parse_args()
     if not EXAMPLE.exists():
         raise SystemExit(f"{EXAMPLE} is missing: cargo build --release --locked --example decode_bench")
@@ -113,6 +191,11 @@ def main():
         for f in files:
             for name, ms in peers(f, args.seconds):
                 rows.setdefault(name, {})[f.name] = ms
+        registry = classifier(work)
+        served = [("inferd now (libjpeg-turbo)", socket_path(args.now_bin, registry, files, args.seconds * 2, work, "now"))]
+        if args.before_bin:
+            before = socket_path(args.before_bin, registry, files, args.seconds * 2, work, "before")
+            served.insert(0, ("inferd before (image crate, jpeg-decoder scaled)", before))
     names = [f.name for f in files]
     mp = {f.name: w * h / 1e6 for f, (w, h) in zip(files, SIZES)}
     print("| path (one thread) | " + " | ".join(f"{w}×{h} ms (ms/MP)" for w, h in SIZES) + " |")
@@ -120,6 +203,12 @@ def main():
     for path, by in rows.items():
         cells = [f"{by[n]:.2f} ({by[n] / mp[n]:.2f})" for n in names]
         print(f"| {path} | " + " | ".join(cells) + " |")
+    print()
+    print("| socket path, 2 clients | " + " | ".join(f"{w}×{h} jobs/s (p50 ms)" for w, h in SIZES) + " |")
+    print("|---|" + "---|" * len(SIZES))
+    for name, by in served:
+        cells = [f"{by[n]['jobs_per_s']:.1f} ({by[n]['p50_ms']:.2f})" for n in names]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

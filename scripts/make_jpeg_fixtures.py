@@ -7,7 +7,7 @@
 and refuse the same files (src/pipeline/image.rs's corpus test).
 
     python3 -m venv /tmp/pil
-    /tmp/pil/bin/pip install pillow==12.0.0 opencv-python-headless==5.1.0.86 \\
+    /tmp/pil/bin/pip install pillow==12.0.0 opencv-python-headless==5.1.0.95 \\
         simplejpeg==1.9.0 scikit-image==0.26.0 numpy
     apt-get install libjpeg-turbo-progs        # cjpeg
     /tmp/pil/bin/python scripts/make_jpeg_fixtures.py

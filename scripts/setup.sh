@@ -56,6 +56,9 @@ command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
 # cmake, its x86 SIMD code by nasm (on aarch64 its NEON code is C).
 command -v cmake >/dev/null || need_apt+=(cmake)
 [ "$(uname -m)" != x86_64 ] || command -v nasm >/dev/null || need_apt+=(nasm)
+# A real OCI registry (CNCF distribution) and htpasswd's bcrypt users, for the pull tests.
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
+command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
 # clang compiles tract's assembly for the aarch64-apple-darwin type-check.
 command -v clang >/dev/null || need_apt+=(clang)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -185,3 +188,11 @@ if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL
   echo "$SMOL_SUMS" | sha256sum -c --quiet - || { echo "setup.sh: the converted SmolLM2 files differ from the pinned ones" >&2; exit 1; }
 fi
 log "SmolLM2 ready in models/fetched/smollm2/"
+
+# The oras Python SDK publishes the pull tests' artifacts (scripts/oci_push.py), as users publish models.
+ORAS_VENV="$ROOT/.cache/oras-venv"
+if ! "$ORAS_VENV/bin/python" -c "import oras" 2>/dev/null; then
+  log "creating the oras SDK's Python environment in .cache/oras-venv"
+  python3 -m venv "$ORAS_VENV"
+  "$ORAS_VENV/bin/pip" install --quiet oras==0.2.43
+fi

@@ -113,6 +113,19 @@ pub enum Command {
     },
     /// Run the daemon until SIGINT or SIGTERM.
     Serve,
+    /// Fetch a model from an OCI registry into models.d/NAME/ beside models.json,
+    /// verified file by file, resumed where an earlier pull stopped.
+    Pull {
+        /// oci://REGISTRY/REPOSITORY:TAG or oci://REGISTRY/REPOSITORY@sha256:DIGEST
+        /// (an artifact of model.json and the files it names, as `oras push` writes it).
+        source: String,
+        /// The model's name here (default: the name in the artifact's model.json).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the result as JSON (progress goes to stderr either way).
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure throughput and latency of one model: N clients over the socket
     /// or MQTT (inferd or a peer speaking its API), or in this process.
     Bench {
@@ -159,6 +172,67 @@ pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
         eprintln!("inferd: {e}");
         exit::REGISTRY
     })
+}
+
+/// `inferd pull`: progress on stderr, the result on stdout; the registry
+/// must still read with the new model (else the pull is reported and kept
+/// for `inferd check` to explain).
+pub fn pull(cli: &Cli, config: &Config, source: &str, name: Option<&str>, json: bool) -> i32 {
+    let path = cli.models.clone().unwrap_or_else(|| config.registry_path());
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("inferd pull: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let show = |p: crate::pull::Progress| match p {
+        crate::pull::Progress::Manifest { files, bytes } => eprintln!("{source}: {files} files, {bytes} bytes"),
+        crate::pull::Progress::Present { file } => eprintln!("  {file}: already here, verified"),
+        crate::pull::Progress::Bytes { file, done, total } => match total {
+            Some(t) if t > 0 => eprintln!("  {file}: {done} of {t} bytes ({}%)", done * 100 / t),
+            _ => eprintln!("  {file}: {done} bytes"),
+        },
+        crate::pull::Progress::Verified { file, sha256 } => eprintln!("  {file}: sha256 {sha256} verified"),
+    };
+    match runtime.block_on(crate::pull::pull(source, &path, name, &config.pull, &show)) {
+        Ok(pulled) => {
+            if json {
+                println!("{}", serde_json::to_string(&pulled).unwrap_or_default());
+            } else {
+                println!(
+                    "pulled {} ({} files, {} bytes, {} downloaded) into {}; digest {}",
+                    pulled.name,
+                    pulled.files.len(),
+                    pulled.bytes,
+                    pulled.downloaded,
+                    pulled.dir.display(),
+                    pulled.digest
+                );
+            }
+            match Registry::load_confined(&path, config.models_outside) {
+                Ok(_) => exit::OK,
+                Err(e) => {
+                    eprintln!("inferd pull: the registry does not read with the pulled model: {e}");
+                    exit::REGISTRY
+                }
+            }
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"error": e.message, "kind": e.kind}));
+            }
+            eprintln!("inferd pull: {e}");
+            match e.kind {
+                crate::pull::PullErrorKind::Source | crate::pull::PullErrorKind::Artifact | crate::pull::PullErrorKind::Digest => {
+                    exit::BAD_INPUT
+                }
+                crate::pull::PullErrorKind::NotFound => exit::UNKNOWN_MODEL,
+                crate::pull::PullErrorKind::Network => exit::UNREACHABLE,
+                _ => exit::FAILURE,
+            }
+        }
+    }
 }
 
 /// `inferd check`.

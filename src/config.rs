@@ -27,6 +27,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub memory: MemoryConfig,
     pub log: LogConfig,
+    /// `inferd pull`: plain-http registries, the CA and the credentials file.
+    pub pull: crate::pull::PullConfig,
 }
 
 /// How models share memory: budget, headroom, lifecycle and pressure.

@@ -333,7 +333,7 @@ async fn apply_reload(
 
 /// Models added, changed (any field, or where its files resolve) and removed between two registries.
 fn registry_diff(old: &registry::Registry, new: &registry::Registry) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let key = |r: &registry::Registry, m: &registry::ModelSpec| (m.to_json().to_string(), r.dir.clone());
+    let key = |r: &registry::Registry, m: &registry::ModelSpec| (m.to_json().to_string(), r.dir_of(m).to_path_buf());
     let mut added = Vec::new();
     let mut changed = Vec::new();
     for m in &new.models {

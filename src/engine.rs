@@ -143,13 +143,13 @@ impl Engine {
         };
         let variant =
             model.variants.iter().find(|v| v.name == plan.variant).expect("plan names a variant of the model");
-        let file = self.registry.resolve(&variant.file);
+        let file = self.registry.resolve(model, &variant.file);
         crate::registry::verify_sha256(&file, &variant.sha256).map_err(InferError::unavailable)?;
         let started = Instant::now();
         let state_dir = self.config.memory.resolved_state_dir();
         let engine =
             backend::load(plan.backend.backend, &file, &self.load_request(&plan, &state_dir, &variant.sha256))?;
-        let problems = model.check_io(&self.registry.dir, engine.inputs(), engine.outputs());
+        let problems = model.check_io(self.registry.dir_of(model), engine.inputs(), engine.outputs());
         if !problems.is_empty() {
             let text: Vec<String> =
                 problems.iter().map(|p| format!("models.json {}{}: {}", name, p.path, p.message)).collect();
@@ -160,7 +160,7 @@ impl Engine {
         }
         let mut parts = Vec::with_capacity(variant.parts.len());
         for (role, part) in &variant.parts {
-            let file = self.registry.resolve(&part.file);
+            let file = self.registry.resolve(model, &part.file);
             crate::registry::verify_sha256(&file, &part.sha256).map_err(InferError::unavailable)?;
             let engine =
                 backend::load(plan.backend.backend, &file, &self.load_request(&plan, &state_dir, &part.sha256))?;
@@ -174,7 +174,7 @@ impl Engine {
             parts.push(pipeline::Part { role: role.clone(), file, engine });
         }
         let pipeline = model.task.build(pipeline::Graph {
-            dir: &self.registry.dir,
+            dir: self.registry.dir_of(model),
             inputs: engine.inputs(),
             optional_inputs: engine.optional_inputs(),
             outputs: engine.outputs(),

@@ -40,6 +40,7 @@ pub mod manager;
 pub mod memory;
 pub(crate) mod metrics;
 pub mod pipeline;
+pub mod pull;
 pub(crate) mod quarantine;
 pub mod registry;
 pub mod report;

@@ -98,6 +98,9 @@ fn real_main() -> i32 {
             }
         };
     }
+    if let Command::Pull { ref source, ref name, json } = cli.command {
+        return cli::pull(&cli, &config, source, name.as_deref(), json);
+    }
     let registry = match cli::load_registry(&cli, &config) {
         Ok(r) => r,
         Err(code) => return code,
@@ -112,7 +115,7 @@ fn real_main() -> i32 {
             cli::infer_local(&engine, &config, options, &cli::InferArgs { model, top_k, prompt, json, files })
         }
         Command::Serve => serve(config, cli.config.clone(), cli.models),
-        Command::Bench { .. } => unreachable!("handled above"),
+        Command::Bench { .. } | Command::Pull { .. } => unreachable!("handled above"),
     }
 }
 

@@ -62,9 +62,24 @@ pub struct ModelSpec {
     /// The task (`task` in models.json) and its section; see [`ModelSpec::to_json`] for the whole model.
     #[serde(skip)]
     pub task: TaskSection,
+    /// The folder its paths are relative to when it is not the registry's: a
+    /// `models.d/NAME/model.json` entry's own folder.
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
 }
 
 impl ModelSpec {
+    /// Every file the model names: variants, their parts, and its task's (labels, tokenizer …).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for v in &self.variants {
+            out.push(v.file.clone());
+            out.extend(v.parts.values().map(|p| p.file.clone()));
+        }
+        out.extend(self.task.files().into_iter().map(|(_, p)| p.to_path_buf()));
+        out
+    }
+
     /// Reads one model's object: the task named by `task` reads its own
     /// fields; the rest are the model's. Problems carry paths relative to the model.
     pub fn from_json(mut object: serde_json::Map<String, serde_json::Value>) -> Result<ModelSpec, Vec<Problem>> {
@@ -307,7 +322,62 @@ impl Registry {
         if text.len() as u64 > MAX_REGISTRY_BYTES {
             return Err(fail("$", format!("larger than {} MiB", MAX_REGISTRY_BYTES >> 20)));
         }
-        Self::from_json(&text, file)
+        let mut registry = Self::from_json(&text, file)?;
+        registry.add_dropins()?;
+        Ok(registry)
+    }
+
+    /// Merges the `models.d/NAME/model.json` entries beside models.json (pulled
+    /// models, model packages): each one model's object, its paths relative to
+    /// its own folder and never leaving it; a name models.json or another
+    /// entry already has is refused. Folders starting with `.` (a pull in
+    /// progress) are skipped.
+    fn add_dropins(&mut self) -> Result<(), RegistryError> {
+        let root = self.dir.join(crate::pull::MODELS_D);
+        let Ok(read) = std::fs::read_dir(&root) else { return Ok(()) };
+        let mut folders: Vec<PathBuf> = read
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .filter(|p| p.join("model.json").is_file())
+            .collect();
+        folders.sort();
+        let mut problems = Vec::new();
+        let mut places: Vec<String> = (0..self.models.len()).map(|i| format!("models[{i}]")).collect();
+        let main = self.models.len();
+        for folder in folders {
+            let file = folder.join("model.json");
+            let place = format!("{}:", file.display());
+            let mut text = String::new();
+            let read = std::fs::File::open(&file).and_then(|f| f.take(MAX_REGISTRY_BYTES + 1).read_to_string(&mut text));
+            let object = match read.map_err(|e| e.to_string()).and_then(|_| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text).map_err(|e| e.to_string())
+            }) {
+                Ok(o) => o,
+                Err(message) => {
+                    problems.push(Problem { path: format!("{place} $"), message: format!("cannot read: {message}") });
+                    continue;
+                }
+            };
+            match ModelSpec::from_json(object) {
+                Ok(mut m) => {
+                    m.dir = Some(folder);
+                    self.models.push(m);
+                    places.push(place);
+                }
+                Err(found) => problems.extend(
+                    found.into_iter().map(|p| Problem { path: format!("{place}{}", p.path), message: p.message }),
+                ),
+            }
+        }
+        if self.models.len() > main {
+            let mut all = Vec::new();
+            self.validate_structure(&places, &mut all);
+            // models.json's own models were validated when read; what is new is the entries'.
+            problems.extend(all.into_iter().filter(|p| !places[..main].iter().any(|m| p.path.starts_with(&format!("{m}.")))));
+            problems.extend(self.escaping_paths().into_iter().filter(|p| !p.path.starts_with("models[")));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(RegistryError { file: self.file.clone(), problems }) }
     }
 
     /// Parses and validates registry `text` as if read from `file` (paths resolve against its folder).
@@ -331,6 +401,7 @@ impl Registry {
         }
         let all_read = problems.is_empty();
         let (places, models): (Vec<usize>, Vec<ModelSpec>) = read.into_iter().unzip();
+        let places: Vec<String> = places.iter().map(|i| format!("models[{i}]")).collect();
         let registry = Registry { file: file.to_path_buf(), dir, models };
         if parsed.version != 1 {
             problems.push(Problem {
@@ -359,15 +430,16 @@ impl Registry {
         let escapes = |p: &Path| p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir);
         let mut problems = Vec::new();
         for (i, m) in self.models.iter().enumerate() {
+            let place = self.place(i);
             let mut paths: Vec<(String, &Path)> = Vec::new();
             for (j, v) in m.variants.iter().enumerate() {
-                paths.push((format!("models[{i}].variants[{j}].file"), &v.file));
+                paths.push((format!("{place}.variants[{j}].file"), &v.file));
                 for (role, part) in &v.parts {
-                    paths.push((format!("models[{i}].variants[{j}].parts.{role}.file"), &part.file));
+                    paths.push((format!("{place}.variants[{j}].parts.{role}.file"), &part.file));
                 }
             }
             for (at, p) in m.task.files() {
-                paths.push((format!("models[{i}]{at}"), p));
+                paths.push((format!("{place}{at}"), p));
             }
             for (path, p) in paths.into_iter().filter(|(_, p)| escapes(p)) {
                 problems.push(Problem {
@@ -387,16 +459,30 @@ impl Registry {
         self.models.iter().find(|m| m.name == name)
     }
 
-    /// A path from models.json, resolved against its folder.
-    pub fn resolve(&self, path: &Path) -> PathBuf {
-        self.dir.join(path)
+    /// A path of `model`'s, resolved against its folder (models.json's, or its models.d entry's).
+    pub fn resolve(&self, model: &ModelSpec, path: &Path) -> PathBuf {
+        self.dir_of(model).join(path)
     }
 
-    /// Checks names, files and task requirements; `places` are the models' indexes in the file.
-    fn validate_structure(&self, places: &[usize], problems: &mut Vec<Problem>) {
+    /// The folder `model`'s paths are relative to.
+    pub fn dir_of<'a>(&'a self, model: &'a ModelSpec) -> &'a Path {
+        model.dir.as_deref().unwrap_or(&self.dir)
+    }
+
+    /// Where the `i`th model is written: `models[i]` of models.json, or its models.d file.
+    pub fn place(&self, i: usize) -> String {
+        match &self.models[i].dir {
+            Some(dir) => format!("{}:", dir.join("model.json").display()),
+            None => format!("models[{i}]"),
+        }
+    }
+
+    /// Checks names, files and task requirements; `places` name the models where they are written
+    /// (`models[3]`, or a `models.d` entry's file).
+    fn validate_structure(&self, places: &[String], problems: &mut Vec<Problem>) {
         let mut names = HashSet::new();
-        for (&i, m) in places.iter().zip(&self.models) {
-            let at = |field: &str| format!("models[{i}]{field}");
+        for (place, m) in places.iter().zip(&self.models) {
+            let at = |field: &str| format!("{place}{field}");
             let mut push = |path: String, message: String| problems.push(Problem { path, message });
             if !valid_name(&m.name) {
                 push(
@@ -423,15 +509,15 @@ impl Registry {
                     if !is_sha256_hex(sha) {
                         push(vat(&format!("{at}.sha256")), "must be 64 lower-case hex digits".into());
                     }
-                    let file = self.resolve(file);
+                    let file = self.resolve(m, file);
                     if !file.is_file() {
                         push(vat(&format!("{at}.file")), format!("file {} does not exist", file.display()));
                     }
                 }
             }
             for (path, f) in m.task.files() {
-                if !self.resolve(f).is_file() {
-                    push(at(&path), format!("file {} does not exist", self.resolve(f).display()));
+                if !self.resolve(m, f).is_file() {
+                    push(at(&path), format!("file {} does not exist", self.resolve(m, f).display()));
                 }
             }
             for p in m.validate() {
@@ -451,9 +537,10 @@ impl Registry {
     pub fn check_models(&self, pick: impl Fn(&str) -> bool) -> Vec<Problem> {
         let mut problems = Vec::new();
         for (i, m) in self.models.iter().enumerate().filter(|(_, m)| pick(&m.name)) {
+            let place = self.place(i);
             for (j, v) in m.variants.iter().enumerate() {
-                let at = |field: &str| format!("models[{i}].variants[{j}]{field}");
-                let file = self.resolve(&v.file);
+                let at = |field: &str| format!("{place}.variants[{j}]{field}");
+                let file = self.resolve(m, &v.file);
                 match verify_sha256(&file, &v.sha256) {
                     Ok(()) => {}
                     Err(message) => {
@@ -463,9 +550,9 @@ impl Registry {
                 }
                 match onnx_file::declared_io(&file) {
                     Ok(io) => {
-                        for p in m.check_io(&self.dir, &io.inputs, &io.outputs) {
+                        for p in m.check_io(self.dir_of(m), &io.inputs, &io.outputs) {
                             problems.push(Problem {
-                                path: format!("models[{i}]{}", p.path),
+                                path: format!("{place}{}", p.path),
                                 message: format!("{} (variant '{}')", p.message, v.name),
                             });
                         }
@@ -473,7 +560,7 @@ impl Registry {
                     Err(message) => problems.push(Problem { path: at(".file"), message }),
                 }
                 for (role, part) in &v.parts {
-                    let file = self.resolve(&part.file);
+                    let file = self.resolve(m, &part.file);
                     let pat = |field: &str| at(&format!(".parts.{role}{field}"));
                     if let Err(message) = verify_sha256(&file, &part.sha256) {
                         problems.push(Problem { path: pat(".sha256"), message });
@@ -511,7 +598,8 @@ pub fn verify_sha256(path: &Path, expected: &str) -> Result<(), String> {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+/// A model or variant name: 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -.
+pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && !name.starts_with(['.', '-'])
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))

@@ -499,11 +499,11 @@ impl Manager {
                 // Every graph the variant loads: its file and its parts (a vision encoder, token embeddings).
                 let file_bytes = std::iter::once(&v.file)
                     .chain(v.parts.values().map(|p| &p.file))
-                    .map(|f| std::fs::metadata(registry.resolve(f)).map_or(0, |m| m.len()))
+                    .map(|f| std::fs::metadata(registry.resolve(model, f)).map_or(0, |m| m.len()))
                     .sum();
                 let measured = self.footprints.get(&model.name, &v.name, &v.sha256);
                 let (bytes, source) = need(measured, v.memory_mb, file_bytes);
-                let working = model.task.working_memory(&registry.resolve(&v.file));
+                let working = model.task.working_memory(&registry.resolve(model, &v.file));
                 VariantNeed { name: v.name.clone(), quality: v.quality, bytes, source, working }
             })
             .collect()

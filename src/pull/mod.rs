@@ -1,0 +1,552 @@
+//! `inferd pull`: a model's files from an OCI registry into the registry's
+//! `models.d/NAME/` folder, with its entry (`model.json`) and every file's
+//! sha256, never a partial file in use.
+//!
+//! Every file is downloaded into `models.d/.pull/NAME/FILE.part`, resumed
+//! with an HTTP Range request after an interruption or a `kill -9` (the part
+//! already there is hashed first), verified against its digest, then renamed
+//! to `FILE` in that staging folder. When every file is there and the entry
+//! reads as a valid registry entry, the folder replaces `models.d/NAME` by
+//! rename: the registry sees the old model or the new one, never a mix.
+
+pub mod http;
+pub mod oci;
+
+use crate::error::{ErrorKind, InferError};
+use http_body_util::BodyExt;
+use hyper::header::{HeaderName, RANGE};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where pulled models go, beside models.json.
+pub const MODELS_D: &str = "models.d";
+/// Largest model.json an artifact may carry.
+const MAX_ENTRY: u64 = 1 << 20;
+/// Free space kept beyond what a pull needs.
+const DISK_MARGIN: u64 = 64 << 20;
+
+/// Why a pull failed, in words, with the kind of failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullError {
+    pub kind: PullErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullErrorKind {
+    /// The source string is wrong.
+    Source,
+    /// Not allowed by the configuration (plain http, host not listed).
+    Refused,
+    /// Connecting or reading failed (retrying may help).
+    Network,
+    /// The registry refused the credentials, or there are none.
+    Auth,
+    NotFound,
+    /// A file's bytes are not what its digest says.
+    Digest,
+    /// The artifact is not a model (no model.json, bad names, a bad entry).
+    Artifact,
+    /// Not enough disk, or the models folder cannot be written.
+    Disk,
+}
+
+impl PullError {
+    fn new(kind: PullErrorKind, message: impl Into<String>) -> Self {
+        PullError { kind, message: message.into() }
+    }
+    pub fn source(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Source, m)
+    }
+    pub fn refused(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Refused, m)
+    }
+    pub fn network(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Network, m)
+    }
+    pub fn auth(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Auth, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::NotFound, m)
+    }
+    pub fn digest(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Digest, m)
+    }
+    pub fn artifact(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Artifact, m)
+    }
+    pub fn disk(m: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Disk, m)
+    }
+}
+
+impl std::fmt::Display for PullError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.message)
+    }
+}
+
+impl From<PullError> for InferError {
+    fn from(e: PullError) -> InferError {
+        let kind = match e.kind {
+            PullErrorKind::Source | PullErrorKind::Artifact | PullErrorKind::Digest => ErrorKind::BadInput,
+            PullErrorKind::Refused | PullErrorKind::Auth => ErrorKind::Forbidden,
+            PullErrorKind::NotFound => ErrorKind::NotFound,
+            PullErrorKind::Network | PullErrorKind::Disk => ErrorKind::ModelUnavailable,
+        };
+        InferError::new(kind, e.message)
+    }
+}
+
+/// One file of a model: its name in the artifact, its sha256 and where to fetch it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub name: String,
+    pub sha256: String,
+    pub size: Option<u64>,
+    pub url: String,
+}
+
+/// `[pull]`: how pulls connect.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PullConfig {
+    /// Registries and hosts (`host` or `host:port`) reached over plain http
+    /// besides loopback ones, as Docker's `insecure-registries`.
+    pub insecure: Vec<String>,
+    /// CA certificates (PEM) trusted for https besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Registry credentials, Docker's format (`oras login`/`docker login` write it);
+    /// default `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
+    pub auth_file: Option<PathBuf>,
+    /// Files downloaded at once.
+    pub parallel: usize,
+    /// Connect and response timeout, seconds (the body may take longer).
+    pub timeout_s: u64,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        PullConfig { insecure: Vec::new(), ca_file: None, auth_file: None, parallel: 3, timeout_s: 30 }
+    }
+}
+
+impl PullConfig {
+    fn client(&self) -> http::Client {
+        http::Client {
+            plain_http: self.insecure.clone(),
+            ca_file: self.ca_file.clone(),
+            timeout: Duration::from_secs(self.timeout_s.max(1)),
+        }
+    }
+
+    fn auth_file(&self) -> Option<PathBuf> {
+        self.auth_file.clone().or_else(|| {
+            let dir = std::env::var_os("DOCKER_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+            Some(dir.join("config.json"))
+        })
+    }
+}
+
+/// Progress of a pull, for a caller to show.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Progress {
+    /// The artifact's file list is read.
+    Manifest { files: usize, bytes: u64 },
+    /// A file is already here, verified.
+    Present { file: String },
+    /// Bytes of a file so far (sent every few MiB and at the end).
+    Bytes { file: String, done: u64, total: Option<u64> },
+    /// A file is downloaded and verified.
+    Verified { file: String, sha256: String },
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pulled {
+    pub name: String,
+    /// The folder the model now lives in.
+    pub dir: PathBuf,
+    /// The manifest's digest (`sha256:…`): pull by it for exactly these files.
+    pub digest: String,
+    pub files: Vec<String>,
+    pub bytes: u64,
+    /// Bytes fetched over the network (less than `bytes` when files were there or resumed).
+    pub downloaded: u64,
+}
+
+/// Pulls `source` into the `models.d/` folder beside `models_json`; `name`
+/// renames the model. `progress` sees every step.
+pub async fn pull(
+    source: &str,
+    models_json: &Path,
+    name: Option<&str>,
+    cfg: &PullConfig,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Pulled, PullError> {
+    let client = cfg.client();
+    let (layers, digest, headers) = match source {
+        s if s.starts_with("oci://") => {
+            let reference = oci::Reference::parse(s)?;
+            let credentials = match cfg.auth_file() {
+                Some(file) => oci::credentials(&file, &reference.registry)?,
+                None => None,
+            };
+            let mut session = oci::Session::new(&client, reference, credentials);
+            let (layers, digest) = session.layers().await?;
+            (layers, digest, session.headers())
+        }
+        other => {
+            return Err(PullError::source(format!(
+                "'{other}': a source is oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST)"
+            )));
+        }
+    };
+    for layer in &layers {
+        check_file_name(&layer.name)?;
+    }
+    let mut names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+    names.sort();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        return Err(PullError::artifact("two files of the artifact have the same name"));
+    }
+    let entry_layer = layers
+        .iter()
+        .find(|l| l.name == "model.json")
+        .ok_or_else(|| PullError::artifact("the artifact has no model.json (the model's models.json entry)"))?;
+    let bytes: u64 = layers.iter().filter_map(|l| l.size).sum();
+    progress(Progress::Manifest { files: layers.len(), bytes });
+
+    let root = models_json.parent().map(Path::to_path_buf).unwrap_or_default().join(MODELS_D);
+    // The entry first (small): it names the model, so the staging folder.
+    let scratch = root.join(".pull");
+    std::fs::create_dir_all(&scratch).map_err(|e| PullError::disk(format!("cannot create {}: {e}", scratch.display())))?;
+    let entry_file = scratch.join(format!("{}.model.json", &entry_layer.sha256[..16]));
+    let downloaded_entry = download(&client, entry_layer, &headers, &entry_file, Some(MAX_ENTRY), progress).await?;
+    let mut entry = read_entry(&entry_file)?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => entry.get("name").and_then(|n| n.as_str()).map(str::to_string).ok_or_else(|| {
+            PullError::artifact("model.json has no \"name\" (or pass --name)")
+        })?,
+    };
+    if !crate::registry::valid_name(&name) {
+        return Err(PullError::artifact(format!("'{name}' is not a valid model name")));
+    }
+    entry.insert("name".into(), serde_json::Value::String(name.clone()));
+    let staging = scratch.join(&name);
+    std::fs::create_dir_all(&staging).map_err(|e| PullError::disk(format!("cannot create {}: {e}", staging.display())))?;
+    check_disk(&staging, &layers)?;
+
+    // The files, a few at once.
+    let files: Vec<&Layer> = layers.iter().filter(|l| l.name != "model.json").collect();
+    let turns = tokio::sync::Semaphore::new(cfg.parallel.max(1));
+    let results = futures_util::future::join_all(files.iter().map(|layer| {
+        let (client, headers, staging, turns) = (&client, &headers, &staging, &turns);
+        async move {
+            let _turn = turns.acquire().await.map_err(|_| PullError::network("the pull was stopped"))?;
+            download(client, layer, headers, &staging.join(&layer.name), None, progress).await
+        }
+    }))
+    .await;
+    let mut downloaded = downloaded_entry;
+    for r in results {
+        downloaded += r?;
+    }
+
+    // The entry with each variant's sum, checked as the registry will read it.
+    fill_sums(&mut entry, &layers)?;
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(entry)).expect("a JSON object");
+    write_atomic(&staging.join("model.json"), text.as_bytes())?;
+    let registry_text = format!("{{\"version\": 1, \"models\": [{text}]}}");
+    let check = crate::registry::Registry::from_json(&registry_text, &staging.join("model.json"))
+        .map_err(|e| PullError::artifact(format!("model.json is not a valid entry: {e}")))?;
+    let escaping = check.escaping_paths();
+    if let Some(p) = escaping.first() {
+        return Err(PullError::artifact(format!("model.json: {}: {}", p.path, p.message)));
+    }
+    let referenced = check.models[0].files();
+    for f in &referenced {
+        if !layers.iter().any(|l| Path::new(&l.name) == f.as_path()) {
+            return Err(PullError::artifact(format!("model.json names {}, which the artifact does not carry", f.display())));
+        }
+    }
+    // Swap: the old folder aside, the new one in, the old one gone.
+    let target = root.join(&name);
+    let old = scratch.join(format!("{name}.old"));
+    let _ = std::fs::remove_dir_all(&old);
+    if target.exists() {
+        std::fs::rename(&target, &old).map_err(|e| PullError::disk(format!("cannot move {} aside: {e}", target.display())))?;
+    }
+    std::fs::rename(&staging, &target).map_err(|e| PullError::disk(format!("cannot put {} in place: {e}", target.display())))?;
+    let _ = std::fs::remove_dir_all(&old);
+    let _ = std::fs::remove_file(&entry_file);
+    let files = layers.iter().map(|l| l.name.clone()).collect();
+    let bytes = layers.iter().map(|l| std::fs::metadata(target.join(&l.name)).map_or(0, |m| m.len())).sum();
+    Ok(Pulled { name, dir: target, digest, files, bytes, downloaded })
+}
+
+/// A file name from an artifact: one plain name that stays in its folder.
+pub fn check_file_name(name: &str) -> Result<(), PullError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.ends_with(".part")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(PullError::artifact(format!(
+            "'{}' is not a plain file name (A-Z a-z 0-9 . _ - +, not starting with '.'): a file never leaves the model's folder",
+            name.escape_debug()
+        )))
+    }
+}
+
+fn read_entry(file: &Path) -> Result<serde_json::Map<String, serde_json::Value>, PullError> {
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_ENTRY + 1).read_to_string(&mut text))
+        .map_err(|e| PullError::artifact(format!("model.json: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| PullError::artifact(format!("model.json is not JSON: {e}")))?;
+    match value {
+        serde_json::Value::Object(m) => Ok(m),
+        _ => Err(PullError::artifact("model.json is one model's entry, a JSON object")),
+    }
+}
+
+/// Each variant's (and part's) `sha256` from the artifact's digests; one the entry states must agree.
+fn fill_sums(entry: &mut serde_json::Map<String, serde_json::Value>, layers: &[Layer]) -> Result<(), PullError> {
+    let sum_of = |file: &str| layers.iter().find(|l| l.name == file).map(|l| l.sha256.clone());
+    let fill = |obj: &mut serde_json::Map<String, serde_json::Value>| -> Result<(), PullError> {
+        let Some(file) = obj.get("file").and_then(|f| f.as_str()).map(str::to_string) else { return Ok(()) };
+        let Some(sum) = sum_of(&file) else {
+            return Err(PullError::artifact(format!("model.json names {file}, which the artifact does not carry")));
+        };
+        match obj.get("sha256").and_then(|s| s.as_str()) {
+            Some(stated) if !stated.eq_ignore_ascii_case(&sum) => Err(PullError::digest(format!(
+                "model.json says {file} has sha256 {stated}, the artifact's layer has {sum}"
+            ))),
+            _ => {
+                obj.insert("sha256".into(), serde_json::Value::String(sum));
+                Ok(())
+            }
+        }
+    };
+    if let Some(variants) = entry.get_mut("variants").and_then(|v| v.as_array_mut()) {
+        for v in variants.iter_mut().filter_map(|v| v.as_object_mut()) {
+            fill(v)?;
+            if let Some(parts) = v.get_mut("parts").and_then(|p| p.as_object_mut()) {
+                for part in parts.values_mut().filter_map(|p| p.as_object_mut()) {
+                    fill(part)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a pull that would not fit, with the numbers.
+fn check_disk(dir: &Path, layers: &[Layer]) -> Result<(), PullError> {
+    let have = |name: &str| {
+        let done = std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+        let part = std::fs::metadata(dir.join(format!("{name}.part"))).map_or(0, |m| m.len());
+        done.max(part)
+    };
+    let need: u64 = layers.iter().map(|l| l.size.unwrap_or(0).saturating_sub(have(&l.name))).sum();
+    let free = free_bytes(dir)?;
+    if need.saturating_add(DISK_MARGIN) > free {
+        return Err(PullError::disk(format!(
+            "the pull needs {} MiB more and {} has {} MiB free (keeping {} MiB spare)",
+            need.div_ceil(1 << 20),
+            dir.display(),
+            free >> 20,
+            DISK_MARGIN >> 20
+        )));
+    }
+    Ok(())
+}
+
+fn free_bytes(dir: &Path) -> Result<u64, PullError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| PullError::disk("a NUL in the path"))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(PullError::disk(format!("cannot read the free space of {}", dir.display())));
+    }
+    Ok(u64::from(s.f_bavail).saturating_mul(u64::from(s.f_frsize)))
+}
+
+/// Downloads `layer` to `dest` (through `dest.part`, resumed), verified; returns the bytes fetched.
+/// A resumed download whose bytes do not verify (the part on disk was not
+/// the start of this file) is fetched again whole, once.
+async fn download(
+    client: &http::Client,
+    layer: &Layer,
+    headers: &[(HeaderName, String)],
+    dest: &Path,
+    max: Option<u64>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<u64, PullError> {
+    if dest.is_file() && sha256_of(dest, u64::MAX)?.0 == layer.sha256 {
+        progress(Progress::Present { file: layer.name.clone() });
+        return Ok(0);
+    }
+    match fetch_file(client, layer, headers, dest, max, progress).await {
+        Err(e) if e.kind == PullErrorKind::Digest && e.message.contains("resumed") => {
+            fetch_file(client, layer, headers, dest, max, progress).await
+        }
+        other => other,
+    }
+}
+
+async fn fetch_file(
+    client: &http::Client,
+    layer: &Layer,
+    headers: &[(HeaderName, String)],
+    dest: &Path,
+    max: Option<u64>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<u64, PullError> {
+    let file = layer.name.clone();
+    let limit = match (layer.size, max) {
+        (Some(s), Some(m)) if s > m => {
+            return Err(PullError::artifact(format!("{file} is {s} bytes, over the {m} allowed")));
+        }
+        (Some(s), _) => s,
+        (None, Some(m)) => m,
+        (None, None) => u64::MAX,
+    };
+    let part = dest.with_file_name(format!("{}.part", layer.name));
+    // What is already there: hashed, then asked for from where it ends.
+    let (mut hasher, mut have) = match std::fs::metadata(&part) {
+        Ok(m) if m.len() > 0 && m.len() <= limit => {
+            let (_, hasher, len) = sha256_of(&part, limit)?;
+            (hasher, len)
+        }
+        _ => (Sha256::new(), 0),
+    };
+    let mut sent: Vec<(HeaderName, String)> = headers.to_vec();
+    if have > 0 {
+        sent.push((RANGE, format!("bytes={have}-")));
+    }
+    let response = client.get(&layer.url, &sent).await?;
+    let resumed = have > 0 && response.status == hyper::StatusCode::PARTIAL_CONTENT;
+    if !response.status.is_success() {
+        let status = response.status;
+        return Err(if status == hyper::StatusCode::NOT_FOUND {
+            PullError::not_found(format!("{}: not found (404)", layer.url))
+        } else if status == hyper::StatusCode::UNAUTHORIZED || status == hyper::StatusCode::FORBIDDEN {
+            PullError::auth(format!("{}: access refused ({status})", layer.url))
+        } else {
+            PullError::network(format!("{}: the server answered {status}", layer.url))
+        });
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resumed)
+        .truncate(!resumed)
+        .open(&part)
+        .map_err(|e| PullError::disk(format!("cannot write {}: {e}", part.display())))?;
+    if !resumed {
+        hasher = Sha256::new();
+        have = 0;
+    }
+    let mut body = response.body;
+    let mut fetched = 0u64;
+    let mut reported = have;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| PullError::network(format!("downloading {file}: {e}")))?;
+        let Some(data) = frame.data_ref() else { continue };
+        if have + data.len() as u64 > limit {
+            drop(out);
+            let _ = std::fs::remove_file(&part);
+            return Err(PullError::digest(format!("{file} is longer than its {limit} bytes")));
+        }
+        out.write_all(data).map_err(|e| PullError::disk(format!("writing {}: {e}", part.display())))?;
+        hasher.update(data);
+        have += data.len() as u64;
+        fetched += data.len() as u64;
+        if have - reported >= 4 << 20 {
+            reported = have;
+            progress(Progress::Bytes { file: file.clone(), done: have, total: layer.size });
+        }
+    }
+    out.sync_all().map_err(|e| PullError::disk(format!("writing {}: {e}", part.display())))?;
+    drop(out);
+    progress(Progress::Bytes { file: file.clone(), done: have, total: layer.size });
+    let got = hex::encode(hasher.finalize());
+    if got != layer.sha256 {
+        let _ = std::fs::remove_file(&part);
+        return Err(PullError::digest(format!(
+            "{file}: the bytes{} have sha256 {got}, not the {} the source names; nothing was kept",
+            if resumed { " (resumed)" } else { "" },
+            layer.sha256
+        )));
+    }
+    std::fs::rename(&part, dest).map_err(|e| PullError::disk(format!("cannot rename {}: {e}", part.display())))?;
+    progress(Progress::Verified { file, sha256: got });
+    Ok(fetched)
+}
+
+/// The sha256 (hex) of a file's first `limit` bytes, the hasher, and how many bytes were read.
+fn sha256_of(path: &Path, limit: u64) -> Result<(String, Sha256, u64), PullError> {
+    let f = std::fs::File::open(path).map_err(|e| PullError::disk(format!("cannot read {}: {e}", path.display())))?;
+    let mut reader = f.take(limit);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let read = reader.read(&mut buf).map_err(|e| PullError::disk(format!("reading {}: {e}", path.display())))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buf[..read]);
+        n += read as u64;
+    }
+    Ok((hex::encode(hasher.clone().finalize()), hasher, n))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| PullError::disk(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_never_leave_the_folder() {
+        for ok in ["model.json", "fp32.onnx", "labels.txt", "tokenizer.json", "a-b_c+1.onnx"] {
+            assert!(check_file_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../x", "a/b", "/etc/passwd", ".hidden", "..", "x.part", "a\\b", "sp ace", "ü.onnx"] {
+            assert_eq!(check_file_name(bad).unwrap_err().kind, PullErrorKind::Artifact, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sums_are_filled_from_the_artifact_and_a_wrong_stated_one_is_refused() {
+        let layers = vec![Layer { name: "a.onnx".into(), sha256: "ab".repeat(32), size: Some(1), url: String::new() }];
+        let mut entry = serde_json::json!({"name": "m", "variants": [{"name": "v", "file": "a.onnx"}]});
+        fill_sums(entry.as_object_mut().unwrap(), &layers).unwrap();
+        assert_eq!(entry["variants"][0]["sha256"], "ab".repeat(32));
+        let mut wrong = serde_json::json!({"variants": [{"name": "v", "file": "a.onnx", "sha256": "cd".repeat(32)}]});
+        assert_eq!(fill_sums(wrong.as_object_mut().unwrap(), &layers).unwrap_err().kind, PullErrorKind::Digest);
+        let mut missing = serde_json::json!({"variants": [{"name": "v", "file": "b.onnx"}]});
+        assert_eq!(fill_sums(missing.as_object_mut().unwrap(), &layers).unwrap_err().kind, PullErrorKind::Artifact);
+    }
+}
