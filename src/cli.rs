@@ -224,9 +224,9 @@ pub fn pull(cli: &Cli, config: &Config, source: &str, name: Option<&str>, json: 
             }
             eprintln!("inferd pull: {e}");
             match e.kind {
-                crate::pull::PullErrorKind::Source | crate::pull::PullErrorKind::Artifact | crate::pull::PullErrorKind::Digest => {
-                    exit::BAD_INPUT
-                }
+                crate::pull::PullErrorKind::Source
+                | crate::pull::PullErrorKind::Artifact
+                | crate::pull::PullErrorKind::Digest => exit::BAD_INPUT,
                 crate::pull::PullErrorKind::NotFound => exit::UNKNOWN_MODEL,
                 crate::pull::PullErrorKind::Network => exit::UNREACHABLE,
                 _ => exit::FAILURE,

@@ -349,7 +349,8 @@ impl Registry {
             let file = folder.join("model.json");
             let place = format!("{}:", file.display());
             let mut text = String::new();
-            let read = std::fs::File::open(&file).and_then(|f| f.take(MAX_REGISTRY_BYTES + 1).read_to_string(&mut text));
+            let read =
+                std::fs::File::open(&file).and_then(|f| f.take(MAX_REGISTRY_BYTES + 1).read_to_string(&mut text));
             let object = match read.map_err(|e| e.to_string()).and_then(|_| {
                 serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text).map_err(|e| e.to_string())
             }) {
@@ -374,7 +375,9 @@ impl Registry {
             let mut all = Vec::new();
             self.validate_structure(&places, &mut all);
             // models.json's own models were validated when read; what is new is the entries'.
-            problems.extend(all.into_iter().filter(|p| !places[..main].iter().any(|m| p.path.starts_with(&format!("{m}.")))));
+            problems.extend(
+                all.into_iter().filter(|p| !places[..main].iter().any(|m| p.path.starts_with(&format!("{m}.")))),
+            );
             problems.extend(self.escaping_paths().into_iter().filter(|p| !p.path.starts_with("models[")));
         }
         if problems.is_empty() { Ok(()) } else { Err(RegistryError { file: self.file.clone(), problems }) }

@@ -269,7 +269,8 @@ impl Scheduler {
         // Until the model loads, jobs are prepared from its models.json section where the task can
         // (a generation request is tokenised and checked before any load).
         let registry = engine.registry();
-        let from_spec = registry.get(model).and_then(|m| m.task.spec_preparer(registry.dir_of(m), &engine.config().limits));
+        let from_spec =
+            registry.get(model).and_then(|m| m.task.spec_preparer(registry.dir_of(m), &engine.config().limits));
         let preparer: worker::PreparerCell = Arc::new(Mutex::new(
             from_spec.map(|make| Arc::new(crate::pipeline::Deferred::new(make)) as Arc<dyn crate::pipeline::Prepare>),
         ));

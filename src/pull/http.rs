@@ -75,7 +75,8 @@ impl Client {
             Some("http") => false,
             _ => return Err(PullError::source(format!("{uri}: only http(s) is fetched"))),
         };
-        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| PullError::source(format!("{uri} has no host")))?;
+        let host =
+            uri.host().filter(|h| !h.is_empty()).ok_or_else(|| PullError::source(format!("{uri} has no host")))?;
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         if !https && !self.plain_http_allowed(host, port) {
             return Err(PullError::refused(format!(
@@ -151,8 +152,8 @@ async fn tls_connect(
     tcp: tokio::net::TcpStream,
     client: &Client,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, PullError> {
-    let config = crate::intake::fetch::tls_config_with(client.ca_file.as_deref(), "pull.ca_file")
-        .map_err(PullError::refused)?;
+    let config =
+        crate::intake::fetch::tls_config_with(client.ca_file.as_deref(), "pull.ca_file").map_err(PullError::refused)?;
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| PullError::source(format!("{host}: {e}")))?;
     tokio_rustls::TlsConnector::from(config)
@@ -162,7 +163,11 @@ async fn tls_connect(
 }
 
 #[cfg(not(feature = "tls"))]
-async fn tls_connect(_host: &str, _tcp: tokio::net::TcpStream, _client: &Client) -> Result<tokio::net::TcpStream, PullError> {
+async fn tls_connect(
+    _host: &str,
+    _tcp: tokio::net::TcpStream,
+    _client: &Client,
+) -> Result<tokio::net::TcpStream, PullError> {
     Err(PullError::refused("https needs inferd built with its 'tls' feature"))
 }
 

@@ -227,22 +227,34 @@ pub async fn pull(
     let root = models_json.parent().map(Path::to_path_buf).unwrap_or_default().join(MODELS_D);
     // The entry first (small): it names the model, so the staging folder.
     let scratch = root.join(".pull");
-    std::fs::create_dir_all(&scratch).map_err(|e| PullError::disk(format!("cannot create {}: {e}", scratch.display())))?;
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| PullError::disk(format!("cannot create {}: {e}", scratch.display())))?;
     let entry_file = scratch.join(format!("{}.model.json", &entry_layer.sha256[..16]));
     let downloaded_entry = download(&client, entry_layer, &headers, &entry_file, Some(MAX_ENTRY), progress).await?;
     let mut entry = read_entry(&entry_file)?;
     let name = match name {
         Some(n) => n.to_string(),
-        None => entry.get("name").and_then(|n| n.as_str()).map(str::to_string).ok_or_else(|| {
-            PullError::artifact("model.json has no \"name\" (or pass --name)")
-        })?,
+        None => entry
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| PullError::artifact("model.json has no \"name\" (or pass --name)"))?,
     };
     if !crate::registry::valid_name(&name) {
         return Err(PullError::artifact(format!("'{name}' is not a valid model name")));
     }
     entry.insert("name".into(), serde_json::Value::String(name.clone()));
     let staging = scratch.join(&name);
-    std::fs::create_dir_all(&staging).map_err(|e| PullError::disk(format!("cannot create {}: {e}", staging.display())))?;
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| PullError::disk(format!("cannot create {}: {e}", staging.display())))?;
+    // Files the model already has, unchanged, are taken from its folder, not fetched again.
+    let target = root.join(&name);
+    for layer in &layers {
+        let (have, staged) = (target.join(&layer.name), staging.join(&layer.name));
+        if have.is_file() && !staged.exists() {
+            let _ = std::fs::hard_link(&have, &staged).or_else(|_| std::fs::copy(&have, &staged).map(|_| ()));
+        }
+    }
     check_disk(&staging, &layers)?;
 
     // The files, a few at once.
@@ -275,19 +287,22 @@ pub async fn pull(
     let referenced = check.models[0].files();
     for f in &referenced {
         if !layers.iter().any(|l| Path::new(&l.name) == f.as_path()) {
-            return Err(PullError::artifact(format!("model.json names {}, which the artifact does not carry", f.display())));
+            return Err(PullError::artifact(format!(
+                "model.json names {}, which the artifact does not carry",
+                f.display()
+            )));
         }
     }
     // Swap: the old folder aside, the new one in, the old one gone.
-    let target = root.join(&name);
     let old = scratch.join(format!("{name}.old"));
     let _ = std::fs::remove_dir_all(&old);
     if target.exists() {
-        std::fs::rename(&target, &old).map_err(|e| PullError::disk(format!("cannot move {} aside: {e}", target.display())))?;
+        std::fs::rename(&target, &old)
+            .map_err(|e| PullError::disk(format!("cannot move {} aside: {e}", target.display())))?;
     }
-    std::fs::rename(&staging, &target).map_err(|e| PullError::disk(format!("cannot put {} in place: {e}", target.display())))?;
+    std::fs::rename(&staging, &target)
+        .map_err(|e| PullError::disk(format!("cannot put {} in place: {e}", target.display())))?;
     let _ = std::fs::remove_dir_all(&old);
-    let _ = std::fs::remove_file(&entry_file);
     let files = layers.iter().map(|l| l.name.clone()).collect();
     let bytes = layers.iter().map(|l| std::fs::metadata(target.join(&l.name)).map_or(0, |m| m.len())).sum();
     Ok(Pulled { name, dir: target, digest, files, bytes, downloaded })

@@ -31,8 +31,11 @@ pub struct Reference {
 
 impl Reference {
     pub fn parse(source: &str) -> Result<Reference, PullError> {
-        let rest = source.strip_prefix("oci://").ok_or_else(|| PullError::source(format!("'{source}' is not oci://")))?;
-        let bad = |why: &str| PullError::source(format!("'{source}': {why} (oci://REGISTRY/REPOSITORY:TAG or @sha256:DIGEST)"));
+        let rest =
+            source.strip_prefix("oci://").ok_or_else(|| PullError::source(format!("'{source}' is not oci://")))?;
+        let bad = |why: &str| {
+            PullError::source(format!("'{source}': {why} (oci://REGISTRY/REPOSITORY:TAG or @sha256:DIGEST)"))
+        };
         let (registry, path) = rest.split_once('/').ok_or_else(|| bad("no repository"))?;
         if registry.is_empty() {
             return Err(bad("no registry"));
@@ -92,9 +95,13 @@ pub struct Session<'a> {
 impl<'a> Session<'a> {
     pub fn new(client: &'a Client, reference: Reference, credentials: Option<(String, String)>) -> Session<'a> {
         let host = reference.registry.rsplit_once(':').map_or(reference.registry.as_str(), |(h, _)| h);
-        let loopback = host == "localhost" || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let loopback = host == "localhost"
+            || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         let plain = loopback
-            || client.plain_http.iter().any(|h| h.eq_ignore_ascii_case(&reference.registry) || h.eq_ignore_ascii_case(host));
+            || client
+                .plain_http
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&reference.registry) || h.eq_ignore_ascii_case(host));
         let base = format!("{}://{}", if plain { "http" } else { "https" }, reference.registry);
         Session { client, base, reference, credentials, authorization: None }
     }
@@ -125,7 +132,9 @@ impl<'a> Session<'a> {
                 .digest
                 .strip_prefix("sha256:")
                 .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                .ok_or_else(|| PullError::artifact(format!("layer '{title}' has digest {}: only sha256 is read", d.digest)))?
+                .ok_or_else(|| {
+                    PullError::artifact(format!("layer '{title}' has digest {}: only sha256 is read", d.digest))
+                })?
                 .to_ascii_lowercase();
             let url = format!("{}/v2/{}/blobs/{}", self.base, self.reference.repository, d.digest);
             layers.push(Layer { name: title, sha256, size: Some(d.size), url });
@@ -192,7 +201,8 @@ impl<'a> Session<'a> {
                 }
                 let t: Token = serde_json::from_slice(&body)
                     .map_err(|e| PullError::auth(format!("the token service's answer: {e}")))?;
-                let token = t.token.or(t.access_token).ok_or_else(|| PullError::auth("the token service gave no token"))?;
+                let token =
+                    t.token.or(t.access_token).ok_or_else(|| PullError::auth("the token service gave no token"))?;
                 Ok(format!("Bearer {token}"))
             }
             _ => Err(PullError::auth(format!(
@@ -279,7 +289,8 @@ pub fn credentials(auth_file: &std::path::Path, registry: &str) -> Result<Option
     }
     let file: AuthFile = serde_json::from_str(&text)
         .map_err(|e| PullError::auth(format!("the auth file {}: {e}", auth_file.display())))?;
-    let key = |k: &str| k.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let key =
+        |k: &str| k.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_string();
     let Some(entry) = file.auths.iter().find(|(k, _)| key(k) == registry).map(|(_, e)| e) else {
         return Ok(None);
     };
@@ -291,7 +302,9 @@ pub fn credentials(auth_file: &std::path::Path, registry: &str) -> Result<Option
         .decode(auth.trim())
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| PullError::auth(format!("the auth file's entry for {registry} is not base64 of user:password")))?;
+        .ok_or_else(|| {
+            PullError::auth(format!("the auth file's entry for {registry} is not base64 of user:password"))
+        })?;
     let (u, p) = decoded
         .split_once(':')
         .ok_or_else(|| PullError::auth(format!("the auth file's entry for {registry} is not user:password")))?;
@@ -305,7 +318,10 @@ mod tests {
     #[test]
     fn references_read_tags_digests_and_ports() {
         let r = Reference::parse("oci://127.0.0.1:5000/models/color:v2").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.reference.as_str()), ("127.0.0.1:5000", "models/color", "v2"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.reference.as_str()),
+            ("127.0.0.1:5000", "models/color", "v2")
+        );
         let r = Reference::parse("oci://reg.example/a/b").unwrap();
         assert_eq!(r.reference, "latest");
         let d = format!("sha256:{}", "a".repeat(64));
@@ -318,7 +334,9 @@ mod tests {
 
     #[test]
     fn bearer_challenges_are_read_with_quotes_and_commas() {
-        let p = challenge_params(r#"realm="https://auth.example/token",service="registry.example",scope="repository:m:pull,push""#);
+        let p = challenge_params(
+            r#"realm="https://auth.example/token",service="registry.example",scope="repository:m:pull,push""#,
+        );
         assert_eq!(p["realm"], "https://auth.example/token");
         assert_eq!(p["service"], "registry.example");
         assert_eq!(p["scope"], "repository:m:pull,push");

@@ -1,0 +1,333 @@
+//! `inferd pull` against a real OCI registry: Debian's `docker-registry`
+//! (CNCF distribution) on a free loopback port, artifacts pushed with the
+//! `oras` Python SDK (scripts/oci_push.py; scripts/setup.sh installs both).
+
+mod util;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use util::*;
+
+/// A registry process with its storage in a temporary folder.
+struct OciRegistry {
+    port: u16,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl OciRegistry {
+    /// Anonymous, or with one htpasswd user (a Basic challenge, as private registries answer).
+    fn start(user: Option<(&str, &str)>) -> OciRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((u, p)) = user {
+            let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd (apache2-utils) runs");
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+            config += &format!(
+                "auth:\n  htpasswd:\n    realm: inferd-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+        }
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let child = Command::new("docker-registry")
+            .args(["serve", &dir.path().join("config.yml").display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry runs (scripts/setup.sh installs it)");
+        let end = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "the registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OciRegistry { port, _dir: dir, child }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes every file of `folder` with oras; returns the manifest's digest.
+    fn push(&self, target: &str, folder: &Path, user: Option<&str>) -> String {
+        self.run_push(&[target, &folder.display().to_string()], user)
+    }
+
+    /// Pushes `TITLE=FILE` layers by hand (what oras would not publish).
+    fn push_raw(&self, target: &str, layers: &[(&str, &Path)]) -> String {
+        let mut args = vec![target.to_string(), "--raw".into()];
+        args.extend(layers.iter().map(|(t, f)| format!("{t}={}", f.display())));
+        self.run_push(&args.iter().map(String::as_str).collect::<Vec<_>>(), None)
+    }
+
+    fn run_push(&self, args: &[&str], user: Option<&str>) -> String {
+        let mut cmd = Command::new(repo(".cache/oras-venv/bin/python"));
+        cmd.arg(repo("scripts/oci_push.py")).arg(self.host()).args(args);
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        let out = cmd.output().expect("the oras venv (scripts/setup.sh) runs");
+        assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The shipped colour classifier as an artifact folder: model.json (paths relative to it) and its files.
+fn color_artifact(extra: &[(&str, &[u8])], entry_edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut entry = shipped_model("color");
+    entry["variants"][0]["file"] = json!("color.onnx");
+    entry["variants"][0].as_object_mut().unwrap().remove("sha256");
+    entry["labels"] = json!("labels.txt");
+    entry_edit(&mut entry);
+    std::fs::write(dir.path().join("model.json"), serde_json::to_vec_pretty(&entry).unwrap()).unwrap();
+    std::fs::copy(repo("models/color/color.onnx"), dir.path().join("color.onnx")).unwrap();
+    std::fs::copy(repo("models/color/labels.txt"), dir.path().join("labels.txt")).unwrap();
+    for (name, bytes) in extra {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    dir
+}
+
+/// An empty registry folder (models.json with no models) to pull into.
+fn empty_registry() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("models.json");
+    std::fs::write(&file, r#"{"version": 1, "models": []}"#).unwrap();
+    (dir, file)
+}
+
+fn pull(models: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, Value, String) {
+    let mut all = vec!["pull", "--models", models.to_str().unwrap(), "--json"];
+    all.extend_from_slice(args);
+    // No credentials unless the test gives an auth file.
+    let nowhere = std::env::temp_dir().join("inferd-tests-no-docker-config");
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    if !env.iter().any(|(k, _)| *k == "DOCKER_CONFIG") {
+        env.push(("DOCKER_CONFIG", nowhere.to_str().unwrap()));
+    }
+    let out = inferd_env(&all, &env);
+    let (stdout, stderr) = text(&out);
+    let json = stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), json, stderr)
+}
+
+#[test]
+fn a_model_pulled_by_tag_and_by_digest_is_checked_and_serves() {
+    let reg = OciRegistry::start(None);
+    let art = color_artifact(&[], |_| {});
+    let digest = reg.push("models/color:1", art.path(), None);
+    let (dir, models) = empty_registry();
+    let source = format!("oci://{}/models/color:1", reg.host());
+    let (code, got, stderr) = pull(&models, &[&source, "--name", "color-pulled"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(got["digest"], digest.as_str(), "{got}");
+    assert_eq!(got["files"].as_array().unwrap().len(), 3, "{got}");
+    assert!(stderr.contains("color.onnx: sha256"), "progress on stderr: {stderr}");
+    // The entry has its sum, the files are in models.d/NAME, nothing is left in the staging folder.
+    let folder = dir.path().join("models.d/color-pulled");
+    let entry: Value = serde_json::from_slice(&std::fs::read(folder.join("model.json")).unwrap()).unwrap();
+    assert_eq!(entry["name"], "color-pulled");
+    assert_eq!(entry["variants"][0]["sha256"], sha256_of(&repo("models/color/color.onnx")).as_str());
+    assert!(!dir.path().join("models.d/.pull/color-pulled").exists());
+    let out = inferd(&["check", "--models", models.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out =
+        inferd(&["infer", "--local", "--models", models.to_str().unwrap(), "-m", "color-pulled", "examples/red.jpg"]);
+    assert!(out.status.success() && text(&out).0.contains("red"), "{:?}", text(&out));
+    // By digest: the same files, all already here, none fetched.
+    let by_digest = format!("oci://{}/models/color@{digest}", reg.host());
+    let (code, again, stderr) = pull(&models, &[&by_digest, "--name", "color-pulled"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((again["downloaded"].as_u64(), again["digest"].as_str()), (Some(0), Some(digest.as_str())), "{again}");
+    // A digest the registry does not have, and a tag it does not have.
+    let missing = format!("oci://{}/models/color@sha256:{}", reg.host(), "0".repeat(64));
+    let (code, _, stderr) = pull(&models, &[&missing], &[]);
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+    let (code, _, stderr) = pull(&models, &[&format!("oci://{}/models/color:nope", reg.host())], &[]);
+    assert_eq!(code, 5, "{stderr}");
+}
+
+#[test]
+fn a_private_repository_is_pulled_with_the_auth_files_credentials() {
+    let reg = OciRegistry::start(Some(("alice", "s3cret")));
+    let art = color_artifact(&[], |_| {});
+    reg.push("private/color:1", art.path(), Some("alice:s3cret"));
+    let (dir, models) = empty_registry();
+    let source = format!("oci://{}/private/color:1", reg.host());
+    let (code, _, stderr) = pull(&models, &[&source], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("needs credentials") && stderr.contains("oras login"), "{stderr}");
+    let auth = |password: &str| {
+        let d = tempfile::tempdir().unwrap();
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("alice:{password}"));
+        let file = json!({"auths": {reg.host(): {"auth": token}}});
+        std::fs::write(d.path().join("config.json"), file.to_string()).unwrap();
+        d
+    };
+    let wrong = auth("guess");
+    let (code, _, stderr) = pull(&models, &[&source], &[("DOCKER_CONFIG", wrong.path().to_str().unwrap())]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("access refused"), "{stderr}");
+    let right = auth("s3cret");
+    let (code, got, stderr) = pull(&models, &[&source], &[("DOCKER_CONFIG", right.path().to_str().unwrap())]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(got["name"], "color");
+    assert!(dir.path().join("models.d/color/color.onnx").is_file());
+}
+
+#[test]
+fn an_interrupted_download_resumes_and_a_part_that_is_not_the_file_is_fetched_again() {
+    let reg = OciRegistry::start(None);
+    // 3 MiB of data beside the model, so a cut leaves a real part behind.
+    let blob: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let art = color_artifact(&[("weights.bin", &blob)], |_| {});
+    reg.push("models/big:1", art.path(), None);
+    let (dir, models) = empty_registry();
+    let source = format!("oci://{}/models/big:1", reg.host());
+    // What a kill -9 in the middle of the download leaves: the first half in the staging folder.
+    let staging = dir.path().join("models.d/.pull/color");
+    std::fs::create_dir_all(&staging).unwrap();
+    let half = blob.len() / 2;
+    std::fs::write(staging.join("weights.bin.part"), &blob[..half]).unwrap();
+    let (code, got, stderr) = pull(&models, &[&source], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let small: u64 = ["model.json", "color.onnx", "labels.txt"]
+        .iter()
+        .map(|f| std::fs::metadata(art.path().join(f)).unwrap().len())
+        .sum();
+    assert_eq!(got["downloaded"].as_u64().unwrap(), small + (blob.len() - half) as u64, "only the rest: {got}");
+    assert_eq!(std::fs::read(dir.path().join("models.d/color/weights.bin")).unwrap(), blob);
+    // A part that is not the start of the file: the resumed bytes do not verify, the file is fetched whole.
+    let (dir, models) = empty_registry();
+    let staging = dir.path().join("models.d/.pull/color");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("weights.bin.part"), vec![7u8; half]).unwrap();
+    let (code, got, stderr) = pull(&models, &[&source], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(got["downloaded"].as_u64().unwrap() >= blob.len() as u64, "{got}");
+    assert_eq!(std::fs::read(dir.path().join("models.d/color/weights.bin")).unwrap(), blob);
+}
+
+#[test]
+fn bad_artifacts_are_refused_with_the_reason_and_change_nothing() {
+    let reg = OciRegistry::start(None);
+    let good = color_artifact(&[], |_| {});
+    reg.push("models/color:good", good.path(), None);
+    let (dir, models) = empty_registry();
+    let (code, _, stderr) = pull(&models, &[&format!("oci://{}/models/color:good", reg.host())], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let serving = std::fs::read(dir.path().join("models.d/color/model.json")).unwrap();
+    let tree = |d: &Path| {
+        let mut all: Vec<String> = walk(d).iter().map(|p| p.strip_prefix(d).unwrap().display().to_string()).collect();
+        all.sort();
+        all
+    };
+    let before = tree(dir.path());
+
+    // A file name that climbs out of the model's folder.
+    let evil = tempfile::tempdir().unwrap();
+    std::fs::write(evil.path().join("x"), b"payload").unwrap();
+    reg.push_raw(
+        "models/evil:1",
+        &[("model.json", &good.path().join("model.json")), ("../../evil.onnx", &evil.path().join("x"))],
+    );
+    // A model.json that states another sum for its file.
+    let lying = color_artifact(&[], |e| e["variants"][0]["sha256"] = json!("ab".repeat(32)));
+    reg.push("models/color:lying", lying.path(), None);
+    // A model.json naming a file the artifact does not carry.
+    let short = color_artifact(&[], |e| e["variants"][0]["file"] = json!("missing.onnx"));
+    reg.push("models/color:short", short.path(), None);
+    // No model.json; a model.json that is not JSON; an entry the registry refuses.
+    reg.push_raw("models/bare:1", &[("color.onnx", &good.path().join("color.onnx"))]);
+    std::fs::write(evil.path().join("model.json"), b"{not json").unwrap();
+    reg.push_raw("models/broken:1", &[("model.json", &evil.path().join("model.json"))]);
+    let bad_entry = color_artifact(&[], |e| e["input"]["layout"] = json!("sideways"));
+    reg.push("models/color:bad-entry", bad_entry.path(), None);
+
+    for (tag, why) in [
+        ("evil:1", "not a plain file name"),
+        ("color:lying", "sha256"),
+        ("color:short", "does not carry"),
+        ("bare:1", "no model.json"),
+        ("broken:1", "not JSON"),
+        ("color:bad-entry", "not a valid entry"),
+    ] {
+        let (code, got, stderr) =
+            pull(&models, &[&format!("oci://{}/models/{tag}", reg.host()), "--name", "color"], &[]);
+        assert_eq!(code, 4, "{tag}: {stderr}");
+        assert!(stderr.contains(why), "{tag}: {stderr}");
+        assert!(got["error"].as_str().is_some_and(|e| e.contains(why)), "{tag}: {got}");
+        assert_eq!(std::fs::read(dir.path().join("models.d/color/model.json")).unwrap(), serving, "{tag}");
+    }
+    assert!(!dir.path().join("evil.onnx").exists() && !dir.path().join("models.d/evil.onnx").exists());
+    let after: Vec<String> = tree(dir.path()).into_iter().filter(|p| !p.starts_with("models.d/.pull")).collect();
+    assert_eq!(after, before.into_iter().filter(|p| !p.starts_with("models.d/.pull")).collect::<Vec<_>>());
+    let out = inferd(&["check", "--models", models.to_str().unwrap()]);
+    assert!(out.status.success(), "the pulled model still serves: {:?}", text(&out));
+}
+
+#[test]
+fn models_d_entries_join_the_registry_and_may_not_clash_or_leave_their_folder() {
+    let dir = TempRegistry::new(&json!({"version": 1, "models": [shipped_model("color")]}));
+    let add = |name: &str, entry: Value| {
+        let folder = dir.dir.path().join("models.d").join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(repo("models/color/color.onnx"), folder.join("color.onnx")).unwrap();
+        std::fs::copy(repo("models/color/labels.txt"), folder.join("labels.txt")).unwrap();
+        std::fs::write(folder.join("model.json"), entry.to_string()).unwrap();
+        folder
+    };
+    let mut entry = shipped_model("color");
+    entry["name"] = json!("color-two");
+    entry["variants"][0]["file"] = json!("color.onnx");
+    entry["labels"] = json!("labels.txt");
+    add("color-two", entry.clone());
+    let out = inferd(&["models", "--models", &dir.path_str()]);
+    assert!(out.status.success() && text(&out).0.contains("color-two"), "{:?}", text(&out));
+    let out = inferd(&["infer", "--local", "--models", &dir.path_str(), "-m", "color-two", "examples/blue.jpg"]);
+    assert!(out.status.success() && text(&out).0.contains("blue"), "{:?}", text(&out));
+    // A second model called color: refused by name, where it is written.
+    let mut clash = entry.clone();
+    clash["name"] = json!("color");
+    let folder = add("clash", clash);
+    let out = inferd(&["check", "--models", &dir.path_str()]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success() && stderr.contains("duplicate model name 'color'"), "{stderr}");
+    assert!(stderr.contains("models.d/clash/model.json"), "{stderr}");
+    std::fs::remove_dir_all(folder).unwrap();
+    // A path out of its folder is refused even where models_outside allows it for models.json.
+    let mut escape = entry.clone();
+    escape["name"] = json!("escape");
+    escape["variants"][0]["file"] = json!("../color-two/color.onnx");
+    add("escape", escape);
+    let out = inferd(&["check", "--models", &dir.path_str()]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success() && stderr.contains("outside the folder"), "{stderr}");
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
