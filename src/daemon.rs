@@ -286,27 +286,7 @@ async fn apply_reload(
     let config = (reload.reread)()?;
     let registry =
         registry::Registry::load_confined(&config.registry_path(), config.models_outside).map_err(|e| e.to_string())?;
-    let old = scheduler.engine();
     let engine_changed = config.runtime != current.runtime || config.limits != current.limits;
-    let (added, changed, removed) = registry_diff(old.registry(), &registry);
-    // Every file a reload brings in is verified (sha256, declared inputs and
-    // outputs) before anything is swapped: a bad one keeps the old set serving.
-    let incoming: std::collections::HashSet<String> = added.iter().chain(&changed).cloned().collect();
-    let registry = Arc::new(registry);
-    let checked = registry.clone();
-    let problems = tokio::task::spawn_blocking(move || checked.check_models(|name| incoming.contains(name)))
-        .await
-        .map_err(|e| format!("the registry check failed: {e}"))?;
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
-        return Err(format!("{} is not valid: {}", config.registry_path().display(), list.join("; ")));
-    }
-    let registry = Arc::try_unwrap(registry).map_err(|_| "the registry is still shared".to_string())?;
-    let stale: Vec<String> = if engine_changed {
-        old.registry().models.iter().map(|m| m.name.clone()).collect()
-    } else {
-        changed.iter().chain(&removed).cloned().collect()
-    };
     let restart_only: Vec<&str> = [
         ("socket", config.socket != current.socket),
         ("mqtt", config.mqtt != current.mqtt),
@@ -320,7 +300,48 @@ async fn apply_reload(
     if !restart_only.is_empty() {
         tracing::warn!("changes to [{}] take effect at the next restart", restart_only.join("], ["));
     }
-    scheduler.replace_engine(engine::Engine::new(config.clone(), registry), stale).await;
+    swap_registry(scheduler, config.clone(), registry, engine_changed).await?;
+    Ok(config)
+}
+
+/// Reads the running daemon's models.json (and its models.d) again and swaps
+/// in what changed, as a reload does with the configuration kept: what a pull
+/// over the socket ends with. Returns the models added or changed.
+pub async fn reload_registry(scheduler: &scheduler::Scheduler) -> Result<Vec<String>, String> {
+    let old = scheduler.engine();
+    let config = old.config().clone();
+    let registry =
+        registry::Registry::load_confined(&old.registry().file, config.models_outside).map_err(|e| e.to_string())?;
+    swap_registry(scheduler, config, registry, false).await
+}
+
+/// Verifies what `registry` adds or changes (sha256, declared inputs and
+/// outputs) and swaps it in; a bad file keeps the old set serving.
+async fn swap_registry(
+    scheduler: &scheduler::Scheduler,
+    config: config::Config,
+    registry: registry::Registry,
+    engine_changed: bool,
+) -> Result<Vec<String>, String> {
+    let old = scheduler.engine();
+    let (added, changed, removed) = registry_diff(old.registry(), &registry);
+    let incoming: std::collections::HashSet<String> = added.iter().chain(&changed).cloned().collect();
+    let registry = Arc::new(registry);
+    let checked = registry.clone();
+    let problems = tokio::task::spawn_blocking(move || checked.check_models(|name| incoming.contains(name)))
+        .await
+        .map_err(|e| format!("the registry check failed: {e}"))?;
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        return Err(format!("{} is not valid: {}", registry.file.display(), list.join("; ")));
+    }
+    let registry = Arc::try_unwrap(registry).map_err(|_| "the registry is still shared".to_string())?;
+    let stale: Vec<String> = if engine_changed {
+        old.registry().models.iter().map(|m| m.name.clone()).collect()
+    } else {
+        changed.iter().chain(&removed).cloned().collect()
+    };
+    scheduler.replace_engine(engine::Engine::new(config, registry), stale).await;
     tracing::info!(
         added = ?added,
         changed = ?changed,
@@ -328,7 +349,7 @@ async fn apply_reload(
         "reloaded{}",
         if engine_changed { " (runtime or limits changed: every model reloads on its next job)" } else { "" }
     );
-    Ok(config)
+    Ok(added.into_iter().chain(changed).collect())
 }
 
 /// Models added, changed (any field, or where its files resolve) and removed between two registries.

@@ -331,3 +331,41 @@ fn walk(d: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_pull_over_the_socket_streams_its_progress_and_the_model_serves_at_once() {
+    let reg = OciRegistry::start(None);
+    let art = color_artifact(&[], |_| {});
+    let digest = reg.push("models/color:1", art.path(), None);
+    let d = Daemon::start(|_| {});
+    let ask = |body: Value| {
+        let r = d.client().post("/v1/models/pull", "application/json", body.to_string().as_bytes()).unwrap();
+        let lines: Vec<Value> =
+            String::from_utf8(r.body.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (r.status, r.content_type.clone(), lines)
+    };
+    let (status, kind, lines) =
+        ask(json!({"source": format!("oci://{}/models/color:1", reg.host()), "name": "color-pulled"}));
+    assert_eq!((status, kind.as_deref()), (200, Some("application/x-ndjson")), "{lines:?}");
+    assert_eq!(lines[0]["event"], "manifest", "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l["event"] == "verified").count(), 3, "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!((last["event"].as_str(), last["pulled"]["digest"].as_str()), (Some("done"), Some(digest.as_str())));
+    // Served at once, without a restart or a reload signal.
+    let red = std::fs::read(repo("examples/red.jpg")).unwrap();
+    let r = d.client().post("/v1/models/color-pulled/infer", "image/jpeg", &red).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json().unwrap()["result"]["classes"][0]["label"], "red", "{}", String::from_utf8_lossy(&r.body));
+    // A failed pull ends with its error and leaves the daemon serving.
+    let (status, _, lines) = ask(json!({"source": format!("oci://{}/models/nothing:1", reg.host())}));
+    assert_eq!(status, 200);
+    assert_eq!(lines.last().unwrap()["error"]["kind"], "not_found", "{lines:?}");
+    let (status, _, _) = ask(json!({"from": "somewhere"}));
+    assert_eq!(status, 400);
+    assert_eq!(d.client().post("/v1/models/color-pulled/infer", "image/jpeg", &red).unwrap().status, 200);
+    drop(d);
+    // Pulling is for the socket's administrators, as loading is.
+    let d = Daemon::start(|c| c.socket.admin_uids = vec![4_000_000]);
+    let r = d.client().post("/v1/models/pull", "application/json", br#"{"source": "oci://127.0.0.1:1/x:1"}"#).unwrap();
+    assert_eq!(r.status, 403);
+}

@@ -49,6 +49,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ready", get(ready))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(get_model))
+        // A model may be called "pull": GET still describes it; POST pulls.
+        .route("/v1/models/pull", post(pull).get(|app: State<AppState>| get_model(app, Path("pull".to_string()))))
         .route("/v1/models/{name}/infer", post(infer))
         .route("/v1/models/{name}/load", post(load))
         .route("/v1/models/{name}/unload", post(unload))
@@ -147,6 +149,53 @@ async fn get_model(State(app): State<AppState>, Path(name): Path<String>) -> Res
 async fn load(State(app): State<AppState>, Path(name): Path<String>) -> Response {
     let result = app.scheduler.load(&name).await;
     respond(result.and_then(|()| model_info(&app.scheduler, &name)))
+}
+
+/// `POST /v1/models/pull` `{"source": "oci://…", "name": "…"}` (admin): the pull's progress as
+/// NDJSON lines, then `{"event": "done", "pulled": {…}}` once the model is in the registry the
+/// daemon serves, or `{"event": "error", "error": {"kind", "message"}}`.
+async fn pull(State(app): State<AppState>, body: Body) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PullRequest {
+        source: String,
+        #[serde(default)]
+        name: Option<String>,
+    }
+    let request = match axum::body::to_bytes(body, 64 << 10).await {
+        Ok(bytes) => serde_json::from_slice::<PullRequest>(&bytes)
+            .map_err(|e| InferError::bad_input(format!("a pull is {{\"source\": \"oci://…\", \"name\": …}}: {e}"))),
+        Err(e) => Err(InferError::bad_input(format!("the request body: {e}"))),
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => return error_response(&e),
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let scheduler = app.scheduler.clone();
+    tokio::spawn(async move {
+        let engine = scheduler.engine();
+        let (file, cfg) = (engine.registry().file.clone(), engine.config().pull.clone());
+        drop(engine);
+        let progress = |p: crate::pull::Progress| {
+            let _ = tx.send(format!("{}\n", serde_json::to_string(&p).unwrap_or_default()));
+        };
+        let result = crate::pull::pull(&request.source, &file, request.name.as_deref(), &cfg, &progress).await;
+        let last = match result {
+            Ok(pulled) => match crate::daemon::reload_registry(&scheduler).await {
+                Ok(_) => serde_json::json!({"event": "done", "pulled": pulled}),
+                Err(why) => {
+                    serde_json::json!({"event": "error", "error": {"kind": "model_unavailable", "message": why}})
+                }
+            },
+            Err(e) => serde_json::json!({"event": "error", "error": {"kind": e.kind, "message": e.message}}),
+        };
+        let _ = tx.send(format!("{last}\n"));
+    });
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)), rx))
+    });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response()
 }
 
 async fn unload(State(app): State<AppState>, Path(name): Path<String>) -> Response {

@@ -40,7 +40,9 @@ impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
 
 /// Whether `method path` loads or unloads a model (the admin endpoints).
 pub fn is_admin(method: &Method, path: &str) -> bool {
-    method == Method::POST && path.starts_with("/v1/models/") && (path.ends_with("/load") || path.ends_with("/unload"))
+    method == Method::POST
+        && path.starts_with("/v1/models/")
+        && (path.ends_with("/load") || path.ends_with("/unload") || path == "/v1/models/pull")
 }
 
 /// Whether `peer` may call an admin endpoint under `admin_uids`.
@@ -146,6 +148,7 @@ mod tests {
         assert!(is_admin(&Method::POST, "/v1/models/color/load"));
         assert!(is_admin(&Method::POST, "/v1/models/color/unload"));
         assert!(!is_admin(&Method::POST, "/v1/models/color/infer"));
+        assert!(is_admin(&Method::POST, "/v1/models/pull"));
         assert!(!is_admin(&Method::GET, "/v1/models/color"));
     }
 
