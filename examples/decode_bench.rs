@@ -69,7 +69,7 @@ fn turbojpeg_scaled(bytes: &[u8], need: u32) -> RgbImage {
             bytes.len() as tj::size_t,
             out.as_mut_ptr(),
             sw * 3,
-            tj::TJPF_TJPF_RGB as i32,
+            tj::TJPF_TJPF_RGB,
         );
         assert_eq!(rc, 0);
         tj::tj3Destroy(h);

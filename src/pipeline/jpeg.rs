@@ -131,7 +131,7 @@ fn decode_with(h: &Handle, bytes: &[u8], limits: &Limits) -> Result<(RgbImage, b
     let mut out = vec![0u8; row * hh as usize];
     // SAFETY: `out` holds `hh` rows of `row` bytes in `format`, as TurboJPEG writes them.
     let status = unsafe {
-        tj::tj3Decompress8(h.0, bytes.as_ptr(), bytes.len() as tj::size_t, out.as_mut_ptr(), row as i32, format as i32)
+        tj::tj3Decompress8(h.0, bytes.as_ptr(), bytes.len() as tj::size_t, out.as_mut_ptr(), row as i32, format)
     };
     // SAFETY: a valid handle.
     if status != 0 && unsafe { tj::tj3GetErrorCode(h.0) } != tj::TJERR_TJERR_WARNING as i32 {

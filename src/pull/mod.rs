@@ -398,6 +398,8 @@ fn free_bytes(dir: &Path) -> Result<u64, PullError> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
         return Err(PullError::disk(format!("cannot read the free space of {}", dir.display())));
     }
+    // u64 on Linux; narrower on macOS.
+    #[allow(clippy::useless_conversion)]
     Ok(u64::from(s.f_bavail).saturating_mul(u64::from(s.f_frsize)))
 }
 
