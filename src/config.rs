@@ -672,6 +672,8 @@ impl Config {
                 .with_list_parse_key("socket.admin_uids")
                 .with_list_parse_key("limits.image_dirs")
                 .with_list_parse_key("limits.image_fetch.hosts")
+                .with_list_parse_key("pull.insecure")
+                .with_list_parse_key("pull.registries")
                 .source(Some(env)),
         );
         Self::finish(builder)

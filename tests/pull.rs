@@ -224,6 +224,59 @@ fn an_interrupted_download_resumes_and_a_part_that_is_not_the_file_is_fetched_ag
 }
 
 #[test]
+fn a_pull_killed_in_the_middle_resumes_where_it_stopped() {
+    let reg = OciRegistry::start(None);
+    let blob: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2246822519) >> 11) as u8).collect();
+    let art = color_artifact(&[("weights.bin", &blob)], |_| {});
+    reg.push("models/big:1", art.path(), None);
+    let (dir, models) = empty_registry();
+    let source = format!("oci://{}/models/big:1", reg.host());
+    // At 1 MiB/s (pull.max_kib_s) the 4 MiB file takes 4 s: kill -9 once half a MiB is on disk.
+    let nowhere = std::env::temp_dir().join("inferd-tests-no-docker-config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args(["pull", "--models", models.to_str().unwrap(), &source])
+        .env("INFERD_PULL__MAX_KIB_S", "1024")
+        .env("DOCKER_CONFIG", &nowhere)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let part = dir.path().join("models.d/.pull/color/weights.bin.part");
+    let end = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 512 << 10 {
+        assert!(Instant::now() < end && child.try_wait().unwrap().is_none(), "the pull should be under way");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = std::fs::metadata(&part).unwrap().len();
+    assert!(kept > 0 && kept < blob.len() as u64, "{kept}");
+    assert!(!dir.path().join("models.d/color").exists(), "no partial model in use");
+    let out = inferd(&["check", "--models", models.to_str().unwrap()]);
+    assert!(out.status.success(), "the registry reads without it: {:?}", text(&out));
+    // The next pull fetches only what the killed one had not.
+    let (code, got, stderr) = pull(&models, &[&source], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("weights.bin"), "{stderr}");
+    // (The small files were likely finished and verified before the kill: they count 0 or their size.)
+    let small: u64 =
+        ["color.onnx", "labels.txt"].iter().map(|f| std::fs::metadata(art.path().join(f)).unwrap().len()).sum();
+    let rest = blob.len() as u64 - kept;
+    let downloaded = got["downloaded"].as_u64().unwrap();
+    assert!((rest..=rest + small).contains(&downloaded), "{downloaded} fetched, {rest} of weights.bin left: {got}");
+    assert_eq!(std::fs::read(dir.path().join("models.d/color/weights.bin")).unwrap(), blob);
+}
+
+#[test]
+fn a_registry_outside_pull_registries_is_refused() {
+    let (_dir, models) = empty_registry();
+    let (code, _, stderr) =
+        pull(&models, &["oci://127.0.0.1:9/models/x:1"], &[("INFERD_PULL__REGISTRIES", "reg.corp.example,.lan")]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not in pull.registries"), "{stderr}");
+}
+
+#[test]
 fn bad_artifacts_are_refused_with_the_reason_and_change_nothing() {
     let reg = OciRegistry::start(None);
     let good = color_artifact(&[], |_| {});

@@ -127,15 +127,40 @@ pub struct PullConfig {
     pub parallel: usize,
     /// Connect and response timeout, seconds (the body may take longer).
     pub timeout_s: u64,
+    /// Registries a pull may fetch from (`host` or `host:port`; `.example.com`
+    /// for a domain and its subdomains); empty: any.
+    pub registries: Vec<String>,
+    /// Download rate over all of a pull's files, KiB/s; 0: no limit (a box on a
+    /// metered or shared uplink keeps room for its cameras' traffic).
+    pub max_kib_s: u64,
 }
 
 impl Default for PullConfig {
     fn default() -> Self {
-        PullConfig { insecure: Vec::new(), ca_file: None, auth_file: None, parallel: 3, timeout_s: 30 }
+        PullConfig {
+            insecure: Vec::new(),
+            ca_file: None,
+            auth_file: None,
+            parallel: 3,
+            timeout_s: 30,
+            registries: Vec::new(),
+            max_kib_s: 0,
+        }
     }
 }
 
 impl PullConfig {
+    /// Whether a pull may fetch from `registry` (`host[:port]`).
+    pub fn allows(&self, registry: &str) -> bool {
+        let registry = registry.to_ascii_lowercase();
+        let host = registry.rsplit_once(':').map_or(registry.as_str(), |(h, _)| h);
+        self.registries.is_empty()
+            || self.registries.iter().map(|r| r.to_ascii_lowercase()).any(|r| match r.strip_prefix('.') {
+                Some(domain) => host == domain || host.ends_with(&r),
+                None => r == registry || r == host,
+            })
+    }
+
     fn client(&self) -> http::Client {
         http::Client {
             plain_http: self.insecure.clone(),
@@ -195,6 +220,13 @@ pub async fn pull(
     let (layers, digest, headers) = match source {
         s if s.starts_with("oci://") => {
             let reference = oci::Reference::parse(s)?;
+            if !cfg.allows(&reference.registry) {
+                return Err(PullError::refused(format!(
+                    "{} is not in pull.registries ({})",
+                    reference.registry,
+                    cfg.registries.join(", ")
+                )));
+            }
             let credentials = match cfg.auth_file() {
                 Some(file) => oci::credentials(&file, &reference.registry)?,
                 None => None,
@@ -230,7 +262,9 @@ pub async fn pull(
     std::fs::create_dir_all(&scratch)
         .map_err(|e| PullError::disk(format!("cannot create {}: {e}", scratch.display())))?;
     let entry_file = scratch.join(format!("{}.model.json", &entry_layer.sha256[..16]));
-    let downloaded_entry = download(&client, entry_layer, &headers, &entry_file, Some(MAX_ENTRY), progress).await?;
+    let rate = Rate::new(cfg.max_kib_s.saturating_mul(1024));
+    let downloaded_entry =
+        download(&client, entry_layer, &headers, &entry_file, Some(MAX_ENTRY), &rate, progress).await?;
     let mut entry = read_entry(&entry_file)?;
     let name = match name {
         Some(n) => n.to_string(),
@@ -261,10 +295,10 @@ pub async fn pull(
     let files: Vec<&Layer> = layers.iter().filter(|l| l.name != "model.json").collect();
     let turns = tokio::sync::Semaphore::new(cfg.parallel.max(1));
     let results = futures_util::future::join_all(files.iter().map(|layer| {
-        let (client, headers, staging, turns) = (&client, &headers, &staging, &turns);
+        let (client, headers, staging, turns, rate) = (&client, &headers, &staging, &turns, &rate);
         async move {
             let _turn = turns.acquire().await.map_err(|_| PullError::network("the pull was stopped"))?;
-            download(client, layer, headers, &staging.join(&layer.name), None, progress).await
+            download(client, layer, headers, &staging.join(&layer.name), None, rate, progress).await
         }
     }))
     .await;
@@ -412,15 +446,16 @@ async fn download(
     headers: &[(HeaderName, String)],
     dest: &Path,
     max: Option<u64>,
+    rate: &Rate,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<u64, PullError> {
     if dest.is_file() && sha256_of(dest, u64::MAX)?.0 == layer.sha256 {
         progress(Progress::Present { file: layer.name.clone() });
         return Ok(0);
     }
-    match fetch_file(client, layer, headers, dest, max, progress).await {
+    match fetch_file(client, layer, headers, dest, max, rate, progress).await {
         Err(e) if e.kind == PullErrorKind::Digest && e.message.contains("resumed") => {
-            fetch_file(client, layer, headers, dest, max, progress).await
+            fetch_file(client, layer, headers, dest, max, rate, progress).await
         }
         other => other,
     }
@@ -432,6 +467,7 @@ async fn fetch_file(
     headers: &[(HeaderName, String)],
     dest: &Path,
     max: Option<u64>,
+    rate: &Rate,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<u64, PullError> {
     let file = layer.name.clone();
@@ -491,6 +527,7 @@ async fn fetch_file(
             return Err(PullError::digest(format!("{file} is longer than its {limit} bytes")));
         }
         out.write_all(data).map_err(|e| PullError::disk(format!("writing {}: {e}", part.display())))?;
+        rate.take(data.len() as u64).await;
         hasher.update(data);
         have += data.len() as u64;
         fetched += data.len() as u64;
@@ -514,6 +551,29 @@ async fn fetch_file(
     std::fs::rename(&part, dest).map_err(|e| PullError::disk(format!("cannot rename {}: {e}", part.display())))?;
     progress(Progress::Verified { file, sha256: got });
     Ok(fetched)
+}
+
+/// A download rate shared by a pull's files: each chunk waits until the bytes
+/// so far fit under `bytes_per_s` since the pull began.
+struct Rate {
+    bytes_per_s: u64,
+    start: tokio::time::Instant,
+    taken: std::sync::atomic::AtomicU64,
+}
+
+impl Rate {
+    fn new(bytes_per_s: u64) -> Rate {
+        Rate { bytes_per_s, start: tokio::time::Instant::now(), taken: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    async fn take(&self, bytes: u64) {
+        if self.bytes_per_s == 0 {
+            return;
+        }
+        let total = self.taken.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        let due = self.start + Duration::from_secs_f64(total as f64 / self.bytes_per_s as f64);
+        tokio::time::sleep_until(due).await;
+    }
 }
 
 /// The sha256 (hex) of a file's first `limit` bytes, the hasher, and how many bytes were read.
@@ -544,6 +604,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registries_are_allowed_by_host_port_and_domain() {
+        let any = PullConfig::default();
+        assert!(any.allows("anything.example:5000"));
+        let some =
+            PullConfig { registries: vec!["127.0.0.1:5000".into(), ".corp.example".into()], ..Default::default() };
+        assert!(some.allows("127.0.0.1:5000"));
+        assert!(!some.allows("127.0.0.1:5001"));
+        assert!(some.allows("reg.corp.example") && some.allows("corp.example:443"));
+        assert!(!some.allows("corp.example.evil") && !some.allows("evilcorp.example"));
+    }
 
     #[test]
     fn file_names_never_leave_the_folder() {
