@@ -47,6 +47,7 @@ pub mod report;
 pub(crate) mod scheduler;
 pub mod systemd;
 pub mod tensor;
+pub mod tls;
 pub(crate) mod worker;
 
 pub use daemon::{Reload, RunError, run, run_with, run_with_probe};

@@ -584,6 +584,25 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Models added, changed (any field, or where its files resolve) and removed from `self` to `new`.
+    pub fn diff(&self, new: &Registry) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let old = self;
+        let key = |r: &Registry, m: &ModelSpec| (m.to_json().to_string(), r.dir_of(m).to_path_buf());
+        let mut added = Vec::new();
+        let mut changed = Vec::new();
+        for m in &new.models {
+            match old.get(&m.name) {
+                None => added.push(m.name.clone()),
+                Some(o) if key(old, o) != key(new, m) => changed.push(m.name.clone()),
+                Some(_) => {}
+            }
+        }
+        let removed = old.models.iter().filter(|m| new.get(&m.name).is_none()).map(|m| m.name.clone()).collect();
+        (added, changed, removed)
+    }
+}
+
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -668,5 +687,40 @@ mod tests {
         assert!(!valid_name("+"));
         assert!(!valid_name(""));
         assert!(!valid_name("-x"));
+    }
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::*;
+
+    const SHA: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+
+    fn model(name: &str, file: &str) -> String {
+        format!(r#"{{"name":"{name}","task":"raw","variants":[{{"name":"v","file":"{file}","sha256":"{SHA}"}}]}}"#)
+    }
+
+    fn registry(dir: &std::path::Path, models: &[String]) -> Registry {
+        for f in ["a.onnx", "b.onnx"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let json = format!(r#"{{"models":[{}]}}"#, models.join(","));
+        Registry::from_json(&json, &dir.join("models.json")).unwrap()
+    }
+
+    #[test]
+    fn a_reload_sees_models_added_changed_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let old = registry(dir.path(), &[model("same", "a.onnx"), model("edited", "a.onnx"), model("gone", "a.onnx")]);
+        let new = registry(dir.path(), &[model("same", "a.onnx"), model("edited", "b.onnx"), model("fresh", "a.onnx")]);
+        let (added, changed, removed) = old.diff(&new);
+        assert_eq!((added, changed, removed), (vec!["fresh".into()], vec!["edited".into()], vec!["gone".into()]));
+        // The same entry in another folder points at other files: changed.
+        let moved = registry(other.path(), &[model("same", "a.onnx")]);
+        let (added, changed, _) = registry(dir.path(), &[model("same", "a.onnx")]).diff(&moved);
+        assert_eq!((added.len(), changed), (0, vec!["same".to_string()]));
+        let (added, changed, removed) = old.diff(&old);
+        assert!(added.is_empty() && changed.is_empty() && removed.is_empty(), "nothing differs from itself");
     }
 }

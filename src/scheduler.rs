@@ -136,6 +136,54 @@ impl Scheduler {
     pub fn engine(&self) -> Engine {
         self.engine.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+    /// Reads the running models.json (and its models.d) again and swaps in
+    /// what changed, as a reload does with the configuration kept: what a pull
+    /// over the socket ends with. Returns the models added or changed.
+    pub async fn reload_registry(&self) -> Result<Vec<String>, String> {
+        let old = self.engine();
+        let config = old.config().clone();
+        let registry = crate::registry::Registry::load_confined(&old.registry().file, config.models_outside)
+            .map_err(|e| e.to_string())?;
+        self.swap_registry(config, registry, false).await
+    }
+
+    /// Verifies what `registry` adds or changes (sha256, declared inputs and
+    /// outputs) and swaps it in with `config`; a bad file keeps the old set
+    /// serving. `engine_changed`: every model reloads on its next job.
+    pub async fn swap_registry(
+        &self,
+        config: crate::config::Config,
+        registry: crate::registry::Registry,
+        engine_changed: bool,
+    ) -> Result<Vec<String>, String> {
+        let old = self.engine();
+        let (added, changed, removed) = old.registry().diff(&registry);
+        let incoming: std::collections::HashSet<String> = added.iter().chain(&changed).cloned().collect();
+        let registry = Arc::new(registry);
+        let checked = registry.clone();
+        let problems = tokio::task::spawn_blocking(move || checked.check_models(|name| incoming.contains(name)))
+            .await
+            .map_err(|e| format!("the registry check failed: {e}"))?;
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+            return Err(format!("{} is not valid: {}", registry.file.display(), list.join("; ")));
+        }
+        let registry = Arc::try_unwrap(registry).map_err(|_| "the registry is still shared".to_string())?;
+        let stale: Vec<String> = if engine_changed {
+            old.registry().models.iter().map(|m| m.name.clone()).collect()
+        } else {
+            changed.iter().chain(&removed).cloned().collect()
+        };
+        self.replace_engine(Engine::new(config, registry), stale).await;
+        tracing::info!(
+            added = ?added,
+            changed = ?changed,
+            removed = ?removed,
+            "reloaded{}",
+            if engine_changed { " (runtime or limits changed: every model reloads on its next job)" } else { "" }
+        );
+        Ok(added.into_iter().chain(changed).collect())
+    }
 
     /// Serves `engine` from now on (a reload): the models in `stale` (changed
     /// or removed) are unloaded once the jobs already queued for them have

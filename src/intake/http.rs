@@ -182,7 +182,7 @@ async fn pull(State(app): State<AppState>, body: Body) -> Response {
         };
         let result = crate::pull::pull(&request.source, &file, request.name.as_deref(), &cfg, &progress).await;
         let last = match result {
-            Ok(pulled) => match crate::daemon::reload_registry(&scheduler).await {
+            Ok(pulled) => match scheduler.reload_registry().await {
                 Ok(_) => serde_json::json!({"event": "done", "pulled": pulled}),
                 Err(why) => {
                     serde_json::json!({"event": "error", "error": {"kind": "model_unavailable", "message": why}})

@@ -6,7 +6,7 @@
 //! `openai::parse_request`, `mqtt::parse_job`, `unix` (the socket file).
 
 pub(crate) mod conn;
-pub(crate) mod fetch;
+mod fetch;
 pub(crate) mod http;
 mod link;
 pub mod mqtt;

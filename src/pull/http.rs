@@ -152,8 +152,7 @@ async fn tls_connect(
     tcp: tokio::net::TcpStream,
     client: &Client,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, PullError> {
-    let config =
-        crate::intake::fetch::tls_config_with(client.ca_file.as_deref(), "pull.ca_file").map_err(PullError::refused)?;
+    let config = crate::tls::client_config(client.ca_file.as_deref(), "pull.ca_file").map_err(PullError::refused)?;
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| PullError::source(format!("{host}: {e}")))?;
     tokio_rustls::TlsConnector::from(config)
