@@ -113,6 +113,14 @@ pub enum Command {
     },
     /// Run the daemon until SIGINT or SIGTERM.
     Serve,
+    /// Write a model's artifact folder (model.json and its files, flat) for
+    /// `oras push` or a model package.
+    Pack {
+        /// The model, as named in the registry.
+        name: String,
+        /// The folder to write (created).
+        dir: PathBuf,
+    },
     /// Fetch a model from an OCI registry into models.d/NAME/ beside models.json,
     /// verified file by file, resumed where an earlier pull stopped.
     Pull {
@@ -231,6 +239,21 @@ pub fn pull(cli: &Cli, config: &Config, source: &str, name: Option<&str>, json: 
                 crate::pull::PullErrorKind::Network => exit::UNREACHABLE,
                 _ => exit::FAILURE,
             }
+        }
+    }
+}
+
+/// `inferd pack`.
+pub fn pack(registry: &Registry, name: &str, dir: &Path) -> i32 {
+    match crate::pull::pack(registry, name, dir) {
+        Ok(files) => {
+            println!("{}: {} ({})", dir.display(), files.join(", "), name);
+            println!("publish it: cd {} && oras push REGISTRY/REPOSITORY:TAG {}", dir.display(), files.join(" "));
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("inferd pack: {e}");
+            if e.kind == crate::pull::PullErrorKind::NotFound { exit::UNKNOWN_MODEL } else { exit::FAILURE }
         }
     }
 }

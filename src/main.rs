@@ -107,6 +107,7 @@ fn real_main() -> i32 {
     };
     match cli.command {
         Command::Check { json } => cli::check(&registry, json),
+        Command::Pack { ref name, ref dir } => cli::pack(&registry, name, dir),
         Command::Models { json, load } => cli::models(&Engine::new(config.clone(), registry), &config, json, load),
         Command::Infer { ref model, backend, ref variant, top_k, json, ref files, .. } => {
             let engine = Engine::new(config.clone(), registry);

@@ -422,3 +422,46 @@ fn a_pull_over_the_socket_streams_its_progress_and_the_model_serves_at_once() {
     let r = d.client().post("/v1/models/pull", "application/json", br#"{"source": "oci://127.0.0.1:1/x:1"}"#).unwrap();
     assert_eq!(r.status, 403);
 }
+
+#[test]
+fn a_packed_model_round_trips_through_the_registry() {
+    // PP-OCR: two variants whose files share names in different folders (v4/det.onnx, v6-small/det.onnx).
+    let reg = OciRegistry::start(None);
+    let art = tempfile::tempdir().unwrap();
+    let out = inferd(&["pack", "ocr", art.path().join("ocr").to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let entry: Value = serde_json::from_slice(&std::fs::read(art.path().join("ocr/model.json")).unwrap()).unwrap();
+    let files: Vec<String> = std::fs::read_dir(art.path().join("ocr"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    for f in &files {
+        assert!(!f.contains('/'), "{f}");
+    }
+    let variants = entry["variants"].as_array().unwrap();
+    assert!(variants.len() >= 2, "{entry}");
+    let mains: Vec<&str> = variants.iter().map(|v| v["file"].as_str().unwrap()).collect();
+    assert!(mains.iter().all(|m| files.iter().any(|f| f == m)), "{mains:?} in {files:?}");
+    assert_ne!(mains[0], mains[1], "files that share a name are told apart");
+    reg.push("models/ocr:v1", &art.path().join("ocr"), None);
+    let (dir, models) = empty_registry();
+    let (code, got, stderr) = pull(&models, &[&format!("oci://{}/models/ocr:v1", reg.host())], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(got["name"], "ocr");
+    let out = inferd(&["check", "--models", models.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = inferd(&[
+        "infer",
+        "--local",
+        "--models",
+        models.to_str().unwrap(),
+        "-m",
+        "ocr",
+        "tests/fixtures/text-line.png",
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(dir.path().join("models.d/ocr/model.json").is_file());
+    // A model the registry does not have.
+    let out = inferd(&["pack", "nothing", art.path().join("x").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
+}

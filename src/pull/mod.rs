@@ -342,6 +342,56 @@ pub async fn pull(
     Ok(Pulled { name, dir: target, digest, files, bytes, downloaded })
 }
 
+/// Writes `model`'s artifact folder into `out`: its files side by side, flat,
+/// and `model.json` naming them by those names (a name two files share gets
+/// its folder's name before it), with their sums; what `oras push` publishes
+/// and `inferd pull` reads. Returns the file names written.
+pub fn pack(registry: &crate::registry::Registry, name: &str, out: &Path) -> Result<Vec<String>, PullError> {
+    let model = registry.get(name).ok_or_else(|| PullError::not_found(format!("no model '{name}' in the registry")))?;
+    let mut entry = model.to_json();
+    let files = model.files();
+    let mut names: Vec<(PathBuf, String)> = Vec::new();
+    for f in &files {
+        if names.iter().any(|(p, _)| p == f) {
+            continue;
+        }
+        let base = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = f.parent().and_then(|p| p.file_name()).map(|p| p.to_string_lossy().into_owned());
+        let flat = match names.iter().any(|(_, n)| *n == base)
+            || files.iter().filter(|g| g.file_name() == f.file_name()).count() > 1
+        {
+            true => format!("{}-{base}", parent.unwrap_or_else(|| "file".into())),
+            false => base,
+        };
+        check_file_name(&flat)?;
+        names.push((f.clone(), flat));
+    }
+    std::fs::create_dir_all(out).map_err(|e| PullError::disk(format!("cannot create {}: {e}", out.display())))?;
+    for (from, to) in &names {
+        let src = registry.resolve(model, from);
+        std::fs::copy(&src, out.join(to))
+            .map_err(|e| PullError::disk(format!("cannot copy {} to {}: {e}", src.display(), out.display())))?;
+    }
+    rename_paths(&mut entry, &names);
+    let text = serde_json::to_string_pretty(&entry).expect("a JSON object");
+    write_atomic(&out.join("model.json"), text.as_bytes())?;
+    Ok(std::iter::once("model.json".to_string()).chain(names.into_iter().map(|(_, n)| n)).collect())
+}
+
+/// Every string of `value` that is one of the paths becomes its flat name.
+fn rename_paths(value: &mut serde_json::Value, names: &[(PathBuf, String)]) {
+    match value {
+        serde_json::Value::String(s) => {
+            if let Some((_, n)) = names.iter().find(|(p, _)| p.as_os_str() == s.as_str()) {
+                *s = n.clone();
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| rename_paths(v, names)),
+        serde_json::Value::Object(map) => map.values_mut().for_each(|v| rename_paths(v, names)),
+        _ => {}
+    }
+}
+
 /// A file name from an artifact: one plain name that stays in its folder.
 pub fn check_file_name(name: &str) -> Result<(), PullError> {
     let ok = !name.is_empty()
