@@ -443,6 +443,7 @@ fn a_packed_model_round_trips_through_the_registry() {
     let mains: Vec<&str> = variants.iter().map(|v| v["file"].as_str().unwrap()).collect();
     assert!(mains.iter().all(|m| files.iter().any(|f| f == m)), "{mains:?} in {files:?}");
     assert_ne!(mains[0], mains[1], "files that share a name are told apart");
+    assert!(files.iter().any(|f| f == "cls.onnx"), "a file both variants use is one file: {files:?}");
     reg.push("models/ocr:v1", &art.path().join("ocr"), None);
     let (dir, models) = empty_registry();
     let (code, got, stderr) = pull(&models, &[&format!("oci://{}/models/ocr:v1", reg.host())], &[]);

@@ -349,12 +349,12 @@ pub async fn pull(
 pub fn pack(registry: &crate::registry::Registry, name: &str, out: &Path) -> Result<Vec<String>, PullError> {
     let model = registry.get(name).ok_or_else(|| PullError::not_found(format!("no model '{name}' in the registry")))?;
     let mut entry = model.to_json();
-    let files = model.files();
+    let mut files = model.files();
+    // A file two variants share is one file.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
     let mut names: Vec<(PathBuf, String)> = Vec::new();
     for f in &files {
-        if names.iter().any(|(p, _)| p == f) {
-            continue;
-        }
         let base = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let parent = f.parent().and_then(|p| p.file_name()).map(|p| p.to_string_lossy().into_owned());
         let flat = match names.iter().any(|(_, n)| *n == base)
