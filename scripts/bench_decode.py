@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
+
+from bench import wait_socket  # noqa: E402  (scripts/bench.py, beside this one)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "target" / "release" / "examples" / "decode_bench"
@@ -138,18 +139,6 @@ def classifier(work):
     reg = Path(work) / "models.json"
     reg.write_text(json.dumps(registry))
     return reg
-
-
-def wait_socket(path, timeout=30):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(path))
-                return
-        except OSError:
-            time.sleep(0.01)
-    raise SystemExit(f"nothing listens on {path}")
 
 
 def socket_path(binary, registry, files, seconds, work, tag):

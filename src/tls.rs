@@ -1,8 +1,58 @@
 //! TLS for inferd's own HTTPS requests (chat images, model pulls): the
 //! system's CA certificates plus a site's own, with ring as the crypto provider.
-#![cfg(feature = "tls")]
+
+/// A client's encrypted stream (a plain one where inferd is built without TLS: never handed out).
+#[cfg(feature = "tls")]
+pub type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+#[cfg(not(feature = "tls"))]
+pub type Stream = tokio::net::TcpStream;
+
+/// Why a client connection could not be made secure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The settings: the CA file, the host name, or a build without TLS.
+    Setup(String),
+    /// The handshake with the server.
+    Handshake(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Setup(m) | ConnectError::Handshake(m) => f.write_str(m),
+        }
+    }
+}
+
+/// TLS over `tcp` to `host`, verified against the system's CAs and `ca_file` (named `setting`).
+#[cfg(feature = "tls")]
+pub async fn connect(
+    host: &str,
+    tcp: tokio::net::TcpStream,
+    ca_file: Option<&std::path::Path>,
+    setting: &str,
+) -> Result<Stream, ConnectError> {
+    let config = client_config(ca_file, setting).map_err(ConnectError::Setup)?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| ConnectError::Setup(format!("{host}: {e}")))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ConnectError::Handshake(format!("TLS with {host}: {e}")))
+}
+
+#[cfg(not(feature = "tls"))]
+pub async fn connect(
+    _host: &str,
+    _tcp: tokio::net::TcpStream,
+    _ca_file: Option<&std::path::Path>,
+    _setting: &str,
+) -> Result<Stream, ConnectError> {
+    Err(ConnectError::Setup("https needs inferd built with its 'tls' feature".into()))
+}
 
 /// The system's CA certificates and those of `ca_file` (PEM), named `setting` in errors.
+#[cfg(feature = "tls")]
 pub fn client_config(
     ca_file: Option<&std::path::Path>,
     setting: &str,

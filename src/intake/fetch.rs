@@ -47,7 +47,9 @@ pub async fn fetch(url: &str, cfg: &ImageFetch) -> Result<Vec<u8>, InferError> {
             .await
             .map_err(|e| InferError::bad_input(format!("cannot connect to {host}:{port}: {e}")))?;
         if https {
-            let tls = tls_connect(host, tcp, cfg).await?;
+            let tls = crate::tls::connect(host, tcp, cfg.ca_file.as_deref(), "limits.image_fetch.ca_file")
+                .await
+                .map_err(|e| InferError::bad_input(e.to_string()))?;
             get(TokioIo::new(tls), &uri, cfg.max_bytes).await
         } else {
             get(TokioIo::new(tcp), &uri, cfg.max_bytes).await
@@ -112,34 +114,4 @@ where
     .await;
     driver.abort();
     outcome
-}
-
-#[cfg(feature = "tls")]
-async fn tls_connect(
-    host: &str,
-    tcp: tokio::net::TcpStream,
-    cfg: &ImageFetch,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, InferError> {
-    let config = tls_config(cfg).map_err(InferError::bad_input)?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| InferError::bad_input(format!("{host}: {e}")))?;
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| InferError::bad_input(format!("TLS with {host}: {e}")))
-}
-
-#[cfg(not(feature = "tls"))]
-async fn tls_connect(
-    _host: &str,
-    _tcp: tokio::net::TcpStream,
-    _cfg: &ImageFetch,
-) -> Result<tokio::net::TcpStream, InferError> {
-    Err(InferError::bad_input("https needs inferd built with its 'tls' feature"))
-}
-
-/// The system's CA certificates and `image_fetch.ca_file`'s.
-#[cfg(feature = "tls")]
-fn tls_config(cfg: &ImageFetch) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
-    crate::tls::client_config(cfg.ca_file.as_deref(), "limits.image_fetch.ca_file")
 }

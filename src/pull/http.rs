@@ -101,7 +101,11 @@ impl Client {
         let request = request.body(Empty::<Bytes>::new()).map_err(|e| PullError::source(e.to_string()))?;
         let failed = |e: hyper::Error| PullError::network(format!("{uri}: {e}"));
         let (response, driver) = if https {
-            let tls = tls_connect(bare, tcp, self).await?;
+            let tls =
+                crate::tls::connect(bare, tcp, self.ca_file.as_deref(), "pull.ca_file").await.map_err(|e| match e {
+                    crate::tls::ConnectError::Setup(m) => PullError::refused(m),
+                    crate::tls::ConnectError::Handshake(m) => PullError::network(m),
+                })?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(failed)?;
             let driver = tokio::spawn(async move {
                 let _ = conn.await;
@@ -144,30 +148,6 @@ fn join(base: &hyper::Uri, to: &str) -> Result<hyper::Uri, PullError> {
         format!("{dir}/{to}")
     };
     format!("{scheme}://{authority}{path}").parse().map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))
-}
-
-#[cfg(feature = "tls")]
-async fn tls_connect(
-    host: &str,
-    tcp: tokio::net::TcpStream,
-    client: &Client,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, PullError> {
-    let config = crate::tls::client_config(client.ca_file.as_deref(), "pull.ca_file").map_err(PullError::refused)?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| PullError::source(format!("{host}: {e}")))?;
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| PullError::network(format!("TLS with {host}: {e}")))
-}
-
-#[cfg(not(feature = "tls"))]
-async fn tls_connect(
-    _host: &str,
-    _tcp: tokio::net::TcpStream,
-    _client: &Client,
-) -> Result<tokio::net::TcpStream, PullError> {
-    Err(PullError::refused("https needs inferd built with its 'tls' feature"))
 }
 
 #[cfg(test)]
