@@ -14,19 +14,36 @@ use util::*;
 /// A registry process with its storage in a temporary folder.
 struct OciRegistry {
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     child: Child,
 }
 
 impl OciRegistry {
     /// Anonymous, or with one htpasswd user (a Basic challenge, as private registries answer).
     fn start(user: Option<(&str, &str)>) -> OciRegistry {
+        Self::start_with(user, None, None)
+    }
+
+    /// A second registry over `other`'s storage, serving https with `certs` (server.pem, server.key).
+    fn start_tls_over(other: &OciRegistry, certs: &Path) -> OciRegistry {
+        Self::start_with(None, Some(other.dir.path().join("data")), Some(certs))
+    }
+
+    fn start_with(user: Option<(&str, &str)>, data: Option<PathBuf>, certs: Option<&Path>) -> OciRegistry {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let data = data.unwrap_or_else(|| dir.path().join("data"));
         let mut config = format!(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
+            data.display()
         );
+        if let Some(c) = certs {
+            config += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                c.join("server.pem").display(),
+                c.join("server.key").display()
+            );
+        }
         if let Some((u, p)) = user {
             let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd (apache2-utils) runs");
             std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
@@ -47,7 +64,7 @@ impl OciRegistry {
             assert!(Instant::now() < end, "the registry did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        OciRegistry { port, _dir: dir, child }
+        OciRegistry { port, dir, child }
     }
 
     fn host(&self) -> String {
@@ -160,6 +177,27 @@ fn a_model_pulled_by_tag_and_by_digest_is_checked_and_serves() {
     assert!(stderr.contains("not found"), "{stderr}");
     let (code, _, stderr) = pull(&models, &[&format!("oci://{}/models/color:nope", reg.host())], &[]);
     assert_eq!(code, 5, "{stderr}");
+}
+
+#[test]
+fn an_https_registry_is_verified_against_the_system_and_the_configured_ca() {
+    let plain = OciRegistry::start(None);
+    let art = color_artifact(&[], |_| {});
+    plain.push("models/color:1", art.path(), None);
+    let certs = tempfile::tempdir().unwrap();
+    util::broker::make_certs(certs.path());
+    let tls = OciRegistry::start_tls_over(&plain, certs.path());
+    let (dir, models) = empty_registry();
+    let source = format!("oci://{}/models/color:1", tls.host());
+    // Its certificate comes from a site CA the system does not know: refused (and it speaks no plain http).
+    let (code, _, stderr) = pull(&models, &[&source], &[]);
+    assert_eq!(code, 8, "{stderr}");
+    assert!(stderr.contains("TLS with 127.0.0.1") && stderr.contains("certificate"), "{stderr}");
+    let ca = certs.path().join("ca.pem");
+    let (code, got, stderr) = pull(&models, &[&source], &[("INFERD_PULL__CA_FILE", ca.to_str().unwrap())]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(got["name"], "color");
+    assert!(dir.path().join("models.d/color/color.onnx").is_file());
 }
 
 #[test]

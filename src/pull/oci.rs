@@ -87,6 +87,8 @@ struct Descriptor {
 pub struct Session<'a> {
     client: &'a Client,
     base: String,
+    /// Plain http may be tried when https fails (loopback and `pull.insecure` registries).
+    plain_allowed: bool,
     reference: Reference,
     credentials: Option<(String, String)>,
     authorization: Option<String>,
@@ -102,14 +104,32 @@ impl<'a> Session<'a> {
                 .plain_http
                 .iter()
                 .any(|h| h.eq_ignore_ascii_case(&reference.registry) || h.eq_ignore_ascii_case(host));
-        let base = format!("{}://{}", if plain { "http" } else { "https" }, reference.registry);
-        Session { client, base, reference, credentials, authorization: None }
+        // As Docker does: https first; for a registry allowed plain http, http when https fails.
+        let base = format!("https://{}", reference.registry);
+        Session { client, base, plain_allowed: plain, reference, credentials, authorization: None }
     }
 
     /// The artifact's files (layers with a title) and the manifest's digest.
     pub async fn layers(&mut self) -> Result<(Vec<Layer>, String), PullError> {
-        let url = format!("{}/v2/{}/manifests/{}", self.base, self.reference.repository, self.reference.reference);
-        let response = self.get(&url, &[(hyper::header::ACCEPT, ACCEPT.to_string())]).await?;
+        let path = format!("/v2/{}/manifests/{}", self.reference.repository, self.reference.reference);
+        let accept = [(hyper::header::ACCEPT, ACCEPT.to_string())];
+        let response = match self.get(&format!("{}{path}", self.base), &accept).await {
+            Err(e)
+                if self.plain_allowed
+                    && matches!(e.kind, super::PullErrorKind::Network | super::PullErrorKind::Refused) =>
+            {
+                let https_failed = e.message;
+                self.base = format!("http://{}", self.reference.registry);
+                self.get(&format!("{}{path}", self.base), &accept).await.map_err(|mut e| {
+                    // Neither spoke: say what https said too.
+                    if e.kind == super::PullErrorKind::Network {
+                        e.message = format!("{}; over https: {https_failed}", e.message);
+                    }
+                    e
+                })?
+            }
+            other => other?,
+        };
         let body = read_small(response, MAX_MANIFEST, "manifest").await?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         if self.reference.reference.starts_with("sha256:") && digest != self.reference.reference {
