@@ -586,15 +586,22 @@ impl Default for ImageFetch {
 impl ImageFetch {
     /// Whether `host` is on the allow-list (case-insensitive).
     pub fn allows(&self, host: &str) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        self.hosts.iter().any(|h| {
-            let h = h.to_ascii_lowercase();
-            match h.strip_prefix('.') {
-                Some(domain) => host == domain || host.ends_with(&h),
-                None => host == h,
-            }
-        })
+        host_listed(&self.hosts, host, None)
     }
+}
+
+/// Whether `host` (with `port`, when known) is on an allow-list of `host`,
+/// `host:port` and `.domain` (it and its subdomains) entries, case-insensitive.
+pub fn host_listed(list: &[String], host: &str, port: Option<u16>) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let with_port = port.map(|p| format!("{host}:{p}"));
+    list.iter().any(|entry| {
+        let entry = entry.to_ascii_lowercase();
+        match entry.strip_prefix('.') {
+            Some(domain) => host == domain || host.ends_with(&entry),
+            None => entry == host || with_port.as_ref() == Some(&entry),
+        }
+    })
 }
 
 impl Default for Limits {

@@ -78,7 +78,7 @@ impl Client {
         let host =
             uri.host().filter(|h| !h.is_empty()).ok_or_else(|| PullError::source(format!("{uri} has no host")))?;
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        if !https && !self.plain_http_allowed(host, port) {
+        if !https && !self.plain_http_allowed(host, Some(port)) {
             return Err(PullError::refused(format!(
                 "{uri}: plain http is used only for loopback hosts and those in pull.insecure (as Docker does); use https"
             )));
@@ -126,10 +126,11 @@ impl Client {
         Ok(Response { status: parts.status, headers: parts.headers, body, url: uri.clone(), _driver: driver })
     }
 
-    fn plain_http_allowed(&self, host: &str, port: u16) -> bool {
+    /// Loopback hosts and those in `pull.insecure` (`host` or `host:port`).
+    pub fn plain_http_allowed(&self, host: &str, port: Option<u16>) -> bool {
         let bare = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
         let loopback = bare == "localhost" || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        loopback || self.plain_http.iter().any(|h| h.eq_ignore_ascii_case(&bare) || *h == format!("{bare}:{port}"))
+        loopback || crate::config::host_listed(&self.plain_http, &bare, port)
     }
 }
 
@@ -165,11 +166,11 @@ mod tests {
     #[test]
     fn plain_http_is_for_loopback_and_named_hosts_only() {
         let c = Client { plain_http: vec!["reg.lan:5000".into()], ..Default::default() };
-        assert!(c.plain_http_allowed("127.0.0.1", 5000));
-        assert!(c.plain_http_allowed("[::1]", 80));
-        assert!(c.plain_http_allowed("localhost", 1));
-        assert!(c.plain_http_allowed("reg.lan", 5000));
-        assert!(!c.plain_http_allowed("reg.lan", 5001));
-        assert!(!c.plain_http_allowed("registry.example", 80));
+        assert!(c.plain_http_allowed("127.0.0.1", Some(5000)));
+        assert!(c.plain_http_allowed("[::1]", Some(80)));
+        assert!(c.plain_http_allowed("localhost", Some(1)));
+        assert!(c.plain_http_allowed("reg.lan", Some(5000)));
+        assert!(!c.plain_http_allowed("reg.lan", Some(5001)));
+        assert!(!c.plain_http_allowed("registry.example", Some(80)));
     }
 }

@@ -12,7 +12,6 @@
 pub mod http;
 pub mod oci;
 
-use crate::error::{ErrorKind, InferError};
 use http_body_util::BodyExt;
 use hyper::header::{HeaderName, RANGE};
 use sha2::{Digest, Sha256};
@@ -90,18 +89,6 @@ impl std::fmt::Display for PullError {
     }
 }
 
-impl From<PullError> for InferError {
-    fn from(e: PullError) -> InferError {
-        let kind = match e.kind {
-            PullErrorKind::Source | PullErrorKind::Artifact | PullErrorKind::Digest => ErrorKind::BadInput,
-            PullErrorKind::Refused | PullErrorKind::Auth => ErrorKind::Forbidden,
-            PullErrorKind::NotFound => ErrorKind::NotFound,
-            PullErrorKind::Network | PullErrorKind::Disk => ErrorKind::ModelUnavailable,
-        };
-        InferError::new(kind, e.message)
-    }
-}
-
 /// One file of a model: its name in the artifact, its sha256 and where to fetch it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layer {
@@ -152,13 +139,8 @@ impl Default for PullConfig {
 impl PullConfig {
     /// Whether a pull may fetch from `registry` (`host[:port]`).
     pub fn allows(&self, registry: &str) -> bool {
-        let registry = registry.to_ascii_lowercase();
-        let host = registry.rsplit_once(':').map_or(registry.as_str(), |(h, _)| h);
-        self.registries.is_empty()
-            || self.registries.iter().map(|r| r.to_ascii_lowercase()).any(|r| match r.strip_prefix('.') {
-                Some(domain) => host == domain || host.ends_with(&r),
-                None => r == registry || r == host,
-            })
+        let (host, port) = host_port(registry);
+        self.registries.is_empty() || crate::config::host_listed(&self.registries, host, port)
     }
 
     fn client(&self) -> http::Client {
@@ -392,6 +374,14 @@ fn rename_paths(value: &mut serde_json::Value, names: &[(PathBuf, String)]) {
     }
 }
 
+/// `host[:port]` split (`[::1]:5000` too).
+pub fn host_port(registry: &str) -> (&str, Option<u16>) {
+    match registry.rsplit_once(':') {
+        Some((h, p)) if !p.ends_with(']') => (h, p.parse().ok()),
+        _ => (registry, None),
+    }
+}
+
 /// A file name from an artifact: one plain name that stays in its folder.
 pub fn check_file_name(name: &str) -> Result<(), PullError> {
     let ok = !name.is_empty()
@@ -503,8 +493,10 @@ async fn download(
         progress(Progress::Present { file: layer.name.clone() });
         return Ok(0);
     }
+    let part = dest.with_file_name(format!("{}.part", layer.name));
+    let resuming = std::fs::metadata(&part).is_ok_and(|m| m.len() > 0);
     match fetch_file(client, layer, headers, dest, max, rate, progress).await {
-        Err(e) if e.kind == PullErrorKind::Digest && e.message.contains("resumed") => {
+        Err(e) if e.kind == PullErrorKind::Digest && resuming => {
             fetch_file(client, layer, headers, dest, max, rate, progress).await
         }
         other => other,

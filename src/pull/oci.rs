@@ -96,14 +96,8 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     pub fn new(client: &'a Client, reference: Reference, credentials: Option<(String, String)>) -> Session<'a> {
-        let host = reference.registry.rsplit_once(':').map_or(reference.registry.as_str(), |(h, _)| h);
-        let loopback = host == "localhost"
-            || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        let plain = loopback
-            || client
-                .plain_http
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(&reference.registry) || h.eq_ignore_ascii_case(host));
+        let (host, port) = super::host_port(&reference.registry);
+        let plain = client.plain_http_allowed(host, port);
         // As Docker does: https first; for a registry allowed plain http, http when https fails.
         let base = format!("https://{}", reference.registry);
         Session { client, base, plain_allowed: plain, reference, credentials, authorization: None }
