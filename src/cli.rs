@@ -134,6 +134,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fleet rollouts: the nodes' reported state, signing keys and documents.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Measure throughput and latency of one model: N clients over the socket
     /// or MQTT (inferd or a peer speaking its API), or in this process.
     Bench {
@@ -171,6 +176,102 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `inferd fleet …`.
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Print every node's reported state (the retained `PREFIX/+/reported`
+    /// topics of the broker in [mqtt]): generation, state, models, errors.
+    Status {
+        /// Seconds to collect reports.
+        #[arg(long, default_value_t = 2.0)]
+        wait: f64,
+        /// Print the reports as JSON, by node.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a signing key: writes NAME.key (secret, mode 0600) and NAME.pub,
+    /// and prints the line boxes trust (fleet.trusted_keys).
+    Keygen {
+        /// The key's name, as documents will carry it.
+        name: String,
+        /// Folder to write the files in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Sign a desired-state document: prints it with its signature.
+    Sign {
+        /// The key file `inferd fleet keygen` wrote.
+        #[arg(long)]
+        key: PathBuf,
+        /// The key's name in the signature (default: the key file's name without .key).
+        #[arg(long)]
+        name: Option<String>,
+        /// The document (JSON).
+        document: PathBuf,
+    },
+}
+
+/// `inferd fleet …`: the tools an operator runs where the broker is.
+pub fn fleet(config: &Config, command: &FleetCommand) -> i32 {
+    match command {
+        FleetCommand::Status { wait, json } => {
+            if config.mqtt.url.is_none() {
+                eprintln!("inferd fleet status: no broker: set [mqtt] url (or INFERD_MQTT__URL)");
+                return exit::CONFIG;
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("inferd fleet status: {e}");
+                    return exit::FAILURE;
+                }
+            };
+            let wait = std::time::Duration::from_secs_f64(wait.clamp(0.1, 600.0));
+            match runtime.block_on(crate::fleet::status::reports(&config.mqtt, wait)) {
+                Ok(reports) if *json => {
+                    println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
+                    exit::OK
+                }
+                Ok(reports) if reports.is_empty() => {
+                    eprintln!("no node has reported under {}/+/reported", config.mqtt.prefix);
+                    exit::OK
+                }
+                Ok(reports) => {
+                    print!("{}", crate::fleet::status::table(&reports));
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("inferd fleet status: {e}");
+                    exit::UNREACHABLE
+                }
+            }
+        }
+        FleetCommand::Keygen { name, dir } => match crate::fleet::status::keygen(name, dir) {
+            Ok((file, public)) => {
+                eprintln!("wrote {} (keep it secret) and {name}.pub; boxes trust it with:", file.display());
+                println!("{public}");
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("inferd fleet keygen: {e}");
+                exit::FAILURE
+            }
+        },
+        FleetCommand::Sign { key, name, document } => {
+            match crate::fleet::status::sign_file(document, key, name.as_deref()) {
+                Ok(signed) => {
+                    println!("{}", serde_json::to_string_pretty(&signed).unwrap_or_default());
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("inferd fleet sign: {e}");
+                    exit::BAD_INPUT
+                }
+            }
+        }
+    }
 }
 
 /// The registry named by `--models` or the configuration.

@@ -29,6 +29,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `inferd pull`: plain-http registries, the CA and the credentials file.
     pub pull: crate::pull::PullConfig,
+    /// Desired state over MQTT: groups, trusted keys, rollback depth.
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 /// How models share memory: budget, headroom, lifecycle and pressure.
@@ -681,6 +683,8 @@ impl Config {
                 .with_list_parse_key("limits.image_fetch.hosts")
                 .with_list_parse_key("pull.insecure")
                 .with_list_parse_key("pull.registries")
+                .with_list_parse_key("fleet.groups")
+                .with_list_parse_key("fleet.trusted_keys")
                 .source(Some(env)),
         );
         Self::finish(builder)
@@ -785,6 +789,7 @@ impl Config {
         if self.jobs.queue_capacity == 0 || self.jobs.timeout_ms == 0 {
             return Err(ConfigError::Invalid("jobs.queue_capacity and jobs.timeout_ms must be above 0".into()));
         }
+        self.fleet.validate(&self.mqtt).map_err(ConfigError::Invalid)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level: '{}': {e}", self.log.level)))?;
         Ok(())

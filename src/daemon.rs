@@ -66,6 +66,9 @@ pub async fn run_with(
     for warning in config.readable_secret_files() {
         tracing::warn!("{warning}");
     }
+    // A fleet swap the box died in is undone before the registry is read: the last good set serves.
+    let fleet_state =
+        config.fleet.enabled.then(|| crate::fleet::store::recover(&crate::pull::models_d(&config.registry_path())));
     let registry = registry::Registry::load_confined(&config.registry_path(), config.models_outside)?;
     let engine = engine::Engine::new(config.clone(), registry);
     let metrics = Arc::new(metrics::Metrics::default());
@@ -146,6 +149,23 @@ pub async fn run_with(
         }
         None => None,
     };
+    let fleet = match fleet_state {
+        Some(state) => {
+            let broker = config::Broker::parse(&config.mqtt).map_err(RunError::Mqtt)?;
+            let fleet = crate::fleet::apply::Fleet::new(config.clone(), scheduler.clone(), state)
+                .map_err(|e| RunError::Config(config::ConfigError::Invalid(e)))?;
+            tokio::spawn(fleet.clone().run(stop_rx.clone()));
+            let max_document = config.fleet.max_document_kib.saturating_mul(1024);
+            Some(tokio::spawn(crate::fleet::agent::serve(
+                fleet,
+                broker,
+                config.mqtt.clone(),
+                max_document,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     scheduler.start_background(stop_rx.clone());
     ready.store(true, Ordering::SeqCst);
     tracing::info!(socket = %socket_path.display(), models = scheduler.engine().registry().models.len(), "inferd is ready");
@@ -185,6 +205,9 @@ pub async fn run_with(
             Err(_) => tracing::warn!("MQTT did not stop in time"),
             _ => {}
         }
+    }
+    if let Some(fleet) = fleet {
+        let _ = tokio::time::timeout(Duration::from_secs(3), fleet).await;
     }
     scheduler.shutdown(drain).await;
     drop(socket_lock);

@@ -20,6 +20,9 @@
 //! - [`intake`]: front-ends — the HTTP/JSON and OpenAI-style API on the Unix socket (and
 //!   TCP) with its connection limits, MQTT (topics, the broker link, redeliveries);
 //!   [`client`]: the socket API's client.
+//! - [`pull`]: a model's files from an OCI registry into `models.d/`, verified and resumable;
+//!   [`fleet`]: desired state over MQTT (signed documents, merged layers), applied with
+//!   checks, smoke tests, a journaled swap and rollback, and the state reported.
 //! - [`job`], [`error`], [`tensor`]: the transport-neutral job (inputs, generation
 //!   settings, the payload sniffer, results), its typed errors and tensors.
 //! - `metrics` (crate-private): Prometheus text; [`systemd`]: readiness, status,
@@ -34,6 +37,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod fleet;
 pub mod intake;
 pub mod job;
 pub mod manager;

@@ -98,6 +98,9 @@ fn real_main() -> i32 {
             }
         };
     }
+    if let Command::Fleet { ref command } = cli.command {
+        return cli::fleet(&config, command);
+    }
     if let Command::Pull { ref source, ref name, json } = cli.command {
         return cli::pull(&cli, &config, source, name.as_deref(), json);
     }
@@ -116,7 +119,7 @@ fn real_main() -> i32 {
             cli::infer_local(&engine, &config, options, &cli::InferArgs { model, top_k, prompt, json, files })
         }
         Command::Serve => serve(config, cli.config.clone(), cli.models),
-        Command::Bench { .. } | Command::Pull { .. } => unreachable!("handled above"),
+        Command::Bench { .. } | Command::Pull { .. } | Command::Fleet { .. } => unreachable!("handled above"),
     }
 }
 

@@ -8,9 +8,9 @@
 pub(crate) mod conn;
 mod fetch;
 pub(crate) mod http;
-mod link;
+pub(crate) mod link;
 pub mod mqtt;
-mod mqtt_client;
+pub(crate) mod mqtt_client;
 pub mod openai;
 pub(crate) mod peer;
 mod redelivery;

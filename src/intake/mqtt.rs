@@ -17,7 +17,8 @@
 //! never stops the daemon: the loop reconnects with capped exponential backoff.
 
 use super::mqtt_client::{
-    Ack, Client, Event, Message, Outbox, RESULT_ACK_WAIT, Reply, SHORT_SESSION, connect, run_outbox, until_stopped,
+    Ack, Client, Event, Message, Outbox, RESULT_ACK_WAIT, Reply, SHORT_SESSION, Session, connect, run_outbox,
+    until_stopped,
 };
 use super::redelivery::{Answer, Key, Redelivery, Seen};
 use super::topics::Topics;
@@ -300,10 +301,26 @@ pub async fn serve(
     let offline = serde_json::to_vec(&json!({"online": false, "node": node})).unwrap_or_default();
     let link = super::link::start(&broker, &cfg).inspect_err(|e| tracing::error!("MQTT cannot start: {e}"))?;
     let results_link = super::link::start(&broker, &cfg)?;
-    let (client, mut events) =
-        connect(&cfg, broker.v5, &link.path, &client_id, Some(&topics), offline.clone(), max_payload)?;
-    let (results, results_events) =
-        connect(&cfg, broker.v5, &results_link.path, &format!("{client_id}-results"), None, Vec::new(), max_payload)?;
+    let (client, mut events) = connect(
+        &cfg,
+        broker.v5,
+        &link.path,
+        &client_id,
+        Some(&topics),
+        offline.clone(),
+        max_payload,
+        Session::Persistent,
+    )?;
+    let (results, results_events) = connect(
+        &cfg,
+        broker.v5,
+        &results_link.path,
+        &format!("{client_id}-results"),
+        None,
+        Vec::new(),
+        max_payload,
+        Session::Persistent,
+    )?;
     let outbox = Arc::new(Outbox::new(results));
     let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));
     // The results connection outlives the intake: it carries the last results and the offline status.

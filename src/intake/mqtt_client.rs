@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 /// A connection that the broker closes this soon after it opened counts as short;
 /// several in a row mean another client is taking the session.
-pub(super) const SHORT_SESSION: Duration = Duration::from_secs(10);
+pub(crate) const SHORT_SESSION: Duration = Duration::from_secs(10);
 
 /// A received job message, whichever protocol version carried it.
-pub(super) struct Message {
-    pub(super) topic: String,
-    pub(super) payload: Bytes,
+pub(crate) struct Message {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
     pub(super) response_topic: Option<String>,
     pub(super) correlation: Option<Bytes>,
     pub(super) user_properties: Vec<(String, String)>,
@@ -38,7 +38,7 @@ pub(super) enum Ack {
 /// Where a result goes: topic, plus the MQTT 5 correlation data and user
 /// properties of the request, echoed.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Reply {
+pub(crate) struct Reply {
     pub(super) topic: String,
     pub(super) correlation: Option<Bytes>,
     pub(super) user_properties: Vec<(String, String)>,
@@ -46,17 +46,17 @@ pub(super) struct Reply {
 
 /// The MQTT client of either protocol version.
 #[derive(Clone)]
-pub(super) enum Client {
+pub(crate) enum Client {
     V5(rumqttc::v5::AsyncClient),
     V4(rumqttc::AsyncClient),
 }
 
-pub(super) enum EventLoop {
+pub(crate) enum EventLoop {
     V5(Box<rumqttc::v5::EventLoop>),
     V4(Box<rumqttc::EventLoop>),
 }
 
-pub(super) enum Event {
+pub(crate) enum Event {
     Connected,
     Message(Box<Message>),
     /// A publish of ours left with this packet id.
@@ -77,7 +77,13 @@ fn v5_props(reply: Option<&Reply>) -> m5::PublishProperties {
 
 impl Client {
     /// Publishes at QoS 1 without waiting for room in the request queue.
-    fn try_publish(&self, topic: &str, payload: Vec<u8>, retain: bool, reply: Option<&Reply>) -> Result<(), String> {
+    pub(crate) fn try_publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        reply: Option<&Reply>,
+    ) -> Result<(), String> {
         match self {
             Client::V5(c) => c
                 .try_publish_with_properties(
@@ -102,7 +108,7 @@ impl Client {
         }
     }
 
-    pub(super) async fn subscribe(&self, filter: &str) -> Result<(), String> {
+    pub(crate) async fn subscribe(&self, filter: &str) -> Result<(), String> {
         match self {
             Client::V5(c) => {
                 c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.map_err(|e| e.to_string())
@@ -111,7 +117,7 @@ impl Client {
         }
     }
 
-    pub(super) async fn disconnect(&self) {
+    pub(crate) async fn disconnect(&self) {
         let _ = match self {
             Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
             Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
@@ -120,7 +126,7 @@ impl Client {
 }
 
 impl EventLoop {
-    pub(super) async fn poll(&mut self) -> Result<Event, String> {
+    pub(crate) async fn poll(&mut self) -> Result<Event, String> {
         match self {
             EventLoop::V5(l) => match l.poll().await.map_err(|e| e.to_string())? {
                 rumqttc::v5::Event::Incoming(m5::Packet::ConnAck(_)) => Ok(Event::Connected),
@@ -293,12 +299,21 @@ pub(super) async fn run_outbox(
 pub(super) const RESULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// Completes when `stop` turns true (or its sender is gone), holding no borrow afterwards.
-pub(super) async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
+/// How a connection keeps its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Session {
+    /// Kept by the broker across reconnects, messages acknowledged by hand (the intake).
+    Persistent,
+    /// A new session each time, acknowledged as they arrive (the fleet's, a tool's).
+    Clean,
+}
+
 /// The MQTT client and its event loop, connecting through the link at `link`.
-pub(super) fn connect(
+pub(crate) fn connect(
     cfg: &MqttConfig,
     v5: bool,
     link: &std::path::Path,
@@ -306,7 +321,9 @@ pub(super) fn connect(
     will: Option<&Topics>,
     offline: Vec<u8>,
     max_payload: usize,
+    session: Session,
 ) -> Result<(Client, EventLoop), String> {
+    let persistent = session == Session::Persistent;
     let password = cfg.password().map_err(|e| e.to_string())?;
     let link = link.to_string_lossy().into_owned();
     let keep_alive = Duration::from_secs(cfg.keep_alive_s.max(5));
@@ -316,14 +333,14 @@ pub(super) fn connect(
     if v5 {
         let mut o = rumqttc::v5::MqttOptions::new(client_id, &link, 0);
         o.set_keep_alive(keep_alive)
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(cfg.session_expiry_s))
+            .set_clean_start(!persistent)
+            .set_session_expiry_interval(persistent.then_some(cfg.session_expiry_s))
             .set_receive_maximum(Some(cfg.max_in_flight))
             // rumqttc keeps a slot per outgoing packet id up to this limit, filled at
             // connect: the default (65535) costs ~14 MB of RSS for nothing.
             .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
             .set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)))
-            .set_manual_acks(true);
+            .set_manual_acks(persistent);
         if let Some(topics) = will {
             o.set_last_will(m5::LastWill::new(
                 topics.status(),
@@ -342,10 +359,10 @@ pub(super) fn connect(
     } else {
         let mut o = rumqttc::MqttOptions::new(client_id, &link, 0);
         o.set_keep_alive(keep_alive)
-            .set_clean_session(false)
+            .set_clean_session(!persistent)
             .set_inflight(OUTGOING_IN_FLIGHT)
             .set_max_packet_size(max_packet, max_packet)
-            .set_manual_acks(true);
+            .set_manual_acks(persistent);
         if let Some(topics) = will {
             o.set_last_will(rumqttc::LastWill::new(topics.status(), offline, rumqttc::QoS::AtLeastOnce, true));
         }

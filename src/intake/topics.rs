@@ -54,12 +54,15 @@ impl Topics {
         }
         let rest = topic.strip_prefix(self.prefix.as_str()).and_then(|r| r.strip_prefix('/'))?;
         let levels: Vec<&str> = rest.split('/').collect();
+        // Desired state (the fleet's, a group's, a node's) and reports are never a reply route either:
+        // a result published there would be taken as a rollout, or overwrite a node's report.
         let consumed = levels.first() == Some(&"jobs")
             || levels.get(1) == Some(&"jobs")
-            || (levels.len() == 2 && levels[1] == "status");
+            || matches!(levels.first(), Some(&"fleet") | Some(&"groups"))
+            || (levels.len() == 2 && ["status", "desired", "reported"].contains(&levels[1]));
         consumed.then(|| {
             format!(
-                "reply route '{topic}' is a topic inferd consumes or owns (jobs or status under '{}/'); \
+                "reply route '{topic}' is a topic inferd consumes or owns (jobs, status or desired state under '{}/'); \
                  results never go there",
                 self.prefix
             )
@@ -116,6 +119,10 @@ mod tests {
             "inferd/jobs",
             "inferd/cam-box-1/status",
             "inferd/other-box/status",
+            "inferd/fleet/desired",
+            "inferd/groups/canary/desired",
+            "inferd/cam-box-1/desired",
+            "inferd/other-box/reported",
         ] {
             assert!(t.reply_route_refusal(refused).is_some(), "{refused} must be refused");
         }

@@ -189,6 +189,33 @@ pub struct Pulled {
     pub downloaded: u64,
 }
 
+/// A model's files downloaded and verified in its staging folder
+/// (`models.d/.pull/NAME`), its entry written with the sums and checked:
+/// ready to be put in place.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub name: String,
+    /// The staging folder.
+    pub dir: PathBuf,
+    /// The manifest's digest (`sha256:…`).
+    pub digest: String,
+    pub files: Vec<String>,
+    /// Bytes fetched over the network.
+    pub downloaded: u64,
+}
+
+/// What a fetch is asked for besides its source.
+#[derive(Debug, Clone, Default)]
+pub struct Want<'a> {
+    /// Renames the model.
+    pub name: Option<&'a str>,
+    /// The manifest digest the artifact must have (`sha256:…`).
+    pub digest: Option<&'a str>,
+    /// Other folders whose files of the same name are reused when they verify
+    /// (earlier versions of the model kept on disk).
+    pub reuse: Vec<PathBuf>,
+}
+
 /// Pulls `source` into the `models.d/` folder beside `models_json`; `name`
 /// renames the model. `progress` sees every step.
 pub async fn pull(
@@ -198,6 +225,25 @@ pub async fn pull(
     cfg: &PullConfig,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Pulled, PullError> {
+    let root = models_d(models_json);
+    let staged = fetch(source, &root, &Want { name, ..Want::default() }, cfg, progress).await?;
+    install(&staged, &root)
+}
+
+/// The `models.d/` folder beside `models_json`.
+pub fn models_d(models_json: &Path) -> PathBuf {
+    models_json.parent().map(Path::to_path_buf).unwrap_or_default().join(MODELS_D)
+}
+
+/// Downloads `source` into `root/.pull/NAME`, verified, with its entry
+/// checked as the registry will read it; nothing in `root/NAME` changes.
+pub async fn fetch(
+    source: &str,
+    root: &Path,
+    want: &Want<'_>,
+    cfg: &PullConfig,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Staged, PullError> {
     let client = cfg.client();
     let (layers, digest, headers) = match source {
         s if s.starts_with("oci://") => {
@@ -223,6 +269,11 @@ pub async fn pull(
             )));
         }
     };
+    if let Some(expected) = want.digest
+        && !expected.eq_ignore_ascii_case(&digest)
+    {
+        return Err(PullError::digest(format!("{source} has manifest digest {digest}, not the {expected} asked for")));
+    }
     for layer in &layers {
         check_file_name(&layer.name)?;
     }
@@ -238,7 +289,6 @@ pub async fn pull(
     let bytes: u64 = layers.iter().filter_map(|l| l.size).sum();
     progress(Progress::Manifest { files: layers.len(), bytes });
 
-    let root = models_json.parent().map(Path::to_path_buf).unwrap_or_default().join(MODELS_D);
     // The entry first (small): it names the model, so the staging folder.
     let scratch = root.join(".pull");
     std::fs::create_dir_all(&scratch)
@@ -248,7 +298,7 @@ pub async fn pull(
     let downloaded_entry =
         download(&client, entry_layer, &headers, &entry_file, Some(MAX_ENTRY), &rate, progress).await?;
     let mut entry = read_entry(&entry_file)?;
-    let name = match name {
+    let name = match want.name {
         Some(n) => n.to_string(),
         None => entry
             .get("name")
@@ -263,12 +313,18 @@ pub async fn pull(
     let staging = scratch.join(&name);
     std::fs::create_dir_all(&staging)
         .map_err(|e| PullError::disk(format!("cannot create {}: {e}", staging.display())))?;
-    // Files the model already has, unchanged, are taken from its folder, not fetched again.
-    let target = root.join(&name);
+    // Files the model already has are taken from its folder (or the folders
+    // given), not fetched again; each is verified before it counts.
+    let reuse: Vec<PathBuf> = std::iter::once(root.join(&name)).chain(want.reuse.iter().cloned()).collect();
     for layer in &layers {
-        let (have, staged) = (target.join(&layer.name), staging.join(&layer.name));
-        if have.is_file() && !staged.exists() {
-            let _ = std::fs::hard_link(&have, &staged).or_else(|_| std::fs::copy(&have, &staged).map(|_| ()));
+        let staged = staging.join(&layer.name);
+        for have in reuse.iter().map(|d| d.join(&layer.name)) {
+            if have.is_file() && !staged.exists() {
+                let _ = std::fs::hard_link(&have, &staged).or_else(|_| std::fs::copy(&have, &staged).map(|_| ()));
+            }
+            if staged.exists() && layer.size.is_some_and(|s| std::fs::metadata(&staged).map_or(0, |m| m.len()) != s) {
+                let _ = std::fs::remove_file(&staged);
+            }
         }
     }
     check_disk(&staging, &layers)?;
@@ -293,13 +349,7 @@ pub async fn pull(
     fill_sums(&mut entry, &layers)?;
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(entry)).expect("a JSON object");
     write_atomic(&staging.join("model.json"), text.as_bytes())?;
-    let registry_text = format!("{{\"version\": 1, \"models\": [{text}]}}");
-    let check = crate::registry::Registry::from_json(&registry_text, &staging.join("model.json"))
-        .map_err(|e| PullError::artifact(format!("model.json is not a valid entry: {e}")))?;
-    let escaping = check.escaping_paths();
-    if let Some(p) = escaping.first() {
-        return Err(PullError::artifact(format!("model.json: {}: {}", p.path, p.message)));
-    }
+    let check = entry_registry(&staging)?;
     let referenced = check.models[0].files();
     for f in &referenced {
         if !layers.iter().any(|l| Path::new(&l.name) == f.as_path()) {
@@ -309,19 +359,46 @@ pub async fn pull(
             )));
         }
     }
-    // Swap: the old folder aside, the new one in, the old one gone.
-    let old = scratch.join(format!("{name}.old"));
+    let files = layers.iter().map(|l| l.name.clone()).collect();
+    Ok(Staged { name, dir: staging, digest, files, downloaded })
+}
+
+/// The registry of the one model whose folder is `dir` (its `model.json`),
+/// validated as a models.d entry is: its paths may not leave the folder.
+pub fn entry_registry(dir: &Path) -> Result<crate::registry::Registry, PullError> {
+    let file = dir.join("model.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| PullError::artifact(format!("model.json: {e}")))?;
+    let registry_text = format!("{{\"version\": 1, \"models\": [{text}]}}");
+    let check = crate::registry::Registry::from_json(&registry_text, &file)
+        .map_err(|e| PullError::artifact(format!("model.json is not a valid entry: {e}")))?;
+    if let Some(p) = check.escaping_paths().first() {
+        return Err(PullError::artifact(format!("model.json: {}: {}", p.path, p.message)));
+    }
+    Ok(check)
+}
+
+/// Puts a staged model in place as `root/NAME`: the old folder aside, the new
+/// one in by rename, the old one gone.
+pub fn install(staged: &Staged, root: &Path) -> Result<Pulled, PullError> {
+    let (name, target) = (&staged.name, root.join(&staged.name));
+    let old = root.join(".pull").join(format!("{name}.old"));
     let _ = std::fs::remove_dir_all(&old);
     if target.exists() {
         std::fs::rename(&target, &old)
             .map_err(|e| PullError::disk(format!("cannot move {} aside: {e}", target.display())))?;
     }
-    std::fs::rename(&staging, &target)
+    std::fs::rename(&staged.dir, &target)
         .map_err(|e| PullError::disk(format!("cannot put {} in place: {e}", target.display())))?;
     let _ = std::fs::remove_dir_all(&old);
-    let files = layers.iter().map(|l| l.name.clone()).collect();
-    let bytes = layers.iter().map(|l| std::fs::metadata(target.join(&l.name)).map_or(0, |m| m.len())).sum();
-    Ok(Pulled { name, dir: target, digest, files, bytes, downloaded })
+    let bytes = staged.files.iter().map(|f| std::fs::metadata(target.join(f)).map_or(0, |m| m.len())).sum();
+    Ok(Pulled {
+        name: name.clone(),
+        dir: target,
+        digest: staged.digest.clone(),
+        files: staged.files.clone(),
+        bytes,
+        downloaded: staged.downloaded,
+    })
 }
 
 /// Writes `model`'s artifact folder into `out`: its files side by side, flat,

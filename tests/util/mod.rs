@@ -234,6 +234,7 @@ pub fn busy_iterations_for(client: &inferd::client::Client, target: std::time::D
 }
 
 pub mod broker;
+pub mod oci;
 
 /// A registry with the two test detectors (YOLOv5 and YOLOv8 layouts, outputs
 /// constructed by scripts/make_fixtures.py), 64×64 letterboxed input.

@@ -1,0 +1,229 @@
+//! The fleet's state on disk, beside the models it manages
+//! (`models.d/.fleet/`): the documents accepted, the generation applied (the
+//! last good set), the one that failed, and a journal of a swap in progress,
+//! so that a box killed in the middle of one comes back on its last good set.
+//!
+//! A swap of generation G moves each replaced or removed model's folder
+//! `models.d/NAME` to `.fleet/keep/G/NAME` and each staged one in; those
+//! kept folders are the way back, removed once `keep_generations` newer
+//! generations have been applied.
+
+use super::doc::{Document, Layer, Merged};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What the box knows of its desired state, kept across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    /// The last document accepted for each layer.
+    pub layers: BTreeMap<Layer, Document>,
+    /// The set applied and serving: the last good generation.
+    pub applied: Merged,
+    /// The generation that failed (it is not tried again until a newer one comes).
+    pub failed: Option<Failure>,
+    /// A swap under way: undone at the next start if the box died in it.
+    pub applying: Option<Applying>,
+    /// A generation whose swap the box died in, and how many times.
+    pub interrupted: Option<(u64, u32)>,
+}
+
+/// Why a generation was rolled back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub generation: u64,
+    /// The model that failed, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `pull`, `network` (tried again), `digest`, `check`, `load`, `smoke_test`, `swap` or `interrupted`.
+    pub stage: String,
+    pub message: String,
+}
+
+/// A swap in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Applying {
+    pub generation: u64,
+    /// Models whose folders the swap moves.
+    pub names: Vec<String>,
+}
+
+/// The fleet's folder under `root` (`models.d`).
+pub fn dir(root: &Path) -> PathBuf {
+    root.join(".fleet")
+}
+
+fn state_file(root: &Path) -> PathBuf {
+    dir(root).join("state.json")
+}
+
+/// Where generation `g` keeps the folders it replaced.
+pub fn keep_dir(root: &Path, g: u64) -> PathBuf {
+    dir(root).join("keep").join(g.to_string())
+}
+
+/// The state saved under `root`, or an empty one.
+pub fn load(root: &Path) -> State {
+    match std::fs::read(state_file(root)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!("fleet state {} is unreadable ({e}); starting from none", state_file(root).display());
+            State::default()
+        }),
+        Err(_) => State::default(),
+    }
+}
+
+/// Saves `state` (written aside, synced, renamed over).
+pub fn save(root: &Path, state: &State) -> Result<(), String> {
+    use std::io::Write;
+    let file = state_file(root);
+    std::fs::create_dir_all(dir(root)).map_err(|e| format!("cannot create {}: {e}", dir(root).display()))?;
+    let tmp = file.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(state).expect("the state serialises");
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&text).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, &file))
+        .map_err(|e| format!("cannot write {}: {e}", file.display()))
+}
+
+/// Moves `names`' folders aside into generation `g`'s keep folder and the
+/// staged folders (`staged[name]`) in their place.
+pub fn swap(root: &Path, g: u64, names: &[String], staged: &BTreeMap<String, PathBuf>) -> Result<(), String> {
+    let keep = keep_dir(root, g);
+    let _ = std::fs::remove_dir_all(&keep);
+    std::fs::create_dir_all(&keep).map_err(|e| format!("cannot create {}: {e}", keep.display()))?;
+    for name in names {
+        let live = root.join(name);
+        if live.exists() {
+            std::fs::rename(&live, keep.join(name))
+                .map_err(|e| format!("cannot move {} aside: {e}", live.display()))?;
+        }
+        if let Some(from) = staged.get(name) {
+            std::fs::rename(from, &live).map_err(|e| format!("cannot put {} in place: {e}", live.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Undoes [`swap`] of generation `g` over `names`: each model's folder as it was before.
+pub fn undo(root: &Path, g: u64, names: &[String]) {
+    let keep = keep_dir(root, g);
+    for name in names {
+        let (live, kept) = (root.join(name), keep.join(name));
+        if kept.exists() {
+            let _ = std::fs::remove_dir_all(&live);
+            if let Err(e) = std::fs::rename(&kept, &live) {
+                tracing::error!("fleet: cannot put {} back: {e}", live.display());
+            }
+        } else if live.exists() {
+            // New in generation g: it was not there before. Its files stay for a resumed pull.
+            let staging = root.join(".pull").join(name);
+            let _ = std::fs::remove_dir_all(&staging);
+            if std::fs::create_dir_all(root.join(".pull")).and_then(|_| std::fs::rename(&live, &staging)).is_err() {
+                let _ = std::fs::remove_dir_all(&live);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(&keep);
+}
+
+/// Before the registry is read at start: a swap the box died in is undone,
+/// so the last good set serves. Returns the state.
+pub fn recover(root: &Path) -> State {
+    let mut state = load(root);
+    if let Some(a) = state.applying.take() {
+        tracing::warn!(
+            generation = a.generation,
+            models = ?a.names,
+            "fleet: the box stopped in the middle of applying generation {}; back to generation {}",
+            a.generation,
+            state.applied.generation
+        );
+        undo(root, a.generation, &a.names);
+        let before = state.interrupted.filter(|(g, _)| *g == a.generation).map_or(0, |(_, n)| n);
+        state.interrupted = Some((a.generation, before + 1));
+        if let Err(e) = save(root, &state) {
+            tracing::error!("fleet: {e}");
+        }
+    }
+    state
+}
+
+/// Removes kept folders but those of the newest `keep` generations, and staging left by failed pulls of models no longer wanted.
+pub fn collect_garbage(root: &Path, keep: usize, wanted: &[String]) {
+    let keeps = dir(root).join("keep");
+    let mut gens: Vec<u64> = std::fs::read_dir(&keeps)
+        .map(|r| r.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    gens.sort_unstable();
+    let drop = gens.len().saturating_sub(keep);
+    for g in &gens[..drop] {
+        let _ = std::fs::remove_dir_all(keep_dir(root, *g));
+    }
+    if let Ok(r) = std::fs::read_dir(root.join(".pull")) {
+        for e in r.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() && !wanted.contains(&name) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// The kept folders of model `name`, newest first (files a pull may reuse).
+pub fn kept(root: &Path, name: &str) -> Vec<PathBuf> {
+    let keeps = dir(root).join("keep");
+    let mut gens: Vec<u64> = std::fs::read_dir(&keeps)
+        .map(|r| r.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    gens.sort_unstable_by(|a, b| b.cmp(a));
+    gens.into_iter().map(|g| keep_dir(root, g).join(name)).filter(|p| p.is_dir()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(root: &Path, name: &str, text: &str) {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join("model.json"), text).unwrap();
+    }
+
+    #[test]
+    fn a_swap_interrupted_is_undone_at_start_and_kept_folders_age_out() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        model(root, "a", "a1");
+        model(root, "b", "b1");
+        model(&root.join(".pull"), "a", "a2");
+        model(&root.join(".pull"), "c", "c2");
+        let staged: BTreeMap<String, PathBuf> =
+            ["a", "c"].iter().map(|n| (n.to_string(), root.join(".pull").join(n))).collect();
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let mut state = State::default();
+        state.applying = Some(Applying { generation: 7, names: names.clone() });
+        save(root, &state).unwrap();
+        swap(root, 7, &names, &staged).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("a/model.json")).unwrap(), "a2");
+        assert!(!root.join("b").exists() && root.join("c").exists());
+        // Killed here: the next start puts generation 6's set back.
+        let state = recover(root);
+        assert_eq!((state.applying.is_none(), state.interrupted), (true, Some((7, 1))));
+        assert_eq!(recover(root).interrupted, Some((7, 1)), "a second start finds nothing to undo");
+        assert_eq!(std::fs::read_to_string(root.join("a/model.json")).unwrap(), "a1");
+        assert_eq!(std::fs::read_to_string(root.join("b/model.json")).unwrap(), "b1");
+        assert!(!root.join("c").exists() && root.join(".pull/c/model.json").exists());
+        // Kept folders: only the newest generations stay.
+        for g in [3, 4, 5] {
+            std::fs::create_dir_all(keep_dir(root, g).join("a")).unwrap();
+        }
+        assert_eq!(
+            kept(root, "a"),
+            [keep_dir(root, 5).join("a"), keep_dir(root, 4).join("a"), keep_dir(root, 3).join("a")]
+        );
+        collect_garbage(root, 2, &["a".into()]);
+        assert_eq!(kept(root, "a"), [keep_dir(root, 5).join("a"), keep_dir(root, 4).join("a")]);
+        assert!(!root.join(".pull/c").exists());
+    }
+}
