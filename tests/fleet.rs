@@ -330,12 +330,42 @@ async fn a_box_killed_mid_download_serves_its_last_good_set_and_resumes_through_
     let log = boxes[0].log();
     let fetched: u64 = log
         .lines()
+        .rev()
         .filter(|l| l.contains("staged") && l.contains("big"))
-        .filter_map(|l| l.split("fetched=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .last()
+        .find_map(|l| l.split("fetched=").nth(1)?.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no staged line: {log}"));
     assert!(fetched <= blob.len() as u64 - kept + (64 << 10), "{fetched} bytes fetched after {kept} were kept");
     assert!(
         std::fs::read(boxes[0].registry.path().parent().unwrap().join("models.d/big/weights.bin")).unwrap() == blob
     );
+}
+
+#[test]
+fn the_documented_schema_takes_what_the_box_takes_and_refuses_what_it_refuses() {
+    let schema: Value =
+        serde_json::from_slice(&std::fs::read(repo("docs/fleet-desired.schema.json")).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let keys = Keys::new("ops");
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let good = [
+        json!({"generation": 1, "target": "group/canary", "models": {"color": model("oci://r.example:5000/models/color:1".into(), &digest, true)}}),
+        json!({"generation": 2, "target": "fleet", "models": {"color": {"source": format!("oci://r.example/m@{digest}"), "preload": true, "pin": true}}}),
+        json!({"generation": 3, "target": "node/cam-1", "models": {"color": null, "embed": {"source": format!("oci://r.example/e@{digest}"),
+            "smoke": {"input": {"text": "hello"}, "expect": {"result": {}}}}}}),
+    ];
+    for doc in &good {
+        let signed: Value = serde_json::from_slice(&keys.sign("ops", doc)).unwrap();
+        assert!(validator.is_valid(&signed), "{signed:#}");
+    }
+    let bad = [
+        json!({"generation": 1, "target": "everyone"}),
+        json!({"generation": 1, "target": "fleet", "models": {"color": {"source": "oci://r.example/m:1"}}}),
+        json!({"generation": 1, "target": "fleet", "extra": true}),
+        json!({"generation": 1, "target": "fleet", "models": {"../x": null}}),
+        json!({"generation": 1, "target": "fleet", "models": {"c": {"source": format!("oci://r.example/m@{digest}"),
+            "smoke": {"file": "../etc/passwd", "expect": {}}}}}),
+    ];
+    for doc in &bad {
+        assert!(!validator.is_valid(doc), "the schema takes {doc:#}");
+    }
 }

@@ -7,7 +7,7 @@ mod util;
 use base64::Engine as _;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use util::oci::{OciRegistry, color_artifact};
 use util::*;

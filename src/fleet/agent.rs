@@ -21,8 +21,7 @@ pub async fn serve(
 ) -> Result<(), String> {
     let link = crate::intake::link::start(&broker, &cfg)?;
     let client_id = format!("{}-fleet", cfg.client_id.clone().unwrap_or_else(|| cfg.node()));
-    let (client, mut events) =
-        connect(&cfg, broker.v5, &link.path, &client_id, None, Vec::new(), max_document, Session::Clean)?;
+    let (client, mut events) = connect(&cfg, broker.v5, &link.path, &client_id, None, max_document, Session::Clean)?;
     let topic = fleet.topics().reported();
     let mut reports = fleet.reports();
     let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));

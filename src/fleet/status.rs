@@ -13,7 +13,7 @@ pub async fn reports(cfg: &MqttConfig, wait: Duration) -> Result<BTreeMap<String
     let broker = Broker::parse(cfg)?;
     let link = crate::intake::link::start(&broker, cfg)?;
     let id = format!("inferd-fleet-status-{}", std::process::id());
-    let (client, mut events) = connect(cfg, broker.v5, &link.path, &id, None, Vec::new(), 4 << 20, Session::Clean)?;
+    let (client, mut events) = connect(cfg, broker.v5, &link.path, &id, None, 4 << 20, Session::Clean)?;
     let filter = format!("{}/+/reported", cfg.prefix);
     let mut out = BTreeMap::new();
     let end = Instant::now() + wait;

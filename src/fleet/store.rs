@@ -201,8 +201,7 @@ mod tests {
         let staged: BTreeMap<String, PathBuf> =
             ["a", "c"].iter().map(|n| (n.to_string(), root.join(".pull").join(n))).collect();
         let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let mut state = State::default();
-        state.applying = Some(Applying { generation: 7, names: names.clone() });
+        let state = State { applying: Some(Applying { generation: 7, names: names.clone() }), ..State::default() };
         save(root, &state).unwrap();
         swap(root, 7, &names, &staged).unwrap();
         assert_eq!(std::fs::read_to_string(root.join("a/model.json")).unwrap(), "a2");

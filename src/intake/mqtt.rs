@@ -306,8 +306,7 @@ pub async fn serve(
         broker.v5,
         &link.path,
         &client_id,
-        Some(&topics),
-        offline.clone(),
+        Some((&topics, offline.clone())),
         max_payload,
         Session::Persistent,
     )?;
@@ -317,7 +316,6 @@ pub async fn serve(
         &results_link.path,
         &format!("{client_id}-results"),
         None,
-        Vec::new(),
         max_payload,
         Session::Persistent,
     )?;

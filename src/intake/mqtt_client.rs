@@ -318,8 +318,7 @@ pub(crate) fn connect(
     v5: bool,
     link: &std::path::Path,
     client_id: &str,
-    will: Option<&Topics>,
-    offline: Vec<u8>,
+    will: Option<(&Topics, Vec<u8>)>,
     max_payload: usize,
     session: Session,
 ) -> Result<(Client, EventLoop), String> {
@@ -341,7 +340,7 @@ pub(crate) fn connect(
             .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
             .set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)))
             .set_manual_acks(persistent);
-        if let Some(topics) = will {
+        if let Some((topics, offline)) = will {
             o.set_last_will(m5::LastWill::new(
                 topics.status(),
                 offline,
@@ -363,7 +362,7 @@ pub(crate) fn connect(
             .set_inflight(OUTGOING_IN_FLIGHT)
             .set_max_packet_size(max_packet, max_packet)
             .set_manual_acks(persistent);
-        if let Some(topics) = will {
+        if let Some((topics, offline)) = will {
             o.set_last_will(rumqttc::LastWill::new(topics.status(), offline, rumqttc::QoS::AtLeastOnce, true));
         }
         if let Some(user) = &cfg.username {
