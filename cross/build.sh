@@ -4,6 +4,7 @@
 #
 #   cross/build.sh            → target/aarch64-unknown-linux-gnu/release/inferd
 #                               target/aarch64-unknown-linux-gnu/debian/inferd_<version>-1_arm64.deb
+#                               target/debian-models/inferd-model-<name>_<version>-1_all.deb (one a model)
 #
 # The binary is linked against glibc 2.28 symbols with cargo-zigbuild, so it
 # runs on JetPack 5 (glibc 2.31), JetPack 6 (2.35) and any distribution since
@@ -59,6 +60,10 @@ if [ "${INFERD_CROSS_PLAIN:-0}" != 1 ] && [ "$(printf '%s\n%s\n' "$need" "$GLIBC
   exit 1
 fi
 
-say "packaging the arm64 .deb"
+say "packaging the arm64 .deb (daemon, units, config: no model)"
 cargo deb --target "$TARGET" --no-build --no-strip
 ls -l target/$TARGET/debian/*.deb
+if [ -x target/release/inferd ] || [ -x target/debug/inferd ]; then
+  say "packaging each model (Architecture: all) with this box's inferd"
+  scripts/package-models.sh --out target/debian-models
+fi

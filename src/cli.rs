@@ -277,7 +277,7 @@ pub fn fleet(config: &Config, command: &FleetCommand) -> i32 {
 /// The registry named by `--models` or the configuration.
 pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
     let path = cli.models.clone().unwrap_or_else(|| config.registry_path());
-    Registry::load_confined(&path, config.models_outside).map_err(|e| {
+    Registry::load_for(config, &path).map_err(|e| {
         eprintln!("inferd: {e}");
         exit::REGISTRY
     })
@@ -304,7 +304,7 @@ pub fn pull(cli: &Cli, config: &Config, source: &str, name: Option<&str>, json: 
         },
         crate::pull::Progress::Verified { file, sha256 } => eprintln!("  {file}: sha256 {sha256} verified"),
     };
-    match runtime.block_on(crate::pull::pull(source, &path, name, &config.pull, &show)) {
+    match runtime.block_on(crate::pull::pull(source, &config.pull_dir(&path), name, &config.pull, &show)) {
         Ok(pulled) => {
             if json {
                 println!("{}", serde_json::to_string(&pulled).unwrap_or_default());
@@ -319,7 +319,7 @@ pub fn pull(cli: &Cli, config: &Config, source: &str, name: Option<&str>, json: 
                     pulled.digest
                 );
             }
-            match Registry::load_confined(&path, config.models_outside) {
+            match Registry::load_for(config, &path) {
                 Ok(_) => exit::OK,
                 Err(e) => {
                     eprintln!("inferd pull: the registry does not read with the pulled model: {e}");

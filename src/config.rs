@@ -20,6 +20,9 @@ pub struct Config {
     /// Allow paths in models.json (model files, tokenizers, labels) outside its
     /// folder: absolute, or climbing out with `..`. Off: such a registry is refused.
     pub models_outside: bool,
+    /// More drop-in folders (`NAME/model.json` each), read after the
+    /// `models.d/` beside models.json: model packages install into one.
+    pub models_d: Vec<PathBuf>,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     pub socket: SocketConfig,
@@ -683,6 +686,7 @@ impl Config {
                 .with_list_parse_key("limits.image_fetch.hosts")
                 .with_list_parse_key("pull.insecure")
                 .with_list_parse_key("pull.registries")
+                .with_list_parse_key("models_d")
                 .with_list_parse_key("fleet.groups")
                 .with_list_parse_key("fleet.trusted_keys")
                 .source(Some(env)),
@@ -793,6 +797,17 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level: '{}': {e}", self.log.level)))?;
         Ok(())
+    }
+
+    /// Where `inferd pull` and the fleet put models: `[pull] dir`, else
+    /// `models.d/` beside the registry at `registry`.
+    pub fn pull_dir(&self, registry: &Path) -> PathBuf {
+        self.pull.dir.clone().unwrap_or_else(|| crate::pull::models_d(registry))
+    }
+
+    /// The drop-in folders read besides the one beside models.json: `models_d`, then `[pull] dir`.
+    pub fn dropins(&self) -> Vec<PathBuf> {
+        self.models_d.iter().cloned().chain(self.pull.dir.clone()).collect()
     }
 
     /// The registry path this configuration points at.

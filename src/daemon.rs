@@ -68,8 +68,8 @@ pub async fn run_with(
     }
     // A fleet swap the box died in is undone before the registry is read: the last good set serves.
     let fleet_state =
-        config.fleet.enabled.then(|| crate::fleet::store::recover(&crate::pull::models_d(&config.registry_path())));
-    let registry = registry::Registry::load_confined(&config.registry_path(), config.models_outside)?;
+        config.fleet.enabled.then(|| crate::fleet::store::recover(&config.pull_dir(&config.registry_path())));
+    let registry = registry::Registry::load_for(&config, &config.registry_path())?;
     let engine = engine::Engine::new(config.clone(), registry);
     let metrics = Arc::new(metrics::Metrics::default());
     let manager = Arc::new(manager::Manager::new(config.memory.clone(), probe, engine.registry_arc()));
@@ -307,8 +307,7 @@ async fn apply_reload(
     reload: &Reload,
 ) -> Result<config::Config, String> {
     let config = (reload.reread)()?;
-    let registry =
-        registry::Registry::load_confined(&config.registry_path(), config.models_outside).map_err(|e| e.to_string())?;
+    let registry = registry::Registry::load_for(&config, &config.registry_path()).map_err(|e| e.to_string())?;
     let engine_changed = config.runtime != current.runtime || config.limits != current.limits;
     let restart_only: Vec<&str> = [
         ("socket", config.socket != current.socket),

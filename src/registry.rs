@@ -302,6 +302,8 @@ pub struct Registry {
     pub file: PathBuf,
     pub dir: PathBuf,
     pub models: Vec<ModelSpec>,
+    /// Drop-in folders read besides `dir/models.d` (model packages, pulls).
+    pub dropins: Vec<PathBuf>,
 }
 
 /// Largest models.json read (a registry is small; this stops a wrong path to a big file).
@@ -311,6 +313,12 @@ impl Registry {
     /// Reads and validates `file`: JSON shape, names, task requirements and
     /// that every referenced file exists. sha256 and ONNX checks are in [`Registry::check`].
     pub fn load(file: &Path) -> Result<Registry, RegistryError> {
+        Self::load_with_dropins(file, &[])
+    }
+
+    /// [`Registry::load`], with the `models.d`-style folders `dropins` read
+    /// after the one beside `file`.
+    pub fn load_with_dropins(file: &Path, dropins: &[PathBuf]) -> Result<Registry, RegistryError> {
         let fail = |path: &str, message: String| RegistryError {
             file: file.to_path_buf(),
             problems: vec![Problem { path: path.into(), message }],
@@ -323,25 +331,44 @@ impl Registry {
             return Err(fail("$", format!("larger than {} MiB", MAX_REGISTRY_BYTES >> 20)));
         }
         let mut registry = Self::from_json(&text, file)?;
+        registry.dropins = dropins.to_vec();
         registry.add_dropins()?;
         Ok(registry)
     }
 
-    /// Merges the `models.d/NAME/model.json` entries beside models.json (pulled
-    /// models, model packages): each one model's object, its paths relative to
-    /// its own folder and never leaving it; a name models.json or another
-    /// entry already has is refused. Folders starting with `.` (a pull in
-    /// progress) are skipped.
+    /// The drop-in folders read, in order: `models.d` beside models.json, then
+    /// [`Registry::dropins`] (each once).
+    pub fn dropin_roots(&self) -> Vec<PathBuf> {
+        let mut roots: Vec<PathBuf> = Vec::new();
+        let same = |a: &Path, b: &Path| {
+            a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+        };
+        for root in std::iter::once(self.dir.join(crate::pull::MODELS_D)).chain(self.dropins.iter().cloned()) {
+            if !roots.iter().any(|r| same(r, &root)) {
+                roots.push(root);
+            }
+        }
+        roots
+    }
+
+    /// Merges the `NAME/model.json` entries of the drop-in folders (pulled
+    /// models, model packages; see [`Registry::dropin_roots`]): each one
+    /// model's object, its paths relative to its own folder and never leaving
+    /// it; a name models.json or another entry already has is refused.
+    /// Folders starting with `.` (a pull in progress) are skipped.
     fn add_dropins(&mut self) -> Result<(), RegistryError> {
-        let root = self.dir.join(crate::pull::MODELS_D);
-        let Ok(read) = std::fs::read_dir(&root) else { return Ok(()) };
-        let mut folders: Vec<PathBuf> = read
-            .filter_map(|e| e.ok())
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| e.path())
-            .filter(|p| p.join("model.json").is_file())
-            .collect();
-        folders.sort();
+        let mut folders: Vec<PathBuf> = Vec::new();
+        for root in self.dropin_roots() {
+            let Ok(read) = std::fs::read_dir(&root) else { continue };
+            let mut found: Vec<PathBuf> = read
+                .filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .map(|e| e.path())
+                .filter(|p| p.join("model.json").is_file())
+                .collect();
+            found.sort();
+            folders.extend(found);
+        }
         let mut problems = Vec::new();
         let mut places: Vec<String> = (0..self.models.len()).map(|i| format!("models[{i}]")).collect();
         let main = self.models.len();
@@ -405,7 +432,7 @@ impl Registry {
         let all_read = problems.is_empty();
         let (places, models): (Vec<usize>, Vec<ModelSpec>) = read.into_iter().unzip();
         let places: Vec<String> = places.iter().map(|i| format!("models[{i}]")).collect();
-        let registry = Registry { file: file.to_path_buf(), dir, models };
+        let registry = Registry { file: file.to_path_buf(), dir, models, dropins: Vec::new() };
         if parsed.version != 1 {
             problems.push(Problem {
                 path: "version".into(),
@@ -423,9 +450,24 @@ impl Registry {
     /// Reads `file` as [`Registry::load`] does, and unless `allow_outside`
     /// refuses paths that leave its folder (see [`Registry::escaping_paths`]).
     pub fn load_confined(file: &Path, allow_outside: bool) -> Result<Registry, RegistryError> {
-        let registry = Self::load(file)?;
+        Self::load_confined_with(file, allow_outside, &[])
+    }
+
+    /// [`Registry::load_confined`] with more drop-in folders (see [`Registry::load_with_dropins`]).
+    pub fn load_confined_with(
+        file: &Path,
+        allow_outside: bool,
+        dropins: &[PathBuf],
+    ) -> Result<Registry, RegistryError> {
+        let registry = Self::load_with_dropins(file, dropins)?;
         let problems = if allow_outside { Vec::new() } else { registry.escaping_paths() };
         if problems.is_empty() { Ok(registry) } else { Err(RegistryError { file: file.to_path_buf(), problems }) }
+    }
+
+    /// The registry at `file` as `config` reads it: its drop-in folders, and
+    /// paths leaving the folder refused unless `models_outside`.
+    pub fn load_for(config: &crate::config::Config, file: &Path) -> Result<Registry, RegistryError> {
+        Self::load_confined_with(file, config.models_outside, &config.dropins())
     }
 
     /// Paths in the registry that leave its folder: absolute, or with `..`.

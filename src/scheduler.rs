@@ -142,8 +142,7 @@ impl Scheduler {
     pub async fn reload_registry(&self) -> Result<Vec<String>, String> {
         let old = self.engine();
         let config = old.config().clone();
-        let registry = crate::registry::Registry::load_confined(&old.registry().file, config.models_outside)
-            .map_err(|e| e.to_string())?;
+        let registry = crate::registry::Registry::load_for(&config, &old.registry().file).map_err(|e| e.to_string())?;
         self.swap_registry(config, registry, false).await
     }
 

@@ -82,7 +82,7 @@ fn the_unit_exposure_score_stays_low() {
 }
 
 #[test]
-fn the_deb_has_the_daemon_units_config_and_a_registry_that_checks_out() {
+fn the_deb_has_the_daemon_units_and_config_and_no_model() {
     let out = tempfile::tempdir().unwrap();
     // The debug binary the tests built, stripped; a release package is built the same way (cross/build.sh).
     let (ok, stdout, stderr) = run(Command::new(env!("CARGO"))
@@ -113,21 +113,24 @@ fn the_deb_has_the_daemon_units_config_and_a_registry_that_checks_out() {
         "./usr/lib/sysusers.d/inferd.conf",
         "./usr/lib/tmpfiles.d/inferd.conf",
         "./etc/inferd/config.toml",
-        "./usr/share/inferd/models.json",
-        "./usr/share/inferd/models/color/color.onnx",
-        "./usr/share/inferd/models/fetched/ocr/v6-small/rec.onnx",
+        "./etc/inferd/models.json",
         "./usr/share/doc/inferd/README.md",
+        "./usr/share/doc/inferd/fleet-desired.schema.json",
         "./usr/share/doc/inferd/deploy.md",
     ] {
         assert!(listing.lines().any(|l| l.ends_with(path)), "{path} missing from the .deb:\n{listing}");
     }
     assert!(listing.lines().any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with("./usr/bin/inferd")), "{listing}");
+    // No model: they are packages of their own (or pulled), so a binary fix is a small download.
+    assert!(!listing.contains("usr/share/inferd/models") && !listing.contains(".onnx"), "{listing}");
+    let size = std::fs::metadata(&deb).unwrap().len();
+    assert!(size < 32 << 20, "the daemon package is {} MiB", size >> 20);
 
     let control = tempfile::tempdir().unwrap();
     let (ok, _, stderr) = run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(control.path()));
     assert!(ok, "{stderr}");
     let read = |f: &str| std::fs::read_to_string(control.path().join(f)).unwrap_or_default();
-    assert_eq!(read("conffiles").trim(), "/etc/inferd/config.toml");
+    assert_eq!(read("conffiles").trim(), "/etc/inferd/config.toml\n/etc/inferd/models.json");
     assert!(read("control").contains("Depends: libc6 (>= 2.28)"), "{}", read("control"));
     let postinst = read("postinst");
     for step in [
@@ -142,22 +145,84 @@ fn the_deb_has_the_daemon_units_config_and_a_registry_that_checks_out() {
     let postrm = read("postrm");
     assert!(postrm.contains("purge") && postrm.contains("deluser") && postrm.contains("daemon-reload"), "{postrm}");
 
-    // The packaged registry is complete: every file there, every sha256 right.
     let root_dir = tempfile::tempdir().unwrap();
     let (ok, _, stderr) = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root_dir.path()));
     assert!(ok, "{stderr}");
-    let registry = root_dir.path().join("usr/share/inferd/models.json");
-    let out = inferd(&["check", "--models", registry.to_str().unwrap()]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stdout}{stderr}");
     let config = std::fs::read_to_string(root_dir.path().join("etc/inferd/config.toml")).unwrap();
-    assert!(config.contains("models = \"/usr/share/inferd/models.json\""), "{config}");
+    for line in [
+        "models = \"/etc/inferd/models.json\"",
+        "models_d = [\"/usr/share/inferd/models.d\"]",
+        "dir = \"/var/lib/inferd/models.d\"",
+    ] {
+        assert!(config.contains(line), "{line} not in the packaged config.toml:\n{config}");
+    }
     let parsed = inferd::config::Config::load_from(
         Some(&root_dir.path().join("etc/inferd/config.toml")),
         Path::new("/nonexistent"),
         Vec::new(),
     );
     assert!(parsed.is_ok(), "the packaged config.toml loads: {parsed:?}");
+}
+
+/// Model packages (scripts/package-models.sh): each holds one model's
+/// models.d folder and nothing the daemon's package has; installed beside the
+/// daemon's files, their models join the registry and check out.
+#[test]
+fn model_packages_join_the_daemons_registry_and_touch_nothing_of_it() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = run(Command::new(root().join("scripts/package-models.sh"))
+        .args(["--out", out.path().to_str().unwrap(), "color", "mlp"])
+        .env("INFERD", env!("CARGO_BIN_EXE_inferd"))
+        .current_dir(root()));
+    assert!(ok, "{stdout}{stderr}");
+    let version = env!("CARGO_PKG_VERSION");
+    // What an installed box has: the daemon's config and empty registry, then the model packages' files.
+    let fs = tempfile::tempdir().unwrap();
+    let etc = fs.path().join("etc/inferd");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::copy(root().join("systemd/models.json"), etc.join("models.json")).unwrap();
+    for name in ["color", "mlp"] {
+        let deb = out.path().join(format!("inferd-model-{name}_{version}-1_all.deb"));
+        let (ok, control, stderr) = run(Command::new("dpkg-deb").arg("-f").arg(&deb));
+        assert!(ok, "{stderr}");
+        assert!(control.contains(&format!("Package: inferd-model-{name}")), "{control}");
+        assert!(control.contains("Architecture: all") && control.contains("Depends: inferd (>="), "{control}");
+        let (ok, listing, _) = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
+        assert!(ok);
+        let files: Vec<&str> =
+            listing.lines().filter(|l| l.starts_with('-')).filter_map(|l| l.split_whitespace().last()).collect();
+        assert!(files.iter().all(|f| f.starts_with(&format!("./usr/share/inferd/models.d/{name}/"))), "{listing}");
+        assert!(files.contains(&format!("./usr/share/inferd/models.d/{name}/model.json").as_str()), "{listing}");
+        let (ok, _, stderr) = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(fs.path()));
+        assert!(ok, "{stderr}");
+    }
+    let registry = etc.join("models.json");
+    let dropins = fs.path().join("usr/share/inferd/models.d");
+    let env = [("INFERD_MODELS_D", dropins.to_str().unwrap())];
+    let out = inferd_env(&["check", "--models", registry.to_str().unwrap()], &env);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let out = inferd_env(&["models", "--json", "--models", registry.to_str().unwrap()], &env);
+    let models: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let names: Vec<&str> =
+        models["models"].as_array().map(|a| a.iter().filter_map(|m| m["name"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(names, ["color", "mlp"], "{}", text(&out).1);
+    let out = inferd_env(
+        &["infer", "--local", "-m", "color", "--models", registry.to_str().unwrap(), "examples/red.jpg"],
+        &env,
+    );
+    assert!(text(&out).0.contains("red"), "{:?}", text(&out));
+    // The same model pulled as well (the pull folder is read too): refused by name, naming both places.
+    let pulled = fs.path().join("var/lib/inferd/models.d");
+    std::fs::create_dir_all(pulled.join("color")).unwrap();
+    for f in std::fs::read_dir(dropins.join("color")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, pulled.join("color").join(f.file_name().unwrap())).unwrap();
+    }
+    let env = [("INFERD_MODELS_D", dropins.to_str().unwrap()), ("INFERD_PULL__DIR", pulled.to_str().unwrap())];
+    let out = inferd_env(&["check", "--models", registry.to_str().unwrap()], &env);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success() && stderr.contains("duplicate model name 'color'"), "{stdout}{stderr}");
 }
 
 /// The Apple Silicon build type-checks, CoreML code paths included (no macOS

@@ -106,7 +106,7 @@ impl Fleet {
             groups: config.fleet.groups.clone(),
         };
         let keys = config.fleet.keys()?;
-        let root = pull::models_d(&config.registry_path());
+        let root = config.pull_dir(&config.registry_path());
         let report = Reported {
             node: topics.node.clone(),
             generation: state.applied.generation,
@@ -260,13 +260,17 @@ impl Fleet {
         let plan = doc::plan(&applied.models, &merged.models);
         let local: Vec<String> = {
             let engine = self.scheduler.engine();
-            engine.registry().models.iter().filter(|m| m.dir.is_none()).map(|m| m.name.clone()).collect()
+            let ours =
+                |m: &crate::registry::ModelSpec| m.dir.as_deref().and_then(Path::parent) == Some(self.root.as_path());
+            engine.registry().models.iter().filter(|m| !ours(m)).map(|m| m.name.clone()).collect()
         };
         let mut staged: BTreeMap<String, PathBuf> = BTreeMap::new();
         for name in &plan.fetch {
             let d = &merged.models[name];
             if local.contains(name) {
-                let message = format!("'{name}' is a model of models.json; the fleet manages models.d entries only");
+                let message = format!(
+                    "'{name}' is a model of models.json or of a model package; the fleet manages the models it pulled only"
+                );
                 return self.fail(failure(g, Some(name), "check", message));
             }
             match self.stage(name, d).await {

@@ -175,12 +175,12 @@ async fn pull(State(app): State<AppState>, body: Body) -> Response {
     let scheduler = app.scheduler.clone();
     tokio::spawn(async move {
         let engine = scheduler.engine();
-        let (file, cfg) = (engine.registry().file.clone(), engine.config().pull.clone());
+        let (root, cfg) = (engine.config().pull_dir(&engine.registry().file), engine.config().pull.clone());
         drop(engine);
         let progress = |p: crate::pull::Progress| {
             let _ = tx.send(format!("{}\n", serde_json::to_string(&p).unwrap_or_default()));
         };
-        let result = crate::pull::pull(&request.source, &file, request.name.as_deref(), &cfg, &progress).await;
+        let result = crate::pull::pull(&request.source, &root, request.name.as_deref(), &cfg, &progress).await;
         let last = match result {
             Ok(pulled) => match scheduler.reload_registry().await {
                 Ok(_) => serde_json::json!({"event": "done", "pulled": pulled}),

@@ -102,6 +102,9 @@ pub struct Layer {
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PullConfig {
+    /// Where pulled models go (and the fleet keeps its state); default
+    /// `models.d/` beside models.json. Read as a drop-in folder of the registry.
+    pub dir: Option<PathBuf>,
     /// Registries and hosts (`host` or `host:port`) reached over plain http
     /// besides loopback ones, as Docker's `insecure-registries`.
     pub insecure: Vec<String>,
@@ -125,6 +128,7 @@ pub struct PullConfig {
 impl Default for PullConfig {
     fn default() -> Self {
         PullConfig {
+            dir: None,
             insecure: Vec::new(),
             ca_file: None,
             auth_file: None,
@@ -216,18 +220,17 @@ pub struct Want<'a> {
     pub reuse: Vec<PathBuf>,
 }
 
-/// Pulls `source` into the `models.d/` folder beside `models_json`; `name`
+/// Pulls `source` into the drop-in folder `root` (`models.d/`); `name`
 /// renames the model. `progress` sees every step.
 pub async fn pull(
     source: &str,
-    models_json: &Path,
+    root: &Path,
     name: Option<&str>,
     cfg: &PullConfig,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Pulled, PullError> {
-    let root = models_d(models_json);
-    let staged = fetch(source, &root, &Want { name, ..Want::default() }, cfg, progress).await?;
-    install(&staged, &root)
+    let staged = fetch(source, root, &Want { name, ..Want::default() }, cfg, progress).await?;
+    install(&staged, root)
 }
 
 /// The `models.d/` folder beside `models_json`.
