@@ -189,10 +189,11 @@ if ! echo "$SMOL_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1 || [ ! -f "$SMOL
 fi
 log "SmolLM2 ready in models/fetched/smollm2/"
 
-# The oras Python SDK publishes the pull tests' artifacts (scripts/oci_push.py), as users publish models.
+# The oras Python SDK publishes the pull tests' artifacts (scripts/oci_push.py), as users publish models;
+# huggingface_hub's own client proves that scripts/hf_server.py serves the Hub's layout.
 ORAS_VENV="$ROOT/.cache/oras-venv"
-if ! "$ORAS_VENV/bin/python" -c "import oras" 2>/dev/null; then
-  log "creating the oras SDK's Python environment in .cache/oras-venv"
+if ! "$ORAS_VENV/bin/python" -c "import oras, huggingface_hub; assert huggingface_hub.__version__ == '1.33.0'" 2>/dev/null; then
+  log "creating the oras SDK's and huggingface_hub's Python environment in .cache/oras-venv"
   python3 -m venv "$ORAS_VENV"
-  "$ORAS_VENV/bin/pip" install --quiet oras==0.2.43
+  "$ORAS_VENV/bin/pip" install --quiet oras==0.2.43 huggingface_hub==1.33.0
 fi

@@ -121,15 +121,21 @@ pub enum Command {
         /// The folder to write (created).
         dir: PathBuf,
     },
-    /// Fetch a model from an OCI registry into models.d/NAME/ beside models.json,
-    /// verified file by file, resumed where an earlier pull stopped.
+    /// Fetch a model from an OCI registry, a web server or the Hugging Face Hub
+    /// into models.d/NAME/ ([pull] dir), verified file by file, resumed where
+    /// an earlier pull stopped.
     Pull {
         /// oci://REGISTRY/REPOSITORY:TAG or oci://REGISTRY/REPOSITORY@sha256:DIGEST
-        /// (an artifact of model.json and the files it names, as `oras push` writes it).
+        /// (an artifact of model.json and the files it names, as `oras push` writes it);
+        /// https://HOST/FOLDER/ or hf://ORG/REPO@REVISION (model.json and the files
+        /// its SHA256SUMS names, as `inferd pack` writes them).
         source: String,
         /// The model's name here (default: the name in the artifact's model.json).
         #[arg(long)]
         name: Option<String>,
+        /// The digest the source must have: the OCI manifest's, or the SHA256SUMS file's (sha256:HEX).
+        #[arg(long)]
+        digest: Option<String>,
         /// Print the result as JSON (progress goes to stderr either way).
         #[arg(long)]
         json: bool,
@@ -286,7 +292,7 @@ pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
 /// `inferd pull`: progress on stderr, the result on stdout; the registry
 /// must still read with the new model (else the pull is reported and kept
 /// for `inferd check` to explain).
-pub fn pull(cli: &Cli, config: &Config, source: &str, name: Option<&str>, json: bool) -> i32 {
+pub fn pull(cli: &Cli, config: &Config, source: &str, want: &crate::pull::Want<'_>, json: bool) -> i32 {
     let path = cli.models.clone().unwrap_or_else(|| config.registry_path());
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -304,7 +310,7 @@ pub fn pull(cli: &Cli, config: &Config, source: &str, name: Option<&str>, json: 
         },
         crate::pull::Progress::Verified { file, sha256 } => eprintln!("  {file}: sha256 {sha256} verified"),
     };
-    match runtime.block_on(crate::pull::pull(source, &config.pull_dir(&path), name, &config.pull, &show)) {
+    match runtime.block_on(crate::pull::pull(source, &config.pull_dir(&path), want, &config.pull, &show)) {
         Ok(pulled) => {
             if json {
                 println!("{}", serde_json::to_string(&pulled).unwrap_or_default());

@@ -101,8 +101,9 @@ fn real_main() -> i32 {
     if let Command::Fleet { ref command } = cli.command {
         return cli::fleet(&config, command);
     }
-    if let Command::Pull { ref source, ref name, json } = cli.command {
-        return cli::pull(&cli, &config, source, name.as_deref(), json);
+    if let Command::Pull { ref source, ref name, ref digest, json } = cli.command {
+        let want = inferd::pull::Want { name: name.as_deref(), digest: digest.as_deref(), reuse: Vec::new() };
+        return cli::pull(&cli, &config, source, &want, json);
     }
     let registry = match cli::load_registry(&cli, &config) {
         Ok(r) => r,

@@ -397,3 +397,113 @@ fn a_packed_model_round_trips_through_the_registry() {
     let out = inferd(&["pack", "nothing", art.path().join("x").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
 }
+
+/// A free loopback port and a Python server process on it, stopped on drop.
+struct Server(std::process::Child, u16);
+
+impl Server {
+    fn start(python: &Path, args: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut cmd = Command::new(python);
+        cmd.args(args.iter().map(|a| a.replace("{port}", &port.to_string())));
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("python runs");
+        let end = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "the server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server(child, port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_folder_on_a_web_server_is_pulled_by_its_sums_file_and_its_digest() {
+    let web = tempfile::tempdir().unwrap();
+    let out = inferd(&["pack", "color", web.path().join("color").to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let digest = format!("sha256:{}", sha256_of(&web.path().join("color/SHA256SUMS")));
+    let server = Server::start(
+        Path::new("python3"),
+        &["-m", "http.server", "{port}", "--bind", "127.0.0.1", "--directory", web.path().to_str().unwrap()],
+    );
+    let url = format!("http://127.0.0.1:{}/color/", server.1);
+    let (dir, models) = empty_registry();
+    // A digest that is not the sums file's: refused, nothing written.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let (code, got, stderr) = pull(&models, &[&url, "--digest", &wrong], &[]);
+    assert_eq!((code, got["kind"].as_str()), (4, Some("digest")), "{stderr}");
+    assert!(!dir.path().join("models.d/color").exists());
+    let (code, got, stderr) = pull(&models, &[&url, "--digest", &digest], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((got["name"].as_str(), got["digest"].as_str()), (Some("color"), Some(digest.as_str())));
+    let out = inferd(&["infer", "--local", "--models", models.to_str().unwrap(), "-m", "color", "examples/red.jpg"]);
+    assert!(text(&out).0.contains("red"), "{:?}", text(&out));
+    // A file changed on the server after its sums were written: that file is refused.
+    std::fs::write(web.path().join("color/labels.txt"), "blue\ngreen\nred\n").unwrap();
+    let (other, models2) = empty_registry();
+    let (code, got, stderr) = pull(&models2, &[&url], &[]);
+    assert_eq!((code, got["kind"].as_str()), (4, Some("digest")), "{stderr}");
+    assert!(got["error"].as_str().unwrap().contains("labels.txt"), "{got}");
+    assert!(!other.path().join("models.d/color").exists());
+    // Plain http is for loopback hosts (and pull.insecure) only.
+    let (code, got, _) = pull(&models2, &["http://models.example/color/"], &[]);
+    assert_eq!((code, got["kind"].as_str()), (1, Some("refused")), "{got}");
+}
+
+#[test]
+fn a_hub_repository_is_pulled_from_the_layout_huggingface_hub_itself_downloads() {
+    let hub = tempfile::tempdir().unwrap();
+    let repo = hub.path().join("acme/color-onnx");
+    let out = inferd(&["pack", "color", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let python = util::repo(".cache/oras-venv/bin/python");
+    // Files over 100 bytes answer as LFS files do on the Hub: a redirect to the CDN.
+    let server = Server::start(
+        &python,
+        &[util::repo("scripts/hf_server.py").to_str().unwrap(), hub.path().to_str().unwrap(), "{port}", "100"],
+    );
+    let endpoint = format!("http://127.0.0.1:{}", server.1);
+    // huggingface_hub's own client reads every file from this layout: the layout is the Hub's.
+    let cache = tempfile::tempdir().unwrap();
+    let script = "import sys; from huggingface_hub import hf_hub_download as d\n\
+                  for f in sys.argv[3:]: print(d(repo_id='acme/color-onnx', filename=f, revision='v1', endpoint=sys.argv[1], cache_dir=sys.argv[2]))";
+    let files = ["SHA256SUMS", "model.json", "color.onnx", "labels.txt"];
+    let out = Command::new(&python)
+        .args(["-c", script, &endpoint, cache.path().to_str().unwrap()])
+        .args(files)
+        .env("HF_HUB_OFFLINE", "0")
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "huggingface_hub: {}", String::from_utf8_lossy(&out.stderr));
+    let paths: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    for (f, p) in files.iter().zip(&paths) {
+        assert_eq!(std::fs::read(p).unwrap(), std::fs::read(repo.join(f)).unwrap(), "{f}");
+    }
+    // inferd from the same server.
+    let (dir, models) = empty_registry();
+    let digest = format!("sha256:{}", sha256_of(&repo.join("SHA256SUMS")));
+    let (code, got, stderr) =
+        pull(&models, &["hf://acme/color-onnx@v1", "--digest", &digest], &[("INFERD_PULL__HF_ENDPOINT", &endpoint)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(got["digest"], digest.as_str());
+    for f in &files[1..] {
+        assert_eq!(
+            std::fs::read(dir.path().join("models.d/color").join(f)).unwrap(),
+            std::fs::read(repo.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let out = inferd(&["check", "--models", models.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    // A repository the Hub does not have.
+    let (code, got, _) = pull(&models, &["hf://acme/nothing@v1"], &[("INFERD_PULL__HF_ENDPOINT", &endpoint)]);
+    assert_eq!((code, got["kind"].as_str()), (5, Some("not_found")), "{got}");
+}

@@ -30,9 +30,11 @@ pub struct Document {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Desired {
-    /// `oci://REGISTRY/REPOSITORY@sha256:…` (or `:TAG` with `digest`).
+    /// `oci://REGISTRY/REPOSITORY@sha256:…` (or `:TAG` with `digest`),
+    /// `https://HOST/FOLDER/` or `hf://ORG/REPO@REVISION` with `digest` (its SHA256SUMS's).
     pub source: String,
-    /// The artifact's manifest digest, `sha256:…` (what `oras push` prints).
+    /// The artifact's manifest digest, `sha256:…` (what `oras push` prints; for a
+    /// folder or Hub source, its SHA256SUMS file's sha256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     /// Loaded once applied, not on its first job.
@@ -327,15 +329,21 @@ pub fn read(
 }
 
 fn check_desired(_name: &str, d: &Desired) -> Result<(), String> {
-    let reference = crate::pull::oci::Reference::parse(&d.source).map_err(|e| format!("source: {}", e.message))?;
-    let pinned = reference.reference.starts_with("sha256:");
-    match &d.digest {
-        Some(digest) if !is_digest(digest) => return Err(format!("digest '{digest}' is not sha256:64 hex digits")),
-        Some(digest) if pinned && !digest.eq_ignore_ascii_case(&reference.reference) => {
-            return Err(format!("digest {digest} and the source's {} differ", reference.reference));
+    let source = crate::pull::Source::parse(&d.source, &crate::pull::PullConfig::default())
+        .map_err(|e| format!("source: {}", e.message))?;
+    let pinned = source.pinned();
+    match (&d.digest, pinned) {
+        (Some(digest), _) if !is_digest(digest) => {
+            return Err(format!("digest '{digest}' is not sha256:64 hex digits"));
         }
-        None if !pinned => {
-            return Err("a source by tag needs its digest (a tag moves; a rollout names exactly one artifact)".into());
+        (Some(digest), Some(p)) if !digest.eq_ignore_ascii_case(p) => {
+            return Err(format!("digest {digest} and the source's {p} differ"));
+        }
+        (None, None) => {
+            return Err(
+                "the source needs its digest (a tag or a folder may change; a rollout names exactly one artifact)"
+                    .into(),
+            );
         }
         _ => {}
     }
@@ -564,9 +572,14 @@ mod tests {
                 "needs its digest",
             ),
             (
-                r#"{"generation": 1, "target": "fleet", "models": {"a": {"source": "https://x/y"}}}"#,
+                r#"{"generation": 1, "target": "fleet", "models": {"a": {"source": "ftp://x/y/"}}}"#,
                 DocErrorKind::Malformed,
                 "source",
+            ),
+            (
+                r#"{"generation": 1, "target": "fleet", "models": {"a": {"source": "https://x/y/"}}}"#,
+                DocErrorKind::Malformed,
+                "needs its digest",
             ),
             (
                 r#"{"generation": 1, "target": "fleet", "models": {"a": {"source": "oci://r.example/m:v1", "digest": "sha256:12"}}}"#,

@@ -161,6 +161,8 @@ async fn pull(State(app): State<AppState>, body: Body) -> Response {
         source: String,
         #[serde(default)]
         name: Option<String>,
+        #[serde(default)]
+        digest: Option<String>,
     }
     let request = match axum::body::to_bytes(body, 64 << 10).await {
         Ok(bytes) => serde_json::from_slice::<PullRequest>(&bytes)
@@ -180,7 +182,14 @@ async fn pull(State(app): State<AppState>, body: Body) -> Response {
         let progress = |p: crate::pull::Progress| {
             let _ = tx.send(format!("{}\n", serde_json::to_string(&p).unwrap_or_default()));
         };
-        let result = crate::pull::pull(&request.source, &root, request.name.as_deref(), &cfg, &progress).await;
+        let result = crate::pull::pull(
+            &request.source,
+            &root,
+            &crate::pull::Want { name: request.name.as_deref(), digest: request.digest.as_deref(), reuse: Vec::new() },
+            &cfg,
+            &progress,
+        )
+        .await;
         let last = match result {
             Ok(pulled) => match scheduler.reload_registry().await {
                 Ok(_) => serde_json::json!({"event": "done", "pulled": pulled}),

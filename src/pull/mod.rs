@@ -11,6 +11,7 @@
 
 pub mod http;
 pub mod oci;
+pub mod sums;
 
 use http_body_util::BodyExt;
 use hyper::header::{HeaderName, RANGE};
@@ -123,6 +124,10 @@ pub struct PullConfig {
     /// Download rate over all of a pull's files, KiB/s; 0: no limit (a box on a
     /// metered or shared uplink keeps room for its cameras' traffic).
     pub max_kib_s: u64,
+    /// The Hugging Face Hub for `hf://` sources (default `$HF_ENDPOINT`, else https://huggingface.co).
+    pub hf_endpoint: Option<String>,
+    /// A file holding the Hub token for gated or private repositories (default `$HF_TOKEN`).
+    pub hf_token_file: Option<PathBuf>,
 }
 
 impl Default for PullConfig {
@@ -136,12 +141,14 @@ impl Default for PullConfig {
             timeout_s: 30,
             registries: Vec::new(),
             max_kib_s: 0,
+            hf_endpoint: None,
+            hf_token_file: None,
         }
     }
 }
 
 impl PullConfig {
-    /// Whether a pull may fetch from `registry` (`host[:port]`).
+    /// Whether a pull may fetch from `registry` (`host[:port]` of a registry or web server).
     pub fn allows(&self, registry: &str) -> bool {
         let (host, port) = host_port(registry);
         self.registries.is_empty() || crate::config::host_listed(&self.registries, host, port)
@@ -193,6 +200,39 @@ pub struct Pulled {
     pub downloaded: u64,
 }
 
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `oci://REGISTRY/REPOSITORY:TAG` or `@sha256:…`: an ORAS artifact.
+    Oci(oci::Reference),
+    /// `https://…/` or `hf://ORG/REPO@REVISION`: files named by a `SHA256SUMS`.
+    Folder(sums::Folder),
+}
+
+impl Source {
+    /// Reads a source string (no network).
+    pub fn parse(source: &str, cfg: &PullConfig) -> Result<Source, PullError> {
+        if source.starts_with("oci://") {
+            oci::Reference::parse(source).map(Source::Oci)
+        } else if ["https://", "http://", "hf://"].iter().any(|p| source.starts_with(p)) {
+            sums::Folder::parse(source, cfg).map(Source::Folder)
+        } else {
+            Err(PullError::source(format!(
+                "'{source}': a source is oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST), \
+                 https://HOST/FOLDER/ (files named by its SHA256SUMS) or hf://ORG/REPO@REVISION"
+            )))
+        }
+    }
+
+    /// The digest the source string itself names (`oci://…@sha256:…`).
+    pub fn pinned(&self) -> Option<&str> {
+        match self {
+            Source::Oci(r) if r.reference.starts_with("sha256:") => Some(&r.reference),
+            _ => None,
+        }
+    }
+}
+
 /// A model's files downloaded and verified in its staging folder
 /// (`models.d/.pull/NAME`), its entry written with the sums and checked:
 /// ready to be put in place.
@@ -220,16 +260,16 @@ pub struct Want<'a> {
     pub reuse: Vec<PathBuf>,
 }
 
-/// Pulls `source` into the drop-in folder `root` (`models.d/`); `name`
-/// renames the model. `progress` sees every step.
+/// Pulls `source` into the drop-in folder `root` (`models.d/`), as `want`
+/// says (a name, a digest). `progress` sees every step.
 pub async fn pull(
     source: &str,
     root: &Path,
-    name: Option<&str>,
+    want: &Want<'_>,
     cfg: &PullConfig,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Pulled, PullError> {
-    let staged = fetch(source, root, &Want { name, ..Want::default() }, cfg, progress).await?;
+    let staged = fetch(source, root, want, cfg, progress).await?;
     install(&staged, root)
 }
 
@@ -248,15 +288,12 @@ pub async fn fetch(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Staged, PullError> {
     let client = cfg.client();
-    let (layers, digest, headers) = match source {
-        s if s.starts_with("oci://") => {
-            let reference = oci::Reference::parse(s)?;
+    let refuse =
+        |host: &str| PullError::refused(format!("{host} is not in pull.registries ({})", cfg.registries.join(", ")));
+    let (layers, digest, headers) = match Source::parse(source, cfg)? {
+        Source::Oci(reference) => {
             if !cfg.allows(&reference.registry) {
-                return Err(PullError::refused(format!(
-                    "{} is not in pull.registries ({})",
-                    reference.registry,
-                    cfg.registries.join(", ")
-                )));
+                return Err(refuse(&reference.registry));
             }
             let credentials = match cfg.auth_file() {
                 Some(file) => oci::credentials(&file, &reference.registry)?,
@@ -266,15 +303,21 @@ pub async fn fetch(
             let (layers, digest) = session.layers().await?;
             (layers, digest, session.headers())
         }
-        other => {
-            return Err(PullError::source(format!(
-                "'{other}': a source is oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST)"
-            )));
+        Source::Folder(folder) => {
+            if !cfg.allows(&folder.host) {
+                return Err(refuse(&folder.host));
+            }
+            let headers = folder.headers(cfg)?;
+            let (layers, digest) = folder.layers(&client, &headers).await?;
+            (layers, digest, headers)
         }
     };
     if let Some(expected) = want.digest
         && !expected.eq_ignore_ascii_case(&digest)
     {
+        if !expected.starts_with("sha256:") {
+            return Err(PullError::source(format!("digest '{expected}': a digest is sha256:HEX")));
+        }
         return Err(PullError::digest(format!("{source} has manifest digest {digest}, not the {expected} asked for")));
     }
     for layer in &layers {
@@ -437,7 +480,11 @@ pub fn pack(registry: &crate::registry::Registry, name: &str, out: &Path) -> Res
     rename_paths(&mut entry, &names);
     let text = serde_json::to_string_pretty(&entry).expect("a JSON object");
     write_atomic(&out.join("model.json"), text.as_bytes())?;
-    Ok(std::iter::once("model.json".to_string()).chain(names.into_iter().map(|(_, n)| n)).collect())
+    let files: Vec<String> =
+        std::iter::once("model.json".to_string()).chain(names.into_iter().map(|(_, n)| n)).collect();
+    // For web servers and the Hub: the file list with sums (`inferd pull https://…/` reads it).
+    write_atomic(&out.join(sums::SUMS), sums::write(out, &files)?.as_bytes())?;
+    Ok(files)
 }
 
 /// Every string of `value` that is one of the paths becomes its flat name.

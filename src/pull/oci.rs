@@ -268,7 +268,7 @@ fn check(response: Response, url: &str) -> Result<Response, PullError> {
 }
 
 /// A small body (manifest, token), at most `max` bytes.
-async fn read_small(response: Response, max: usize, what: &str) -> Result<Vec<u8>, PullError> {
+pub(super) async fn read_small(response: Response, max: usize, what: &str) -> Result<Vec<u8>, PullError> {
     let mut body = response.body;
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
