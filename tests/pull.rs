@@ -507,3 +507,57 @@ fn a_hub_repository_is_pulled_from_the_layout_huggingface_hub_itself_downloads()
     let (code, got, _) = pull(&models, &["hf://acme/nothing@v1"], &[("INFERD_PULL__HF_ENDPOINT", &endpoint)]);
     assert_eq!((code, got["kind"].as_str()), (5, Some("not_found")), "{got}");
 }
+
+#[test]
+fn a_registry_with_a_token_service_is_pulled_with_the_bearer_token_the_credentials_get() {
+    // As Docker Hub, GHCR and Harbor: 401 with a Bearer challenge, a token from the realm.
+    let open = OciRegistry::start(None);
+    let art = color_artifact(&[], |_| {});
+    let digest = open.push("private/color:1", art.path(), None);
+    let keys = tempfile::tempdir().unwrap();
+    let (key, cert) = (keys.path().join("key.pem"), keys.path().join("cert.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=inferd-test-tokens"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (issuer, service) = ("inferd-test-issuer", "inferd-test-registry");
+    let tokens = Server::start(
+        Path::new("python3"),
+        &[
+            util::repo("scripts/token_server.py").to_str().unwrap(),
+            "{port}",
+            key.to_str().unwrap(),
+            cert.to_str().unwrap(),
+            issuer,
+            service,
+            "alice:s3cret",
+        ],
+    );
+    let realm = format!("http://127.0.0.1:{}/token", tokens.1);
+    let reg = OciRegistry::start_token_over(&open, &realm, service, issuer, &cert);
+    let source = format!("oci://{}/private/color@{digest}", reg.host());
+    let (dir, models) = empty_registry();
+    // Anonymous: the service's token grants nothing, the registry refuses.
+    let (code, got, stderr) = pull(&models, &[&source], &[]);
+    assert_eq!((code, got["kind"].as_str()), (1, Some("auth")), "{stderr}");
+    let docker = tempfile::tempdir().unwrap();
+    let write_auth = |user: &str| {
+        let auth = base64::engine::general_purpose::STANDARD.encode(user);
+        let file = json!({"auths": {reg.host(): {"auth": auth}}});
+        std::fs::write(docker.path().join("config.json"), file.to_string()).unwrap();
+    };
+    // Wrong credentials: the token service says so.
+    write_auth("alice:wrong");
+    let env = [("DOCKER_CONFIG", docker.path().to_str().unwrap())];
+    let (code, got, stderr) = pull(&models, &[&source], &env);
+    assert_eq!((code, got["kind"].as_str()), (1, Some("auth")), "{stderr}");
+    assert!(got["error"].as_str().unwrap().contains("token service"), "{got}");
+    // The right ones: a token with pull access, and the blobs fetched with it.
+    write_auth("alice:s3cret");
+    let (code, got, stderr) = pull(&models, &[&source], &env);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(got["digest"], digest.as_str());
+    assert!(dir.path().join("models.d/color/color.onnx").is_file());
+}

@@ -21,12 +21,35 @@ impl OciRegistry {
         Self::start_with(user, None, None)
     }
 
+    /// A second registry over `other`'s storage that answers with a Bearer
+    /// challenge: tokens from the service at `realm`, signed by the key of `cert`.
+    pub fn start_token_over(other: &OciRegistry, realm: &str, service: &str, issuer: &str, cert: &Path) -> OciRegistry {
+        let auth = format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+            cert.display()
+        );
+        Self::start_config(Some(other.dir.path().join("data")), None, |_| auth)
+    }
+
     /// A second registry over `other`'s storage, serving https with `certs` (server.pem, server.key).
     pub fn start_tls_over(other: &OciRegistry, certs: &Path) -> OciRegistry {
         Self::start_with(None, Some(other.dir.path().join("data")), Some(certs))
     }
 
     pub fn start_with(user: Option<(&str, &str)>, data: Option<PathBuf>, certs: Option<&Path>) -> OciRegistry {
+        Self::start_config(data, certs, |dir| match user {
+            Some((u, p)) => {
+                let out =
+                    Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd (apache2-utils) runs");
+                std::fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+                format!("auth:\n  htpasswd:\n    realm: inferd-test\n    path: {}\n", dir.join("htpasswd").display())
+            }
+            None => String::new(),
+        })
+    }
+
+    /// A registry with `auth` (given its folder) as its config's auth section.
+    fn start_config(data: Option<PathBuf>, certs: Option<&Path>, auth: impl FnOnce(&Path) -> String) -> OciRegistry {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let data = data.unwrap_or_else(|| dir.path().join("data"));
@@ -41,14 +64,7 @@ impl OciRegistry {
                 c.join("server.key").display()
             );
         }
-        if let Some((u, p)) = user {
-            let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd (apache2-utils) runs");
-            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
-            config += &format!(
-                "auth:\n  htpasswd:\n    realm: inferd-test\n    path: {}\n",
-                dir.path().join("htpasswd").display()
-            );
-        }
+        config += &auth(dir.path());
         std::fs::write(dir.path().join("config.yml"), config).unwrap();
         let child = Command::new("docker-registry")
             .args(["serve", &dir.path().join("config.yml").display().to_string()])
