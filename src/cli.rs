@@ -302,6 +302,7 @@ pub fn pull(cli: &Cli, config: &Config, source: &str, want: &crate::pull::Want<'
         }
     };
     let show = |p: crate::pull::Progress| match p {
+        crate::pull::Progress::Manifest { files, bytes: 0 } => eprintln!("{source}: {files} files"),
         crate::pull::Progress::Manifest { files, bytes } => eprintln!("{source}: {files} files, {bytes} bytes"),
         crate::pull::Progress::Present { file } => eprintln!("  {file}: already here, verified"),
         crate::pull::Progress::Bytes { file, done, total } => match total {
@@ -356,6 +357,7 @@ pub fn pack(registry: &Registry, name: &str, dir: &Path) -> i32 {
         Ok(files) => {
             println!("{}: {} ({})", dir.display(), files.join(", "), name);
             println!("publish it: cd {} && oras push REGISTRY/REPOSITORY:TAG {}", dir.display(), files.join(" "));
+            println!("or serve the folder over https: its SHA256SUMS names the files (inferd pull https://HOST/FOLDER/)");
             exit::OK
         }
         Err(e) => {
