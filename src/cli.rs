@@ -357,7 +357,9 @@ pub fn pack(registry: &Registry, name: &str, dir: &Path) -> i32 {
         Ok(files) => {
             println!("{}: {} ({})", dir.display(), files.join(", "), name);
             println!("publish it: cd {} && oras push REGISTRY/REPOSITORY:TAG {}", dir.display(), files.join(" "));
-            println!("or serve the folder over https: its SHA256SUMS names the files (inferd pull https://HOST/FOLDER/)");
+            println!(
+                "or serve the folder over https: its SHA256SUMS names the files (inferd pull https://HOST/FOLDER/)"
+            );
             exit::OK
         }
         Err(e) => {

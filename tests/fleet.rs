@@ -338,6 +338,36 @@ async fn a_box_killed_mid_download_serves_its_last_good_set_and_resumes_through_
     assert!(
         std::fs::read(boxes[0].registry.path().parent().unwrap().join("models.d/big/weights.bin")).unwrap() == blob
     );
+
+    // Generation 3 changes the colour model while n2 is answering jobs for it: none is dropped.
+    let rebuilt = color_artifact(&[("red.jpg", &red()), ("NOTES", b"rebuilt")], |_| {});
+    let rebuilt_digest = reg.push("models/color:3", rebuilt.path(), None);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = boxes[1].client();
+    let jobs = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = client.post("/v1/models/color/infer", "image/jpeg", &red()).unwrap();
+                let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                answers.push((r.status, v["result"]["classes"][0]["label"].as_str().unwrap_or("").to_string()));
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let three = json!({"generation": 3, "target": "fleet", "models": {
+        "color": model(format!("oci://{host}/models/color:3"), &rebuilt_digest, true),
+        "big": model(format!("oci://{host}/models/big@{big_digest}"), &big_digest, true)}});
+    publish(&operator, "inferd/fleet/desired", keys.sign("ops", &three)).await;
+    let r = watch.applied("n2", 3).await;
+    assert_eq!(r["models"]["color"]["digest"], rebuilt_digest.as_str(), "{r:#}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answers = jobs.join().unwrap();
+    assert!(answers.len() > 5, "{} jobs", answers.len());
+    assert!(answers.iter().all(|(status, label)| *status == 200 && label == "red"), "{answers:?}");
 }
 
 #[test]

@@ -673,6 +673,30 @@ async fn fetch_file(
             PullError::network(format!("{}: the server answered {status}", layer.url))
         });
     }
+    // A source whose list has no sizes (a SHA256SUMS): the disk is checked for
+    // each file as its length arrives, before any of it is written.
+    if layer.size.is_none()
+        && let Some(len) = response
+            .headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(PullError::artifact(format!("{file} is {len} bytes, over the {limit} allowed")));
+        }
+        let dir = part.parent().unwrap_or(Path::new("."));
+        let free = free_bytes(dir)?;
+        if len.saturating_add(DISK_MARGIN) > free {
+            return Err(PullError::disk(format!(
+                "{file} needs {} MiB and {} has {} MiB free (keeping {} MiB spare)",
+                len.div_ceil(1 << 20),
+                dir.display(),
+                free >> 20,
+                DISK_MARGIN >> 20
+            )));
+        }
+    }
     let mut out = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
