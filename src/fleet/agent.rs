@@ -21,7 +21,11 @@ pub async fn serve(
 ) -> Result<(), String> {
     let link = crate::intake::link::start(&broker, &cfg)?;
     let client_id = format!("{}-fleet", cfg.client_id.clone().unwrap_or_else(|| cfg.node()));
-    let (client, mut events) = connect(&cfg, broker.v5, &link.path, &client_id, None, max_document, Session::Clean)?;
+    // Packets well over the document limit still arrive, so an oversized
+    // document is refused and reported (`too_large`) instead of the
+    // connection failing on it again at every reconnect (MQTT 3.1.1).
+    let max_packet = max_document.saturating_mul(4).max(16 << 20);
+    let (client, mut events) = connect(&cfg, broker.v5, &link.path, &client_id, None, max_packet, Session::Clean)?;
     let topic = fleet.topics().reported();
     let mut reports = fleet.reports();
     let max_backoff = Duration::from_secs(cfg.reconnect_max_s.max(1));

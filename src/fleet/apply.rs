@@ -6,7 +6,7 @@
 //! MQTT agent publishes.
 
 use super::doc::{self, DocError, Document, FleetTopics, Layer, Merged, TrustedKey};
-use super::store::{self, Applying, Failure, State};
+use super::store::{self, Failure, State};
 use crate::config::Config;
 use crate::pull::{self, PullErrorKind};
 use crate::scheduler::Scheduler;
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Times the box may die in the swap of one generation before it stops trying it.
+/// Times the box may die while applying one set before it stops trying it.
 const MAX_INTERRUPTED: u32 = 3;
 /// First wait before a pull that failed on the network is tried again (doubling, up to 10 min).
 const RETRY_FIRST: Duration = Duration::from_secs(15);
@@ -228,10 +228,23 @@ impl Fleet {
         }
     }
 
+    /// Applies `merged`; whatever the outcome, the attempt is over (only a box
+    /// that dies during one leaves its mark, counted at the next start).
     async fn apply(&self, merged: &Merged) -> Outcome {
-        let (applied, failed, interrupted) = {
+        let outcome = self.attempt(merged).await;
+        let mut s = lock(&self.state);
+        if s.trying.take().is_some()
+            && let Err(e) = store::save(&self.root, &s)
+        {
+            tracing::error!("fleet: {e}");
+        }
+        outcome
+    }
+
+    async fn attempt(&self, merged: &Merged) -> Outcome {
+        let (applied, failed, trying) = {
             let s = lock(&self.state);
-            (s.applied.clone(), s.failed.clone(), s.interrupted)
+            (s.applied.clone(), s.failed.clone(), s.trying.clone())
         };
         let layers: BTreeMap<String, u64> =
             lock(&self.state).layers.iter().map(|(l, d)| (l.to_string(), d.generation)).collect();
@@ -243,17 +256,24 @@ impl Fleet {
             self.set_phase(if applied.generation == 0 { Phase::Idle } else { Phase::Applied }, None);
             return Outcome::Done;
         }
-        if let Some(f) = failed.filter(|f| f.generation == merged.generation && f.stage != "network") {
+        let (g, set) = (merged.generation, merged.id());
+        // The same set that failed is not tried again (a network failure is).
+        if let Some(f) = failed.filter(|f| f.generation == g && f.set == set && f.stage != "network") {
             self.set_phase(Phase::RolledBack, Some(f));
             return Outcome::Done;
         }
-        let g = merged.generation;
-        if let Some((ig, n)) = interrupted
-            && ig == g
-            && n >= MAX_INTERRUPTED
+        // Begun before and the box died each time (a load that kills the process, a power cut).
+        let began = trying.filter(|(t, _)| *t == set).map_or(0, |(_, n)| n);
+        if began >= MAX_INTERRUPTED {
+            let message = format!("the box stopped {began} times while applying generation {g}; not trying it again");
+            return self.fail(failure(g, &set, None, "interrupted", message));
+        }
         {
-            let f = failure(g, None, "interrupted", format!("the box stopped {n} times while applying generation {g}"));
-            return self.fail(f);
+            let mut s = lock(&self.state);
+            s.trying = Some((set.clone(), began + 1));
+            if let Err(e) = store::save(&self.root, &s) {
+                tracing::error!("fleet: {e}");
+            }
         }
         tracing::info!(generation = g, "fleet: applying generation {g} (serving {})", applied.generation);
         self.set_phase(Phase::Applying, None);
@@ -271,12 +291,12 @@ impl Fleet {
                 let message = format!(
                     "'{name}' is a model of models.json or of a model package; the fleet manages the models it pulled only"
                 );
-                return self.fail(failure(g, Some(name), "check", message));
+                return self.fail(failure(g, &set, Some(name), "check", message));
             }
             match self.stage(name, d).await {
                 Ok(dir) => staged.insert(name.clone(), dir),
                 Err((stage, message, network)) => {
-                    let f = failure(g, Some(name), stage, message);
+                    let f = failure(g, &set, Some(name), stage, message);
                     if network {
                         tracing::warn!(model = %name, "fleet: {}; trying again", f.message);
                         lock(&self.state).failed = Some(f.clone());
@@ -289,21 +309,25 @@ impl Fleet {
         }
         // The swap, journaled: a box that dies in it comes back on the last good set.
         let names: Vec<String> = plan.fetch.iter().chain(&plan.remove).cloned().collect();
-        {
+        let journal = {
             let mut s = lock(&self.state);
-            s.applying = Some(Applying { generation: g, names: names.clone() });
+            s.swaps += 1;
+            let journal = store::journal(&self.root, g, s.swaps, &names);
+            s.applying = Some(journal.clone());
             if let Err(e) = store::save(&self.root, &s) {
+                s.applying = None;
                 drop(s);
-                return self.fail(failure(g, None, "swap", e));
+                return self.fail(failure(g, &set, None, "swap", e));
             }
-        }
-        let swapped = store::swap(&self.root, g, &names, &staged);
+            journal
+        };
+        let swapped = store::swap(&self.root, &journal, &staged);
         let reloaded = match swapped {
             Ok(()) => self.scheduler.reload_registry().await,
             Err(e) => Err(e),
         };
         if let Err(e) = reloaded {
-            store::undo(&self.root, g, &names);
+            store::undo(&self.root, &journal);
             if let Err(again) = self.scheduler.reload_registry().await {
                 tracing::error!(
                     "fleet: the registry of generation {} does not read again: {again}",
@@ -311,7 +335,7 @@ impl Fleet {
                 );
             }
             lock(&self.state).applying = None;
-            return self.fail(failure(g, None, "swap", e));
+            return self.fail(failure(g, &set, None, "swap", e));
         }
         for (name, d) in &merged.models {
             if d.preload
@@ -325,7 +349,6 @@ impl Fleet {
             s.applied = merged.clone();
             s.failed = None;
             s.applying = None;
-            s.interrupted = None;
             if let Err(e) = store::save(&self.root, &s) {
                 tracing::error!("fleet: {e}");
             }
@@ -452,8 +475,8 @@ enum Outcome {
     Retry,
 }
 
-fn failure(generation: u64, model: Option<&str>, stage: &str, message: String) -> Failure {
-    Failure { generation, model: model.map(str::to_string), stage: stage.into(), message }
+fn failure(generation: u64, set: &str, model: Option<&str>, stage: &str, message: String) -> Failure {
+    Failure { generation, set: set.to_string(), model: model.map(str::to_string), stage: stage.into(), message }
 }
 
 /// Sets `pin` in a staged model's entry.

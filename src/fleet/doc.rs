@@ -310,6 +310,9 @@ pub fn read(
     }
     let doc: Document = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(payload))
         .map_err(|e| DocError::new(Malformed, format!("{}: {}", e.path(), e.inner())))?;
+    if doc.generation == 0 {
+        return Err(DocError::new(Malformed, "generation: generations start at 1"));
+    }
     let target = Layer::try_from(doc.target.clone()).map_err(|e| DocError::new(Malformed, format!("target: {e}")))?;
     if &target != layer {
         return Err(DocError::new(
@@ -384,6 +387,15 @@ impl Desired {
 pub struct Merged {
     pub generation: u64,
     pub models: BTreeMap<String, Desired>,
+}
+
+impl Merged {
+    /// A short name for exactly this set of models (sha256 of its JSON, 16 hex digits).
+    pub fn id(&self) -> String {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(&self.models).expect("JSON");
+        hex::encode(&sha2::Sha256::digest(&bytes)[..8])
+    }
 }
 
 /// Merges `docs` in the order given (lowest layer first).
@@ -560,6 +572,7 @@ mod tests {
             ("[1]", DocErrorKind::Malformed, "object"),
             (r#"{"generation": 1, "target": "fleet", "extra": 1}"#, DocErrorKind::Malformed, "extra"),
             (r#"{"generation": -1, "target": "fleet"}"#, DocErrorKind::Malformed, "generation"),
+            (r#"{"generation": 0, "target": "fleet"}"#, DocErrorKind::Malformed, "start at 1"),
             (r#"{"generation": 1, "target": "everyone"}"#, DocErrorKind::Malformed, "target"),
             (
                 r#"{"generation": 1, "target": "fleet", "models": {"../x": null}}"#,

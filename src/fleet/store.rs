@@ -3,10 +3,11 @@
 //! last good set), the one that failed, and a journal of a swap in progress,
 //! so that a box killed in the middle of one comes back on its last good set.
 //!
-//! A swap of generation G moves each replaced or removed model's folder
-//! `models.d/NAME` to `.fleet/keep/G/NAME` and each staged one in; those
-//! kept folders are the way back, removed once `keep_generations` newer
-//! generations have been applied.
+//! A swap (attempt number A, counting up on the box) moves each replaced or
+//! removed model's folder `models.d/NAME` to `.fleet/keep/A/NAME` and each
+//! staged one in; those kept folders are the way back, removed once
+//! `keep_generations` newer swaps have been made. Renames only, each folder
+//! synced, so a power cut leaves every name either before or after.
 
 use super::doc::{Document, Layer, Merged};
 use serde::{Deserialize, Serialize};
@@ -25,14 +26,20 @@ pub struct State {
     pub failed: Option<Failure>,
     /// A swap under way: undone at the next start if the box died in it.
     pub applying: Option<Applying>,
-    /// A generation whose swap the box died in, and how many times.
-    pub interrupted: Option<(u64, u32)>,
+    /// The set being applied (its [`super::doc::Merged::id`]) and how many
+    /// times its apply began: left set only when the box died during one.
+    pub trying: Option<(String, u32)>,
+    /// Swaps made on this box: names the kept folders.
+    pub swaps: u64,
 }
 
 /// Why a generation was rolled back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     pub generation: u64,
+    /// The set that failed ([`super::doc::Merged::id`]): it is not tried again.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub set: String,
     /// The model that failed, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -45,8 +52,12 @@ pub struct Failure {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Applying {
     pub generation: u64,
+    /// The swap's number: its kept folders are `keep/SWAP/`.
+    pub swap: u64,
     /// Models whose folders the swap moves.
     pub names: Vec<String>,
+    /// Those of `names` that had a folder before the swap.
+    pub replaced: Vec<String>,
 }
 
 /// The fleet's folder under `root` (`models.d`).
@@ -58,9 +69,16 @@ fn state_file(root: &Path) -> PathBuf {
     dir(root).join("state.json")
 }
 
-/// Where generation `g` keeps the folders it replaced.
-pub fn keep_dir(root: &Path, g: u64) -> PathBuf {
-    dir(root).join("keep").join(g.to_string())
+/// Where swap number `n` keeps the folders it replaced.
+pub fn keep_dir(root: &Path, n: u64) -> PathBuf {
+    dir(root).join("keep").join(n.to_string())
+}
+
+/// Makes the renames in `dir` durable.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// The state saved under `root`, or an empty one.
@@ -84,16 +102,23 @@ pub fn save(root: &Path, state: &State) -> Result<(), String> {
     std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&text).and_then(|_| f.sync_all()))
         .and_then(|_| std::fs::rename(&tmp, &file))
-        .map_err(|e| format!("cannot write {}: {e}", file.display()))
+        .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    sync_dir(&dir(root));
+    Ok(())
 }
 
-/// Moves `names`' folders aside into generation `g`'s keep folder and the
-/// staged folders (`staged[name]`) in their place.
-pub fn swap(root: &Path, g: u64, names: &[String], staged: &BTreeMap<String, PathBuf>) -> Result<(), String> {
-    let keep = keep_dir(root, g);
-    let _ = std::fs::remove_dir_all(&keep);
+/// The journal entry for a swap of `names` (number `swap`): which of them have a folder now.
+pub fn journal(root: &Path, generation: u64, swap: u64, names: &[String]) -> Applying {
+    let replaced = names.iter().filter(|n| root.join(n).exists()).cloned().collect();
+    Applying { generation, swap, names: names.to_vec(), replaced }
+}
+
+/// Moves the journal's folders aside into its keep folder and the staged
+/// folders (`staged[name]`) in their place.
+pub fn swap(root: &Path, a: &Applying, staged: &BTreeMap<String, PathBuf>) -> Result<(), String> {
+    let keep = keep_dir(root, a.swap);
     std::fs::create_dir_all(&keep).map_err(|e| format!("cannot create {}: {e}", keep.display()))?;
-    for name in names {
+    for name in &a.names {
         let live = root.join(name);
         if live.exists() {
             std::fs::rename(&live, keep.join(name))
@@ -103,21 +128,27 @@ pub fn swap(root: &Path, g: u64, names: &[String], staged: &BTreeMap<String, Pat
             std::fs::rename(from, &live).map_err(|e| format!("cannot put {} in place: {e}", live.display()))?;
         }
     }
+    sync_dir(&keep);
+    sync_dir(root);
     Ok(())
 }
 
-/// Undoes [`swap`] of generation `g` over `names`: each model's folder as it was before.
-pub fn undo(root: &Path, g: u64, names: &[String]) {
-    let keep = keep_dir(root, g);
-    for name in names {
+/// Undoes [`swap`] of the journal `a`, wherever it stopped: each model's
+/// folder as it was before. Safe to run again (a second run finds nothing to do).
+pub fn undo(root: &Path, a: &Applying) {
+    let keep = keep_dir(root, a.swap);
+    for name in &a.names {
         let (live, kept) = (root.join(name), keep.join(name));
         if kept.exists() {
+            // Moved aside: the new folder (if it got in) goes, the old one comes back.
             let _ = std::fs::remove_dir_all(&live);
             if let Err(e) = std::fs::rename(&kept, &live) {
                 tracing::error!("fleet: cannot put {} back: {e}", live.display());
             }
+        } else if a.replaced.contains(name) {
+            // Had a folder that was never moved (or was put back already): it stays.
         } else if live.exists() {
-            // New in generation g: it was not there before. Its files stay for a resumed pull.
+            // New in this swap: it was not there before. Its files stay for a resumed pull.
             let staging = root.join(".pull").join(name);
             let _ = std::fs::remove_dir_all(&staging);
             if std::fs::create_dir_all(root.join(".pull")).and_then(|_| std::fs::rename(&live, &staging)).is_err() {
@@ -125,6 +156,7 @@ pub fn undo(root: &Path, g: u64, names: &[String]) {
             }
         }
     }
+    sync_dir(root);
     let _ = std::fs::remove_dir(&keep);
 }
 
@@ -132,7 +164,7 @@ pub fn undo(root: &Path, g: u64, names: &[String]) {
 /// so the last good set serves. Returns the state.
 pub fn recover(root: &Path) -> State {
     let mut state = load(root);
-    if let Some(a) = state.applying.take() {
+    if let Some(a) = state.applying.clone() {
         tracing::warn!(
             generation = a.generation,
             models = ?a.names,
@@ -140,9 +172,10 @@ pub fn recover(root: &Path) -> State {
             a.generation,
             state.applied.generation
         );
-        undo(root, a.generation, &a.names);
-        let before = state.interrupted.filter(|(g, _)| *g == a.generation).map_or(0, |(_, n)| n);
-        state.interrupted = Some((a.generation, before + 1));
+        undo(root, &a);
+        // Only once the folders are back does the journal go: a box killed in
+        // the middle of this undo finds it again (and undo is safe to repeat).
+        state.applying = None;
         if let Err(e) = save(root, &state) {
             tracing::error!("fleet: {e}");
         }
@@ -169,6 +202,7 @@ pub fn collect_garbage(root: &Path, keep: usize, wanted: &[String]) {
             }
         }
     }
+    crate::pull::remove_entry_downloads(root);
 }
 
 /// The kept folders of model `name`, newest first (files a pull may reuse).
@@ -201,18 +235,31 @@ mod tests {
         let staged: BTreeMap<String, PathBuf> =
             ["a", "c"].iter().map(|n| (n.to_string(), root.join(".pull").join(n))).collect();
         let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let state = State { applying: Some(Applying { generation: 7, names: names.clone() }), ..State::default() };
+        let a = journal(root, 7, 1, &names);
+        assert_eq!(a.replaced, ["a", "b"]);
+        let state = State { applying: Some(a.clone()), ..State::default() };
         save(root, &state).unwrap();
-        swap(root, 7, &names, &staged).unwrap();
+        swap(root, &a, &staged).unwrap();
         assert_eq!(std::fs::read_to_string(root.join("a/model.json")).unwrap(), "a2");
         assert!(!root.join("b").exists() && root.join("c").exists());
         // Killed here: the next start puts generation 6's set back.
         let state = recover(root);
-        assert_eq!((state.applying.is_none(), state.interrupted), (true, Some((7, 1))));
-        assert_eq!(recover(root).interrupted, Some((7, 1)), "a second start finds nothing to undo");
+        assert!(state.applying.is_none());
+        let again = recover(root);
+        assert_eq!(again, state, "a second start finds nothing to undo");
         assert_eq!(std::fs::read_to_string(root.join("a/model.json")).unwrap(), "a1");
         assert_eq!(std::fs::read_to_string(root.join("b/model.json")).unwrap(), "b1");
         assert!(!root.join("c").exists() && root.join(".pull/c/model.json").exists());
+        // Killed before the swap moved anything, or halfway: undo leaves what was not moved, twice over.
+        model(&root.join(".pull"), "a", "a3");
+        let half = journal(root, 8, 2, &names);
+        std::fs::create_dir_all(keep_dir(root, 2)).unwrap();
+        std::fs::rename(root.join("a"), keep_dir(root, 2).join("a")).unwrap();
+        std::fs::rename(root.join(".pull/a"), root.join("a")).unwrap();
+        undo(root, &half);
+        undo(root, &half);
+        assert_eq!(std::fs::read_to_string(root.join("a/model.json")).unwrap(), "a1");
+        assert_eq!(std::fs::read_to_string(root.join("b/model.json")).unwrap(), "b1");
         // Kept folders: only the newest generations stay.
         for g in [3, 4, 5] {
             std::fs::create_dir_all(keep_dir(root, g).join("a")).unwrap();

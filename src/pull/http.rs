@@ -101,8 +101,13 @@ impl Client {
         let request = request.body(Empty::<Bytes>::new()).map_err(|e| PullError::source(e.to_string()))?;
         let failed = |e: hyper::Error| PullError::network(format!("{uri}: {e}"));
         let (response, driver) = if https {
-            let tls =
-                crate::tls::connect(bare, tcp, self.ca_file.as_deref(), "pull.ca_file").await.map_err(|e| match e {
+            let handshake = crate::tls::connect(bare, tcp, self.ca_file.as_deref(), "pull.ca_file");
+            let tls = tokio::time::timeout(self.timeout, handshake)
+                .await
+                .map_err(|_| {
+                    PullError::network(format!("the TLS handshake with {bare}:{port} took over {:?}", self.timeout))
+                })?
+                .map_err(|e| match e {
                     crate::tls::ConnectError::Setup(m) => PullError::refused(m),
                     crate::tls::ConnectError::Handshake(m) => PullError::network(m),
                 })?;

@@ -423,6 +423,19 @@ pub fn entry_registry(dir: &Path) -> Result<crate::registry::Registry, PullError
     Ok(check)
 }
 
+/// Removes the entries (`.pull/HASH.model.json`) downloaded by pulls (kept
+/// by `inferd pull`, so pulling an unchanged model again fetches nothing; the
+/// fleet drops them with its other leftovers once a generation is applied).
+pub fn remove_entry_downloads(root: &Path) {
+    if let Ok(r) = std::fs::read_dir(root.join(".pull")) {
+        for e in r.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().ends_with(".model.json") && e.path().is_file() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Puts a staged model in place as `root/NAME`: the old folder aside, the new
 /// one in by rename, the old one gone.
 pub fn install(staged: &Staged, root: &Path) -> Result<Pulled, PullError> {
@@ -711,7 +724,10 @@ async fn fetch_file(
     let mut body = response.body;
     let mut fetched = 0u64;
     let mut reported = have;
-    while let Some(frame) = body.frame().await {
+    // A connection that goes silent (a NAT dropping it) fails after the timeout;
+    // the part on disk is resumed by the next try.
+    let silent = || PullError::network(format!("downloading {file}: nothing arrived for {:?}", client.timeout));
+    while let Some(frame) = tokio::time::timeout(client.timeout, body.frame()).await.map_err(|_| silent())? {
         let frame = frame.map_err(|e| PullError::network(format!("downloading {file}: {e}")))?;
         let Some(data) = frame.data_ref() else { continue };
         if have + data.len() as u64 > limit {

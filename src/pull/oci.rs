@@ -271,7 +271,12 @@ fn check(response: Response, url: &str) -> Result<Response, PullError> {
 pub(super) async fn read_small(response: Response, max: usize, what: &str) -> Result<Vec<u8>, PullError> {
     let mut body = response.body;
     let mut out = Vec::new();
-    while let Some(frame) = body.frame().await {
+    // Every read has the connection's timeout: a silent server fails, it does not hang the pull.
+    const SILENT: std::time::Duration = std::time::Duration::from_secs(60);
+    while let Some(frame) = tokio::time::timeout(SILENT, body.frame())
+        .await
+        .map_err(|_| PullError::network(format!("reading the {what}: nothing arrived for {} s", SILENT.as_secs())))?
+    {
         let frame = frame.map_err(|e| PullError::network(format!("reading the {what}: {e}")))?;
         if let Some(data) = frame.data_ref() {
             if out.len() + data.len() > max {

@@ -196,7 +196,7 @@ mod tests {
     fn sums_files_read_as_sha256sum_writes_them_and_names_stay_in_the_folder() {
         let a = "a".repeat(64);
         let layers = parse(
-            &format!("# made by inferd pack\n{a}  model.json\n{}  *color.onnx\n\n", "B".repeat(64)),
+            &format!("# made by inferd pack\n{a}  model.json\n{} *color.onnx\n\n", "B".repeat(64)),
             "https://x/m/",
         )
         .unwrap();
