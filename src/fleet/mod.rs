@@ -7,7 +7,7 @@
 //! swap → report on `{prefix}/NODE/reported` (retained). Any failure before
 //! the swap leaves the models that were serving untouched and reports
 //! `rolled_back` with the reason; the folders a swap replaced are kept
-//! (`models.d/.fleet/keep/GEN/NAME`) for the last good generations, and a box
+//! (`models.d/.fleet/keep/N/NAME`) for the last good generations, and a box
 //! killed in the middle of a swap puts them back before it reads its
 //! registry. See docs/fleet.md.
 //!

@@ -49,7 +49,14 @@ pub fn table(reports: &BTreeMap<String, Value>) -> String {
             .as_object()
             .map(|m| {
                 m.iter()
-                    .map(|(name, v)| format!("{name}:{}", v["state"].as_str().unwrap_or("?")))
+                    .map(|(name, v)| {
+                        let state = v["state"].as_str().unwrap_or("?");
+                        match (v["progress"][0].as_u64(), v["progress"][1].as_u64()) {
+                            (Some(done), Some(total)) if total > 0 => format!("{name}:{state} {}%", done * 100 / total),
+                            (Some(done), _) => format!("{name}:{state} {} MiB", done >> 20),
+                            _ => format!("{name}:{state}"),
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(",")
             })
@@ -133,4 +140,33 @@ pub fn sign_file(doc: &Path, key_file: &Path, name: Option<&str>) -> Result<Valu
         return Err("a document is a JSON object".into());
     }
     Ok(super::doc::sign(&value, &name, &key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_table_has_a_line_a_node_with_progress_and_the_reason() {
+        let reports: BTreeMap<String, Value> = [
+            (
+                "cam-1".to_string(),
+                json!({"generation": 2, "desired_generation": 3, "state": "applying",
+                "models": {"big": {"state": "pulling", "progress": [1048576, 4194304]}, "color": {"state": "loaded"}}}),
+            ),
+            (
+                "cam-2".to_string(),
+                json!({"generation": 2, "desired_generation": 3, "state": "rolled_back", "models": {},
+                "error": {"generation": 3, "model": "big", "stage": "digest", "message": "not the digest"}}),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let t = table(&reports);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NODE") && lines.len() == 3, "{t}");
+        assert!(lines[1].contains("applying") && lines[1].contains("big:pulling 25%,color:loaded"), "{t}");
+        assert!(lines[2].contains("digest big (generation 3): not the digest") && lines[2].contains(" -  "), "{t}");
+    }
 }
