@@ -591,10 +591,15 @@ fn check_disk(dir: &Path, layers: &[Layer]) -> Result<(), PullError> {
         done.max(part)
     };
     let need: u64 = layers.iter().map(|l| l.size.unwrap_or(0).saturating_sub(have(&l.name))).sum();
+    ensure_room(dir, need, "the pull needs")
+}
+
+/// Refuses `need` more bytes in `dir` unless they fit with the margin kept, with the numbers.
+fn ensure_room(dir: &Path, need: u64, what: &str) -> Result<(), PullError> {
     let free = free_bytes(dir)?;
     if need.saturating_add(DISK_MARGIN) > free {
         return Err(PullError::disk(format!(
-            "the pull needs {} MiB more and {} has {} MiB free (keeping {} MiB spare)",
+            "{what} {} MiB more and {} has {} MiB free (keeping {} MiB spare)",
             need.div_ceil(1 << 20),
             dir.display(),
             free >> 20,
@@ -698,17 +703,7 @@ async fn fetch_file(
         if len > limit {
             return Err(PullError::artifact(format!("{file} is {len} bytes, over the {limit} allowed")));
         }
-        let dir = part.parent().unwrap_or(Path::new("."));
-        let free = free_bytes(dir)?;
-        if len.saturating_add(DISK_MARGIN) > free {
-            return Err(PullError::disk(format!(
-                "{file} needs {} MiB and {} has {} MiB free (keeping {} MiB spare)",
-                len.div_ceil(1 << 20),
-                dir.display(),
-                free >> 20,
-                DISK_MARGIN >> 20
-            )));
-        }
+        ensure_room(part.parent().unwrap_or(Path::new(".")), len, &format!("{file} needs"))?;
     }
     let mut out = std::fs::OpenOptions::new()
         .create(true)
