@@ -213,6 +213,7 @@ async fn a_rollout_reaches_the_canary_group_then_the_fleet_and_bad_generations_r
     let (table, _) = text(&status);
     assert!(table.starts_with("NODE") && table.lines().count() == 4, "{table}");
     assert!(table.lines().skip(1).all(|l| l.contains("rolled_back") && l.contains("smoke_test")), "{table}");
+    assert!(table.lines().skip(1).all(|l| l.split_whitespace().nth(1) == Some("yes")), "every box online: {table}");
 
     // 5. A forged document (another key under the trusted name) is refused and reported; nothing changes.
     let forger = Keys::new("ops");

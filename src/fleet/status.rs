@@ -8,28 +8,35 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The retained reports of every node under `cfg.prefix`, by node, read for `wait`.
+/// The retained reports of every node under `cfg.prefix`, by node, read for
+/// `wait`; each with `"online"` from the node's retained status (its Last
+/// Will says false when it dropped off the broker), when there is one.
 pub async fn reports(cfg: &MqttConfig, wait: Duration) -> Result<BTreeMap<String, Value>, String> {
     let broker = Broker::parse(cfg)?;
     let link = crate::intake::link::start(&broker, cfg)?;
     let id = format!("inferd-fleet-status-{}", std::process::id());
     let (client, mut events) = connect(cfg, broker.v5, &link.path, &id, None, 4 << 20, Session::Clean)?;
-    let filter = format!("{}/+/reported", cfg.prefix);
-    let mut out = BTreeMap::new();
+    let mut reported = BTreeMap::new();
+    let mut online: BTreeMap<String, bool> = BTreeMap::new();
     let end = Instant::now() + wait;
     let mut connected = false;
+    let prefix = format!("{}/", cfg.prefix);
     loop {
         let event = tokio::time::timeout_at(end.into(), events.poll()).await;
         match event {
             Err(_) => break,
             Ok(Ok(Event::Connected)) => {
                 connected = true;
-                client.subscribe(&filter).await?;
+                client.subscribe(&format!("{}/+/reported", cfg.prefix)).await?;
+                client.subscribe(&format!("{}/+/status", cfg.prefix)).await?;
             }
             Ok(Ok(Event::Message(m))) => {
-                let node = m.topic.strip_prefix(&format!("{}/", cfg.prefix)).and_then(|r| r.strip_suffix("/reported"));
-                if let (Some(node), Ok(v)) = (node, serde_json::from_slice::<Value>(&m.payload)) {
-                    out.insert(node.to_string(), v);
+                let Some(rest) = m.topic.strip_prefix(&prefix) else { continue };
+                let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else { continue };
+                if let Some(node) = rest.strip_suffix("/reported") {
+                    reported.insert(node.to_string(), v);
+                } else if let (Some(node), Some(up)) = (rest.strip_suffix("/status"), v["online"].as_bool()) {
+                    online.insert(node.to_string(), up);
                 }
             }
             Ok(Ok(_)) => {}
@@ -38,12 +45,18 @@ pub async fn reports(cfg: &MqttConfig, wait: Duration) -> Result<BTreeMap<String
         }
     }
     client.disconnect().await;
-    Ok(out)
+    for (node, report) in reported.iter_mut() {
+        if let (Some(up), Some(obj)) = (online.get(node), report.as_object_mut()) {
+            obj.insert("online".into(), Value::Bool(*up));
+        }
+    }
+    Ok(reported)
 }
 
 /// The table `inferd fleet status` prints: one line a node.
 pub fn table(reports: &BTreeMap<String, Value>) -> String {
-    let mut rows = vec![["NODE", "GENERATION", "DESIRED", "STATE", "MODELS", "ERROR"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["NODE", "ONLINE", "GENERATION", "DESIRED", "STATE", "MODELS", "ERROR"].map(String::from).to_vec()];
     for (node, r) in reports {
         let models = r["models"]
             .as_object()
@@ -74,8 +87,14 @@ pub fn table(reports: &BTreeMap<String, Value>) -> String {
             }
             _ => String::new(),
         };
+        let online = match r["online"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "?",
+        };
         rows.push(vec![
             node.clone(),
+            online.to_string(),
             r["generation"].to_string(),
             r["desired_generation"].to_string(),
             r["state"].as_str().unwrap_or("?").to_string(),
@@ -83,7 +102,7 @@ pub fn table(reports: &BTreeMap<String, Value>) -> String {
             error,
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
@@ -152,7 +171,7 @@ mod tests {
         let reports: BTreeMap<String, Value> = [
             (
                 "cam-1".to_string(),
-                json!({"generation": 2, "desired_generation": 3, "state": "applying",
+                json!({"generation": 2, "desired_generation": 3, "state": "applying", "online": true,
                 "models": {"big": {"state": "pulling", "progress": [1048576, 4194304]}, "color": {"state": "loaded"}}}),
             ),
             (
@@ -167,6 +186,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NODE") && lines.len() == 3, "{t}");
         assert!(lines[1].contains("applying") && lines[1].contains("big:pulling 25%,color:loaded"), "{t}");
+        assert!(lines[1].starts_with("cam-1  yes") && lines[2].starts_with("cam-2  ?"), "{t}");
         assert!(lines[2].contains("digest big (generation 3): not the digest") && lines[2].contains(" -  "), "{t}");
     }
 }
