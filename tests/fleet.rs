@@ -369,6 +369,25 @@ async fn a_box_killed_mid_download_serves_its_last_good_set_and_resumes_through_
     let answers = jobs.join().unwrap();
     assert!(answers.len() > 5, "{} jobs", answers.len());
     assert!(answers.iter().all(|(status, label)| *status == 200 && label == "red"), "{answers:?}");
+
+    // A newer document takes over a pull under way: n2 is told to add a model
+    // that takes 8 s to download, then, a second in, not to.
+    let slow: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let huge = color_artifact(&[("red.jpg", &red()), ("weights.bin", &slow)], |_| {});
+    let huge_digest = reg.push("models/huge:1", huge.path(), None);
+    let add = json!({"generation": 4, "target": "node/n2",
+        "models": {"huge": model(format!("oci://{host}/models/huge@{huge_digest}"), &huge_digest, false)}});
+    publish(&operator, "inferd/n2/desired", keys.sign("ops", &add)).await;
+    watch.until("n2", "pulling huge", |r| r["models"]["huge"]["state"] == "pulling").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    let drop_it = json!({"generation": 5, "target": "node/n2", "models": {}});
+    publish(&operator, "inferd/n2/desired", keys.sign("ops", &drop_it)).await;
+    let r = watch.applied("n2", 5).await;
+    assert!(t.elapsed() < Duration::from_secs(5), "the newer document waited for the pull: {:?}", t.elapsed());
+    assert!(r["models"].get("huge").is_none(), "{r:#}");
+    assert_eq!(answer(&boxes[1], "huge"), "unknown_model");
+    assert!(boxes[1].log().contains("left before its swap"), "{}", boxes[1].log());
 }
 
 #[test]

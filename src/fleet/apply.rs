@@ -285,6 +285,7 @@ impl Fleet {
             engine.registry().models.iter().filter(|m| !ours(m)).map(|m| m.name.clone()).collect()
         };
         let mut staged: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut newer = self.desired.subscribe();
         for name in &plan.fetch {
             let d = &merged.models[name];
             if local.contains(name) {
@@ -293,7 +294,16 @@ impl Fleet {
                 );
                 return self.fail(failure(g, &set, Some(name), "check", message));
             }
-            match self.stage(name, d).await {
+            // A newer desired state takes over before the swap: what was
+            // downloaded stays staged (resumed or reused), nothing serving changed.
+            let staging = tokio::select! {
+                r = self.stage(name, d) => r,
+                _ = newer.changed() => {
+                    tracing::info!(generation = g, model = %name, "fleet: a newer desired state arrived; generation {g} is left before its swap");
+                    return Outcome::Done;
+                }
+            };
+            match staging {
                 Ok(dir) => staged.insert(name.clone(), dir),
                 Err((stage, message, network)) => {
                     let f = failure(g, &set, Some(name), stage, message);
