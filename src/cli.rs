@@ -227,12 +227,9 @@ pub fn fleet(config: &Config, command: &FleetCommand) -> i32 {
                 eprintln!("inferd fleet status: no broker: set [mqtt] url (or INFERD_MQTT__URL)");
                 return exit::CONFIG;
             }
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match one_shot_runtime("inferd fleet status") {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("inferd fleet status: {e}");
-                    return exit::FAILURE;
-                }
+                Err(code) => return code,
             };
             let wait = std::time::Duration::from_secs_f64(wait.clamp(0.1, 600.0));
             match runtime.block_on(crate::fleet::status::reports(&config.mqtt, wait)) {
@@ -289,17 +286,22 @@ pub fn load_registry(cli: &Cli, config: &Config) -> Result<Registry, i32> {
     })
 }
 
+/// A single-threaded tokio runtime for a one-shot command (`cmd` names it in the error).
+fn one_shot_runtime(cmd: &str) -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        eprintln!("{cmd}: {e}");
+        exit::FAILURE
+    })
+}
+
 /// `inferd pull`: progress on stderr, the result on stdout; the registry
 /// must still read with the new model (else the pull is reported and kept
 /// for `inferd check` to explain).
 pub fn pull(cli: &Cli, config: &Config, source: &str, want: &crate::pull::Want<'_>, json: bool) -> i32 {
     let path = cli.models.clone().unwrap_or_else(|| config.registry_path());
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match one_shot_runtime("inferd pull") {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("inferd pull: {e}");
-            return exit::FAILURE;
-        }
+        Err(code) => return code,
     };
     let show = |p: crate::pull::Progress| match p {
         crate::pull::Progress::Manifest { files, bytes: 0 } => eprintln!("{source}: {files} files"),

@@ -282,7 +282,7 @@ async fn a_box_killed_mid_download_serves_its_last_good_set_and_resumes_through_
     let keys = Keys::new("ops");
     let (good, _) = artifacts();
     let good_digest = reg.push("models/color:1", good.path(), None);
-    let blob: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2246822519) >> 11) as u8).collect();
+    let blob = noise(4 << 20);
     let big = color_artifact(&[("red.jpg", &red()), ("weights.bin", &blob)], |_| {});
     let big_digest = reg.push("models/big:1", big.path(), None);
     let host = reg.host();
@@ -372,7 +372,7 @@ async fn a_box_killed_mid_download_serves_its_last_good_set_and_resumes_through_
 
     // A newer document takes over a pull under way: n2 is told to add a model
     // that takes 8 s to download, then, a second in, not to.
-    let slow: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let slow = noise(8 << 20);
     let huge = color_artifact(&[("red.jpg", &red()), ("weights.bin", &slow)], |_| {});
     let huge_digest = reg.push("models/huge:1", huge.path(), None);
     let add = json!({"generation": 4, "target": "node/n2",

@@ -125,7 +125,7 @@ fn a_private_repository_is_pulled_with_the_auth_files_credentials() {
 fn an_interrupted_download_resumes_and_a_part_that_is_not_the_file_is_fetched_again() {
     let reg = OciRegistry::start(None);
     // 3 MiB of data beside the model, so a cut leaves a real part behind.
-    let blob: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let blob = noise(3 << 20);
     let art = color_artifact(&[("weights.bin", &blob)], |_| {});
     reg.push("models/big:1", art.path(), None);
     let (dir, models) = empty_registry();
@@ -157,7 +157,7 @@ fn an_interrupted_download_resumes_and_a_part_that_is_not_the_file_is_fetched_ag
 #[test]
 fn a_pull_killed_in_the_middle_resumes_where_it_stopped() {
     let reg = OciRegistry::start(None);
-    let blob: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2246822519) >> 11) as u8).collect();
+    let blob = noise(4 << 20);
     let art = color_artifact(&[("weights.bin", &blob)], |_| {});
     reg.push("models/big:1", art.path(), None);
     let (dir, models) = empty_registry();
@@ -407,11 +407,7 @@ impl Server {
         let mut cmd = Command::new(python);
         cmd.args(args.iter().map(|a| a.replace("{port}", &port.to_string())));
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("python runs");
-        let end = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "the server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "the server");
         Server(child, port)
     }
 }

@@ -242,12 +242,11 @@ impl Fleet {
     }
 
     async fn attempt(&self, merged: &Merged) -> Outcome {
-        let (applied, failed, trying) = {
+        let (applied, failed, trying, layers) = {
             let s = lock(&self.state);
-            (s.applied.clone(), s.failed.clone(), s.trying.clone())
+            let layers: BTreeMap<String, u64> = s.layers.iter().map(|(l, d)| (l.to_string(), d.generation)).collect();
+            (s.applied.clone(), s.failed.clone(), s.trying.clone(), layers)
         };
-        let layers: BTreeMap<String, u64> =
-            lock(&self.state).layers.iter().map(|(l, d)| (l.to_string(), d.generation)).collect();
         self.report.send_modify(|r| {
             r.desired_generation = merged.generation;
             r.layers = layers;

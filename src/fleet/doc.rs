@@ -325,13 +325,13 @@ pub fn read(
             return Err(DocError::new(Malformed, format!("models: '{}' is not a model name", name.escape_debug())));
         }
         if let Some(d) = desired {
-            check_desired(name, d).map_err(|m| DocError::new(Malformed, format!("models.{name}: {m}")))?;
+            check_desired(d).map_err(|m| DocError::new(Malformed, format!("models.{name}: {m}")))?;
         }
     }
     Ok(doc)
 }
 
-fn check_desired(_name: &str, d: &Desired) -> Result<(), String> {
+fn check_desired(d: &Desired) -> Result<(), String> {
     let source = crate::pull::Source::parse(&d.source, &crate::pull::PullConfig::default())
         .map_err(|e| format!("source: {}", e.message))?;
     let pinned = source.pinned();

@@ -185,11 +185,7 @@ pub fn recover(root: &Path) -> State {
 
 /// Removes kept folders but those of the newest `keep` generations, and staging left by failed pulls of models no longer wanted.
 pub fn collect_garbage(root: &Path, keep: usize, wanted: &[String]) {
-    let keeps = dir(root).join("keep");
-    let mut gens: Vec<u64> = std::fs::read_dir(&keeps)
-        .map(|r| r.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-        .unwrap_or_default();
-    gens.sort_unstable();
+    let gens = swaps_kept(root);
     let drop = gens.len().saturating_sub(keep);
     for g in &gens[..drop] {
         let _ = std::fs::remove_dir_all(keep_dir(root, *g));
@@ -207,12 +203,16 @@ pub fn collect_garbage(root: &Path, keep: usize, wanted: &[String]) {
 
 /// The kept folders of model `name`, newest first (files a pull may reuse).
 pub fn kept(root: &Path, name: &str) -> Vec<PathBuf> {
-    let keeps = dir(root).join("keep");
-    let mut gens: Vec<u64> = std::fs::read_dir(&keeps)
+    swaps_kept(root).into_iter().rev().map(|g| keep_dir(root, g).join(name)).filter(|p| p.is_dir()).collect()
+}
+
+/// The numbers of the swaps whose folders are kept, oldest first.
+fn swaps_kept(root: &Path) -> Vec<u64> {
+    let mut swaps: Vec<u64> = std::fs::read_dir(dir(root).join("keep"))
         .map(|r| r.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default();
-    gens.sort_unstable_by(|a, b| b.cmp(a));
-    gens.into_iter().map(|g| keep_dir(root, g).join(name)).filter(|p| p.is_dir()).collect()
+    swaps.sort_unstable();
+    swaps
 }
 
 #[cfg(test)]

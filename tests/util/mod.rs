@@ -236,6 +236,20 @@ pub fn busy_iterations_for(client: &inferd::client::Client, target: std::time::D
 pub mod broker;
 pub mod oci;
 
+/// Waits (up to 20 s) until something listens on loopback `port`; panics naming `what` if nothing does.
+pub fn wait_for_port(port: u16, what: &str) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < end, "{what} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `len` bytes that do not compress and are not all alike (a model's weights, for a download).
+pub fn noise(len: usize) -> Vec<u8> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+}
+
 /// A registry with the two test detectors (YOLOv5 and YOLOv8 layouts, outputs
 /// constructed by scripts/make_fixtures.py), 64×64 letterboxed input.
 pub fn detector_registry() -> TempRegistry {

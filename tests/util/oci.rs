@@ -6,7 +6,6 @@ use super::{repo, shipped_model};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A registry process with its storage in a temporary folder.
 pub struct OciRegistry {
@@ -72,11 +71,7 @@ impl OciRegistry {
             .stderr(Stdio::null())
             .spawn()
             .expect("docker-registry runs (scripts/setup.sh installs it)");
-        let end = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "the registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_for_port(port, "the registry");
         OciRegistry { port, dir, child }
     }
 
